@@ -1,0 +1,125 @@
+// One parameter block shared by every DIN kernel (CPU and CUDA).
+//
+// Python owns allocation, validation and autograd; C++ only sees raw pointers,
+// sizes and strides.  Keys are addressed through a per-sequence start offset
+// and length plus an optional row->sequence index, so padded [B,T,D] input,
+// jagged [N,D] input and many candidates sharing one sequence are the same
+// kernel:
+//     key(row r, position t) = k + seq_start[s] + t * ldk,  s = row_seq ? row_seq[r] : r
+//     valid(r, t)            = t < seq_len[s] && (!mask || mask[s * ld_mask + t])
+#pragma once
+#include <cstdint>
+
+namespace din {
+
+constexpr int kMaxLayers = 4;    // hidden layers of the activation unit
+constexpr int kMaxWidth = 256;   // widest hidden layer
+
+enum class Act : int32_t { Sigmoid = 0, ReLU = 1, PReLU = 2, Dice = 3 };
+enum class Norm : int32_t { None = 0, Softmax = 1 };
+// dtype of q, k, out, dout, dq, dk.  Parameters, scores and all parameter
+// gradients are in the accumulation type: double for F64, float otherwise.
+enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+struct DinParams {
+  // ---- sizes ---------------------------------------------------------------
+  int64_t rows = 0;        // B, output rows (candidates)
+  int64_t dim = 0;         // D
+  int64_t max_len = 0;     // T, width of the scores/mask rows
+  int32_t num_layers = 0;  // L, 1..kMaxLayers
+  int32_t hidden[kMaxLayers] = {0, 0, 0, 0};
+  Act act = Act::Sigmoid;
+  Norm norm = Norm::None;
+  double scale = 1.0;      // softmax temperature: softmax(scale * score)
+  DType dtype = DType::F32;
+  int32_t num_threads = 1; // CPU only
+  bool deterministic = true;  // CUDA only: false allows atomics for parameter grads
+
+  // ---- sequence addressing (int64, on the same device as k) ----------------
+  const void* q = nullptr; int64_t ldq = 0;       // [rows, D]
+  const void* k = nullptr; int64_t ldk = 0;       // see header comment
+  const int64_t* seq_start = nullptr;             // [S] element offset into k (and dk)
+  const int64_t* seq_len = nullptr;               // [S]
+  const int64_t* row_seq = nullptr;               // [rows] or nullptr (identity)
+  const uint8_t* mask = nullptr; int64_t ld_mask = 0;  // [S, T] or nullptr
+
+  // ---- parameters (accumulation type), nn.Linear layout [out, in] ----------
+  // W[l], b[l] for l < L are the hidden layers (W[0] is [H1, 4D], blocks
+  // q | k | q-k | q*k); W[L] is the output layer [1, H_L], b[L] its bias [1].
+  const void* W[kMaxLayers + 1] = {};
+  const void* b[kMaxLayers + 1] = {};
+  const void* alpha[kMaxLayers] = {};     // PReLU/Dice slope, per channel [H_l]
+  const void* bn_gamma[kMaxLayers] = {};  // Dice BatchNorm affine [H_l]
+  const void* bn_beta[kMaxLayers] = {};
+  const void* bn_mean[kMaxLayers] = {};   // Dice: statistics in use (running or batch)
+  const void* bn_invstd[kMaxLayers] = {}; // 1/sqrt(var + eps)
+
+  // ---- forward outputs -----------------------------------------------------
+  void* out = nullptr; int64_t ldo = 0;        // [rows, D] dtype
+  void* scores = nullptr; int64_t ld_scores = 0;  // [rows, T] acc type; weights w_t.
+                                               // Written for t < len (0 where masked).
+                                               // Backward reads it back (saved weights).
+
+  // ---- backward ------------------------------------------------------------
+  const void* dout = nullptr; int64_t ld_dout = 0;        // [rows, D] dtype
+  const void* dscores = nullptr; int64_t ld_dscores = 0;  // [rows, T] acc, or nullptr
+  void* dq = nullptr; int64_t lddq = 0;                   // [rows, D] dtype
+  void* dk = nullptr;                                     // laid out like k (seq_start, ldk)
+  // Parameter gradients, acc type, same shapes as the parameters; overwritten.
+  void* dW[kMaxLayers + 1] = {};
+  void* db[kMaxLayers + 1] = {};
+  void* dalpha[kMaxLayers] = {};
+  void* dgamma[kMaxLayers] = {};
+  void* dbeta[kMaxLayers] = {};
+  // Training-mode Dice: the batch statistics depend on every valid position, so
+  // dL/ds_t = invstd * (dxhat_t - corr_a - xhat_t * corr_c), where corr_a and
+  // corr_c are the means of dxhat and dxhat*xhat over valid positions.  nullptr
+  // means "statistics are constants" (eval mode).
+  const void* bn_corr_a[kMaxLayers] = {};
+  const void* bn_corr_c[kMaxLayers] = {};
+  // reduce_layer = l >= 0: instead of the full backward, only accumulate
+  // sum(dxhat) and sum(dxhat * xhat) of Dice layer l into reduce_out [2, H_l]
+  // (double).  Corrections of layers > l must already be set.
+  int32_t reduce_layer = -1;
+  double* reduce_out = nullptr;
+
+  // ---- forward statistics pass (training-mode Dice) ------------------------
+  // stats_layer = l: accumulate sum(s) and sum(s*s) of the pre-activation of
+  // layer l over valid positions into stats_out [2, H_l] (double).  Layers < l
+  // use bn_mean/bn_invstd, which must already be the batch statistics.
+  int32_t stats_layer = -1;
+  double* stats_out = nullptr;
+
+  // ---- scratch provided by the caller (CUDA: per-CTA partials) -------------
+  void* workspace = nullptr; int64_t workspace_bytes = 0;
+
+  // ---- CUDA ----------------------------------------------------------------
+  bool is_cuda = false;
+  int32_t device = -1;
+  void* stream = nullptr;  // cudaStream_t of the caller's current stream
+};
+
+inline int64_t acc_size(DType t) { return t == DType::F64 ? 8 : 4; }
+inline int64_t elem_size(DType t) {
+  return t == DType::F64 ? 8 : (t == DType::F32 ? 4 : 2);
+}
+
+// ---- entry points (din_cpu.cpp / din_cuda.cu) ------------------------------
+// All throw std::invalid_argument / std::runtime_error on failure; none
+// allocates device memory or synchronises.
+void forward_cpu(const DinParams& p);      // out, scores
+void stats_cpu(const DinParams& p);        // stats_out for stats_layer
+void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
+int64_t backward_workspace_bytes_cpu(const DinParams& p);
+
+#ifdef DIN_WITH_CUDA
+void forward_cuda(const DinParams& p);
+void stats_cuda(const DinParams& p);
+void backward_cuda(const DinParams& p);
+int64_t backward_workspace_bytes_cuda(const DinParams& p);
+int64_t forward_workspace_bytes_cuda(const DinParams& p);
+// Device query proving the toolchain: returns number of visible devices (0 if none).
+int cuda_device_count();
+#endif
+
+}  // namespace din
