@@ -1,0 +1,81 @@
+"""Shared helpers for the tests: random DIN problems and per-dtype error rules."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_params(D, hidden, activation, dtype=torch.float64, device="cpu", gen=None, requires_grad=True):
+    """Random activation-unit parameters as keyword arguments of din_attention.
+
+    Scaled by 1/sqrt(fan_in) so that scores are O(1) and every activation regime
+    (sigmoid saturation, ReLU/PReLU kinks, Dice gates) is exercised.
+    """
+    dims = [4 * D, *hidden, 1]
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    p = {
+        "weights": [rnd(dims[i + 1], dims[i], scale=dims[i] ** -0.5 * 2) for i in range(len(dims) - 1)],
+        "biases": [rnd(dims[i + 1], scale=0.3) for i in range(len(dims) - 1)],
+        "activation": activation,
+    }
+    if activation in ("prelu", "dice"):
+        p["alphas"] = [rnd(h, scale=0.3, shift=0.2) for h in hidden]
+    if activation == "dice":
+        p["bn_weights"] = [rnd(h, scale=0.3, shift=1.0) for h in hidden]
+        p["bn_biases"] = [rnd(h, scale=0.3) for h in hidden]
+        p["running_means"] = [torch.randn(h, generator=gen, dtype=torch.float64).mul(0.3)
+                              .to(device=device, dtype=dtype) for h in hidden]
+        p["running_vars"] = [torch.rand(h, generator=gen, dtype=torch.float64).add(0.5)
+                             .to(device=device, dtype=dtype) for h in hidden]
+    return p
+
+
+def param_tensors(p):
+    """The differentiable parameters of a random_params dict, in a fixed order."""
+    out = list(p["weights"]) + list(p["biases"])
+    for key in ("alphas", "bn_weights", "bn_biases"):
+        out += list(p.get(key, []))
+    return out
+
+
+def clone_params(p, dtype=None, requires_grad=True):
+    """Deep copy (running statistics too) so two runs don't share buffers."""
+    q = {}
+    for k, v in p.items():
+        if isinstance(v, list):
+            q[k] = [t.detach().to(dtype or t.dtype).clone().requires_grad_(
+                requires_grad and k not in ("running_means", "running_vars")) for t in v]
+        else:
+            q[k] = v
+    return q
+
+
+def random_lengths(B, T, gen, zeros=True):
+    """int64 [B] in 0..T (or 1..T), with the extremes forced in when B allows."""
+    lo = 0 if zeros else 1
+    lengths = torch.randint(lo, T + 1, (B,), generator=gen)
+    if B >= 2:
+        lengths[0] = lo
+        lengths[1] = T
+    return lengths
+
+
+def max_rel_err(a, b):
+    """max |a - b| / max(max |b|, 1): relative for large tensors, absolute for
+    small ones (some gradients are exactly zero analytically, e.g. the output
+    bias under softmax, where only rounding noise remains)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() if b.numel() else 0.0
+
+
+# float64 is compared directly; lower precisions are judged against the
+# reference's own error in that precision (flash-attention style).
+TOL64 = 1e-10
+LOWP_FACTOR = {"out": 2.0, "grad": 3.0}
+LOWP_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -1,0 +1,142 @@
+"""Fused op vs the float64 reference: values, gradients, scores, running statistics."""
+
+import pytest
+import torch
+from common import (
+    DEVICES,
+    LOWP_FACTOR,
+    LOWP_FLOOR,
+    TOL64,
+    clone_params,
+    max_rel_err,
+    param_tensors,
+    random_lengths,
+    random_params,
+)
+
+import din_fused
+from din_fused.reference import din_attention_ref
+
+# (B, T, D, hidden): odd sizes on purpose (D=37, T=1, H=(3,), four layers).
+SHAPES = [(6, 9, 8, (16, 8)), (5, 1, 37, (3,)), (7, 13, 37, (12, 7, 5)), (3, 5, 5, (4, 6, 3, 2))]
+ACTS = ["sigmoid", "relu", "prelu", "dice", "dice-train"]
+
+
+def make_problem(B, T, D, hidden, act, validity, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    lengths = random_lengths(B, T, gen) if validity in ("lengths", "both") else None
+    mask = None
+    if validity in ("mask", "both"):
+        mask = torch.rand(B, T, generator=gen) < 0.6
+        mask[0] = False  # an empty row
+    p = random_params(D, hidden, act.split("-")[0], dtype=torch.float64, gen=gen)
+    gout = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    gsc = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    to = dict(device=device)
+    return (q.to(**to), k.to(**to), None if lengths is None else lengths.to(**to),
+            None if mask is None else mask.to(**to), p, gout.to(**to), gsc.to(**to))
+
+
+def run(fn, q, k, lengths, mask, p, dtype, training, norm, use_scores, gout, gsc):
+    """Forward + backward of fn with inputs cast to dtype; returns (out, w, grads, running)."""
+    p = clone_params(p, dtype)
+    for key in ("running_means", "running_vars"):
+        if key in p:
+            p[key] = [t.to(q.device) for t in p[key]]
+    for key, v in p.items():
+        if isinstance(v, list) and key not in ("running_means", "running_vars"):
+            p[key] = [t.detach().to(q.device).requires_grad_() for t in v]
+    qq = q.to(dtype).requires_grad_()
+    kk = k.to(dtype).requires_grad_()
+    out, w = fn(qq, kk, lengths, mask, **p, training=training, normalization=norm, scale=0.7,
+                return_scores=True)
+    loss = (out.double() * gout).sum()
+    if use_scores:
+        loss = loss + (w.double() * gsc).sum()
+    grads = torch.autograd.grad(loss, [qq, kk, *param_tensors(p)])
+    return out, w, grads, p.get("running_vars", []) + p.get("running_means", [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("use_scores", [False, True])
+@pytest.mark.parametrize("validity", ["lengths", "mask", "both"])
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+def test_matches_reference(act, norm, validity, use_scores, dtype, device):
+    training = act == "dice-train"
+    for i, (B, T, D, hidden) in enumerate(SHAPES):
+        prob = make_problem(B, T, D, hidden, act, validity, dtype, device, seed=i)
+        q, k, lengths, mask, p, gout, gsc = prob
+        args = (q, k, lengths, mask, p)
+        fused = run(din_fused.din_attention, *args, dtype, training, norm, use_scores, gout, gsc)
+        ref64 = run(din_attention_ref, *args, torch.float64, training, norm, use_scores, gout, gsc)
+        names = ["out", "scores"] + [f"grad{j}" for j in range(len(fused[2]))] + ["running"] * len(fused[3])
+        got = [fused[0], fused[1], *fused[2], *fused[3]]
+        want = [ref64[0], ref64[1], *ref64[2], *ref64[3]]
+        if dtype == torch.float64:
+            for name, g, w in zip(names, got, want):
+                assert max_rel_err(g, w) <= TOL64, (name, (B, T, D, hidden), max_rel_err(g, w))
+        else:
+            reflp = run(din_attention_ref, *args, dtype, training, norm, use_scores, gout, gsc)
+            base = [reflp[0], reflp[1], *reflp[2], *reflp[3]]
+            for name, g, w, r in zip(names, got, want, base):
+                factor = LOWP_FACTOR["out" if name in ("out", "scores") else "grad"]
+                bound = factor * max_rel_err(r, w) + LOWP_FLOOR[dtype]
+                assert max_rel_err(g, w) <= bound, (name, (B, T, D, hidden), max_rel_err(g, w), bound)
+
+
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck(act, norm):
+    B, T, D, hidden = 3, 4, 3, (4, 3)
+    q, k, lengths, mask, p, _, _ = make_problem(B, T, D, hidden, act, "lengths", torch.float64, "cpu", 7)
+    training = act == "dice-train"
+    tensors = param_tensors(p)
+    n_w = len(p["weights"])
+
+    def f(q, k, *params):
+        pp = dict(p)
+        pp["weights"], pp["biases"] = list(params[:n_w]), list(params[n_w:2 * n_w])
+        rest = list(params[2 * n_w:])
+        L = n_w - 1
+        for key in ("alphas", "bn_weights", "bn_biases"):
+            if key in p:
+                pp[key], rest = rest[:L], rest[L:]
+        return din_fused.din_attention(q, k, lengths, **pp, training=training, normalization=norm,
+                                       scale=1.3, return_scores=True)
+
+    inputs = [q.requires_grad_(), k.requires_grad_(), *tensors]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice", "dice-train"])
+def test_opcheck(act):
+    q, k, lengths, mask, p, _, _ = make_problem(4, 5, 6, (8, 4), act, "both", torch.float64, "cpu", 3)
+    dice = act.startswith("dice")
+    args = (q.requires_grad_(), k.requires_grad_(), lengths, mask, p["weights"], p["biases"],
+            p.get("alphas", []), p.get("bn_weights", []), p.get("bn_biases", []),
+            p.get("running_means", []) if dice else [], p.get("running_vars", []) if dice else [],
+            p["activation"], "softmax", 0.5, act == "dice-train", 1e-8)
+    torch.library.opcheck(torch.ops.din_fused.din_fwd.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
+def test_thread_count_does_not_change_results(act, device):
+    q, k, lengths, mask, p, gout, gsc = make_problem(33, 17, 9, (10, 6), act, "lengths", torch.float64,
+                                                     device, 5)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(din_fused.din_attention, q, k, lengths, mask, p, torch.float64,
+                               act == "dice-train", "softmax", True, gout, gsc))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip([results[0][0], *results[0][2]], [other[0], *other[2]]):
+            assert max_rel_err(a, b) <= TOL64
