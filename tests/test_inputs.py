@@ -1,0 +1,210 @@
+"""Bad input, padding that must never leak, and edge shapes."""
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from common import DEVICES, TOL64, max_rel_err, random_params
+
+import din_fused
+from din_fused import FusedDINAttention, din_attention
+from din_fused.reference import din_attention_ref
+
+
+def problem(B=4, T=6, D=5, hidden=(7, 3), act="sigmoid", dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, D, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(B, T, D, generator=gen, dtype=dtype).to(device)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen).to(device)
+    p = random_params(D, hidden, act, dtype=dtype, device=device, gen=gen, requires_grad=False)
+    return q, k, lengths, p
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: a clear ValueError/TypeError that names the argument.
+# ---------------------------------------------------------------------------------------
+def _bad_cases():
+    q, k, lengths, p = problem()
+    B, T, D = k.shape
+    cases = {
+        "query rank": (dict(query=q[None]), ValueError, "query"),
+        "keys rank": (dict(keys=k[0]), ValueError, "keys"),
+        "lengths rank": (dict(lengths=lengths[:, None]), ValueError, "lengths"),
+        "query D": (dict(query=torch.randn(B, D + 1, dtype=q.dtype)), ValueError, "dim"),
+        "query B": (dict(query=torch.randn(B + 1, D, dtype=q.dtype)), ValueError, "batch"),
+        "lengths B": (dict(lengths=lengths[:-1]), ValueError, "lengths"),
+        "lengths < 0": (dict(lengths=torch.tensor([0, -1, 2, 3])), ValueError, "lengths"),
+        "lengths > T": (dict(lengths=torch.tensor([0, T + 1, 2, 3])), ValueError, "lengths"),
+        "float lengths": (dict(lengths=lengths.double()), TypeError, "lengths"),
+        "mask shape": (dict(mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError, "mask"),
+        "mask dtype": (dict(mask=torch.ones(B, T)), TypeError, "mask"),
+        "integer keys": (dict(keys=k.long()), TypeError, "keys"),
+        "dtype mismatch": (dict(query=q.float()), TypeError, "dtype"),
+        "weights[0] shape": (dict(weights=[torch.randn(7, 4 * D + 1, dtype=q.dtype), *p["weights"][1:]]),
+                             ValueError, "weights[0]"),
+        "five layers": (dict(weights=[torch.randn(2, 4 * D, dtype=q.dtype)] + [torch.randn(2, 2, dtype=q.dtype)] * 4
+                             + [torch.randn(1, 2, dtype=q.dtype)],
+                             biases=[torch.randn(2, dtype=q.dtype)] * 5 + [torch.randn(1, dtype=q.dtype)]),
+                        ValueError, "1..4 hidden layers"),
+        "width 257": (dict(weights=[torch.randn(257, 4 * D, dtype=q.dtype), torch.randn(1, 257, dtype=q.dtype)],
+                           biases=[torch.randn(257, dtype=q.dtype), torch.randn(1, dtype=q.dtype)]),
+                      ValueError, "width"),
+        "biases count": (dict(biases=p["biases"][:-1]), ValueError, "biases"),
+        "activation": (dict(activation="tanh"), ValueError, "activation"),
+        "normalization": (dict(normalization="l1"), ValueError, "normalization"),
+        "prelu without alphas": (dict(activation="prelu"), ValueError, "alphas"),
+        "query not tensor": (dict(query=[[1.0]]), TypeError, "query"),
+    }
+    return q, k, lengths, p, cases
+
+
+_Q, _K, _L, _P, BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_clear_error(name):
+    override, exc, words = BAD[name]
+    kw = dict(query=_Q, keys=_K, lengths=_L, **_P)
+    kw.update(override)
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        din_attention(**kw)
+
+
+def test_mixed_devices_are_rejected():
+    q, k, lengths, p = problem()
+    with pytest.raises(ValueError, match="meta"):
+        din_attention(q, k.to("meta"), lengths, **p)
+
+
+def test_module_rejects_wrong_embedding_dim_and_layers():
+    mod = FusedDINAttention(embedding_dim=4)
+    with pytest.raises(ValueError, match="embedding_dim=4"):
+        mod(torch.randn(2, 1, 5), torch.randn(2, 3, 5), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="query"):
+        mod(torch.randn(2, 2, 4), torch.randn(2, 3, 4), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="att_hidden_units"):
+        FusedDINAttention(att_hidden_units=(8, 8, 8, 8, 8))
+    with pytest.raises(ValueError, match="att_hidden_units"):
+        FusedDINAttention(att_hidden_units=(300,))
+    with pytest.raises(ValueError, match="att_activation"):
+        FusedDINAttention(att_activation="tanh")
+
+
+def test_dice_training_needs_two_positions():
+    q, k, _, p = problem(act="dice")
+    with pytest.raises(ValueError, match="at least 2 valid positions"):
+        din_attention(q, k, torch.tensor([0, 1, 0, 0]), **p, training=True)
+
+
+def test_cuda_tensor_without_cuda_build_says_how_to_rebuild():
+    if din_fused.build_info()["cuda"]:
+        # CUDA compiled in: the device query must agree with torch.
+        assert din_fused.build_info()["cuda_devices"] == torch.cuda.device_count()
+        return
+    with pytest.raises(RuntimeError, match="DIN_FUSED_CUDA=1"):
+        din_fused._C.forward({"rows": 1, "dim": 1, "hidden": [1], "is_cuda": True})
+
+
+# ---------------------------------------------------------------------------------------
+# Padding never leaks, edge shapes
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ["sigmoid", "dice"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_padding_never_leaks(use_mask, act, norm, device):
+    q, k, lengths, p = problem(B=6, T=8, act=act, device=device)
+    valid = torch.arange(8, device=device)[None] < lengths[:, None]
+    mask = None
+    if use_mask:
+        mask = torch.rand(6, 8, device=device) < 0.5
+        valid, lengths = mask, None
+    poison = k.clone()
+    poison[~valid] = torch.tensor([math.nan, math.inf, -math.inf, 1e30], dtype=k.dtype,
+                                  device=device).repeat(64)[: int((~valid).sum()) * 5].reshape(-1, 5)
+    kw = dict(normalization=norm, training=act == "dice", return_scores=True)
+    outs = []
+    for keys in (k, poison):
+        kk = keys.clone().requires_grad_()
+        pp = {n: ([t.clone() for t in v] if isinstance(v, list) else v) for n, v in p.items()}
+        out, w = din_attention(q, kk, lengths, mask, **pp, **kw)
+        out.sum().backward()
+        outs.append((out, w, kk.grad))
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.isfinite(b).all()
+        # Not bit-equal: per-thread partial sums are combined in scheduling order.
+        assert max_rel_err(b, a) <= TOL64
+    assert torch.all(outs[1][2][~valid] == 0)
+    assert torch.all(outs[1][1][~valid] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_rows_batch_zero_and_t_one(device):
+    q, k, _, p = problem(device=device)
+    lengths = torch.zeros(4, dtype=torch.int64, device=device)
+    for norm in ("none", "softmax"):
+        out, w = din_attention(q, k, lengths, **p, normalization=norm, return_scores=True)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(w, torch.zeros_like(w))
+    qq = q[:0].clone().requires_grad_()
+    out = din_attention(qq, k[:0], lengths[:0], **p)
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert qq.grad.shape == (0, 5)
+    q1, k1 = q.clone().requires_grad_(), k[:, :1].clone().requires_grad_()
+    out = din_attention(q1, k1, torch.ones(4, dtype=torch.int32, device=device), **p,
+                        normalization="softmax")
+    torch.testing.assert_close(out, k1[:, 0].detach(), rtol=0, atol=1e-12)  # one key, weight 1
+
+
+def test_long_sequence():
+    # T in the hundreds of thousands: no [B,T,H] intermediates, nothing quadratic.
+    B, T, D = 2, 300_000, 4
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, D, generator=gen)
+    k = torch.randn(B, T, D, generator=gen)
+    lengths = torch.tensor([T, T // 3])
+    p = random_params(D, (4,), "sigmoid", dtype=torch.float32, gen=gen, requires_grad=False)
+    out = din_attention(q, k, lengths, **p, normalization="softmax")
+    ref = din_attention_ref(q.double(), k.double(), lengths,
+                            **{n: ([t.double() for t in v] if isinstance(v, list) else v) for n, v in p.items()},
+                            normalization="softmax")
+    assert max_rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_on_cpu_compute_in_float32(dtype):
+    q, k, lengths, p = problem(dtype=torch.float64)
+    qh, kh = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    ph = {n: ([t.to(dtype) for t in v] if isinstance(v, list) else v) for n, v in p.items()}
+    out = din_attention(qh, kh, lengths, **ph)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert qh.grad.dtype == dtype and kh.grad.dtype == dtype
+    # Same as float32 compute on the rounded inputs, rounded once at the end.
+    p32 = {n: ([t.float() for t in v] if isinstance(v, list) else v) for n, v in ph.items()}
+    ref = din_attention(qh.detach().float(), kh.detach().float(), lengths, **p32)
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+
+
+def test_noncontiguous_and_strided_inputs():
+    q, k, lengths, p = problem(B=5, T=7, D=6)
+    big_k = torch.randn(5, 14, 12, dtype=torch.float64)
+    big_k[:, ::2, ::2] = k
+    strided_k = big_k[:, ::2, ::2]
+    strided_q = torch.randn(6, 5, dtype=torch.float64).copy_(q.t()).t()
+    assert not strided_k.is_contiguous() and not strided_q.is_contiguous()
+    lengths_strided = torch.stack([lengths, lengths], 1)[:, 0]
+    wt = [w.t().contiguous().t() for w in p["weights"]]
+    out = din_attention(strided_q, strided_k, lengths_strided, **{**p, "weights": wt})
+    assert max_rel_err(out, din_attention_ref(q, k, lengths, **p)) <= TOL64
+
+
+def test_build_info_and_no_libtorch_link():
+    info = din_fused.build_info()
+    for key in ("cuda", "cuda_archs", "nvcc_version", "cxx_compiler", "threading"):
+        assert key in info
+    lib = Path(din_fused._C.__file__)
+    ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
+    assert "libtorch" not in ldd and "libc10" not in ldd, ldd
