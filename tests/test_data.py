@@ -1,0 +1,228 @@
+"""The MovieLens loader on small generated CSVs, the synthetic generator, splitting and batching."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from din_fused import data as D
+
+MOVIES = """movieId,title,genres
+10,"Heat, The (1995)",Action|Crime|Thriller
+20,Toy Story (1995),Animation|Children
+30,Nothing (2000),(no genres listed)
+40,Unrated (2001),Drama
+"""
+
+# user 5 rates 10 at t=100, then 20 and 30 at the same second t=200, then 40 at t=300.
+# user 2 rates 20 at t=50 and 10 at t=60.  Rows are deliberately not sorted.
+RATINGS = """userId,movieId,rating,timestamp
+5,40,2.5,300
+5,10,4.0,100
+2,10,3.5,60
+5,20,5.0,200
+5,30,1.0,200
+2,20,4.5,50
+"""
+
+
+def write_ml(dir_: Path, ratings=RATINGS, movies=MOVIES) -> Path:
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "ratings.csv").write_text(ratings)
+    (dir_ / "movies.csv").write_text(movies)
+    return dir_
+
+
+def movielens_dir():
+    env = os.environ.get("DIN_FUSED_DATA")
+    for c in ([Path(env), Path(env) / "ml-latest-small"] if env else []) + [
+        Path(__file__).parents[1].parent / "shared/data/ml-latest-small"
+    ]:
+        if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
+            return c
+    return None
+
+
+def sample_rows(ds):
+    """{(user, movie): (label, category, [history movies])} decoded from a dataset."""
+    b = ds.batch(torch.arange(len(ds)))
+    out = {}
+    for i in range(len(ds)):
+        hist = b.history[i, : b.lengths[i], 0].tolist()
+        out[(int(b.user[i]), int(b.target[i, 0]))] = (float(b.label[i]), int(b.target[i, 1]), hist)
+    return out
+
+
+def test_movielens_protocol(tmp_path):
+    log = D.read_movielens_events(write_ml(tmp_path / "ml"))
+    # movies remapped in movies.csv order: 10->1, 20->2, 30->3, 40->4; first genres
+    # Action->1, Animation->2, (no genres listed)->3, Drama->4.
+    assert log.attr_names == ("movie", "genre")
+    assert log.attr_vocab == (5, 5)
+    ds = D.build_samples(log, max_len=5)
+    assert len(ds) == 6
+    rows = sample_rows(ds)
+    # users are dense by userId: 2 -> 0, 5 -> 1
+    assert rows[(0, 2)] == (1.0, 2, [])  # first rating of user 2: empty history
+    assert rows[(0, 1)] == (0.0, 1, [2])  # 3.5 < 4 is negative
+    assert rows[(1, 1)] == (1.0, 1, [])
+    # 20 and 30 share t=200: neither sees the other, both see movie 10.
+    assert rows[(1, 2)] == (1.0, 2, [1])
+    assert rows[(1, 3)] == (0.0, 3, [1])
+    # t=300 sees everything earlier, in time order (ties keep file order).
+    assert rows[(1, 4)] == (0.0, 4, [1, 2, 3])
+    # Padding beyond each length is exactly zero.
+    b = ds.batch(torch.arange(len(ds)))
+    pad = torch.arange(5)[None, :] >= b.lengths[:, None]
+    assert torch.all(b.history[pad] == 0)
+
+
+def test_movielens_keeps_latest_max_len(tmp_path):
+    ratings = "userId,movieId,rating,timestamp\n" + "".join(
+        f"1,{m},4.0,{t}\n" for t, m in enumerate([10, 20, 30, 40])
+    )
+    ds = D.build_samples(D.read_movielens_events(write_ml(tmp_path, ratings=ratings)), max_len=2)
+    rows = sample_rows(ds)
+    assert rows[(0, 4)][2] == [2, 3]  # the two latest of [1, 2, 3]
+    assert rows[(0, 3)][2] == [1, 2]
+    assert rows[(0, 2)][2] == [1]
+    assert int(ds.hist_len.max()) == 2
+
+
+def test_load_movielens_info(tmp_path):
+    ds = D.load_movielens(write_ml(tmp_path / "x"), max_len=3)
+    assert ds.info["dataset"] == "movielens" and ds.max_len == 3
+    assert ds.batch(torch.arange(2)).history.shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "ratings, movies, match",
+    [
+        ("userId,movieId,rating,timestamp\n1,10,4.0\n", MOVIES, r"ratings.csv: line 2: expected 4 fields"),
+        ("userId,movieId,rating,timestamp\n1,10,4.0,5\n1,xx,4.0,5\n", MOVIES, r"line 3: non-numeric"),
+        ("userId,movieId,rating,timestamp\n1,10,9.0,5\n", MOVIES, r"line 2: rating '9.0' outside"),
+        ("userId,movieId,rating,timestamp\n1,99,4.0,5\n", MOVIES, r"line 2: movieId 99 is not in movies.csv"),
+        ("user,movie,rating,ts\n1,10,4.0,5\n", MOVIES, r"ratings.csv: line 1: expected header"),
+        ("userId,movieId,rating,timestamp\n", MOVIES, r"no ratings"),
+        (
+            RATINGS,
+            "movieId,title,genres\n10,A,Drama\n10,B,Drama\n",
+            r"movies.csv: line 3: duplicate movieId 10",
+        ),
+        (
+            RATINGS,
+            "movieId,title,genres\n10,Heat, The (1995),Action\n",
+            r"movies.csv: line 2: expected 3 fields",
+        ),
+    ],
+)
+def test_movielens_malformed(tmp_path, ratings, movies, match):
+    with pytest.raises(D.DataError, match=match):
+        D.read_movielens_events(write_ml(tmp_path, ratings=ratings, movies=movies))
+
+
+def test_movielens_missing_dir_and_files(tmp_path):
+    with pytest.raises(D.DataError, match="data directory not found"):
+        D.load_movielens(tmp_path / "nope")
+    (tmp_path / "movies.csv").write_text(MOVIES)
+    with pytest.raises(D.DataError, match="missing data file: .*ratings.csv"):
+        D.load_movielens(tmp_path)
+    assert issubclass(D.DataError, ValueError)
+
+
+def test_split_by_user(tmp_path):
+    ds = D.make_synthetic(num_users=50, seed=3, max_len=10)
+    tr, te = D.split_by_user(ds, 0.2, seed=7)
+    assert len(tr) + len(te) == len(ds)
+    tr_users, te_users = set(tr.user.tolist()), set(te.user.tolist())
+    assert not tr_users & te_users
+    assert len(te_users) == 10 and len(tr_users) == 40
+    tr2, te2 = D.split_by_user(ds, 0.2, seed=7)
+    assert torch.equal(te.user, te2.user) and torch.equal(te.target, te2.target)
+    _, te3 = D.split_by_user(ds, 0.2, seed=8)
+    assert set(te3.user.tolist()) != te_users
+    # Subsets share the behaviour store and still decode the same histories.
+    idx = torch.nonzero(torch.isin(ds.user, te.user)).squeeze(1)
+    assert torch.equal(ds.batch(idx).history, te.batch(torch.arange(len(te))).history)
+    with pytest.raises(ValueError, match="test_frac"):
+        D.split_by_user(ds, 1.0, seed=0)
+
+
+def test_synthetic_deterministic_and_in_range():
+    a = D.synthetic_events(num_users=40, num_items=100, num_categories=10, seed=11)
+    b = D.synthetic_events(num_users=40, num_items=100, num_categories=10, seed=11)
+    c = D.synthetic_events(num_users=40, num_items=100, num_categories=10, seed=12)
+    for f in ("user", "attrs", "label", "time", "context"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+    assert not np.array_equal(a.attrs, c.attrs)
+    assert a.attrs[:, 0].min() >= 1 and a.attrs[:, 0].max() <= 100
+    assert a.attrs[:, 1].min() >= 1 and a.attrs[:, 1].max() <= 10
+    assert a.context.min() >= 1 and a.context.max() < a.context_vocab[0]
+    assert set(np.unique(a.label).tolist()) <= {0.0, 1.0}
+    # An item's category is fixed.
+    cat_of = {}
+    for item, cat in a.attrs.tolist():
+        assert cat_of.setdefault(item, cat) == cat
+
+
+def test_synthetic_labels_follow_history_interest():
+    """Clicks are likelier when the candidate's category already appears in the history.
+
+    That is the hidden-interest structure attention is meant to find.
+    """
+    ds = D.make_synthetic(num_users=400, seed=0, max_len=50)
+    b = ds.batch(torch.arange(len(ds)))
+    valid = torch.arange(50)[None, :] < b.lengths[:, None]
+    seen = ((b.history[:, :, 1] == b.target[:, 1:2]) & valid).sum(1)
+    has = b.lengths >= 10
+    hi = b.label[has & (seen >= 3)].mean().item()
+    lo = b.label[has & (seen == 0)].mean().item()
+    assert hi > lo + 0.2, (hi, lo)
+
+
+def test_iterate_batches_shards():
+    ds = D.make_synthetic(num_users=30, seed=1, max_len=8)
+    n = len(ds)
+    # Evaluation: every sample exactly once across ranks.
+    seen = []
+    for r in range(3):
+        for b in D.iterate_batches(ds, 7, shuffle=False, rank=r, world_size=3):
+            seen.append(b)
+    targets = torch.cat([b.target for b in seen])
+    assert targets.shape[0] == n
+    assert sorted(map(tuple, targets.tolist())) == sorted(map(tuple, ds.target.tolist()))
+    # Training: ranks' step-i batches partition the single-process step-i batch.
+    single = list(D.iterate_batches(ds, 10, shuffle=True, seed=5))
+    ranks = [list(D.iterate_batches(ds, 5, shuffle=True, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == D.num_train_steps(n, 5, 2)
+    assert len(single) == D.num_train_steps(n, 10, 1)
+    for i in range(len(ranks[0]) - 1):
+        merged = torch.cat([ranks[0][i].target, ranks[1][i].target])
+        assert sorted(map(tuple, merged.tolist())) == sorted(map(tuple, single[i].target.tolist()))
+    assert sum(b.label.numel() for rk in ranks for b in rk) >= n - 1
+
+
+def test_id_counts_count_samples_containing_the_id(tmp_path):
+    # One user: movies 10, 20, 10 (again), 30 -> ids 1, 2, 1, 3.  Samples and the ids they contain:
+    #   target 1, history []      -> {1}
+    #   target 2, history [1]     -> {1, 2}
+    #   target 1, history [1, 2]  -> {1, 2}      (1 twice, counted once)
+    #   target 3, history [1,2,1] -> {1, 2, 3}
+    ratings = "userId,movieId,rating,timestamp\n1,10,4,1\n1,20,4,2\n1,10,4,3\n1,30,4,4\n"
+    ds = D.build_samples(D.read_movielens_events(write_ml(tmp_path, ratings=ratings)), max_len=10)
+    movie, genre = ds.id_counts()
+    assert movie.tolist() == [0, 4, 3, 1, 0]
+    assert genre.tolist() == [0, 4, 3, 1, 0]  # genres Action, Animation, (none) follow the movies
+
+
+@pytest.mark.skipif(movielens_dir() is None, reason="ml-latest-small not found (set DIN_FUSED_DATA)")
+def test_real_movielens_small():
+    ds = D.load_movielens(movielens_dir(), max_len=50)
+    assert len(ds) == 100836
+    assert ds.num_users == 610
+    assert ds.attr_vocab == (9743, 20)  # 9742 movies, 19 distinct first genres, + padding rows
+    assert 0.45 < ds.label.mean().item() < 0.51
+    tr, te = D.split_by_user(ds, 0.2, seed=0)
+    assert te.num_users == 122 and len(tr) + len(te) == len(ds)
