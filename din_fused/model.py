@@ -1,0 +1,331 @@
+"""A thin Deep Interest Network (Zhou et al., KDD 2018) on top of ``FusedDINAttention``.
+
+Inputs of both models (``A`` attributes such as item and category, ``F``
+context features, history length ``T``, embedding size ``E`` per attribute):
+
+    target   [B, A] int64   the candidate's attribute ids (>= 1)
+    history  [B, T, A] int64 the behaviour sequence's attribute ids, 0 = padding
+    lengths  [B] int64      valid behaviours per row (the first ``lengths`` positions)
+    context  [B, F] int64   optional user/context feature ids (>= 1), or None when F = 0
+
+    output   [B] float      the click logit (apply ``sigmoid`` for a probability)
+
+Architecture (the paper's Figure 2):
+
+    candidate embedding   c = [emb_a(target[:, a]) for a]          [B, A*E]
+    behaviour embeddings  k_a = emb_a(history[:, :, a])             [B, T, E] per attribute
+    interest              u = pool(c, k, lengths)                   [B, A*E]
+    MLP                   concat(context embeddings, c, u) -> 200 -> act -> 80 -> act -> 1
+
+The candidate and the behaviours of the same attribute share one embedding
+table, so "this movie" means the same vector on both sides of the attention.
+
+* :class:`DIN` pools with attention.  ``attention="separate"`` gives every
+  attribute its own ``FusedDINAttention`` that scores movie against movies and
+  genre against genres (the goods-to-goods, category-to-category design);
+  ``attention="concat"`` concatenates the attributes into one [A*E] vector and
+  uses one attention unit, as the original DIN code does.
+* :class:`BaseModel` is the paper's Embedding&MLP baseline: the same
+  embeddings and MLP, with sum (or mean) pooling and no attention.
+
+:class:`MiniBatchAwareL2` is the paper's mini-batch aware regulariser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .modules import Dice, FusedDINAttention
+
+__all__ = ["DIN", "BaseModel", "MiniBatchAwareL2", "build_model", "MLP_ACTIVATIONS"]
+
+MLP_ACTIVATIONS = ("dice", "prelu")
+
+
+def _activation(name: str, width: int) -> nn.Module:
+    if name == "dice":
+        return Dice(width, dim=2)
+    if name == "prelu":
+        # One slope per channel; 0.25 is PyTorch's (and the PReLU paper's) default.
+        return nn.PReLU(width)
+    raise ValueError(f"activation must be one of {MLP_ACTIVATIONS}, got {name!r}")
+
+
+class _EmbeddingMLP(nn.Module):
+    """Embeddings + MLP shared by :class:`DIN` and :class:`BaseModel`; subclasses define ``pool``."""
+
+    def __init__(
+        self,
+        attr_vocab: Sequence[int],
+        context_vocab: Sequence[int] = (),
+        embedding_dim: int = 16,
+        mlp_hidden_units: Sequence[int] = (200, 80),
+        activation: str = "dice",
+        init_std: float = 0.05,
+    ):
+        super().__init__()
+        if not attr_vocab:
+            raise ValueError("attr_vocab must name at least one attribute table size")
+        if any(v < 2 for v in (*attr_vocab, *context_vocab)):
+            raise ValueError("every vocabulary needs at least 2 rows (row 0 is padding)")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if not mlp_hidden_units:
+            raise ValueError("mlp_hidden_units must have at least one layer")
+        self.embedding_dim = int(embedding_dim)
+        self.num_attrs = len(attr_vocab)
+        self.num_context = len(context_vocab)
+        # padding_idx=0: the padding row stays zero and gets no gradient, so a
+        # padded history position is exactly zero even before masking.
+        self.attr_embeddings = nn.ModuleList(
+            nn.Embedding(v, embedding_dim, padding_idx=0) for v in attr_vocab
+        )
+        self.context_embeddings = nn.ModuleList(
+            nn.Embedding(v, embedding_dim, padding_idx=0) for v in context_vocab
+        )
+        for emb in (*self.attr_embeddings, *self.context_embeddings):
+            # nn.Embedding's N(0, 1) would make a 50-item sum pool ~7 per
+            # coordinate and saturate the first sigmoid/Dice; start small instead.
+            nn.init.normal_(emb.weight, std=init_std)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        in_dim = (self.num_context + 2 * self.num_attrs) * embedding_dim
+        layers: list[nn.Module] = []
+        for width in mlp_hidden_units:
+            layers += [nn.Linear(in_dim, width), _activation(activation, width)]
+            in_dim = width
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(in_dim, 1)
+        self.activation = activation
+
+    # -- pieces ------------------------------------------------------------ #
+    def embed(self, target: Tensor, history: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per attribute a: query [B, E] and keys [B, T, E] from the same table."""
+        queries = [emb(target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        keys = [emb(history[:, :, a]) for a, emb in enumerate(self.attr_embeddings)]
+        return queries, keys
+
+    def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
+        """queries[a] [B, E], keys[a] [B, T, E], lengths [B] -> interest [B, A*E]."""
+        raise NotImplementedError  # defined by DIN and BaseModel
+
+    def _check(self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None) -> None:
+        if target.dim() != 2 or target.shape[1] != self.num_attrs:
+            raise ValueError(f"target must be [B, {self.num_attrs}], got {tuple(target.shape)}")
+        b = target.shape[0]
+        if history.dim() != 3 or history.shape[0] != b or history.shape[2] != self.num_attrs:
+            raise ValueError(f"history must be [{b}, T, {self.num_attrs}], got {tuple(history.shape)}")
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must be [{b}], got {tuple(lengths.shape)}")
+        if self.num_context and (context is None or context.shape != (b, self.num_context)):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must be [{b}, {self.num_context}], got {got}")
+
+    def forward(
+        self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None = None
+    ) -> Tensor:
+        """Click logits [B]; see the module docstring for the input shapes."""
+        self._check(target, history, lengths, context)
+        queries, keys = self.embed(target, history)
+        interest = self.pool(queries, keys, lengths)  # [B, A*E]
+        parts = [emb(context[:, f]) for f, emb in enumerate(self.context_embeddings)]
+        x = torch.cat([*parts, *queries, interest], dim=1)
+        return self.out(self.mlp(x)).squeeze(1)
+
+    # -- for the regulariser ---------------------------------------------- #
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """The attribute tables in attribute order, then the context tables."""
+        return [*self.attr_embeddings, *self.context_embeddings]
+
+    def batch_ids(
+        self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None = None
+    ) -> list[Tensor]:
+        """Ids used by this batch, one tensor per table of :meth:`embedding_tables` (0 = unused).
+
+        History ids beyond ``lengths`` are padding and are dropped, so only rows
+        that the forward pass really read are regularised.
+        """
+        valid = torch.arange(history.shape[1], device=history.device)[None, :] < lengths[:, None]
+        ids = [torch.cat([target[:, a], history[:, :, a][valid]]) for a in range(self.num_attrs)]
+        ids += [context[:, f] for f in range(self.num_context)]
+        return ids
+
+
+class DIN(_EmbeddingMLP):
+    """Deep Interest Network: attention pooling of the behaviours against the candidate.
+
+    attention: ``"separate"`` (one attention unit per attribute; default) or
+        ``"concat"`` (one unit over the concatenated [A*E] embeddings).
+    attention_impl: ``"fused"`` (the C++/CUDA op) or ``"reference"`` (the
+        pure-PyTorch oracle with identical parameters), for checks and speed.
+    att_activation: activation inside the attention's local activation unit;
+        None (default) uses the MLP's ``activation``, as in the paper's Figure 2.
+    The other arguments are those of the shared embedding/MLP part:
+    ``attr_vocab`` (table size per attribute, row 0 padding), ``context_vocab``,
+    ``embedding_dim`` (per attribute), ``mlp_hidden_units``, ``activation``
+    (``"dice"`` or ``"prelu"``).
+    """
+
+    def __init__(
+        self,
+        attr_vocab: Sequence[int],
+        context_vocab: Sequence[int] = (),
+        embedding_dim: int = 16,
+        attention: str = "separate",
+        attention_impl: str = "fused",
+        att_hidden_units: Sequence[int] = (80, 40),
+        att_activation: str | None = None,
+        mlp_hidden_units: Sequence[int] = (200, 80),
+        activation: str = "dice",
+        init_std: float = 0.05,
+    ):
+        super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        if attention not in ("separate", "concat"):
+            raise ValueError(f"attention must be 'separate' or 'concat', got {attention!r}")
+        if attention_impl not in ("fused", "reference"):
+            raise ValueError(f"attention_impl must be 'fused' or 'reference', got {attention_impl!r}")
+        self.attention = attention
+        self.attention_impl = attention_impl
+        att_activation = activation if att_activation is None else att_activation
+        n_units, dim = (
+            (self.num_attrs, embedding_dim)
+            if attention == "separate"
+            else (1, self.num_attrs * embedding_dim)
+        )
+        self.att = nn.ModuleList(
+            FusedDINAttention(
+                embedding_dim=dim,
+                att_hidden_units=tuple(att_hidden_units),
+                att_activation=att_activation,
+                impl=attention_impl,
+            )
+            for _ in range(n_units)
+        )
+
+    def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
+        """Attention pooling: queries[a] [B, E], keys[a] [B, T, E] -> [B, A*E]."""
+        if self.attention == "separate":
+            return torch.cat([att(q, k, lengths) for att, q, k in zip(self.att, queries, keys)], dim=1)
+        # Concatenating along E keeps, for each position t, the item and its
+        # category side by side, which is the original code's joint key.
+        return self.att[0](torch.cat(queries, dim=1), torch.cat(keys, dim=2), lengths)
+
+
+class BaseModel(_EmbeddingMLP):
+    """The paper's Embedding&MLP baseline: sum (default, as in the paper) or mean pooling.
+
+    Same arguments as the shared part of :class:`DIN`, plus ``pooling``.
+    """
+
+    def __init__(
+        self,
+        attr_vocab: Sequence[int],
+        context_vocab: Sequence[int] = (),
+        embedding_dim: int = 16,
+        pooling: str = "sum",
+        mlp_hidden_units: Sequence[int] = (200, 80),
+        activation: str = "dice",
+        init_std: float = 0.05,
+    ):
+        super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+        self.pooling = pooling
+
+    def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
+        """Sum or mean over the valid positions: keys[a] [B, T, E] -> [B, A*E] (queries unused)."""
+        k = torch.cat(keys, dim=2)  # [B, T, A*E]
+        valid = torch.arange(k.shape[1], device=k.device)[None, :] < lengths[:, None]
+        # Mask explicitly rather than trusting the padding rows to be zero: the
+        # result must not depend on what a caller puts beyond ``lengths``.
+        pooled = (k * valid.unsqueeze(-1).to(k.dtype)).sum(dim=1)
+        if self.pooling == "mean":
+            # A row with no behaviour divides 0 by 1 and stays zero.
+            pooled = pooled / lengths.clamp(min=1).to(k.dtype).unsqueeze(1)
+        return pooled
+
+
+def build_model(
+    name: str,
+    attr_vocab: Sequence[int],
+    context_vocab: Sequence[int] = (),
+    *,
+    embedding_dim: int = 16,
+    activation: str = "dice",
+    attention: str = "separate",
+    attention_impl: str = "fused",
+    pooling: str = "sum",
+    **kwargs,
+) -> _EmbeddingMLP:
+    """``"din"`` -> :class:`DIN`, ``"base"`` -> :class:`BaseModel`, with the CLI's options."""
+    if name == "din":
+        return DIN(
+            attr_vocab,
+            context_vocab,
+            embedding_dim,
+            attention=attention,
+            attention_impl=attention_impl,
+            activation=activation,
+            **kwargs,
+        )
+    if name == "base":
+        return BaseModel(
+            attr_vocab, context_vocab, embedding_dim, pooling=pooling, activation=activation, **kwargs
+        )
+    raise ValueError(f"model must be 'din' or 'base', got {name!r}")
+
+
+class MiniBatchAwareL2:
+    """Mini-batch aware L2 regularisation (the paper, Section 4.3.1).
+
+    Only the embedding rows that the batch uses are penalised, each weighted by
+    1/n_j where n_j is how many training samples contain id j:
+
+        penalty = lam / 2 * sum_k sum_{j in batch ids of table k} ||W_k[j]||^2 / n_kj
+
+    so its gradient on row j is lam * W[j] / n_j, the paper's update rule
+    ``w_j <- w_j - eta * (grad + lam * alpha_mj / n_j * w_j)``.  Rare ids are
+    pulled towards zero harder than frequent ones, and the cost is proportional
+    to the batch, not to the (huge) tables.  Dense (MLP, attention) weights are
+    not regularised.  ``lam == 0`` switches it off (the penalty is then a
+    constant 0 and nothing is computed).
+
+    counts: one tensor per table of ``model.embedding_tables()``, [V_k] with
+        n_kj for every id (``SequenceDataset.id_counts()`` gives the attribute
+        tables; context tables can use their id frequencies).  Ids never seen
+        in training are treated as n = 1 so a stray id cannot divide by zero.
+    """
+
+    def __init__(self, counts: Sequence[Tensor], lam: float):
+        if lam < 0:
+            raise ValueError(f"mba lambda must be >= 0, got {lam}")
+        self.lam = float(lam)
+        self.inv_counts = [1.0 / c.to(torch.float32).clamp(min=1.0) for c in counts]
+
+    def to(self, device) -> MiniBatchAwareL2:
+        self.inv_counts = [c.to(device) for c in self.inv_counts]
+        return self
+
+    def __call__(self, tables: Sequence[nn.Embedding], ids: Sequence[Tensor]) -> Tensor:
+        """tables[k] with ids[k] (any shape, 0 = padding) -> scalar penalty."""
+        if len(tables) != len(self.inv_counts) or len(ids) != len(tables):
+            raise ValueError(
+                f"expected {len(self.inv_counts)} tables and id tensors, got {len(tables)} and {len(ids)}"
+            )
+        device = tables[0].weight.device
+        total = torch.zeros((), device=device)
+        if self.lam == 0.0:
+            return total
+        for table, inv, idx in zip(tables, self.inv_counts, ids):
+            # Each used row counts once per batch (alpha_mj is 0/1 in the paper).
+            idx = torch.unique(idx.reshape(-1))
+            idx = idx[idx != 0]
+            if idx.numel() == 0:
+                continue
+            rows = table.weight[idx]  # [n, E]; gradient reaches only these rows
+            total = total + (rows.pow(2).sum(dim=1) * inv[idx]).sum()
+        return 0.5 * self.lam * total

@@ -1,0 +1,224 @@
+"""DIN / BaseModel: shapes, per-attribute attention, shared tables, padding, fused vs reference, MBA."""
+
+import pytest
+import torch
+
+from din_fused.model import DIN, BaseModel, MiniBatchAwareL2, build_model
+from din_fused.modules import Dice, FusedDINAttention
+
+torch.set_num_threads(1)
+
+VOCAB = (30, 6)  # items 1..29, categories 1..5
+CTX = (4,)
+
+
+def make_batch(b=8, t=7, seed=0, with_context=True):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.stack([torch.randint(1, 30, (b,), generator=g), torch.randint(1, 6, (b,), generator=g)], 1)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[0] = 0  # always exercise an empty history
+    lengths[1] = t
+    history = torch.stack(
+        [torch.randint(1, 30, (b, t), generator=g), torch.randint(1, 6, (b, t), generator=g)], 2
+    )
+    history = history * (torch.arange(t)[None, :, None] < lengths[:, None, None])
+    context = torch.randint(1, 4, (b, 1), generator=g) if with_context else None
+    return target, history, lengths, context
+
+
+def models(att_impl="reference", activation="prelu"):
+    torch.manual_seed(0)
+    return {
+        "din-separate": DIN(
+            VOCAB, CTX, 4, attention="separate", attention_impl=att_impl, activation=activation
+        ),
+        "din-concat": DIN(VOCAB, CTX, 4, attention="concat", attention_impl=att_impl, activation=activation),
+        "base-sum": BaseModel(VOCAB, CTX, 4, pooling="sum", activation=activation),
+        "base-mean": BaseModel(VOCAB, CTX, 4, pooling="mean", activation=activation),
+    }
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_shapes_and_gradients(activation):
+    target, history, lengths, context = make_batch()
+    for name, m in models(activation=activation).items():
+        out = m(target, history, lengths, context)
+        assert out.shape == (8,), name
+        assert torch.isfinite(out).all(), name
+        out.sum().backward()
+        # Every parameter receives a gradient (Dice/PReLU alphas, attention, tables).
+        missing = [n for n, p in m.named_parameters() if p.grad is None]
+        assert not missing, (name, missing)
+
+
+def test_attention_layout():
+    m = models()
+    sep, cat = m["din-separate"], m["din-concat"]
+    # One attention unit per attribute over E=4 (input 4E=16), vs one over the concatenation (4*A*E=32).
+    assert len(sep.att) == 2 and all(isinstance(a, FusedDINAttention) for a in sep.att)
+    assert sep.att[0].local_att.dnn.linears[0].weight.shape == (80, 16)
+    assert len(cat.att) == 1 and cat.att[0].local_att.dnn.linears[0].weight.shape == (80, 32)
+    # MLP 200-80 with the chosen activation, then a logit.
+    assert [type(x).__name__ for x in sep.mlp] == ["Linear", "PReLU", "Linear", "PReLU"]
+    assert sep.mlp[0].out_features == 200 and sep.mlp[2].out_features == 80
+    dice = DIN(VOCAB, (), 4, attention_impl="reference", activation="dice")
+    assert isinstance(dice.mlp[1], Dice) and dice.att[0].activation == "dice"
+    assert (
+        DIN(VOCAB, (), 4, attention_impl="reference", att_activation="sigmoid").att[0].activation == "sigmoid"
+    )
+
+
+def test_candidate_and_behaviour_share_one_table_per_attribute():
+    m = models()["din-separate"]
+    target, history, lengths, _ = make_batch()
+    history[:, 0] = target  # position 0 holds the candidate itself
+    q, k = m.embed(target, history)
+    for a in range(2):
+        assert torch.equal(q[a], k[a][:, 0])
+    assert len(m.attr_embeddings) == 2 and m.attr_embeddings[0].num_embeddings == 30
+
+
+def test_separate_attention_scores_attributes_independently():
+    """In "separate" mode the item unit never sees categories: changing the
+    behaviour categories leaves the item part of the interest vector unchanged."""
+    m = models()["din-separate"].eval()
+    target, history, lengths, _ = make_batch()
+    q, k = m.embed(target, history)
+    base = m.pool(q, k, lengths)
+    h2 = history.clone()
+    h2[:, :, 1] = (h2[:, :, 1] % 5) + 1
+    h2 = h2 * (torch.arange(7)[None, :, None] < lengths[:, None, None])
+    q2, k2 = m.embed(target, h2)
+    moved = m.pool(q2, k2, lengths)
+    assert torch.allclose(base[:, :4], moved[:, :4])  # item attention output
+    assert not torch.allclose(base[:, 4:], moved[:, 4:])  # category attention output
+
+
+@pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum", "base-mean"])
+def test_padding_never_matters(name):
+    m = models()[name].eval()
+    target, history, lengths, context = make_batch()
+    ref = m(target, history, lengths, context)
+    junk = torch.stack([torch.randint(1, 30, (8, 7)), torch.randint(1, 6, (8, 7))], 2)
+    pad = torch.arange(7)[None, :, None] >= lengths[:, None, None]
+    noisy = torch.where(pad, junk, history)
+    assert not torch.equal(noisy, history)
+    torch.testing.assert_close(m(target, noisy, lengths, context), ref)
+    # An empty history pools to exactly zero.
+    q, k = m.embed(target, noisy)
+    assert torch.all(m.pool(q, k, lengths)[0] == 0)
+
+
+def test_base_pooling_values():
+    m = models()["base-mean"]
+    target, history, lengths, _ = make_batch()
+    q, k = m.embed(target, history)
+    pooled = m.pool(q, k, lengths)
+    i = 1  # full-length row
+    expected = torch.cat([k[0][i].mean(0), k[1][i].mean(0)])
+    torch.testing.assert_close(pooled[i], expected)
+    m.pooling = "sum"
+    torch.testing.assert_close(m.pool(q, k, lengths)[i], expected * 7)
+
+
+@pytest.mark.parametrize("attention", ["separate", "concat"])
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_fused_matches_reference(attention, activation):
+    """attention_impl only switches the op: same parameters, same outputs and gradients."""
+    torch.manual_seed(1)
+    ref = DIN(VOCAB, CTX, 4, attention=attention, attention_impl="reference", activation=activation).double()
+    fused = DIN(VOCAB, CTX, 4, attention=attention, attention_impl="fused", activation=activation).double()
+    fused.load_state_dict(ref.state_dict())
+    target, history, lengths, context = make_batch(b=16)
+    for mode in ("train", "eval"):
+        ref.train(mode == "train")
+        fused.train(mode == "train")
+        out_r = ref(target, history, lengths, context)
+        out_f = fused(target, history, lengths, context)
+        torch.testing.assert_close(out_f, out_r, rtol=1e-9, atol=1e-10)
+        ref.zero_grad()
+        fused.zero_grad()
+        out_r.square().sum().backward()
+        out_f.square().sum().backward()
+        for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+            torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-7, atol=1e-9, msg=f"{mode} {n}")
+    # Training-mode Dice updated the same running statistics.
+    for (n, br), (_, bf) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(bf, br, msg=n)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="attention"):
+        DIN(VOCAB, attention="sum")
+    with pytest.raises(ValueError, match="attention_impl"):
+        DIN(VOCAB, attention_impl="cuda")
+    with pytest.raises(ValueError, match="pooling"):
+        BaseModel(VOCAB, pooling="max")
+    with pytest.raises(ValueError, match="activation"):
+        BaseModel(VOCAB, activation="relu")
+    with pytest.raises(ValueError, match="model"):
+        build_model("dien", VOCAB)
+    m = models()["din-separate"]
+    target, history, lengths, context = make_batch()
+    with pytest.raises(ValueError, match="target"):
+        m(target[:, :1], history, lengths, context)
+    with pytest.raises(ValueError, match="history"):
+        m(target, history[:, :, :1], lengths, context)
+    with pytest.raises(ValueError, match="lengths"):
+        m(target, history, lengths[:3], context)
+    with pytest.raises(ValueError, match="context"):
+        m(target, history, lengths, None)
+
+
+def test_build_model():
+    m = build_model(
+        "din", VOCAB, CTX, embedding_dim=4, activation="dice", attention="concat", attention_impl="reference"
+    )
+    assert isinstance(m, DIN) and m.attention == "concat" and m.att[0].impl == "reference"
+    b = build_model("base", VOCAB, CTX, embedding_dim=4, pooling="mean", activation="prelu")
+    assert isinstance(b, BaseModel) and b.pooling == "mean"
+
+
+def test_batch_ids_skip_padding():
+    m = models()["din-separate"]
+    target = torch.tensor([[1, 1], [2, 2]])
+    history = torch.tensor([[[3, 3], [4, 4]], [[5, 5], [9, 5]]])  # row 1: (9, 5) is beyond its length
+    lengths = torch.tensor([2, 1])
+    ids = m.batch_ids(target, history, lengths, torch.tensor([[1], [3]]))
+    assert sorted(ids[0].tolist()) == [1, 2, 3, 4, 5]
+    assert sorted(ids[1].tolist()) == [1, 2, 3, 4, 5]
+    assert sorted(ids[2].tolist()) == [1, 3]
+
+
+def test_mba_regulariser_hand_computed():
+    table = torch.nn.Embedding(5, 2, padding_idx=0)
+    with torch.no_grad():
+        table.weight.copy_(torch.tensor([[0.0, 0], [1, 2], [3, 0], [0, 4], [5, 5]]))
+    counts = torch.tensor([0.0, 2, 5, 1, 0])  # id 4 never seen in training -> treated as 1
+    reg = MiniBatchAwareL2([counts], lam=0.1)
+    ids = torch.tensor([[1, 1, 3], [0, 3, 1]])  # uses rows 1 and 3 (each once), 0 is padding
+    pen = reg([table], [ids])
+    # 0.1/2 * (||(1,2)||^2 / 2 + ||(0,4)||^2 / 1) = 0.05 * (2.5 + 16)
+    assert pen.item() == pytest.approx(0.05 * 18.5)
+    pen.backward()
+    g = table.weight.grad
+    # Gradient lam * w_j / n_j on used rows, zero on all others (rows 2 and 4 untouched).
+    torch.testing.assert_close(g[1], 0.1 * torch.tensor([1.0, 2]) / 2)
+    torch.testing.assert_close(g[3], 0.1 * torch.tensor([0.0, 4]) / 1)
+    assert torch.all(g[[0, 2, 4]] == 0)
+    assert MiniBatchAwareL2([counts], 0.0)([table], [ids]).item() == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        MiniBatchAwareL2([counts], -1.0)
+    with pytest.raises(ValueError, match="tables"):
+        reg([table, table], [ids, ids])
+
+
+def test_mba_on_model_touches_only_batch_rows():
+    m = models()["din-separate"]
+    target, history, lengths, context = make_batch()
+    counts = [torch.ones(v) for v in (*VOCAB, *CTX)]
+    reg = MiniBatchAwareL2(counts, 1.0)
+    reg(m.embedding_tables(), m.batch_ids(target, history, lengths, context)).backward()
+    used = set(m.batch_ids(target, history, lengths, context)[0].tolist()) - {0}
+    rows_with_grad = set(torch.nonzero(m.attr_embeddings[0].weight.grad.abs().sum(1)).squeeze(1).tolist())
+    assert rows_with_grad == used
