@@ -1,0 +1,1270 @@
+// Fused DIN attention pooling on CUDA: forward, Dice statistics and backward.
+//
+// Same contract as din_cpu.cpp (see din_params.h).  q/k/out/dout/dq/dk are in
+// the storage type S (float, double, half, bfloat16); everything is computed
+// in T = float (double for F64); parameters, scores and parameter gradients
+// are in T.
+//
+// Algorithm
+// ---------
+// * Prep kernel (every call, a few microseconds): transposed copies of the
+//   weights go into the workspace ("model" region):
+//     W1sT [2D, H1] = [(Wk - Wd)^T ; Wm^T],  W1s [H1, 2D],  WqdT [D, H1] = (Wq + Wd)^T,
+//     WT_l [H_{l-1}, H_l] for l >= 1.
+// * Forward: one CTA (256 threads) per row, rows scheduled by the hardware
+//   (grid = rows, grid-stride beyond 2^30).  Per row, the CTA folds the first
+//   Linear into shared memory:  M^T = (Wk - Wd)^T + diag(q) Wm^T  [D, H1] and
+//   c = (Wq + Wd) q + b1  [H1].  If M does not fit next to the tiles (large
+//   D*H1), the unfolded form z1 = [k, q*k] W1sT + c is streamed from L2.
+//   Warp 0 compacts the next TT valid positions (lengths clamped to [0, T],
+//   mask bytes read, masked keys never read) with ballots; the CTA stages those
+//   keys (converted to T) in shared memory and runs every hidden layer as a
+//   small [TT x K] x [K x N] product on FFMA (4 keys x 1 channel per thread,
+//   weights from smem or the read-only path, activations stay in smem).  The
+//   scores s_t = w_out . h_L + b_out are parked in the scores row; the
+//   weighted sum of keys is accumulated on chip with an online softmax (tile
+//   max, rescale, as in flash attention).  A final sweep of the row
+//   normalises the parked logits and zero-fills [len, T).
+// * Stats (training-mode Dice): the forward recompute up to the pre-activation
+//   of layer l; per-CTA double sums of s and s^2 over valid positions go to the
+//   workspace and a second kernel adds them in a fixed order (deterministic).
+// * Backward: a persistent grid (2 CTAs per SM, rows assigned round-robin, so
+//   the assignment never depends on timing).  Per row: wdw = sum_t w_t dL/dw_t
+//   for the softmax (one extra read of the valid keys), then per tile of
+//   valid keys the hidden layers are recomputed (nothing [B,T,H] is stored
+//   in global memory), and the gradient runs back through the layers in
+//   shared memory.  Layer 1 uses the unfolded form: with x~ = [k, q*k],
+//   gx~ = dz1 W1s = [a, u]  ->  dk += a + q*u + w_t dout,  dq += sum_t k*u,
+//   and per row dq += (Wq+Wd)^T e with e = sum_t dz1.  Parameter gradients
+//   are accumulated in a per-CTA slot of the workspace (each element owned by
+//   one thread, so no atomics); a second kernel sums the slots in a fixed
+//   order (in double) and a third scatters them into dW/db/dalpha/dgamma/dbeta
+//   (dW0 blocks: q: E q^T, k: G, q-k: E q^T - G, q*k: G_q).  Results are
+//   bitwise reproducible run to run.  dk is read-modify-written in place;
+//   when rows share sequences (row_seq) it uses atomicAdd instead (then dk is
+//   not bitwise reproducible, everything else still is).
+//
+// Napkin math (first shape of issue 3: B=8192, T=200, D=64, H=(80,40), bf16,
+// lengths uniform in 1..T, ~100 valid keys per row, 0.82 M valid keys):
+//   bytes:  valid keys read once = 0.82M * 64 * 2 B = 105 MB  (~22 us at 4.8 TB/s);
+//           scores row 8192*200*4 = 6.6 MB, q/out 2 MB.
+//   FLOPs:  forward per key 2*(D*H1 + H1*H2 + H2 + D) = 17.0 k  -> 14 GFLOP;
+//           the per-row fold adds 2*D*H1 per row (0.08 GFLOP).
+//           backward ~ 3x the forward (recompute + two products per layer).
+//   So the op is compute bound: FFMA at ~50 TFLOP/s on an H100/H200 gives
+//   ~0.3 ms for the forward; reaching the 2x-memory-floor target needs the
+//   hidden layers on tensor cores (bf16 mma, ~700 TFLOP/s dense).
+//   Backward workspace: per CTA 2*D*H1 + D*H1 + sum H_{l-1}H_l + ... floats
+//   (~80 KB here) times 2 x #SMs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "din_params.h"
+
+namespace din {
+namespace {
+
+constexpr int kThreads = 256;            // every kernel uses 256-thread CTAs
+constexpr int kWarps = kThreads / 32;
+constexpr int kRT = 4;                   // keys per thread in the small dense products
+constexpr int64_t kMaxGrid = 1 << 30;    // grid-stride beyond this many rows
+
+// Hooks that let tests/cuda_emu compile this file as plain C++ (kernels run on
+// CPU threads there); with nvcc they are the ordinary CUDA constructs.
+#ifndef DIN_LAUNCH
+#define DIN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef DIN_SMEM
+__device__ __forceinline__ unsigned char* din_smem_base() {
+  extern __shared__ __align__(16) unsigned char din_smem_[];
+  return din_smem_;
+}
+#define DIN_SMEM din_smem_base()
+#endif
+
+// ---------------------------------------------------------------------------
+// Scalar helpers
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float ex(float x) { return expf(x); }
+__device__ __forceinline__ double ex(double x) { return exp(x); }
+template <typename T>
+__device__ __forceinline__ T sigm(T x) { return T(1) / (T(1) + ex(-x)); }
+
+__device__ __forceinline__ float ldv(const float* p) { return *p; }
+__device__ __forceinline__ double ldv(const double* p) { return *p; }
+__device__ __forceinline__ float ldv(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float ldv(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void stv(float* p, float v) { *p = v; }
+__device__ __forceinline__ void stv(double* p, double v) { *p = v; }
+__device__ __forceinline__ void stv(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void stv(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ void atomic_addv(float* p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void atomic_addv(double* p, double v) { atomicAdd(p, v); }
+__device__ __forceinline__ void atomic_addv(__half* p, float v) { atomicAdd(p, __float2half_rn(v)); }
+__device__ __forceinline__ void atomic_addv(__nv_bfloat16* p, float v) {
+  atomicAdd(p, __float2bfloat16_rn(v));
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---------------------------------------------------------------------------
+// Model view passed by value to every kernel
+// ---------------------------------------------------------------------------
+template <typename T>
+struct Net {
+  int D = 0, L = 0, H1 = 0, Hmax = 0;
+  int H[kMaxLayers] = {};
+  Act act = Act::Sigmoid;
+  const T* W[kMaxLayers + 1] = {};   // original nn.Linear layout [out, in]
+  const T* b[kMaxLayers + 1] = {};
+  const T* alpha[kMaxLayers] = {};
+  const T* gamma[kMaxLayers] = {};
+  const T* beta[kMaxLayers] = {};
+  const T* mean[kMaxLayers] = {};
+  const T* invstd[kMaxLayers] = {};
+  const T* ca[kMaxLayers] = {};       // training-mode Dice corrections (or null)
+  const T* cc[kMaxLayers] = {};
+  // prepared copies in the workspace
+  T* W1sT = nullptr;   // [2D, H1]
+  T* W1s = nullptr;    // [H1, 2D]
+  T* WqdT = nullptr;   // [D, H1]
+  T* WT[kMaxLayers] = {};  // l >= 1: [H_{l-1}, H_l]
+};
+
+// Elements of the model region (T), each block 16-element aligned.
+inline int64_t al16(int64_t n) { return (n + 15) / 16 * 16; }
+
+template <typename T>
+int64_t model_elems(const DinParams& p) {
+  const int64_t D = p.dim, H1 = p.hidden[0];
+  int64_t n = 2 * al16(2 * D * H1) + al16(D * H1);
+  for (int l = 1; l < p.num_layers; ++l) n += al16(int64_t(p.hidden[l - 1]) * p.hidden[l]);
+  return n;
+}
+
+template <typename T>
+Net<T> make_net(const DinParams& p, T* model) {
+  Net<T> m;
+  m.D = static_cast<int>(p.dim);
+  m.L = p.num_layers;
+  m.act = p.act;
+  for (int l = 0; l < m.L; ++l) {
+    m.H[l] = p.hidden[l];
+    m.Hmax = std::max(m.Hmax, m.H[l]);
+  }
+  m.H1 = m.H[0];
+  for (int l = 0; l <= m.L; ++l) {
+    m.W[l] = static_cast<const T*>(p.W[l]);
+    m.b[l] = static_cast<const T*>(p.b[l]);
+    if (!m.W[l] || !m.b[l]) throw std::invalid_argument("din_fused cuda: missing weight or bias pointer");
+  }
+  for (int l = 0; l < m.L; ++l) {
+    m.alpha[l] = static_cast<const T*>(p.alpha[l]);
+    m.gamma[l] = static_cast<const T*>(p.bn_gamma[l]);
+    m.beta[l] = static_cast<const T*>(p.bn_beta[l]);
+    m.mean[l] = static_cast<const T*>(p.bn_mean[l]);
+    m.invstd[l] = static_cast<const T*>(p.bn_invstd[l]);
+    m.ca[l] = static_cast<const T*>(p.bn_corr_a[l]);
+    m.cc[l] = static_cast<const T*>(p.bn_corr_c[l]);
+    if ((m.act == Act::PReLU || m.act == Act::Dice) && !m.alpha[l])
+      throw std::invalid_argument("din_fused cuda: prelu/dice need alpha for every layer");
+    if (m.act == Act::Dice && (!m.gamma[l] || !m.beta[l] || !m.mean[l] || !m.invstd[l]))
+      throw std::invalid_argument("din_fused cuda: dice needs gamma, beta, mean and invstd for every layer");
+    if ((m.ca[l] == nullptr) != (m.cc[l] == nullptr))
+      throw std::invalid_argument("din_fused cuda: bn_corr_a and bn_corr_c must be given together");
+  }
+  const int64_t D = m.D, H1 = m.H1;
+  int64_t o = 0;
+  m.W1sT = model + o; o += al16(2 * D * H1);
+  m.W1s = model + o;  o += al16(2 * D * H1);
+  m.WqdT = model + o; o += al16(D * H1);
+  for (int l = 1; l < m.L; ++l) {
+    m.WT[l] = model + o;
+    o += al16(int64_t(m.H[l - 1]) * m.H[l]);
+  }
+  return m;
+}
+
+template <typename T>
+__device__ __forceinline__ T act_fwd(const Net<T>& m, int l, int j, T z) {
+  switch (m.act) {
+    case Act::Sigmoid:
+      return sigm(z);
+    case Act::ReLU:
+      return z > T(0) ? z : T(0);
+    case Act::PReLU:
+      return z > T(0) ? z : m.alpha[l][j] * z;
+    default: {  // Dice
+      const T a = m.alpha[l][j];
+      const T xh = (z - m.mean[l][j]) * m.invstd[l][j];
+      const T pj = sigm(m.gamma[l][j] * xh + m.beta[l][j]);
+      return z * (a + (T(1) - a) * pj);
+    }
+  }
+}
+
+// Y = X[n, K] @ W[K, N] + bias, each result handed to epi(t, j, value).
+// X in shared memory with leading dimension ldx (rows up to round_up(n, kRT)
+// must exist); W row-major [K, N] in shared or global memory.  Thread item =
+// (group of kRT keys, one output channel); consecutive threads take
+// consecutive channels, so W loads are coalesced and X loads broadcast.
+template <typename T, typename Epi>
+__device__ __forceinline__ void dense(int n, const T* X, int ldx, int K, const T* W, int N,
+                                      const T* bias, Epi epi) {
+  const int groups = (n + kRT - 1) / kRT;
+  const int items = groups * N;
+  for (int idx = threadIdx.x; idx < items; idx += kThreads) {
+    const int g = idx / N;
+    const int j = idx - g * N;
+    const T b0 = bias ? bias[j] : T(0);
+    T acc[kRT];
+#pragma unroll
+    for (int r = 0; r < kRT; ++r) acc[r] = b0;
+    const T* x = X + g * kRT * ldx;
+    const T* w = W + j;
+#pragma unroll 4
+    for (int kk = 0; kk < K; ++kk) {
+      const T wv = w[static_cast<int64_t>(kk) * N];
+#pragma unroll
+      for (int r = 0; r < kRT; ++r) acc[r] += x[r * ldx + kk] * wv;
+    }
+#pragma unroll
+    for (int r = 0; r < kRT; ++r) {
+      const int t = g * kRT + r;
+      if (t < n) epi(t, j, acc[r]);
+    }
+  }
+}
+
+struct RowInfo {
+  int64_t s, len;
+};
+
+__device__ __forceinline__ RowInfo row_info(const DinParams& p, int64_t r) {
+  const int64_t s = p.row_seq ? p.row_seq[r] : r;
+  int64_t len = p.seq_len[s];
+  len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);  // Python validates; never trust it
+  return {s, len};
+}
+
+__device__ __forceinline__ bool is_valid(const DinParams& p, const RowInfo& ri, int64_t t) {
+  return !p.mask || p.mask[ri.s * p.ld_mask + t] != 0;
+}
+
+// Warp 0 collects the next (up to TT) valid positions at or after *cursor into
+// pos[], writes their count to *count and advances *cursor.  Masked positions
+// it passes get a zero score when zero_row is given.  The caller syncs.
+template <typename T>
+__device__ void next_tile(const DinParams& p, const RowInfo& ri, int TT, int64_t* pos, int* count,
+                          int64_t* cursor, T* zero_row) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  int64_t t0 = *cursor;
+  __syncwarp();
+  int n = 0;
+  const uint8_t* mrow = p.mask ? p.mask + ri.s * p.ld_mask : nullptr;
+  while (n < TT && t0 < ri.len) {
+    const int64_t t = t0 + lane;
+    const bool in = t < ri.len;
+    const bool v = in && (!mrow || mrow[t] != 0);
+    if (zero_row && in && !v) zero_row[t] = T(0);
+    const unsigned bal = __ballot_sync(0xffffffffu, v);
+    const int before = __popc(bal & ((1u << lane) - 1u));
+    const int cnt = __popc(bal);
+    const int take = min(cnt, TT - n);
+    if (v && before < take) pos[n + before] = t;
+    if (take < cnt) {
+      const unsigned last = __ballot_sync(0xffffffffu, v && before == take - 1);
+      t0 += __ffs(last);  // one past the last position taken
+    } else {
+      t0 += 32;
+    }
+    n += take;
+  }
+  if (lane == 0) {
+    *count = n;
+    *cursor = t0;
+  }
+}
+
+// Stage keys of the tile into X [TTr, ldx] (converted to T); with unfold the
+// columns D..2D hold q*k.
+template <typename S, typename T>
+__device__ __forceinline__ void load_tile(const S* kbase, int64_t ldk, const int64_t* pos, int n, int D,
+                                          const T* q_s, bool unfold, T* X, int ldx) {
+  for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {
+    const int t = idx / D;
+    const int d = idx - t * D;
+    const T kv = static_cast<T>(ldv(kbase + pos[t] * ldk + d));
+    X[t * ldx + d] = kv;
+    if (unfold) X[t * ldx + D + d] = q_s[d] * kv;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Prep: transposed weights into the workspace
+// ---------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads) din_prep_kernel(const Net<T> m) {
+  const int D = m.D, H1 = m.H1;
+  const int64_t n0 = int64_t(D) * H1;
+  int64_t total = n0;
+  for (int l = 1; l < m.L; ++l) total += int64_t(m.H[l - 1]) * m.H[l];
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    if (idx < n0) {
+      const int j = static_cast<int>(idx / D), d = static_cast<int>(idx % D);
+      const T* w = m.W[0] + int64_t(j) * 4 * D;
+      const T wq = w[d], wk = w[D + d], wd = w[2 * D + d], wm = w[3 * D + d];
+      m.W1sT[int64_t(d) * H1 + j] = wk - wd;
+      m.W1sT[int64_t(D + d) * H1 + j] = wm;
+      m.W1s[int64_t(j) * 2 * D + d] = wk - wd;
+      m.W1s[int64_t(j) * 2 * D + D + d] = wm;
+      m.WqdT[int64_t(d) * H1 + j] = wq + wd;
+    } else {
+      int64_t i2 = idx - n0;
+      for (int l = 1; l < m.L; ++l) {
+        const int64_t sz = int64_t(m.H[l - 1]) * m.H[l];
+        if (i2 < sz) {
+          const int in = m.H[l - 1];
+          const int j = static_cast<int>(i2 / in), i = static_cast<int>(i2 % in);
+          m.WT[l][int64_t(i) * m.H[l] + j] = m.W[l][i2];
+          break;
+        }
+        i2 -= sz;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Shared-memory layouts (byte offsets), computed on the host
+// ---------------------------------------------------------------------------
+struct SmemAlloc {
+  int64_t off = 0;
+  int take(int64_t bytes) {
+    off = (off + 15) / 16 * 16;
+    const int64_t o = off;
+    off += bytes;
+    return static_cast<int>(o);
+  }
+};
+
+struct FwdLay {
+  int TT = 0, TTr = 0, ldx = 0;
+  bool fold = false;
+  int q = 0, c = 0, MT = 0, X = 0, HA = 0, HB = 0, s = 0, e = 0, acc = 0, pos = 0, misc = 0;
+  int64_t smem = 0;
+  // stats pass: per-CTA double partials [2 * Hmax] in the workspace
+  double* stats_part = nullptr;
+  int64_t n_cta = 0;
+};
+
+template <typename T>
+FwdLay make_fwd_lay(const DinParams& p, int TT, bool fold) {
+  const int64_t D = p.dim;
+  int Hmax = 0;
+  for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
+  FwdLay y;
+  y.TT = TT;
+  y.TTr = (TT + kRT - 1) / kRT * kRT;
+  y.fold = fold;
+  y.ldx = static_cast<int>(fold ? D : 2 * D);
+  const int64_t es = sizeof(T);
+  SmemAlloc a;
+  y.q = a.take(es * D);
+  y.c = a.take(es * p.hidden[0]);
+  y.MT = fold ? a.take(es * D * p.hidden[0]) : 0;
+  y.X = a.take(es * y.TTr * y.ldx);
+  y.HA = a.take(es * y.TTr * Hmax);
+  y.HB = a.take(es * y.TTr * Hmax);
+  y.s = a.take(es * TT);
+  y.e = a.take(es * TT);
+  y.acc = a.take(es * D);
+  y.pos = a.take(8 * TT);
+  y.misc = a.take(16);
+  y.smem = (a.off + 15) / 16 * 16;
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// Forward-side per-row setup: q, c and (fold) M^T in shared memory
+// ---------------------------------------------------------------------------
+template <typename S, typename T>
+__device__ __forceinline__ void setup_row(const DinParams& p, const Net<T>& m, const FwdLay& y, int64_t r,
+                                          T* q_s, T* c_s, T* MT) {
+  const int D = m.D, H1 = m.H1;
+  const S* q = static_cast<const S*>(p.q) + r * p.ldq;
+  for (int d = threadIdx.x; d < D; d += kThreads) q_s[d] = static_cast<T>(ldv(q + d));
+  __syncthreads();
+  for (int j = threadIdx.x; j < H1; j += kThreads) {
+    T c = m.b[0][j];
+    for (int d = 0; d < D; ++d) c += m.WqdT[int64_t(d) * H1 + j] * q_s[d];
+    c_s[j] = c;
+  }
+  if (y.fold)
+    for (int idx = threadIdx.x; idx < D * H1; idx += kThreads) {
+      const int d = idx / H1;
+      MT[idx] = m.W1sT[idx] + q_s[d] * m.W1sT[int64_t(D) * H1 + idx];
+    }
+  __syncthreads();
+}
+
+// Hidden layers 0..last on the staged tile; layer `last` is activated iff
+// act_last.  Returns the buffer holding the last layer's output [TTr, H_last].
+template <typename T>
+__device__ __forceinline__ T* forward_layers(const Net<T>& m, const FwdLay& y, int n, const T* X,
+                                             const T* c_s, const T* MT, T* HA, T* HB, int last,
+                                             bool act_last) {
+  const T* in = X;
+  T* outb = HA;
+  for (int l = 0; l <= last; ++l) {
+    const int N = m.H[l];
+    const bool act = l < last || act_last;
+    T* yb = (l & 1) ? HB : HA;
+    auto epi = [&](int t, int j, T z) { yb[t * N + j] = act ? act_fwd(m, l, j, z) : z; };
+    if (l == 0) {
+      if (y.fold) dense(n, X, y.ldx, m.D, MT, N, c_s, epi);
+      else dense(n, X, y.ldx, 2 * m.D, static_cast<const T*>(m.W1sT), N, c_s, epi);
+    } else {
+      dense(n, in, m.H[l - 1], m.H[l - 1], static_cast<const T*>(m.WT[l]), N, m.b[l], epi);
+    }
+    __syncthreads();
+    in = yb;
+    outb = yb;
+  }
+  return outb;
+}
+
+// ---------------------------------------------------------------------------
+// Forward kernel
+// ---------------------------------------------------------------------------
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p, const Net<T> m,
+                                                               const FwdLay y) {
+  unsigned char* const din_smem = DIN_SMEM;
+  T* q_s = reinterpret_cast<T*>(din_smem + y.q);
+  T* c_s = reinterpret_cast<T*>(din_smem + y.c);
+  T* MT = reinterpret_cast<T*>(din_smem + y.MT);
+  T* X = reinterpret_cast<T*>(din_smem + y.X);
+  T* HA = reinterpret_cast<T*>(din_smem + y.HA);
+  T* HB = reinterpret_cast<T*>(din_smem + y.HB);
+  T* s_s = reinterpret_cast<T*>(din_smem + y.s);
+  T* e_s = reinterpret_cast<T*>(din_smem + y.e);
+  T* acc = reinterpret_cast<T*>(din_smem + y.acc);
+  int64_t* pos = reinterpret_cast<int64_t*>(din_smem + y.pos);
+  int64_t* cursor = reinterpret_cast<int64_t*>(din_smem + y.misc);
+  int* count = reinterpret_cast<int*>(din_smem + y.misc + 8);
+
+  const int D = m.D, L = m.L, HL = m.H[L - 1];
+  const bool softmax = p.norm == Norm::Softmax;
+  const T scale = static_cast<T>(p.scale);
+  const T* wout = m.W[L];
+  const T bout = m.b[L][0];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const RowInfo ri = row_info(p, r);
+    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+    T* sr = static_cast<T*>(p.scores) + r * p.ld_scores;
+    for (int d = threadIdx.x; d < D; d += kThreads) acc[d] = T(0);
+    if (threadIdx.x == 0) *cursor = 0;
+    setup_row<S, T>(p, m, y, r, q_s, c_s, MT);  // ends with __syncthreads
+
+    T mx = -INFINITY, den = T(0);
+    int64_t total = 0;
+    while (true) {
+      next_tile<T>(p, ri, y.TT, pos, count, cursor, sr);
+      __syncthreads();
+      const int n = *count;
+      if (n == 0) break;
+      load_tile<S, T>(kbase, p.ldk, pos, n, D, q_s, !y.fold, X, y.ldx);
+      __syncthreads();
+      const T* h = forward_layers(m, y, n, X, c_s, MT, HA, HB, L - 1, true);
+      // scores: one warp per key
+      for (int t = warp; t < n; t += kWarps) {
+        T v = T(0);
+        for (int i = lane; i < HL; i += 32) v += wout[i] * h[t * HL + i];
+        v = warp_sum(v) + bout;
+        if (lane == 0) {
+          const T x = softmax ? scale * v : v;
+          s_s[t] = x;
+          sr[pos[t]] = x;
+        }
+      }
+      __syncthreads();
+      if (softmax) {
+        T tm = s_s[0];
+        for (int t = 1; t < n; ++t) tm = max(tm, s_s[t]);
+        const T nmx = max(mx, tm);
+        const T f = (total == 0) ? T(0) : ex(mx - nmx);
+        for (int t = threadIdx.x; t < n; t += kThreads) e_s[t] = ex(s_s[t] - nmx);
+        __syncthreads();
+        T es = T(0);
+        for (int t = 0; t < n; ++t) es += e_s[t];
+        den = den * f + es;
+        mx = nmx;
+        for (int d = threadIdx.x; d < D; d += kThreads) {
+          T a = acc[d] * f;
+          for (int t = 0; t < n; ++t) a += e_s[t] * X[t * y.ldx + d];
+          acc[d] = a;
+        }
+      } else {
+        for (int d = threadIdx.x; d < D; d += kThreads) {
+          T a = acc[d];
+          for (int t = 0; t < n; ++t) a += s_s[t] * X[t * y.ldx + d];
+          acc[d] = a;
+        }
+      }
+      total += n;
+      __syncthreads();
+      if (n < y.TT) break;
+    }
+    const T inv = (softmax && total > 0) ? T(1) / den : T(1);
+    S* out = static_cast<S*>(p.out) + r * p.ldo;
+    for (int d = threadIdx.x; d < D; d += kThreads) stv(out + d, acc[d] * inv);
+    if (softmax && total > 0)
+      for (int64_t t = threadIdx.x; t < ri.len; t += kThreads)
+        if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - mx) * inv;
+    for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = T(0);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Stats kernel (training-mode Dice): per-CTA sums of z and z^2 of layer l
+// ---------------------------------------------------------------------------
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads) din_stats_kernel(const DinParams p, const Net<T> m,
+                                                             const FwdLay y) {
+  unsigned char* const din_smem = DIN_SMEM;
+  T* q_s = reinterpret_cast<T*>(din_smem + y.q);
+  T* c_s = reinterpret_cast<T*>(din_smem + y.c);
+  T* MT = reinterpret_cast<T*>(din_smem + y.MT);
+  T* X = reinterpret_cast<T*>(din_smem + y.X);
+  T* HA = reinterpret_cast<T*>(din_smem + y.HA);
+  T* HB = reinterpret_cast<T*>(din_smem + y.HB);
+  int64_t* pos = reinterpret_cast<int64_t*>(din_smem + y.pos);
+  int64_t* cursor = reinterpret_cast<int64_t*>(din_smem + y.misc);
+  int* count = reinterpret_cast<int*>(din_smem + y.misc + 8);
+
+  const int l = p.stats_layer;
+  const int Hl = m.H[l];
+  double* part = y.stats_part + blockIdx.x * int64_t(2 * Hl);
+  // Thread j owns channels j, j + 256, ...: at most one for widths <= 256.
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const RowInfo ri = row_info(p, r);
+    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+    if (threadIdx.x == 0) *cursor = 0;
+    setup_row<S, T>(p, m, y, r, q_s, c_s, MT);
+    while (true) {
+      next_tile<T>(p, ri, y.TT, pos, count, cursor, static_cast<T*>(nullptr));
+      __syncthreads();
+      const int n = *count;
+      if (n == 0) break;
+      load_tile<S, T>(kbase, p.ldk, pos, n, m.D, q_s, !y.fold, X, y.ldx);
+      __syncthreads();
+      const T* z = forward_layers(m, y, n, X, c_s, MT, HA, HB, l, false);
+      if (static_cast<int>(threadIdx.x) < Hl) {
+        const int j = threadIdx.x;
+        for (int t = 0; t < n; ++t) {
+          const double v = static_cast<double>(z[t * Hl + j]);
+          s1 += v;
+          s2 += v * v;
+        }
+      }
+      __syncthreads();
+      if (n < y.TT) break;
+    }
+  }
+  if (static_cast<int>(threadIdx.x) < Hl) {
+    part[threadIdx.x] = s1;
+    part[Hl + threadIdx.x] = s2;
+  }
+}
+
+// out[j] = sum over c < n_cta of part[c * stride + j], in a fixed order.
+__global__ void __launch_bounds__(kThreads) din_sum_double_kernel(const double* part, int64_t n_cta,
+                                                                  int64_t stride, int64_t n, double* out) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+    double s = 0.0;
+    for (int64_t c = 0; c < n_cta; ++c) s += part[c * stride + j];
+    out[j] = s;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) din_sum_part_kernel(const T* part, int64_t n_cta, int64_t stride,
+                                                                int64_t n, double* out) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+    double s = 0.0;
+    for (int64_t c = 0; c < n_cta; ++c) s += static_cast<double>(part[c * stride + j]);
+    out[j] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+// Per-CTA partial layout (elements of T)
+struct PartLay {
+  int64_t Ws = 0, Wqd = 0, b1 = 0;
+  int64_t W[kMaxLayers + 1] = {}, b[kMaxLayers + 1] = {};
+  int64_t alpha[kMaxLayers] = {}, gamma[kMaxLayers] = {}, beta[kMaxLayers] = {};
+  int64_t total = 0, stride = 0;
+  explicit PartLay(const DinParams& p) {
+    const int64_t D = p.dim, H1 = p.hidden[0];
+    int64_t o = 0;
+    Ws = o; o += H1 * 2 * D;
+    Wqd = o; o += H1 * D;
+    b1 = o; o += H1;
+    for (int l = 1; l <= p.num_layers; ++l) {
+      const int64_t out = l < p.num_layers ? p.hidden[l] : 1;
+      W[l] = o; o += out * p.hidden[l - 1];
+      b[l] = o; o += out;
+    }
+    for (int l = 0; l < p.num_layers; ++l) {
+      alpha[l] = o; o += p.hidden[l];
+      gamma[l] = o; o += p.hidden[l];
+      beta[l] = o; o += p.hidden[l];
+    }
+    total = o;
+    stride = (o + 63) / 64 * 64;
+  }
+};
+
+struct BwdLay {
+  int TT = 0, TTr = 0, Gw = 0;
+  int q = 0, dout = 0, c = 0, e = 0, dq = 0, X = 0, Z[kMaxLayers] = {}, Hh[kMaxLayers] = {};
+  int GA = 0, GB = 0, w = 0, dsv = 0, red = 0, pos = 0, misc = 0;
+  int64_t smem = 0;
+  PartLay part;
+  void* part_base = nullptr;     // n_cta * part.stride elements of T
+  double* red_part = nullptr;    // n_cta * 2 * Hmax doubles (reduce_layer)
+  int64_t n_cta = 0;
+  explicit BwdLay(const DinParams& p) : part(p) {}
+};
+
+template <typename T>
+BwdLay make_bwd_lay(const DinParams& p, int TT) {
+  BwdLay y(p);
+  const int64_t D = p.dim, es = sizeof(T);
+  int Hmax = 0;
+  for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
+  y.TT = TT;
+  y.TTr = (TT + kRT - 1) / kRT * kRT;
+  y.Gw = static_cast<int>(std::max<int64_t>(Hmax, 2 * D));
+  SmemAlloc a;
+  y.q = a.take(es * D);
+  y.dout = a.take(es * D);
+  y.c = a.take(es * p.hidden[0]);
+  y.e = a.take(es * p.hidden[0]);
+  y.dq = a.take(es * D);
+  y.X = a.take(es * y.TTr * 2 * D);
+  for (int l = 0; l < p.num_layers; ++l) {
+    y.Z[l] = a.take(es * y.TTr * p.hidden[l]);
+    y.Hh[l] = a.take(es * y.TTr * p.hidden[l]);
+  }
+  y.GA = a.take(es * y.TTr * y.Gw);
+  y.GB = a.take(es * y.TTr * y.Gw);
+  y.w = a.take(es * TT);
+  y.dsv = a.take(es * TT);
+  y.red = a.take(es * kWarps);
+  y.pos = a.take(8 * TT);
+  y.misc = a.take(16);
+  y.smem = (a.off + 15) / 16 * 16;
+  return y;
+}
+
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams p, const Net<T> m,
+                                                                const BwdLay y) {
+  unsigned char* const din_smem = DIN_SMEM;
+  T* q_s = reinterpret_cast<T*>(din_smem + y.q);
+  T* dout_s = reinterpret_cast<T*>(din_smem + y.dout);
+  T* c_s = reinterpret_cast<T*>(din_smem + y.c);
+  T* e_s = reinterpret_cast<T*>(din_smem + y.e);
+  T* dq_s = reinterpret_cast<T*>(din_smem + y.dq);
+  T* X = reinterpret_cast<T*>(din_smem + y.X);
+  T* GA = reinterpret_cast<T*>(din_smem + y.GA);
+  T* GB = reinterpret_cast<T*>(din_smem + y.GB);
+  T* w_s = reinterpret_cast<T*>(din_smem + y.w);
+  T* dsv_s = reinterpret_cast<T*>(din_smem + y.dsv);
+  T* red_s = reinterpret_cast<T*>(din_smem + y.red);
+  int64_t* pos = reinterpret_cast<int64_t*>(din_smem + y.pos);
+  int64_t* cursor = reinterpret_cast<int64_t*>(din_smem + y.misc);
+  int* count = reinterpret_cast<int*>(din_smem + y.misc + 8);
+
+  const int D = m.D, L = m.L, H1 = m.H1, D2 = 2 * D, Gw = y.Gw;
+  const int HL = m.H[L - 1];
+  const bool softmax = p.norm == Norm::Softmax;
+  const T scale = static_cast<T>(p.scale);
+  const int red = p.reduce_layer;
+  const bool reducing = red >= 0;
+  const bool shared_seq = p.row_seq != nullptr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* wout = m.W[L];
+  const PartLay& pl = y.part;
+
+  T* part = static_cast<T*>(y.part_base) + blockIdx.x * y.part.stride;
+  double* rpart = reducing ? y.red_part + blockIdx.x * int64_t(2 * m.H[red]) : nullptr;
+  if (reducing) {
+    for (int64_t i = threadIdx.x; i < 2 * m.H[red]; i += kThreads) rpart[i] = 0.0;
+  } else {
+    for (int64_t i = threadIdx.x; i < pl.total; i += kThreads) part[i] = T(0);
+  }
+  __syncthreads();
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const RowInfo ri = row_info(p, r);
+    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+    S* dkbase = reducing ? nullptr : static_cast<S*>(p.dk) + p.seq_start[ri.s];
+    const S* q = static_cast<const S*>(p.q) + r * p.ldq;
+    const S* go = static_cast<const S*>(p.dout) + r * p.ld_dout;
+    const T* wr = static_cast<const T*>(p.scores) + r * p.ld_scores;
+    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + r * p.ld_dscores : nullptr;
+
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      q_s[d] = static_cast<T>(ldv(q + d));
+      dout_s[d] = static_cast<T>(ldv(go + d));
+      dq_s[d] = T(0);
+    }
+    for (int j = threadIdx.x; j < H1; j += kThreads) e_s[j] = T(0);
+    if (threadIdx.x == 0) *cursor = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < H1; j += kThreads) {
+      T c = m.b[0][j];
+      for (int d = 0; d < D; ++d) c += m.WqdT[int64_t(d) * H1 + j] * q_s[d];
+      c_s[j] = c;
+    }
+    // Softmax: wdw = sum_t w_t (dout . k_t + dscores_t) over valid t.
+    T wdw = T(0);
+    if (softmax) {
+      T part_w = T(0);
+      for (int64_t t = warp; t < ri.len; t += kWarps) {
+        if (!is_valid(p, ri, t)) continue;
+        const S* kt = kbase + t * p.ldk;
+        T v = T(0);
+        for (int d = lane; d < D; d += 32) v += dout_s[d] * static_cast<T>(ldv(kt + d));
+        v = warp_sum(v);
+        if (gsr) v += gsr[t];
+        part_w += wr[t] * v;
+      }
+      if (lane == 0) red_s[warp] = part_w;
+      __syncthreads();
+      for (int w = 0; w < kWarps; ++w) wdw += red_s[w];
+    }
+    __syncthreads();
+
+    while (true) {
+      next_tile<T>(p, ri, y.TT, pos, count, cursor, static_cast<T*>(nullptr));
+      __syncthreads();
+      const int n = *count;
+      if (n == 0) break;
+      load_tile<S, T>(kbase, p.ldk, pos, n, D, q_s, true, X, D2);
+      __syncthreads();
+      // ---- recompute: z_l and h_l for every layer ----
+      for (int l = 0; l < L; ++l) {
+        const int N = m.H[l];
+        T* Z = reinterpret_cast<T*>(din_smem + y.Z[l]);
+        T* Hh = reinterpret_cast<T*>(din_smem + y.Hh[l]);
+        auto epi = [&](int t, int j, T z) {
+          Z[t * N + j] = z;
+          Hh[t * N + j] = act_fwd(m, l, j, z);
+        };
+        if (l == 0) {
+          dense(n, X, D2, D2, static_cast<const T*>(m.W1sT), N, c_s, epi);
+        } else {
+          const T* Hp = reinterpret_cast<const T*>(din_smem + y.Hh[l - 1]);
+          dense(n, Hp, m.H[l - 1], m.H[l - 1], static_cast<const T*>(m.WT[l]), N, m.b[l], epi);
+        }
+        __syncthreads();
+      }
+      // ---- dL/ds per key ----
+      for (int t = warp; t < n; t += kWarps) {
+        const int64_t pt = pos[t];
+        T v = T(0);
+        for (int d = lane; d < D; d += 32) v += dout_s[d] * X[t * D2 + d];
+        v = warp_sum(v);
+        if (lane == 0) {
+          if (gsr) v += gsr[pt];
+          const T wt = wr[pt];
+          w_s[t] = wt;
+          dsv_s[t] = softmax ? scale * wt * (v - wdw) : v;
+        }
+      }
+      __syncthreads();
+      // ---- output layer ----
+      const T* HLb = reinterpret_cast<const T*>(din_smem + y.Hh[L - 1]);
+      if (!reducing) {
+        for (int i = threadIdx.x; i < HL; i += kThreads) {
+          T sacc = T(0);
+          for (int t = 0; t < n; ++t) sacc += dsv_s[t] * HLb[t * HL + i];
+          part[pl.W[L] + i] += sacc;
+        }
+        if (threadIdx.x == 0) {
+          T sacc = T(0);
+          for (int t = 0; t < n; ++t) sacc += dsv_s[t];
+          part[pl.b[L]] += sacc;
+        }
+      }
+      for (int idx = threadIdx.x; idx < n * HL; idx += kThreads) {
+        const int t = idx / HL, i = idx - t * HL;
+        GA[t * Gw + i] = dsv_s[t] * wout[i];
+      }
+      __syncthreads();
+      // ---- hidden layers, top down ----
+      T* cur = GA;
+      T* oth = GB;
+      for (int l = L - 1; l >= 0; --l) {
+        const int Hl = m.H[l];
+        const T* Z = reinterpret_cast<const T*>(din_smem + y.Z[l]);
+        const T* Hh = reinterpret_cast<const T*>(din_smem + y.Hh[l]);
+        for (int j = threadIdx.x; j < Hl; j += kThreads) {
+          T sa = T(0), sg = T(0), sb = T(0);
+          double r1 = 0.0, r2 = 0.0;
+          for (int t = 0; t < n; ++t) {
+            const T g = cur[t * Gw + j];
+            const T zv = Z[t * Hl + j];
+            T gz;
+            switch (m.act) {
+              case Act::Sigmoid: {
+                const T h = Hh[t * Hl + j];
+                gz = g * h * (T(1) - h);
+                break;
+              }
+              case Act::ReLU:
+                gz = zv > T(0) ? g : T(0);
+                break;
+              case Act::PReLU:
+                if (zv <= T(0)) sa += g * zv;
+                gz = zv > T(0) ? g : m.alpha[l][j] * g;
+                break;
+              default: {  // Dice
+                const T a = m.alpha[l][j];
+                const T xhat = (zv - m.mean[l][j]) * m.invstd[l][j];
+                const T pj = sigm(m.gamma[l][j] * xhat + m.beta[l][j]);
+                const T dy = g * zv * (T(1) - a) * pj * (T(1) - pj);
+                const T dxhat = dy * m.gamma[l][j];
+                r1 += static_cast<double>(dxhat);
+                r2 += static_cast<double>(dxhat * xhat);
+                sa += g * zv * (T(1) - pj);
+                sg += dy * xhat;
+                sb += dy;
+                T bn = dxhat;
+                if (m.ca[l]) bn -= m.ca[l][j] + xhat * m.cc[l][j];
+                gz = g * (a + (T(1) - a) * pj) + m.invstd[l][j] * bn;
+                break;
+              }
+            }
+            cur[t * Gw + j] = gz;
+          }
+          if (reducing) {
+            if (l == red) {
+              rpart[j] += r1;
+              rpart[Hl + j] += r2;
+            }
+          } else {
+            if (m.act == Act::PReLU || m.act == Act::Dice) part[pl.alpha[l] + j] += sa;
+            if (m.act == Act::Dice) {
+              part[pl.gamma[l] + j] += sg;
+              part[pl.beta[l] + j] += sb;
+            }
+          }
+        }
+        __syncthreads();
+        if (reducing && l == red) break;
+        if (l > 0) {
+          const int Hin = m.H[l - 1];
+          const T* Hp = reinterpret_cast<const T*>(din_smem + y.Hh[l - 1]);
+          if (!reducing) {
+            for (int idx = threadIdx.x; idx < Hl * Hin; idx += kThreads) {
+              const int j = idx / Hin, i = idx - j * Hin;
+              T sacc = T(0);
+              for (int t = 0; t < n; ++t) sacc += cur[t * Gw + j] * Hp[t * Hin + i];
+              part[pl.W[l] + idx] += sacc;
+            }
+            for (int j = threadIdx.x; j < Hl; j += kThreads) {
+              T sacc = T(0);
+              for (int t = 0; t < n; ++t) sacc += cur[t * Gw + j];
+              part[pl.b[l] + j] += sacc;
+            }
+          }
+          // dL/dh_{l-1} = dz_l W_l  (W_l is [H_l, H_{l-1}] = row-major [K, N])
+          T* o = oth;
+          dense(n, cur, Gw, Hl, m.W[l], Hin, static_cast<const T*>(nullptr),
+                [&](int t, int i, T v) { o[t * Gw + i] = v; });
+          __syncthreads();
+          T* tmp = cur;
+          cur = oth;
+          oth = tmp;
+        } else {
+          // layer 1 (never reached while reducing: red <= l for every l visited)
+          for (int idx = threadIdx.x; idx < H1 * D2; idx += kThreads) {
+            const int j = idx / D2, cidx = idx - j * D2;
+            T sacc = T(0);
+            for (int t = 0; t < n; ++t) sacc += cur[t * Gw + j] * X[t * D2 + cidx];
+            part[pl.Ws + idx] += sacc;
+          }
+          for (int j = threadIdx.x; j < H1; j += kThreads) {
+            T sacc = T(0);
+            for (int t = 0; t < n; ++t) sacc += cur[t * Gw + j];
+            e_s[j] += sacc;
+          }
+          T* o = oth;
+          dense(n, cur, Gw, H1, static_cast<const T*>(m.W1s), D2, static_cast<const T*>(nullptr),
+                [&](int t, int i, T v) { o[t * Gw + i] = v; });
+          __syncthreads();
+          for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {
+            const int t = idx / D, d = idx - t * D;
+            const T v = oth[t * Gw + d] + q_s[d] * oth[t * Gw + D + d] + w_s[t] * dout_s[d];
+            S* dst = dkbase + pos[t] * p.ldk + d;
+            if (shared_seq) atomic_addv(dst, v);
+            else stv(dst, static_cast<T>(ldv(dst)) + v);
+          }
+          for (int d = threadIdx.x; d < D; d += kThreads) {
+            T sacc = T(0);
+            for (int t = 0; t < n; ++t) sacc += X[t * D2 + d] * oth[t * Gw + D + d];
+            dq_s[d] += sacc;
+          }
+        }
+      }
+      __syncthreads();
+      if (n < y.TT) break;
+    }
+    if (!reducing) {
+      // dq = (Wq + Wd)^T e + sum_t k_t * u_t ; E q^T and e into the partials.
+      S* dq = static_cast<S*>(p.dq) + r * p.lddq;
+      for (int d = threadIdx.x; d < D; d += kThreads) {
+        T v = dq_s[d];
+        const T* wq = m.WqdT + int64_t(d) * H1;
+        for (int j = 0; j < H1; ++j) v += wq[j] * e_s[j];
+        stv(dq + d, v);
+      }
+      for (int idx = threadIdx.x; idx < H1 * D; idx += kThreads) {
+        const int j = idx / D, d = idx - j * D;
+        part[pl.Wqd + idx] += e_s[j] * q_s[d];
+      }
+      for (int j = threadIdx.x; j < H1; j += kThreads) part[pl.b1 + j] += e_s[j];
+    }
+    __syncthreads();
+  }
+}
+
+// Scatter the summed partials (double) into the parameter gradients.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) din_scatter_grads_kernel(const DinParams p, const PartLay pl,
+                                                                     const double* tot) {
+  const int64_t D = p.dim, H1 = p.hidden[0], L = p.num_layers;
+  const int64_t n0 = H1 * 4 * D;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n0; idx += stride) {
+    const int64_t j = idx / (4 * D), cidx = idx % (4 * D), blk = cidx / D, d = cidx % D;
+    const double eq = tot[pl.Wqd + j * D + d];
+    const double g = tot[pl.Ws + j * 2 * D + d];
+    const double gq = tot[pl.Ws + j * 2 * D + D + d];
+    double v = blk == 0 ? eq : blk == 1 ? g : blk == 2 ? eq - g : gq;
+    static_cast<T*>(p.dW[0])[idx] = static_cast<T>(v);
+  }
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < H1; j += stride)
+    static_cast<T*>(p.db[0])[j] = static_cast<T>(tot[pl.b1 + j]);
+  for (int l = 1; l <= L; ++l) {
+    const int64_t out = l < L ? p.hidden[l] : 1;
+    const int64_t nw = out * p.hidden[l - 1];
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < nw; i += stride)
+      static_cast<T*>(p.dW[l])[i] = static_cast<T>(tot[pl.W[l] + i]);
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out; i += stride)
+      static_cast<T*>(p.db[l])[i] = static_cast<T>(tot[pl.b[l] + i]);
+  }
+  for (int l = 0; l < L; ++l) {
+    const int64_t h = p.hidden[l];
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < h; i += stride) {
+      if (p.dalpha[l]) static_cast<T*>(p.dalpha[l])[i] = static_cast<T>(tot[pl.alpha[l] + i]);
+      if (p.dgamma[l]) static_cast<T*>(p.dgamma[l])[i] = static_cast<T>(tot[pl.gamma[l] + i]);
+      if (p.dbeta[l]) static_cast<T*>(p.dbeta[l])[i] = static_cast<T>(tot[pl.beta[l] + i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("din_fused cuda: ") + what + ": " + cudaGetErrorString(e));
+}
+
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    if (dev < 0) return;
+    int cur = -1;
+    check(cudaGetDevice(&cur), "cudaGetDevice");
+    if (cur != dev) {
+      check(cudaSetDevice(dev), "cudaSetDevice");
+      prev = cur;
+    }
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
+
+struct DevInfo {
+  int sms = 1;
+  int64_t smem_optin = 48 * 1024;
+};
+
+DevInfo dev_info(const DinParams& p) {
+  int dev = p.device;
+  if (dev < 0) check(cudaGetDevice(&dev), "cudaGetDevice");
+  DevInfo di;
+  int v = 0;
+  check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SMs)");
+  di.sms = std::max(1, v);
+  check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "cudaDeviceGetAttribute(smem)");
+  di.smem_optin = std::max<int64_t>(v, 48 * 1024);
+  return di;
+}
+
+int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+void check_common(const DinParams& p) {
+  if (p.num_layers < 1 || p.num_layers > kMaxLayers)
+    throw std::invalid_argument("din_fused cuda: num_layers must be 1..4");
+  for (int l = 0; l < p.num_layers; ++l)
+    if (p.hidden[l] < 1 || p.hidden[l] > kMaxWidth)
+      throw std::invalid_argument("din_fused cuda: hidden widths must be 1..256");
+  if (p.dim < 1) throw std::invalid_argument("din_fused cuda: dim must be >= 1");
+  if (p.rows > 0 && (!p.q || !p.k || !p.seq_start || !p.seq_len))
+    throw std::invalid_argument("din_fused cuda: missing q, k, seq_start or seq_len pointer");
+  if (p.rows < 0 || p.max_len < 0) throw std::invalid_argument("din_fused cuda: negative sizes");
+}
+
+// ---- forward / stats geometry ----
+template <typename T>
+FwdLay pick_fwd_lay(const DinParams& p, const DevInfo& di) {
+  // Largest tile with the folded first layer; else the unfolded form.
+  for (int fold = 1; fold >= 0; --fold)
+    for (int TT = 64; TT >= 4; TT /= 2) {
+      const FwdLay y = make_fwd_lay<T>(p, TT, fold != 0);
+      if (y.smem <= di.smem_optin && (fold == 0 || TT >= 16)) return y;
+    }
+  throw std::invalid_argument("din_fused cuda: dim " + std::to_string(p.dim) +
+                              " too large for the shared-memory tiles of this GPU");
+}
+
+int64_t stats_ctas(const DinParams& p) { return std::max<int64_t>(1, std::min<int64_t>(p.rows, 2048)); }
+
+int64_t fwd_ws_bytes(const DinParams& p) {
+  int Hmax = 0;
+  for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
+  const int64_t model = align256(model_elems<double>(p) * acc_size(p.dtype));
+  return model + align256(stats_ctas(p) * 2 * Hmax * 8);
+}
+
+// ---- backward geometry ----
+template <typename T>
+BwdLay pick_bwd_lay(const DinParams& p, const DevInfo& di) {
+  // Prefer a tile that lets two CTAs share an SM; else the largest that fits.
+  for (int TT = 32; TT >= 4; TT /= 2) {
+    const BwdLay y = make_bwd_lay<T>(p, TT);
+    if (y.smem <= di.smem_optin / 2 - 1024) return y;
+  }
+  for (int TT = 16; TT >= 4; TT /= 2) {
+    const BwdLay y = make_bwd_lay<T>(p, TT);
+    if (y.smem <= di.smem_optin) return y;
+  }
+  throw std::invalid_argument("din_fused cuda: dim/widths too large for the shared-memory tiles of this GPU");
+}
+
+template <typename T>
+int64_t bwd_ctas(const DinParams& p, const DevInfo& di) {
+  const PartLay pl(p);
+  const int64_t slot = pl.stride * static_cast<int64_t>(sizeof(T));
+  int64_t n = 2 * int64_t(di.sms);
+  const int64_t cap = std::max<int64_t>(di.sms, (int64_t(512) << 20) / std::max<int64_t>(slot, 1));
+  n = std::min(n, cap);
+  return std::max<int64_t>(1, std::min<int64_t>(n, p.rows));
+}
+
+struct BwdWs {
+  int64_t model = 0, part = 0, tot = 0, red = 0, total = 0;
+};
+
+template <typename T>
+BwdWs bwd_ws(const DinParams& p, const DevInfo& di) {
+  const PartLay pl(p);
+  int Hmax = 0;
+  for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
+  const int64_t nc = bwd_ctas<T>(p, di);
+  BwdWs w;
+  int64_t o = 0;
+  w.model = o; o += align256(model_elems<T>(p) * int64_t(sizeof(T)));
+  w.part = o;  o += align256(nc * pl.stride * int64_t(sizeof(T)));
+  w.tot = o;   o += align256(pl.stride * 8);
+  w.red = o;   o += align256(nc * 2 * Hmax * 8);
+  w.total = o;
+  return w;
+}
+
+template <typename K>
+void set_smem(K kernel, int64_t bytes, const char* name) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        name);
+}
+
+unsigned grid_for(int64_t n, int64_t per = kThreads, int64_t cap = 4096) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + per - 1) / per, cap)));
+}
+
+template <typename T>
+void launch_prep(const Net<T>& m, cudaStream_t st) {
+  int64_t total = int64_t(m.D) * m.H1;
+  for (int l = 1; l < m.L; ++l) total += int64_t(m.H[l - 1]) * m.H[l];
+  DIN_LAUNCH(grid_for(total), kThreads, 0, st, din_prep_kernel<T>)(m);
+  check_launch("din_prep_kernel");
+}
+
+template <typename S, typename T>
+void run_forward(const DinParams& p, bool stats) {
+  if (p.rows == 0 && !stats) return;
+  const DevInfo di = dev_info(p);
+  const int64_t need = fwd_ws_bytes(p);
+  if (!p.workspace || p.workspace_bytes < need)
+    throw std::invalid_argument("din_fused cuda: forward/stats workspace too small (need " +
+                                std::to_string(need) + " bytes from workspace_bytes(cfg, 'forward'))");
+  cudaStream_t st = static_cast<cudaStream_t>(p.stream);
+  char* ws = static_cast<char*>(p.workspace);
+  const Net<T> m = make_net<T>(p, reinterpret_cast<T*>(ws));
+  FwdLay y = pick_fwd_lay<T>(p, di);
+  launch_prep(m, st);
+  if (!stats) {
+    if (!p.out || !p.scores) throw std::invalid_argument("din_fused cuda: forward needs out and scores");
+    set_smem(din_forward_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_forward_kernel)");
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, kMaxGrid));
+    DIN_LAUNCH(grid, kThreads, y.smem, st, din_forward_kernel<S, T>)(p, m, y);
+    check_launch("din_forward_kernel");
+    return;
+  }
+  const int l = p.stats_layer;
+  if (l < 0 || l >= p.num_layers || !p.stats_out)
+    throw std::invalid_argument("din_fused cuda: stats needs 0 <= stats_layer < num_layers and stats_out");
+  const int64_t model_bytes = align256(model_elems<double>(p) * acc_size(p.dtype));
+  y.stats_part = reinterpret_cast<double*>(ws + model_bytes);
+  y.n_cta = stats_ctas(p);
+  set_smem(din_stats_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_stats_kernel)");
+  DIN_LAUNCH(static_cast<unsigned>(y.n_cta), kThreads, y.smem, st, din_stats_kernel<S, T>)(p, m, y);
+  check_launch("din_stats_kernel");
+  const int64_t Hl = p.hidden[l];
+  DIN_LAUNCH(grid_for(2 * Hl), kThreads, 0, st, din_sum_double_kernel)(y.stats_part, y.n_cta, 2 * Hl, 2 * Hl,
+                                                              p.stats_out);
+  check_launch("din_sum_double_kernel(stats)");
+}
+
+template <typename S, typename T>
+void run_backward(const DinParams& p) {
+  const DevInfo di = dev_info(p);
+  const BwdWs w = bwd_ws<T>(p, di);
+  if (!p.workspace || p.workspace_bytes < w.total)
+    throw std::invalid_argument("din_fused cuda: backward workspace too small (need " +
+                                std::to_string(w.total) +
+                                " bytes from workspace_bytes(cfg, 'backward'); the reduce_layer passes "
+                                "need it too)");
+  const int red = p.reduce_layer;
+  const bool reducing = red >= 0;
+  if (reducing && (red >= p.num_layers || !p.reduce_out))
+    throw std::invalid_argument("din_fused cuda: bad reduce_layer / reduce_out");
+  if (p.rows > 0 && (!p.dout || !p.scores))
+    throw std::invalid_argument("din_fused cuda: backward needs dout and scores");
+  if (!reducing) {
+    if (p.rows > 0 && (!p.dq || !p.dk)) throw std::invalid_argument("din_fused cuda: backward needs dq and dk");
+    for (int l = 0; l <= p.num_layers; ++l)
+      if (!p.dW[l] || !p.db[l]) throw std::invalid_argument("din_fused cuda: backward needs every dW and db");
+  }
+  cudaStream_t st = static_cast<cudaStream_t>(p.stream);
+  char* ws = static_cast<char*>(p.workspace);
+  const Net<T> m = make_net<T>(p, reinterpret_cast<T*>(ws + w.model));
+  BwdLay y = pick_bwd_lay<T>(p, di);
+  y.n_cta = bwd_ctas<T>(p, di);
+  y.part_base = ws + w.part;
+  y.red_part = reinterpret_cast<double*>(ws + w.red);
+  launch_prep(m, st);
+  set_smem(din_backward_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_backward_kernel)");
+  DIN_LAUNCH(static_cast<unsigned>(y.n_cta), kThreads, y.smem, st, din_backward_kernel<S, T>)(p, m, y);
+  check_launch("din_backward_kernel");
+  if (reducing) {
+    const int64_t Hr = p.hidden[red];
+    DIN_LAUNCH(grid_for(2 * Hr), kThreads, 0, st, din_sum_double_kernel)(y.red_part, y.n_cta, 2 * Hr, 2 * Hr,
+                                                                p.reduce_out);
+    check_launch("din_sum_double_kernel(reduce)");
+    return;
+  }
+  double* tot = reinterpret_cast<double*>(ws + w.tot);
+  DIN_LAUNCH(grid_for(y.part.total), kThreads, 0, st, din_sum_part_kernel<T>)(
+      static_cast<const T*>(y.part_base), y.n_cta, y.part.stride, y.part.total, tot);
+  check_launch("din_sum_part_kernel");
+  DIN_LAUNCH(grid_for(int64_t(p.hidden[0]) * 4 * p.dim), kThreads, 0, st, din_scatter_grads_kernel<T>)(p, y.part, tot);
+  check_launch("din_scatter_grads_kernel");
+}
+
+template <typename F>
+void by_dtype(const DinParams& p, F&& f) {
+  check_common(p);
+  DeviceGuard guard(p.device);
+  switch (p.dtype) {
+    case DType::F32: f(float{}, float{}); break;
+    case DType::F64: f(double{}, double{}); break;
+    case DType::F16: f(__half{}, float{}); break;
+    case DType::BF16: f(__nv_bfloat16{}, float{}); break;
+    default: throw std::invalid_argument("din_fused cuda: unknown dtype");
+  }
+}
+
+}  // namespace
+
+void forward_cuda(const DinParams& p) {
+  by_dtype(p, [&](auto s, auto t) { run_forward<decltype(s), decltype(t)>(p, false); });
+}
+
+void stats_cuda(const DinParams& p) {
+  by_dtype(p, [&](auto s, auto t) { run_forward<decltype(s), decltype(t)>(p, true); });
+}
+
+void backward_cuda(const DinParams& p) {
+  by_dtype(p, [&](auto s, auto t) { run_backward<decltype(s), decltype(t)>(p); });
+}
+
+int64_t forward_workspace_bytes_cuda(const DinParams& p) {
+  check_common(p);
+  return fwd_ws_bytes(p);
+}
+
+int64_t backward_workspace_bytes_cuda(const DinParams& p) {
+  check_common(p);
+  DeviceGuard guard(p.device);
+  const DevInfo di = dev_info(p);
+  if (p.dtype == DType::F64) return bwd_ws<double>(p, di).total;
+  return bwd_ws<float>(p, di).total;
+}
+
+}  // namespace din
