@@ -1,0 +1,280 @@
+"""The training CLI: flags, a short run whose loss falls, bad input, MovieLens, and a 2-process DDP run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from din_fused import train as T
+
+MOVIES = """movieId,title,genres
+10,"Heat, The (1995)",Action|Crime|Thriller
+20,Toy Story (1995),Animation|Children
+30,Nothing (2000),(no genres listed)
+40,Unrated (2001),Drama
+"""
+
+
+def write_ml(dir_: Path, ratings: str, movies: str = MOVIES) -> Path:
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "ratings.csv").write_text(ratings)
+    (dir_ / "movies.csv").write_text(movies)
+    return dir_
+
+
+def movielens_dir():
+    """ml-latest-small from $DIN_FUSED_DATA or ../shared/data beside the checkout, else None."""
+    env = os.environ.get("DIN_FUSED_DATA")
+    for c in ([Path(env), Path(env) / "ml-latest-small"] if env else []) + [
+        Path(__file__).parents[1].parent / "shared/data/ml-latest-small"
+    ]:
+        if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
+            return c
+    return None
+
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {
+    "test_auc",
+    "test_gauc",
+    "test_gauc_unweighted",
+    "train_seconds",
+    "samples_per_second",
+    "world_size",
+}
+# Small and fast: ~8k synthetic training samples, one attention unit per attribute.
+SMALL = ["--synthetic-users", "250", "--embedding-dim", "8", "--no-progress"]
+
+
+def run_main(argv, capsys):
+    code = T.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_flags_match_the_issue():
+    p = T.build_parser()
+    args = p.parse_args([])
+    assert (args.dataset, args.model, args.activation, args.attention, args.attention_impl) == (
+        "synthetic",
+        "din",
+        "dice",
+        "separate",
+        "fused",
+    )
+    choices = {a.dest: a.choices for a in p._actions}
+    assert choices["dataset"] == ("synthetic", "movielens")
+    assert choices["model"] == ("din", "base")
+    assert choices["activation"] == ("dice", "prelu")
+    assert choices["attention"] == ("separate", "concat")
+    assert choices["attention_impl"] == ("fused", "reference")
+    for flag in ["--data-dir", "--epochs", "--batch-size", "--max-len", "--lr", "--mba-lambda", "--seed"]:
+        assert flag in p._option_string_actions
+    assert {"--device", "--metrics-out"} <= set(p._option_string_actions)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dataset", "criteo"], "invalid choice: 'criteo'"),
+        (["--activation", "relu"], "invalid choice: 'relu'"),
+        (["--attention-impl", "cuda"], "invalid choice: 'cuda'"),
+        (["--epochs", "0"], "expected a positive integer"),
+        (["--lr", "-1"], "expected a number > 0.0"),
+        (["--mba-lambda", "nan"], "expected a number >= 0.0"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_short_training_run_loss_falls(tmp_path, capsys):
+    out_file = tmp_path / "m.json"
+    code, out, err = run_main([*SMALL, "--epochs", "3", "--metrics-out", str(out_file)], capsys)
+    assert code == 0, err
+    m = json.loads(out_file.read_text())
+    assert REQUIRED_KEYS <= m.keys()
+    losses = m["train_loss_per_epoch"]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
+    assert losses[-1] < 0.66
+    # ~200 training users are few for 2000 item embeddings, but well above chance (0.5 +- ~0.015 here).
+    assert m["test_auc"] > 0.55 and m["test_gauc"] > 0.55, (m["test_auc"], m["test_gauc"])
+    assert m["world_size"] == 1 and m["samples_per_second"] > 0 and m["train_seconds"] > 0
+    assert m["name"] == "DIN+Dice" and m["attention_impl"] == "fused"
+    assert m["n_test"] + m["n_train"] > 8000
+    # The results table is printed at the end.
+    assert "test AUC" in out and f"{m['test_auc']:.4f}" in out and "samples / second" in out
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_din_beats_base_on_synthetic(tmp_path, capsys):
+    """The synthetic data's hidden interests are what attention is for."""
+    res = {}
+    for model in ("din", "base"):
+        f = tmp_path / f"{model}.json"
+        argv = [*SMALL, "--synthetic-users", "400", "--epochs", "2", "--activation", "prelu"]
+        assert T.main([*argv, "--model", model, "--metrics-out", str(f)]) == 0
+        res[model] = json.loads(f.read_text())
+    capsys.readouterr()
+    assert res["din"]["test_auc"] > res["base"]["test_auc"] + 0.02, (
+        res["din"]["test_auc"],
+        res["base"]["test_auc"],
+    )
+    assert res["base"]["attention_impl"] is None and res["base"]["name"] == "BaseModel+PReLU"
+
+
+def test_mba_lambda_changes_training(tmp_path, capsys):
+    res = []
+    for lam in ("0", "0.05"):
+        f = tmp_path / f"{lam}.json"
+        argv = [*SMALL, "--synthetic-users", "60", "--epochs", "1", "--activation", "prelu"]
+        assert T.main([*argv, "--mba-lambda", lam, "--metrics-out", str(f)]) == 0
+        res.append(json.loads(f.read_text()))
+    capsys.readouterr()
+    assert res[0]["test_auc"] != res[1]["test_auc"]
+    assert res[1]["config"]["mba_lambda"] == 0.05
+
+
+def test_reference_and_fused_train_identically(tmp_path, capsys):
+    res = {}
+    for impl in ("fused", "reference"):
+        f = tmp_path / f"{impl}.json"
+        argv = [*SMALL, "--synthetic-users", "60", "--epochs", "1", "--activation", "prelu"]
+        assert T.main([*argv, "--attention-impl", impl, "--metrics-out", str(f)]) == 0
+        res[impl] = json.loads(f.read_text())
+    capsys.readouterr()
+    assert res["fused"]["test_auc"] == pytest.approx(res["reference"]["test_auc"], abs=2e-3)
+
+
+def ml_rows(users=12, per_user=25):
+    """A MovieLens-format ratings.csv: each user likes movies 10/20 (positive) and dislikes 30/40."""
+    lines = ["userId,movieId,rating,timestamp"]
+    movies = [10, 20, 30, 40]
+    for u in range(1, users + 1):
+        for i in range(per_user):
+            m = movies[(u + i) % 4]
+            lines.append(f"{u},{m},{4.5 if m in (10, 20) else 2.0},{1000 + i}")
+    return "\n".join(lines) + "\n"
+
+
+def test_movielens_cli_on_generated_csv(tmp_path, capsys):
+    d = write_ml(tmp_path / "ml", ratings=ml_rows())
+    f = tmp_path / "ml.json"
+    argv = [
+        "--dataset",
+        "movielens",
+        "--data-dir",
+        str(d),
+        "--epochs",
+        "2",
+        "--max-len",
+        "5",
+        "--no-progress",
+    ]
+    code, out, err = run_main([*argv, "--batch-size", "32", "--metrics-out", str(f)], capsys)
+    assert code == 0, err
+    m = json.loads(f.read_text())
+    assert m["dataset"] == "movielens" and m["n_train"] + m["n_test"] == 12 * 25
+    assert m["n_test_users"] == round(0.2 * 12)
+    assert "movielens" in out
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda d: None, "data directory not found"),
+        (lambda d: (d.mkdir(), (d / "movies.csv").write_text(MOVIES)), "missing data file: .*ratings.csv"),
+        (
+            lambda d: write_ml(d, ratings="userId,movieId,rating,timestamp\n1,10,4.0,5\n1,20\n"),
+            "line 3: expected 4",
+        ),
+    ],
+)
+def test_bad_data_gives_a_clear_error_and_writes_nothing(tmp_path, capsys, setup, match):
+    d = tmp_path / "data"
+    setup(d)
+    f = tmp_path / "out.json"
+    f.write_text('{"old": true}\n')  # a previous result must survive a failed run untouched
+    code, out, err = run_main(
+        ["--dataset", "movielens", "--data-dir", str(d), "--metrics-out", str(f)], capsys
+    )
+    assert code == 2
+    assert err.startswith("python -m din_fused.train: error:")
+    assert re.search(match, err), err
+    assert f.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.json"] + (["data"] if d.exists() else [])
+    )
+
+
+def test_unwritable_metrics_out_fails_before_training(tmp_path, capsys):
+    code, _, err = run_main([*SMALL, "--metrics-out", str(tmp_path / "no" / "such" / "m.json")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
+    f = tmp_path / "m.json"
+    T.write_json_atomic(f, {"a": 1})
+    assert json.loads(f.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        T.write_json_atomic(f, {"a": object()})  # not serialisable: fails half-way through json.dump
+    assert json.loads(f.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+@pytest.mark.skipif(movielens_dir() is None, reason="ml-latest-small not found (set DIN_FUSED_DATA)")
+def test_real_movielens_base_one_epoch(tmp_path, capsys):
+    f = tmp_path / "ml.json"
+    argv = ["--dataset", "movielens", "--data-dir", str(movielens_dir()), "--model", "base", "--epochs", "1"]
+    code, _, err = run_main(
+        [*argv, "--activation", "prelu", "--no-progress", "--metrics-out", str(f)], capsys
+    )
+    assert code == 0, err
+    m = json.loads(f.read_text())
+    assert m["n_train"] + m["n_test"] == 100836 and m["n_test_users"] == 122
+    assert m["test_auc"] > 0.6
+
+
+def test_ddp_two_processes_matches_one_process_with_double_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 reports metrics for the whole test set, and
+    because each global batch is split across ranks and DDP averages gradients, it trains the
+    same model as one process with twice the per-process batch."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["OMP_NUM_THREADS"] = "1"
+    common = [*SMALL, "--synthetic-users", "200", "--epochs", "1", "--activation", "prelu"]
+    ddp_json, one_json = tmp_path / "ddp.json", tmp_path / "one.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "din_fused.train", *common, "--batch-size", "64", "--metrics-out", str(ddp_json)]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("test AUC") == 1  # only rank 0 prints the table
+    cmd = [
+        sys.executable,
+        "-m",
+        "din_fused.train",
+        *common,
+        "--batch-size",
+        "128",
+        "--metrics-out",
+        str(one_json),
+    ]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ddp, one = json.loads(ddp_json.read_text()), json.loads(one_json.read_text())
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert ddp["n_test"] == one["n_test"]  # gathered from both ranks
+    assert ddp["n_train"] == one["n_train"]
+    assert ddp["test_auc"] == pytest.approx(one["test_auc"], abs=2e-3)
+    assert ddp["test_gauc"] == pytest.approx(one["test_gauc"], abs=2e-3)
+    assert ddp["train_loss_per_epoch"][0] == pytest.approx(one["train_loss_per_epoch"][0], abs=2e-3)
