@@ -99,7 +99,7 @@ DinParams from_dict(const py::dict& d) {
   return p;
 }
 
-[[noreturn]] void no_cuda() {
+[[noreturn, maybe_unused]] void no_cuda() {
   throw std::runtime_error(
       "din_fused was built without CUDA support. Rebuild with nvcc available, e.g. "
       "`DIN_FUSED_CUDA=1 pip install --no-build-isolation --force-reinstall .`");
