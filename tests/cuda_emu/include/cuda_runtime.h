@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -60,6 +61,54 @@ inline dim3 bDim, gDim;
 inline std::vector<unsigned char> smem;
 inline std::mutex atomic_mu;
 
+// A pool of persistent CPU threads, one per CUDA thread of a block; blocks of a
+// launch run one after another on it.
+struct Pool {
+  explicit Pool(int n) : nthreads(n), start(n + 1), done(n + 1) {
+    for (int t = 0; t < n; ++t) workers.emplace_back([this, t] { loop(t); });
+  }
+  ~Pool() {
+    quit = true;
+    start.arrive_and_wait();
+    for (auto& w : workers) w.join();
+  }
+  void run_block(unsigned blk, const std::function<void()>& fn) {
+    job = &fn;
+    block_id = blk;
+    Block block(nthreads);
+    cur = &block;
+    start.arrive_and_wait();
+    done.arrive_and_wait();
+  }
+  void loop(int t) {
+    for (;;) {
+      start.arrive_and_wait();
+      if (quit) return;
+      tIdx = dim3(t);
+      bIdx = dim3(block_id);
+      cur_block = cur;
+      (*job)();
+      done.arrive_and_wait();
+    }
+  }
+  int nthreads;
+  std::barrier<> start, done;
+  std::vector<std::thread> workers;
+  const std::function<void()>* job = nullptr;
+  unsigned block_id = 0;
+  Block* cur = nullptr;
+  bool quit = false;
+};
+
+inline Pool& pool_for(int n) {
+  static std::unique_ptr<Pool> pool;
+  if (!pool || pool->nthreads != n) {
+    pool.reset();
+    pool = std::make_unique<Pool>(n);
+  }
+  return *pool;
+}
+
 struct Launch {
   dim3 g, b;
   size_t sm;
@@ -68,30 +117,20 @@ struct Launch {
   auto operator()(K kernel) const {
     const Launch cfg = *this;
     return [cfg, kernel](auto... args) {
-      if (cfg.b.y != 1 || cfg.b.z != 1 || cfg.g.y != 1 || cfg.g.z != 1 || cfg.b.x % 32 != 0) {
+      if (cfg.b.y != 1 || cfg.b.z != 1 || cfg.g.y != 1 || cfg.g.z != 1 || cfg.b.x % 32 != 0 ||
+          cfg.b.x == 0 || cfg.g.x == 0 || cfg.sm > static_cast<size_t>(smem_optin)) {
         last_error = cudaErrorInvalidValue;
         return;
       }
-      if (cfg.sm > static_cast<size_t>(smem_optin)) {
-        last_error = cudaErrorInvalidValue;
-        return;
-      }
+      static std::mutex launch_mu;  // one launch at a time
+      std::lock_guard<std::mutex> lock(launch_mu);
       bDim = cfg.b;
       gDim = cfg.g;
-      const int nt = static_cast<int>(cfg.b.x);
+      Pool& pool = pool_for(static_cast<int>(cfg.b.x));
+      const std::function<void()> fn = [&] { kernel(args...); };
       for (unsigned blk = 0; blk < cfg.g.x; ++blk) {
         smem.assign(cfg.sm + 16, 0xFF);
-        Block block(nt);
-        std::vector<std::thread> th;
-        th.reserve(nt);
-        for (int t = 0; t < nt; ++t)
-          th.emplace_back([&, t, blk]() {
-            tIdx = dim3(t);
-            bIdx = dim3(blk);
-            cur_block = &block;
-            kernel(args...);
-          });
-        for (auto& x : th) x.join();
+        pool.run_block(blk, fn);
       }
     };
   }
