@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import din_fused
 from din_fused import train as T
 
 MOVIES = """movieId,title,genres
@@ -40,7 +41,6 @@ def movielens_dir():
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
     "test_auc",
     "test_gauc",
@@ -250,7 +250,10 @@ def test_ddp_two_processes_matches_one_process_with_double_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo): rank 0 reports metrics for the whole test set, and
     because each global batch is split across ranks and DDP averages gradients, it trains the
     same model as one process with twice the per-process batch."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # The workers must import the same din_fused as this process (the installed
+    # package in CI, the in-place build in development), never a source tree without _C.
+    pkg_root = str(Path(din_fused.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": pkg_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env["OMP_NUM_THREADS"] = "1"
     common = [*SMALL, "--synthetic-users", "200", "--epochs", "1", "--activation", "prelu"]
     ddp_json, one_json = tmp_path / "ddp.json", tmp_path / "one.json"
