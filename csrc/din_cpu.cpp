@@ -47,6 +47,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "din_params.h"
 
@@ -573,22 +576,61 @@ struct Vec {
   }
   static DIN_INLINE void store(T* p, const v& x) { std::memcpy(p, &x, VB); }
   static DIN_INLINE v set1(T x) { return x - v{}; }
-  static DIN_INLINE T hsum(const v& x) {
-    T s = x[0];
-    for (int i = 1; i < W; ++i) s += x[i];
-    return s;
+  // Sum of the lanes as a tree (halving), not a chain of W dependent adds.
+  template <int Bytes>
+  static DIN_INLINE T hsum_tree(const T* lanes) {
+    if constexpr (Bytes == 2 * static_cast<int>(sizeof(T))) {
+      return lanes[0] + lanes[1];
+    } else {
+      typedef T h __attribute__((vector_size(Bytes / 2)));
+      h a, b;
+      std::memcpy(&a, lanes, Bytes / 2);
+      std::memcpy(&b, lanes + Bytes / 2 / sizeof(T), Bytes / 2);
+      const h s = a + b;
+      return hsum_tree<Bytes / 2>(reinterpret_cast<const T*>(&s));
+    }
   }
+  static DIN_INLINE T hsum(const v& x) { return hsum_tree<VB>(reinterpret_cast<const T*>(&x)); }
   static DIN_INLINE v vmax(const v& a, const v& b) { return a > b ? a : b; }
   static DIN_INLINE v vmin(const v& a, const v& b) { return a < b ? a : b; }
 
-  // exp: float gets a vectorised Cephes expf (about 1 ulp; 0 below -87.3, inf
-  // above 88.4); double calls std::exp per lane to keep full precision.
+  // exp: float gets a vectorised Cephes expf (about 1 ulp on [-87.3, 88]; the
+  // input is clamped to 88, so the result is always finite, and below -87.3
+  // it is 0 when kFlushUnder, else exp(-87.3)); NaN propagates.  double calls
+  // std::exp per lane to keep full precision.
+  template <bool kFlushUnder = true>
   static DIN_INLINE v exp(const v& x) {
+#if DIN_VB == 64
     if constexpr (sizeof(T) == 4) {
-      const v lo = set1(-87.33654f), hi = set1(88.37626f);
-      v xc = vmin(vmax(x, lo), hi);
+      // AVX-512: exp(x) = 2^n * 2^f, n = round(x log2 e), f = x log2 e - n in
+      // [-1/2, 1/2] (two FMAs with a split log2 e keep f accurate), 2^f by a
+      // degree-6 polynomial, and vscalefps applies 2^n with correct overflow
+      // (inf) and underflow (0) handling.  NaN propagates.
+      v xc = x < set1(-104.0f) ? set1(-104.0f) : x;  // written so that NaN stays NaN
+      xc = xc > set1(88.0f) ? set1(88.0f) : xc;
+      const v t = xc * set1(1.44269504088896341f);
+      const v n = (v)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // f = xc * log2e - n with one rounding (an explicit FMA: the compiler would
+      // reuse the rounded product t), then the low part of log2 e.
+      v f = (v)_mm512_fmsub_ps((__m512)xc, (__m512)set1(1.44269504088896341f), (__m512)n);
+      f = xc * set1(1.925963033500011079e-8f) + f;
+      v y = set1(1.535336188319500e-4f);
+      y = y * f + set1(1.339887440266574e-3f);
+      y = y * f + set1(9.618437357674640e-3f);
+      y = y * f + set1(5.550332471162809e-2f);
+      y = y * f + set1(2.402264791363012e-1f);
+      y = y * f + set1(6.931472028550421e-1f);
+      y = y * f + set1(1.0f);
+      // x <= 88 keeps the result finite; scalef underflows to 0 below about -103.
+      return (v)_mm512_scalef_ps((__m512)y, (__m512)n);
+    }
+#endif
+    if constexpr (sizeof(T) == 4) {
+      const v lo = set1(-87.33654f), hi = set1(88.0f);
+      v xc = x < lo ? lo : x;  // written so that a NaN lane stays NaN
+      xc = xc > hi ? hi : xc;
       const v magic = set1(12582912.0f);  // 1.5 * 2^23: round to nearest
-      v n = (xc * set1(1.44269504088896341f) + magic) - magic;
+      const v n = (xc * set1(1.44269504088896341f) + magic) - magic;
       v r = xc - n * set1(0.693359375f);
       r = r - n * set1(-2.12194440e-4f);
       v y = set1(1.9875691500E-4f);
@@ -598,18 +640,34 @@ struct Vec {
       y = y * r + set1(1.6666665459E-1f);
       y = y * r + set1(5.0000001201E-1f);
       y = y * (r * r) + r + set1(1.0f);
-      vi ni = __builtin_convertvector(n, vi);
-      vi bits = (ni + 127) << 23;
-      v res = y * (v)bits;
-      res = x < lo ? v{} : res;
-      return x != x ? x : res;  // NaN in, NaN out
+      const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+      const v res = y * (v)bits;
+      if constexpr (kFlushUnder) return x < lo ? v{} : res;
+      return res;
     } else {
       v r;
       for (int i = 0; i < W; ++i) r[i] = std::exp(x[i]);
       return r;
     }
   }
-  static DIN_INLINE v sigmoid(const v& x) { return set1(T(1)) / (set1(T(1)) + exp(-x)); }
+
+  // 1 / d for d >= 1 (finite): float uses the hardware reciprocal estimate and one
+  // Newton step (about 1 ulp) instead of a divide, which is several times slower.
+  static DIN_INLINE v recip(const v& d) {
+#if DIN_VB == 64
+    if constexpr (sizeof(T) == 4) {
+      const v r = (v)_mm512_rcp14_ps((__m512)d);
+      return r * (set1(2.0f) - d * r);
+    }
+#elif DIN_VB == 32
+    if constexpr (sizeof(T) == 4) {
+      const v r = (v)_mm256_rcp_ps((__m256)d);
+      return r * (set1(2.0f) - d * r);
+    }
+#endif
+    return set1(T(1)) / d;
+  }
+  static DIN_INLINE v sigmoid(const v& x) { return recip(set1(T(1)) + exp<false>(-x)); }
 };
 
 // ---------------------------------------------------------------------------
@@ -790,7 +848,8 @@ struct Kernel {
   }
 
   // z (+bias) -> h = act(z) for n rows of layer l; z is written back when kept.
-  static DIN_INLINE void activate(const Model<T>& m, int l, int n, T* Z, T* Hh, const T* bias, bool keep_z) {
+  template <Act A>
+  static DIN_INLINE void activate_t(const Model<T>& m, int l, int n, T* Z, T* Hh, const T* bias, bool keep_z) {
     const int Hp = m.Hp[l], nv = Hp / W;
     for (int i = 0; i < n; ++i) {
       T* zr = Z + static_cast<size_t>(i) * Hp;
@@ -799,26 +858,28 @@ struct Kernel {
         const v z = X::load(zr + j * W) + X::load(bias + j * W);
         if (keep_z) X::store(zr + j * W, z);
         v h;
-        switch (m.act) {
-          case Act::Sigmoid:
-            h = X::sigmoid(z);
-            break;
-          case Act::ReLU:
-            h = z > v{} ? z : v{};
-            break;
-          case Act::PReLU:
-            h = z > v{} ? z : X::load(m.alpha[l].data() + j * W) * z;
-            break;
-          default: {  // Dice
-            const v a = X::load(m.alpha[l].data() + j * W);
-            const v xhat = (z - X::load(m.mean[l].data() + j * W)) * X::load(m.invstd[l].data() + j * W);
-            const v pr = X::sigmoid(X::load(m.gamma[l].data() + j * W) * xhat + X::load(m.beta[l].data() + j * W));
-            h = z * (a + (X::set1(T(1)) - a) * pr);
-            break;
-          }
+        if constexpr (A == Act::Sigmoid) {
+          h = X::sigmoid(z);
+        } else if constexpr (A == Act::ReLU) {
+          h = z > v{} ? z : v{};
+        } else if constexpr (A == Act::PReLU) {
+          h = z > v{} ? z : X::load(m.alpha[l].data() + j * W) * z;
+        } else {  // Dice
+          const v a = X::load(m.alpha[l].data() + j * W);
+          const v xhat = (z - X::load(m.mean[l].data() + j * W)) * X::load(m.invstd[l].data() + j * W);
+          const v pr = X::sigmoid(X::load(m.gamma[l].data() + j * W) * xhat + X::load(m.beta[l].data() + j * W));
+          h = z * (a + (X::set1(T(1)) - a) * pr);
         }
         X::store(hr + j * W, h);
       }
+    }
+  }
+  static DIN_INLINE void activate(const Model<T>& m, int l, int n, T* Z, T* Hh, const T* bias, bool keep_z) {
+    switch (m.act) {
+      case Act::Sigmoid: activate_t<Act::Sigmoid>(m, l, n, Z, Hh, bias, keep_z); break;
+      case Act::ReLU: activate_t<Act::ReLU>(m, l, n, Z, Hh, bias, keep_z); break;
+      case Act::PReLU: activate_t<Act::PReLU>(m, l, n, Z, Hh, bias, keep_z); break;
+      default: activate_t<Act::Dice>(m, l, n, Z, Hh, bias, keep_z); break;
     }
   }
 
@@ -955,6 +1016,93 @@ struct Kernel {
     });
   }
 
+  // gh (dL/dh of layer l, [n, Hp]) -> gz = dL/dz in place.  bacc += sum_i gz
+  // (the bias gradient, or e for layer 1) and the PReLU/Dice parameter partials
+  // are accumulated in registers over the tile; a reduction pass (Dice in
+  // training) instead accumulates sum(dxhat) and sum(dxhat * xhat) of layer red.
+  template <Act A>
+  static DIN_INLINE void act_backward_t(const Model<T>& m, Scratch<T>& sc, int l, int n, T* gh, T* bacc,
+                                        T* gp, const GradLayout& lay, bool reducing, int red) {
+    const int Hp = m.Hp[l], nv = Hp / W;
+    const T* Z = sc.Z[l].data();
+    const T* Hh = sc.Hb[l].data();
+    const v one = X::set1(T(1));
+    for (int j = 0; j < nv; ++j) {
+      v sb = v{}, s1 = v{}, s2 = v{}, s3 = v{};
+      v a{}, gam{}, inv{}, mu{}, bet{}, ca{}, cc{};
+      if constexpr (A == Act::PReLU || A == Act::Dice) a = X::load(m.alpha[l].data() + j * W);
+      if constexpr (A == Act::Dice) {
+        gam = X::load(m.gamma[l].data() + j * W);
+        inv = X::load(m.invstd[l].data() + j * W);
+        mu = X::load(m.mean[l].data() + j * W);
+        bet = X::load(m.beta[l].data() + j * W);
+        if (m.has_corr[l]) {
+          ca = X::load(m.corr_a[l].data() + j * W);
+          cc = X::load(m.corr_c[l].data() + j * W);
+        }
+      }
+      const bool red_here = reducing && l == red;
+      double* rsum = red_here ? sc.rp + j * W : nullptr;
+      double* rsq = red_here ? sc.rp + Hp + j * W : nullptr;
+      for (int i = 0; i < n; ++i) {
+        const size_t ix = static_cast<size_t>(i) * Hp + j * W;
+        const v g = X::load(gh + ix);
+        v gz;
+        if constexpr (A == Act::Sigmoid) {
+          const v h = X::load(Hh + ix);
+          gz = g * h * (one - h);
+        } else if constexpr (A == Act::ReLU) {
+          gz = X::load(Hh + ix) > v{} ? g : v{};
+        } else if constexpr (A == Act::PReLU) {
+          const v z = X::load(Z + ix);
+          s1 += z <= v{} ? g * z : v{};
+          gz = z > v{} ? g : a * g;
+        } else {  // Dice
+          const v z = X::load(Z + ix);
+          const v xhat = (z - mu) * inv;
+          const v pr = X::sigmoid(gam * xhat + bet);
+          const v dy = g * z * (one - a) * pr * (one - pr);
+          const v dxhat = dy * gam;
+          if (red_here) {
+            for (int k = 0; k < W; ++k) {
+              rsum[k] += static_cast<double>(dxhat[k]);
+              rsq[k] += static_cast<double>(dxhat[k] * xhat[k]);
+            }
+          }
+          s1 += g * z * (one - pr);
+          s2 += dy * xhat;
+          s3 += dy;
+          const v bn = dxhat - (ca + xhat * cc);  // ca = cc = 0 without corrections
+          gz = g * (a + (one - a) * pr) + inv * bn;
+        }
+        X::store(gh + ix, gz);
+        sb += gz;
+      }
+      if (bacc) X::store(bacc + j * W, X::load(bacc + j * W) + sb);
+      if (!reducing) {
+        if constexpr (A == Act::PReLU || A == Act::Dice) {
+          T* da = gp + lay.alpha[l] + j * W;
+          X::store(da, X::load(da) + s1);
+        }
+        if constexpr (A == Act::Dice) {
+          T* dg = gp + lay.gamma[l] + j * W;
+          T* db = gp + lay.beta[l] + j * W;
+          X::store(dg, X::load(dg) + s2);
+          X::store(db, X::load(db) + s3);
+        }
+      }
+    }
+  }
+  static DIN_INLINE void act_backward(const Model<T>& m, Scratch<T>& sc, int l, int n, T* gh, T* bacc, T* gp,
+                                      const GradLayout& lay, bool reducing, int red) {
+    switch (m.act) {
+      case Act::Sigmoid: act_backward_t<Act::Sigmoid>(m, sc, l, n, gh, bacc, gp, lay, reducing, red); break;
+      case Act::ReLU: act_backward_t<Act::ReLU>(m, sc, l, n, gh, bacc, gp, lay, reducing, red); break;
+      case Act::PReLU: act_backward_t<Act::PReLU>(m, sc, l, n, gh, bacc, gp, lay, reducing, red); break;
+      default: act_backward_t<Act::Dice>(m, sc, l, n, gh, bacc, gp, lay, reducing, red); break;
+    }
+  }
+
   static void backward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
     const DinParams& p = *cx.p;
     const Model<T>& m = *cx.m;
@@ -1015,69 +1163,9 @@ struct Kernel {
       if (!reducing) gp[lay.b[L]] += dbout;
 
       for (int l = L - 1; l >= 0; --l) {
-        const int Hl = m.H[l], Hp = m.Hp[l], nv = Hp / W;
-        const T* Z = sc.Z[l].data();
-        const T* Hh = sc.Hb[l].data();
+        const int Hl = m.H[l], Hp = m.Hp[l];
         T* bacc = reducing ? nullptr : (l > 0 ? gp + lay.b[l] : sc.e.data());
-        // gh -> gz = dL/dz in place
-        for (int i = 0; i < n; ++i) {
-          for (int j = 0; j < nv; ++j) {
-            const size_t ix = static_cast<size_t>(i) * Hp + j * W;
-            const v g = X::load(gh + ix);
-            v gz;
-            switch (m.act) {
-              case Act::Sigmoid: {
-                const v h = X::load(Hh + ix);
-                gz = g * h * (X::set1(T(1)) - h);
-                break;
-              }
-              case Act::ReLU:
-                gz = X::load(Hh + ix) > v{} ? g : v{};
-                break;
-              case Act::PReLU: {
-                const v z = X::load(Z + ix);
-                if (!reducing) {
-                  T* da = gp + lay.alpha[l] + j * W;
-                  X::store(da, X::load(da) + (z <= v{} ? g * z : v{}));
-                }
-                gz = z > v{} ? g : X::load(m.alpha[l].data() + j * W) * g;
-                break;
-              }
-              default: {  // Dice
-                const v z = X::load(Z + ix);
-                const v one = X::set1(T(1));
-                const v a = X::load(m.alpha[l].data() + j * W);
-                const v gam = X::load(m.gamma[l].data() + j * W);
-                const v inv = X::load(m.invstd[l].data() + j * W);
-                const v xhat = (z - X::load(m.mean[l].data() + j * W)) * inv;
-                const v pr = X::sigmoid(gam * xhat + X::load(m.beta[l].data() + j * W));
-                const v dy = g * z * (one - a) * pr * (one - pr);
-                const v dxhat = dy * gam;
-                if (reducing && l == red) {
-                  for (int k = 0; k < W; ++k) {
-                    sc.rp[j * W + k] += static_cast<double>(dxhat[k]);
-                    sc.rp[Hp + j * W + k] += static_cast<double>(dxhat[k] * xhat[k]);
-                  }
-                }
-                if (!reducing) {
-                  T* da = gp + lay.alpha[l] + j * W;
-                  T* dg = gp + lay.gamma[l] + j * W;
-                  T* db = gp + lay.beta[l] + j * W;
-                  X::store(da, X::load(da) + g * z * (one - pr));
-                  X::store(dg, X::load(dg) + dy * xhat);
-                  X::store(db, X::load(db) + dy);
-                }
-                v bn = dxhat;
-                if (m.has_corr[l])
-                  bn -= X::load(m.corr_a[l].data() + j * W) + xhat * X::load(m.corr_c[l].data() + j * W);
-                gz = g * (a + (one - a) * pr) + inv * bn;
-                break;
-              }
-            }
-            X::store(gh + ix, gz);
-            if (bacc) X::store(bacc + j * W, X::load(bacc + j * W) + gz);
-          }
-        }
+        act_backward(m, sc, l, n, gh, bacc, gp, lay, reducing, red);
         if (reducing && l == red) return;  // this tile is done for the reduction
         if (l > 0) {
           const int Hin = m.H[l - 1], Hinp = m.Hp[l - 1];
