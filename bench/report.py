@@ -1,0 +1,463 @@
+"""One side-by-side benchmark session -> markdown table + PNG plot.
+
+    python bench/report.py                 # CPU, writes bench/results/report_cpu.md and perf_cpu.png
+    python bench/report.py --device cuda   # the same on CUDA (report_cuda.md, perf_cuda.png)
+    python bench/report.py --quick         # smaller sweeps, fewer rounds (a smoke run)
+
+What it measures (all providers share the weights, see cases.py):
+1. the headline shape (fp32, B=1024, T=100, D=36, H=(80,40), sigmoid, lengths
+   uniform in 1..T): time per call of every provider, forward and
+   forward+backward, interleaved round by round so that background load hits
+   every provider alike; the fused kernel's speed-up against each baseline;
+   the peak memory of one forward+backward per provider (CPU: a fresh
+   subprocess per provider, peak RSS above the inputs with glibc's mmap
+   threshold pinned so freed buffers leave RSS; CUDA: max_memory_allocated);
+   the fused forward's achieved GFLOP/s against the machine's peak.
+2. a few more shapes (Dice, softmax, long-tail and full lengths, larger T).
+3. a T sweep (lengths uniform in 1..T, up to T=5000): speed-up against T.
+4. linearity in sum(L): every row at length L for L doubling up to 5000, with T = L
+   (tight) and T = 5000 (padded); the time should double with L and padding
+   should cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import cases  # noqa: E402
+import torch  # noqa: E402
+
+LABELS = {
+    "fused": "fused (din_fused)",
+    "reference": "eager reference",
+    "compiled_ref": "torch.compile(reference)",
+    "deepctr": "DeepCTR-Torch eager",
+    "compiled_deepctr": "torch.compile(DeepCTR-Torch)",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """name -> list of seconds; providers take turns each round (rotating order)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def med(ts):
+    return statistics.median(ts)
+
+
+def session(case: cases.Case, device: str, providers, rounds: int) -> dict:
+    """{mode: {provider: [seconds]}} for one case."""
+    ps = cases.ProviderSet(case, device)
+    inputs = cases.make_inputs(case, device)
+    mods = {p: ps.get(p) for p in providers}
+    mods = {p: m for p, m in mods.items() if m is not None}
+    out = {}
+    for mode in ("fwd", "fwdbwd"):
+        fns = {p: cases.call_for(mode)(m, inputs, device) for p, m in mods.items()}
+        warm = 2 if any(p.startswith("compiled") for p in fns) else 1
+        out[mode] = time_interleaved(fns, rounds, warmup=warm)
+        for f in fns.values():
+            getattr(f, "clear", lambda: None)()
+    out["sum_lengths"] = cases.sum_lengths(inputs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Peak memory of one forward+backward
+# ----------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def mem_worker(case: cases.Case, provider: str, device: str) -> dict:
+    """Runs in a fresh process (CPU) or in-process (CUDA): peak bytes above the
+    inputs and parameters during one forward+backward, after two warm-up calls."""
+    cases.quiet_compile_logs()
+    inputs = cases.make_inputs(case, device)
+    module = cases.ProviderSet(case, device).get(provider)
+    if module is None:
+        return {"peak_bytes": None}
+    fn = cases.fwdbwd_call(module, inputs, device)
+    fn()
+    fn()
+    fn.clear()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "method": "max_memory_allocated"}
+    import gc
+
+    gc.collect()
+    base = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+        method = "VmHWM-VmRSS"
+    except OSError:
+        method = "VmHWM-VmRSS (peak not reset: includes warm-up)"
+    fn()
+    peak = _status_kb("VmHWM")
+    return {"peak_bytes": (peak - base) * 1024, "method": method}
+
+
+def measure_memory(case: cases.Case, provider: str, device: str) -> dict:
+    if device.startswith("cuda"):
+        return mem_worker(case, provider, device)
+    env = dict(os.environ)
+    # A fixed mmap threshold: every buffer >= 64 KiB is its own mapping and leaves
+    # RSS when freed, so peak RSS follows the live tensors.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "0"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-worker",
+           json.dumps(case.to_dict()), provider, "--device", device,
+           "--threads", str(torch.get_num_threads())]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"peak_bytes": None, "error": (res.stderr or res.stdout)[-2000:]}
+
+
+# ----------------------------------------------------------------------------------------
+# Machine
+# ----------------------------------------------------------------------------------------
+def machine_info(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    try:
+        import din_fused
+
+        info["din_fused build"] = din_fused.build_info()
+    except Exception as e:  # noqa: BLE001
+        info["din_fused build"] = repr(e)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=20).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = fields.get("Flags", "").split()
+        info["cpu"] = fields.get("Model name", platform.processor())
+        info["cpus"] = fields.get("CPU(s)")
+        info["cores per socket"] = fields.get("Core(s) per socket")
+        info["threads per core"] = fields.get("Thread(s) per core")
+        simd = ("avx", "fma", "sse4_2", "f16c")
+        info["cpu flags (SIMD)"] = " ".join(f for f in flags if f.startswith(simd))
+    except Exception:  # noqa: BLE001
+        info["cpu"] = platform.processor()
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def gemm_reference_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
+    """What torch.mm (MKL/oneDNN or cuBLAS) reaches on an n^3 fp32 GEMM here: a
+    practical ceiling next to the nominal peak."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------
+# Report sections
+# ----------------------------------------------------------------------------------------
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if s < 1 else f"{s * 1e3:.0f}"
+
+
+def headline_section(args, lines: list, data: dict) -> None:
+    case = cases.HEADLINE
+    providers = [p for p in cases.PROVIDERS if args.compile or not p.startswith("compiled")]
+    print(f"[report] headline session: {case.id}, providers {providers}", flush=True)
+    res = session(case, args.device, providers, args.rounds)
+    mem = {}
+    if not args.skip_mem:
+        for p in res["fwd"]:
+            print(f"[report] peak memory of {p} ...", flush=True)
+            mem[p] = measure_memory(case, p, args.device)
+    f_fwd, f_fb = med(res["fwd"]["fused"]), med(res["fwdbwd"]["fused"])
+    n_valid = res["sum_lengths"]
+    gflop = cases.forward_flops(case, n_valid) / 1e9
+    data["headline"] = {"case": case.to_dict(), "times": {m: res[m] for m in ("fwd", "fwdbwd")},
+                        "memory": mem, "sum_lengths": n_valid}
+    fmem = (mem.get("fused") or {}).get("peak_bytes")
+    lines += [
+        f"### Headline: fp32, B={case.B}, T={case.T}, D={case.D}, H={case.hidden}, {case.activation}, "
+        f"lengths uniform in 1..T (sum L = {n_valid}), {torch.get_num_threads()} threads, {args.device}",
+        "",
+        f"Median of {args.rounds} interleaved rounds (min in brackets). "
+        "Speed-up = provider time / fused time.",
+        "",
+        "| provider | forward ms | fwd+bwd ms | fused fwd speed-up | fused fwd+bwd speed-up | "
+        "peak mem fwd+bwd MB | memory / fused |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in res["fwd"]:
+        tf, tb = med(res["fwd"][p]), med(res["fwdbwd"][p])
+        m = (mem.get(p) or {}).get("peak_bytes")
+        mtxt = f"{m / 2**20:.1f}" if m is not None else "n/a"
+        mrat = f"{m / fmem:.1f}x" if (m is not None and fmem) else "n/a"
+        lines.append(
+            f"| {LABELS[p]} | {fmt_ms(tf)} ({fmt_ms(min(res['fwd'][p]))}) | {fmt_ms(tb)} "
+            f"({fmt_ms(min(res['fwdbwd'][p]))}) | {tf / f_fwd:.2f}x | {tb / f_fb:.2f}x | {mtxt} | {mrat} |")
+    ach = gflop / f_fwd
+    ach_min = gflop / min(res["fwd"]["fused"])
+    lines += ["", f"Fused forward: {gflop:.3f} GFLOP (napkin, 2(D*H1 + H1*H2 + H2 + D) per valid position) "
+              f"in {fmt_ms(f_fwd)} ms = **{ach:.0f} GFLOP/s** median ({ach_min:.0f} GFLOP/s best round)."]
+    if not args.device.startswith("cuda"):
+        lines.append(f"That is {100 * ach / cases.PEAK_FP32_GFLOPS_CPU:.0f}% (best round "
+                     f"{100 * ach_min / cases.PEAK_FP32_GFLOPS_CPU:.0f}%) of the nominal "
+                     f"{cases.PEAK_FP32_GFLOPS_CPU:.0f} GFLOP/s fp32 peak of 2 AVX-512 cores.")
+    if not args.skip_gemm:
+        g = gemm_reference_gflops(args.device)
+        data["gemm_gflops"] = g
+        lines.append(f"For scale, torch.mm on a 2048^3 fp32 GEMM reaches {g:.0f} GFLOP/s on this machine "
+                     f"with the same threads; the fused forward is at {100 * ach / g:.0f}% of that.")
+    if mem:
+        lines.append("")
+        lines.append(f"Peak memory: {next(iter(mem.values())).get('method', '')}, one forward+backward "
+                     "above the inputs and parameters, after two warm-up calls"
+                     + (" (a fresh process per provider)." if not args.device.startswith("cuda") else "."))
+    lines.append("")
+
+
+def extra_section(args, lines: list, data: dict) -> None:
+    h = replace(cases.HEADLINE, compile=False, tags=())
+    extra = [replace(h, activation="dice"), replace(h, normalization="softmax"),
+             replace(h, lengths="longtail"), replace(h, lengths="full"), replace(h, T=400)]
+    providers = ["fused", "reference", "deepctr"]
+    lines += ["### Other shapes (headline with one change)", "",
+              "| case | fused fwd ms | fused fwd+bwd ms | fwd vs eager ref | fwd+bwd vs eager ref | "
+              "fwd vs DeepCTR | fwd+bwd vs DeepCTR |", "|---|---:|---:|---:|---:|---:|---:|"]
+    data["extra"] = []
+    for c in extra:
+        print(f"[report] extra case {c.id}", flush=True)
+        res = session(c, args.device, providers, max(3, args.rounds // 2))
+        ff, fb = med(res["fwd"]["fused"]), med(res["fwdbwd"]["fused"])
+
+        def ratio(p, mode, base, res=res):
+            return f"{med(res[mode][p]) / base:.2f}x" if p in res[mode] else "n/a"
+
+        lines.append(f"| {c.id} | {fmt_ms(ff)} | {fmt_ms(fb)} | {ratio('reference', 'fwd', ff)} | "
+                     f"{ratio('reference', 'fwdbwd', fb)} | {ratio('deepctr', 'fwd', ff)} | "
+                     f"{ratio('deepctr', 'fwdbwd', fb)} |")
+        data["extra"].append({"case": c.to_dict(), "times": {m: res[m] for m in ("fwd", "fwdbwd")}})
+    lines.append("")
+
+
+def t_sweep_section(args, lines: list, data: dict) -> dict:
+    Ts = [10, 20, 50, 100, 200, 500, 1000, 2000, args.tmax] if not args.quick else [10, 100, 1000]
+    Ts = sorted({t for t in Ts if t <= args.tmax})
+    providers = ["fused", "reference", "deepctr"]
+    rows = []
+    lines += [f"### T sweep: B={args.sweep_batch}, lengths uniform in 1..T (speed-up = provider / fused)", "",
+              "| T | sum L | fused fwd ms | fused fwd+bwd ms | fwd vs eager ref | fwd vs DeepCTR | "
+              "fwd+bwd vs eager ref | fwd+bwd vs DeepCTR |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for T in Ts:
+        c = replace(cases.HEADLINE, B=args.sweep_batch, T=T, compile=False, tags=())
+        print(f"[report] T sweep T={T}", flush=True)
+        rounds = max(3, args.rounds // 2) if T <= 1000 else 3
+        res = session(c, args.device, providers, rounds)
+        r = {"T": T, "sum_lengths": res["sum_lengths"]}
+        for mode in ("fwd", "fwdbwd"):
+            for p, ts in res[mode].items():
+                r[f"{mode}_{p}"] = med(ts)
+        rows.append(r)
+
+        def sp(mode, p, r=r):
+            return f"{r[f'{mode}_{p}'] / r[f'{mode}_fused']:.2f}x" if f"{mode}_{p}" in r else "n/a"
+
+        lines.append(f"| {T} | {r['sum_lengths']} | {fmt_ms(r['fwd_fused'])} | {fmt_ms(r['fwdbwd_fused'])} | "
+                     f"{sp('fwd', 'reference')} | {sp('fwd', 'deepctr')} | {sp('fwdbwd', 'reference')} | "
+                     f"{sp('fwdbwd', 'deepctr')} |")
+    lines.append("")
+    data["t_sweep"] = rows
+    return rows
+
+
+def linearity_section(args, lines: list, data: dict) -> list:
+    Tp = args.tmax
+    Ls = [Tp // 16, Tp // 8, Tp // 4, Tp // 2, Tp] if not args.quick else [Tp // 4, Tp // 2, Tp]
+    Ls = [max(1, L) for L in Ls]
+    B = args.linear_batch
+    rows = []
+    for L in Ls:
+        print(f"[report] linearity L={L}", flush=True)
+        tight = replace(cases.HEADLINE, B=B, T=L, lengths="full", compile=False, tags=())
+        padded = replace(tight, T=Tp, max_len=L)
+        r = {"L": L, "sum_lengths": B * L}
+        for name, c in (("tight", tight), ("padded", padded)):
+            res = session(c, args.device, ["fused"], max(5, args.rounds))
+            r[f"fwd_{name}"] = med(res["fwd"]["fused"])
+            r[f"fwdbwd_{name}"] = med(res["fwdbwd"]["fused"])
+        rows.append(r)
+    lines += [f"### Linearity in sum(L): fused only, B={B}, every row at length L; tight: T = L, "
+              f"padded: T = {Tp}", "",
+              "| L | sum L | fwd ms tight | fwd ms padded | padded / tight | fwd x2 L ratio | "
+              "fwd+bwd ms tight | fwd+bwd ms padded | fwd+bwd x2 L ratio |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rows):
+        prev = rows[i - 1] if i else None
+        d_fwd = f"{r['fwd_tight'] / prev['fwd_tight']:.2f}" if prev else ""
+        d_fb = f"{r['fwdbwd_tight'] / prev['fwdbwd_tight']:.2f}" if prev else ""
+        lines.append(f"| {r['L']} | {r['sum_lengths']} | {fmt_ms(r['fwd_tight'])} | "
+                     f"{fmt_ms(r['fwd_padded'])} | "
+                     f"{r['fwd_padded'] / r['fwd_tight']:.2f} | {d_fwd} | {fmt_ms(r['fwdbwd_tight'])} | "
+                     f"{fmt_ms(r['fwdbwd_padded'])} | {d_fb} |")
+    lines += ["", "x2 L ratio: time at L over time at L/2 (2.00 = linear; the target is within 15%). "
+              "padded / tight: the cost of padding the same sequences to T = "
+              f"{Tp} (1.00 = free). The forward+backward must also write the dense "
+              "[B, T, D] key gradient, so its padded time includes zero-filling that tensor.", ""]
+    data["linearity"] = rows
+    return rows
+
+
+def plot(args, sweep_rows, lin_rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    if sweep_rows:
+        Ts = [r["T"] for r in sweep_rows]
+        for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
+            for p, color in (("deepctr", "C0"), ("reference", "C1")):
+                key = f"{mode}_{p}"
+                if all(key in r for r in sweep_rows):
+                    a1.plot(Ts, [r[key] / r[f"{mode}_fused"] for r in sweep_rows], style, color=color,
+                            marker="o", label=f"vs {LABELS[p]}, {'forward' if mode == 'fwd' else 'fwd+bwd'}")
+        a1.set_xscale("log")
+        a1.set_xlabel("T (lengths uniform in 1..T)")
+        a1.set_ylabel("speed-up of fused (x)")
+        a1.set_title(f"Fused speed-up vs T (B={args.sweep_batch}, {args.device})")
+        a1.grid(True, which="both", alpha=0.3)
+        a1.legend(fontsize=8)
+    if lin_rows:
+        x = [r["sum_lengths"] for r in lin_rows]
+        for key, label, style in (("fwd_tight", "forward, T = L", "o-"),
+                                  ("fwd_padded", f"forward, T = {args.tmax}", "s--"),
+                                  ("fwdbwd_tight", "fwd+bwd, T = L", "^-"),
+                                  ("fwdbwd_padded", f"fwd+bwd, T = {args.tmax}", "v--")):
+            a2.plot(x, [r[key] * 1e3 for r in lin_rows], style, label=label)
+        a2.set_xlabel("sum of lengths (valid positions)")
+        a2.set_ylabel("time per call (ms)")
+        a2.set_title(f"Fused time vs sum(L) (B={args.linear_batch})")
+        a2.grid(True, alpha=0.3)
+        a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the headline session")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile providers")
+    ap.add_argument("--skip-mem", action="store_true")
+    ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--skip-extra", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--tmax", type=int, default=5000)
+    ap.add_argument("--sweep-batch", type=int, default=0,
+                    help="B of the T sweep (default 128 CPU, 1024 CUDA)")
+    ap.add_argument("--linear-batch", type=int, default=0,
+                    help="B of the linearity run (default 256 CPU, 2048 CUDA)")
+    ap.add_argument("--quick", action="store_true", help="smaller sweeps and fewer rounds")
+    ap.add_argument("--mem-worker", nargs=2, metavar=("CASE_JSON", "PROVIDER"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases.quiet_compile_logs()
+    if args.mem_worker:
+        case = cases.Case.from_dict(json.loads(args.mem_worker[0]))
+        print(json.dumps(mem_worker(case, args.mem_worker[1], args.device)))
+        return 0
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("--device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    args.sweep_batch = args.sweep_batch or (1024 if cuda else 128)
+    args.linear_batch = args.linear_batch or (2048 if cuda else 256)
+    if args.quick:
+        args.rounds = min(args.rounds, 3)
+    tag = "cuda" if cuda else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    info = machine_info(args.device)
+    lines = [f"## din_fused benchmark report ({tag})", "",
+             f"Command: `python bench/report.py{' --device ' + args.device if cuda else ''}"
+             f"{' --quick' if args.quick else ''}`", ""]
+    for k, v in info.items():
+        lines.append(f"- {k}: {v}")
+    lines.append("")
+    data = {"machine": {k: str(v) for k, v in info.items()}, "device": args.device}
+
+    headline_section(args, lines, data)
+    if not args.skip_extra and not args.quick:
+        extra_section(args, lines, data)
+    sweep_rows, lin_rows = [], []
+    if not args.skip_sweep:
+        sweep_rows = t_sweep_section(args, lines, data)
+        lin_rows = linearity_section(args, lines, data)
+        png = out / f"perf_{tag}.png"
+        plot(args, sweep_rows, lin_rows, png)
+        lines += [f"![speed-up vs T and time vs sum(L)]({png.name})", ""]
+    lines.append(f"Session took {time.time() - t_start:.0f} s.")
+    md = "\n".join(lines) + "\n"
+    (out / f"report_{tag}.md").write_text(md)
+    (out / f"report_{tag}.json").write_text(json.dumps(data, indent=1, default=str))
+    print(md)
+    png_note = f" and {out / f'perf_{tag}.png'}" if sweep_rows else ""
+    print(f"[report] wrote {out / f'report_{tag}.md'}{png_note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Side-by-side benchmarks of the fused DIN attention pooling against its baselines.
+
+Each case is timed for every provider in two groups, forward ("fwd") and
+forward+backward ("fwd+bwd"); see conftest.py for the options and cases.py for
+the shapes and providers.  The CUDA timings synchronise inside the timed call.
+"""
+
+from __future__ import annotations
+
+import cases
+import pytest
+import torch
+
+_INPUTS: dict = {}
+_PROVIDERS: dict = {}  # one case's providers at a time
+
+
+def _inputs(case, device):
+    key = (case, device)
+    if key not in _INPUTS:
+        _INPUTS.clear()  # one case's tensors at a time
+        _INPUTS[key] = cases.make_inputs(case, device)
+    return _INPUTS[key]
+
+
+def _provider(case, device, name):
+    key = (case, device)
+    if key not in _PROVIDERS:
+        _PROVIDERS.clear()
+        _PROVIDERS[key] = cases.ProviderSet(case, device)
+    module = _PROVIDERS[key].get(name)
+    if module is None:
+        pytest.skip(f"provider {name} unavailable")
+    return module
+
+
+def _run(benchmark, case, provider, device, rounds, mode):
+    inputs = _inputs(case, device)
+    module = _provider(case, device, provider)
+    fn = cases.call_for(mode)(module, inputs, device)
+    fn()  # warm-up (and compilation for the torch.compile providers)
+    benchmark.group = f"{'fwd' if mode == 'fwd' else 'fwd+bwd'} {case.id}"
+    n_valid = cases.sum_lengths(inputs)
+    benchmark.extra_info.update(case=case.to_dict(), provider=provider, mode=mode, device=device,
+                                sum_lengths=n_valid, threads=torch.get_num_threads())
+    if mode == "fwd":
+        benchmark.extra_info["napkin_gflop"] = cases.forward_flops(case, n_valid) / 1e9
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def test_fwd(benchmark, case, provider, device, rounds):
+    _run(benchmark, case, provider, device, rounds, "fwd")
+
+
+def test_fwdbwd(benchmark, case, provider, device, rounds):
+    _run(benchmark, case, provider, device, rounds, "fwdbwd")
