@@ -56,165 +56,13 @@
 //   hidden layers on tensor cores (bf16 mma, ~700 TFLOP/s dense).
 //   Backward workspace: per CTA 2*D*H1 + D*H1 + sum H_{l-1}H_l + ... floats
 //   (~80 KB here) times 2 x #SMs.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include <cstdlib>
 
-#include <algorithm>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-
-#include "din_params.h"
+#include "din_cuda_common.cuh"
 
 namespace din {
 namespace {
-
-constexpr int kThreads = 256;            // every kernel uses 256-thread CTAs
-constexpr int kWarps = kThreads / 32;
-constexpr int kRT = 4;                   // keys per thread in the small dense products
-constexpr int64_t kMaxGrid = 1 << 30;    // grid-stride beyond this many rows
-
-// Hooks that let tests/cuda_emu compile this file as plain C++ (kernels run on
-// CPU threads there); with nvcc they are the ordinary CUDA constructs.
-#ifndef DIN_LAUNCH
-#define DIN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#endif
-#ifndef DIN_SMEM
-__device__ __forceinline__ unsigned char* din_smem_base() {
-  extern __shared__ __align__(16) unsigned char din_smem_[];
-  return din_smem_;
-}
-#define DIN_SMEM din_smem_base()
-#endif
-
-// ---------------------------------------------------------------------------
-// Scalar helpers
-// ---------------------------------------------------------------------------
-__device__ __forceinline__ float ex(float x) { return expf(x); }
-__device__ __forceinline__ double ex(double x) { return exp(x); }
-template <typename T>
-__device__ __forceinline__ T sigm(T x) { return T(1) / (T(1) + ex(-x)); }
-
-__device__ __forceinline__ float ldv(const float* p) { return *p; }
-__device__ __forceinline__ double ldv(const double* p) { return *p; }
-__device__ __forceinline__ float ldv(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float ldv(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void stv(float* p, float v) { *p = v; }
-__device__ __forceinline__ void stv(double* p, double v) { *p = v; }
-__device__ __forceinline__ void stv(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void stv(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ void atomic_addv(float* p, float v) { atomicAdd(p, v); }
-__device__ __forceinline__ void atomic_addv(double* p, double v) { atomicAdd(p, v); }
-__device__ __forceinline__ void atomic_addv(__half* p, float v) { atomicAdd(p, __float2half_rn(v)); }
-__device__ __forceinline__ void atomic_addv(__nv_bfloat16* p, float v) {
-  atomicAdd(p, __float2bfloat16_rn(v));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// ---------------------------------------------------------------------------
-// Model view passed by value to every kernel
-// ---------------------------------------------------------------------------
-template <typename T>
-struct Net {
-  int D = 0, L = 0, H1 = 0, Hmax = 0;
-  int H[kMaxLayers] = {};
-  Act act = Act::Sigmoid;
-  const T* W[kMaxLayers + 1] = {};   // original nn.Linear layout [out, in]
-  const T* b[kMaxLayers + 1] = {};
-  const T* alpha[kMaxLayers] = {};
-  const T* gamma[kMaxLayers] = {};
-  const T* beta[kMaxLayers] = {};
-  const T* mean[kMaxLayers] = {};
-  const T* invstd[kMaxLayers] = {};
-  const T* ca[kMaxLayers] = {};       // training-mode Dice corrections (or null)
-  const T* cc[kMaxLayers] = {};
-  // prepared copies in the workspace
-  T* W1sT = nullptr;   // [2D, H1]
-  T* W1s = nullptr;    // [H1, 2D]
-  T* WqdT = nullptr;   // [D, H1]
-  T* WT[kMaxLayers] = {};  // l >= 1: [H_{l-1}, H_l]
-};
-
-// Elements of the model region (T), each block 16-element aligned.
-inline int64_t al16(int64_t n) { return (n + 15) / 16 * 16; }
-
-template <typename T>
-int64_t model_elems(const DinParams& p) {
-  const int64_t D = p.dim, H1 = p.hidden[0];
-  int64_t n = 2 * al16(2 * D * H1) + al16(D * H1);
-  for (int l = 1; l < p.num_layers; ++l) n += al16(int64_t(p.hidden[l - 1]) * p.hidden[l]);
-  return n;
-}
-
-template <typename T>
-Net<T> make_net(const DinParams& p, T* model) {
-  Net<T> m;
-  m.D = static_cast<int>(p.dim);
-  m.L = p.num_layers;
-  m.act = p.act;
-  for (int l = 0; l < m.L; ++l) {
-    m.H[l] = p.hidden[l];
-    m.Hmax = std::max(m.Hmax, m.H[l]);
-  }
-  m.H1 = m.H[0];
-  for (int l = 0; l <= m.L; ++l) {
-    m.W[l] = static_cast<const T*>(p.W[l]);
-    m.b[l] = static_cast<const T*>(p.b[l]);
-    if (!m.W[l] || !m.b[l]) throw std::invalid_argument("din_fused cuda: missing weight or bias pointer");
-  }
-  for (int l = 0; l < m.L; ++l) {
-    m.alpha[l] = static_cast<const T*>(p.alpha[l]);
-    m.gamma[l] = static_cast<const T*>(p.bn_gamma[l]);
-    m.beta[l] = static_cast<const T*>(p.bn_beta[l]);
-    m.mean[l] = static_cast<const T*>(p.bn_mean[l]);
-    m.invstd[l] = static_cast<const T*>(p.bn_invstd[l]);
-    m.ca[l] = static_cast<const T*>(p.bn_corr_a[l]);
-    m.cc[l] = static_cast<const T*>(p.bn_corr_c[l]);
-    if ((m.act == Act::PReLU || m.act == Act::Dice) && !m.alpha[l])
-      throw std::invalid_argument("din_fused cuda: prelu/dice need alpha for every layer");
-    if (m.act == Act::Dice && (!m.gamma[l] || !m.beta[l] || !m.mean[l] || !m.invstd[l]))
-      throw std::invalid_argument("din_fused cuda: dice needs gamma, beta, mean and invstd for every layer");
-    if ((m.ca[l] == nullptr) != (m.cc[l] == nullptr))
-      throw std::invalid_argument("din_fused cuda: bn_corr_a and bn_corr_c must be given together");
-  }
-  const int64_t D = m.D, H1 = m.H1;
-  int64_t o = 0;
-  m.W1sT = model + o; o += al16(2 * D * H1);
-  m.W1s = model + o;  o += al16(2 * D * H1);
-  m.WqdT = model + o; o += al16(D * H1);
-  for (int l = 1; l < m.L; ++l) {
-    m.WT[l] = model + o;
-    o += al16(int64_t(m.H[l - 1]) * m.H[l]);
-  }
-  return m;
-}
-
-template <typename T>
-__device__ __forceinline__ T act_fwd(const Net<T>& m, int l, int j, T z) {
-  switch (m.act) {
-    case Act::Sigmoid:
-      return sigm(z);
-    case Act::ReLU:
-      return z > T(0) ? z : T(0);
-    case Act::PReLU:
-      return z > T(0) ? z : m.alpha[l][j] * z;
-    default: {  // Dice
-      const T a = m.alpha[l][j];
-      const T xh = (z - m.mean[l][j]) * m.invstd[l][j];
-      const T pj = sigm(m.gamma[l][j] * xh + m.beta[l][j]);
-      return z * (a + (T(1) - a) * pj);
-    }
-  }
-}
+using namespace cuk;
 
 // Y = X[n, K] @ W[K, N] + bias, each result handed to epi(t, j, value).
 // X in shared memory with leading dimension ldx (rows up to round_up(n, kRT)
@@ -247,21 +95,6 @@ __device__ __forceinline__ void dense(int n, const T* X, int ldx, int K, const T
       if (t < n) epi(t, j, acc[r]);
     }
   }
-}
-
-struct RowInfo {
-  int64_t s, len;
-};
-
-__device__ __forceinline__ RowInfo row_info(const DinParams& p, int64_t r) {
-  const int64_t s = p.row_seq ? p.row_seq[r] : r;
-  int64_t len = p.seq_len[s];
-  len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);  // Python validates; never trust it
-  return {s, len};
-}
-
-__device__ __forceinline__ bool is_valid(const DinParams& p, const RowInfo& ri, int64_t t) {
-  return !p.mask || p.mask[ri.s * p.ld_mask + t] != 0;
 }
 
 // Warp 0 collects the next (up to TT) valid positions at or after *cursor into
@@ -353,16 +186,6 @@ __global__ void __launch_bounds__(kThreads) din_prep_kernel(const Net<T> m) {
 // ---------------------------------------------------------------------------
 // Shared-memory layouts (byte offsets), computed on the host
 // ---------------------------------------------------------------------------
-struct SmemAlloc {
-  int64_t off = 0;
-  int take(int64_t bytes) {
-    off = (off + 15) / 16 * 16;
-    const int64_t o = off;
-    off += bytes;
-    return static_cast<int>(o);
-  }
-};
-
 struct FwdLay {
   int TT = 0, TTr = 0, ldx = 0;
   bool fold = false;
@@ -620,33 +443,6 @@ __global__ void __launch_bounds__(kThreads) din_sum_part_kernel(const T* part, i
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
-// Per-CTA partial layout (elements of T)
-struct PartLay {
-  int64_t Ws = 0, Wqd = 0, b1 = 0;
-  int64_t W[kMaxLayers + 1] = {}, b[kMaxLayers + 1] = {};
-  int64_t alpha[kMaxLayers] = {}, gamma[kMaxLayers] = {}, beta[kMaxLayers] = {};
-  int64_t total = 0, stride = 0;
-  explicit PartLay(const DinParams& p) {
-    const int64_t D = p.dim, H1 = p.hidden[0];
-    int64_t o = 0;
-    Ws = o; o += H1 * 2 * D;
-    Wqd = o; o += H1 * D;
-    b1 = o; o += H1;
-    for (int l = 1; l <= p.num_layers; ++l) {
-      const int64_t out = l < p.num_layers ? p.hidden[l] : 1;
-      W[l] = o; o += out * p.hidden[l - 1];
-      b[l] = o; o += out;
-    }
-    for (int l = 0; l < p.num_layers; ++l) {
-      alpha[l] = o; o += p.hidden[l];
-      gamma[l] = o; o += p.hidden[l];
-      beta[l] = o; o += p.hidden[l];
-    }
-    total = o;
-    stride = (o + 63) / 64 * 64;
-  }
-};
-
 struct BwdLay {
   int TT = 0, TTr = 0, Gw = 0;
   int q = 0, dout = 0, c = 0, e = 0, dq = 0, X = 0, Z[kMaxLayers] = {}, Hh[kMaxLayers] = {};
@@ -656,7 +452,7 @@ struct BwdLay {
   void* part_base = nullptr;     // n_cta * part.stride elements of T
   double* red_part = nullptr;    // n_cta * 2 * Hmax doubles (reduce_layer)
   int64_t n_cta = 0;
-  explicit BwdLay(const DinParams& p) : part(p) {}
+  explicit BwdLay(const DinParams& p) : part(p, 1) {}
 };
 
 template <typename T>
@@ -975,18 +771,23 @@ __global__ void __launch_bounds__(kThreads) din_scatter_grads_kernel(const DinPa
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n0; idx += stride) {
     const int64_t j = idx / (4 * D), cidx = idx % (4 * D), blk = cidx / D, d = cidx % D;
     const double eq = tot[pl.Wqd + j * D + d];
-    const double g = tot[pl.Ws + j * 2 * D + d];
-    const double gq = tot[pl.Ws + j * 2 * D + D + d];
-    double v = blk == 0 ? eq : blk == 1 ? g : blk == 2 ? eq - g : gq;
+    const double* ws = tot + pl.Ws + j * pl.ldWs;
+    double v;
+    if (pl.three) {  // [dWq | dWk | dWd | dWm]
+      v = blk == 0 ? eq : ws[(blk - 1) * D + d];
+    } else {         // dWq = E q^T, dWk = G, dWd = E q^T - G, dWm = G_q
+      const double g = ws[d], gq = ws[D + d];
+      v = blk == 0 ? eq : blk == 1 ? g : blk == 2 ? eq - g : gq;
+    }
     static_cast<T*>(p.dW[0])[idx] = static_cast<T>(v);
   }
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < H1; j += stride)
     static_cast<T*>(p.db[0])[j] = static_cast<T>(tot[pl.b1 + j]);
   for (int l = 1; l <= L; ++l) {
-    const int64_t out = l < L ? p.hidden[l] : 1;
-    const int64_t nw = out * p.hidden[l - 1];
+    const int64_t out = l < L ? p.hidden[l] : 1, in = p.hidden[l - 1];
+    const int64_t nw = out * in;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < nw; i += stride)
-      static_cast<T*>(p.dW[l])[i] = static_cast<T>(tot[pl.W[l] + i]);
+      static_cast<T*>(p.dW[l])[i] = static_cast<T>(tot[pl.W[l] + (i / in) * pl.ldW[l] + i % in]);
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < out; i += stride)
       static_cast<T*>(p.db[l])[i] = static_cast<T>(tot[pl.b[l] + i]);
   }
@@ -1003,50 +804,6 @@ __global__ void __launch_bounds__(kThreads) din_scatter_grads_kernel(const DinPa
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("din_fused cuda: ") + what + ": " + cudaGetErrorString(e));
-}
-
-void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
-
-struct DeviceGuard {
-  int prev = -1;
-  explicit DeviceGuard(int dev) {
-    if (dev < 0) return;
-    int cur = -1;
-    check(cudaGetDevice(&cur), "cudaGetDevice");
-    if (cur != dev) {
-      check(cudaSetDevice(dev), "cudaSetDevice");
-      prev = cur;
-    }
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-};
-
-struct DevInfo {
-  int sms = 1;
-  int64_t smem_optin = 48 * 1024;
-};
-
-DevInfo dev_info(const DinParams& p) {
-  int dev = p.device;
-  if (dev < 0) check(cudaGetDevice(&dev), "cudaGetDevice");
-  DevInfo di;
-  int v = 0;
-  check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SMs)");
-  di.sms = std::max(1, v);
-  check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-        "cudaDeviceGetAttribute(smem)");
-  di.smem_optin = std::max<int64_t>(v, 48 * 1024);
-  return di;
-}
-
-int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
 void check_common(const DinParams& p) {
   if (p.num_layers < 1 || p.num_layers > kMaxLayers)
@@ -1075,11 +832,30 @@ FwdLay pick_fwd_lay(const DinParams& p, const DevInfo& di) {
 
 int64_t stats_ctas(const DinParams& p) { return std::max<int64_t>(1, std::min<int64_t>(p.rows, 2048)); }
 
-int64_t fwd_ws_bytes(const DinParams& p) {
+// forward/stats workspace: [model (acc type)] [stats partials (double)] [chunk counter]
+struct FwdWs {
+  int64_t model = 0, stats = 0, counter = 0, total = 0;
+};
+
+FwdWs fwd_ws(const DinParams& p) {
   int Hmax = 0;
   for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
-  const int64_t model = align256(model_elems<double>(p) * acc_size(p.dtype));
-  return model + align256(stats_ctas(p) * 2 * Hmax * 8);
+  FwdWs w;
+  int64_t o = 0;
+  w.model = o; o += align256(model_elems<double>(p) * acc_size(p.dtype));
+  w.stats = o; o += align256(stats_ctas(p) * 2 * Hmax * 8);
+  w.counter = o; o += 256;
+  w.total = o;
+  return w;
+}
+
+// DIN_FUSED_CUDA_TC=0 turns the tensor-core kernels off (FFMA kernels for every dtype).
+bool tc_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DIN_FUSED_CUDA_TC");
+    return !(e && e[0] == '0');
+  }();
+  return on;
 }
 
 // ---- backward geometry ----
@@ -1099,7 +875,7 @@ BwdLay pick_bwd_lay(const DinParams& p, const DevInfo& di) {
 
 template <typename T>
 int64_t bwd_ctas(const DinParams& p, const DevInfo& di) {
-  const PartLay pl(p);
+  const PartLay pl(p, 1);
   const int64_t slot = pl.stride * static_cast<int64_t>(sizeof(T));
   int64_t n = 2 * int64_t(di.sms);
   const int64_t cap = std::max<int64_t>(di.sms, (int64_t(512) << 20) / std::max<int64_t>(slot, 1));
@@ -1107,30 +883,35 @@ int64_t bwd_ctas(const DinParams& p, const DevInfo& di) {
   return std::max<int64_t>(1, std::min<int64_t>(n, p.rows));
 }
 
+// backward workspace: [model] [per-CTA partials] [summed partials (double)] [reduce partials]
+// Sized for both the FFMA path and (fp16/bf16) the tensor-core path; the Dice
+// reduce passes always take the FFMA path.
 struct BwdWs {
   int64_t model = 0, part = 0, tot = 0, red = 0, total = 0;
+  bool tc = false;
+  TcBwdPlan plan;
 };
 
 template <typename T>
 BwdWs bwd_ws(const DinParams& p, const DevInfo& di) {
-  const PartLay pl(p);
+  const PartLay pl(p, 1);
   int Hmax = 0;
   for (int l = 0; l < p.num_layers; ++l) Hmax = std::max(Hmax, p.hidden[l]);
   const int64_t nc = bwd_ctas<T>(p, di);
   BwdWs w;
+  int64_t part_bytes = nc * pl.stride * int64_t(sizeof(T)), tot_elems = pl.stride;
+  w.tc = tc_enabled() && tc_backward_plan(p, di, &w.plan);
+  if (w.tc) {
+    part_bytes = std::max(part_bytes, w.plan.n_cta * w.plan.part.stride * 4);
+    tot_elems = std::max(tot_elems, w.plan.part.stride);
+  }
   int64_t o = 0;
   w.model = o; o += align256(model_elems<T>(p) * int64_t(sizeof(T)));
-  w.part = o;  o += align256(nc * pl.stride * int64_t(sizeof(T)));
-  w.tot = o;   o += align256(pl.stride * 8);
+  w.part = o;  o += align256(part_bytes);
+  w.tot = o;   o += align256(tot_elems * 8);
   w.red = o;   o += align256(nc * 2 * Hmax * 8);
   w.total = o;
   return w;
-}
-
-template <typename K>
-void set_smem(K kernel, int64_t bytes, const char* name) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        name);
 }
 
 unsigned grid_for(int64_t n, int64_t per = kThreads, int64_t cap = 4096) {
@@ -1149,18 +930,28 @@ template <typename S, typename T>
 void run_forward(const DinParams& p, bool stats) {
   if (p.rows == 0 && !stats) return;
   const DevInfo di = dev_info(p);
-  const int64_t need = fwd_ws_bytes(p);
-  if (!p.workspace || p.workspace_bytes < need)
+  const FwdWs w = fwd_ws(p);
+  if (!p.workspace || p.workspace_bytes < w.total)
     throw std::invalid_argument("din_fused cuda: forward/stats workspace too small (need " +
-                                std::to_string(need) + " bytes from workspace_bytes(cfg, 'forward'))");
+                                std::to_string(w.total) + " bytes from workspace_bytes(cfg, 'forward'))");
   cudaStream_t st = static_cast<cudaStream_t>(p.stream);
   char* ws = static_cast<char*>(p.workspace);
-  const Net<T> m = make_net<T>(p, reinterpret_cast<T*>(ws));
+  const Net<T> m = make_net<T>(p, reinterpret_cast<T*>(ws + w.model));
+  if (!stats && (!p.out || !p.scores)) throw std::invalid_argument("din_fused cuda: forward needs out and scores");
+  if constexpr (sizeof(S) == 2) {
+    TcFwdPlan plan;
+    if (!stats && tc_enabled() && tc_forward_plan(p, di, &plan)) {
+      int* counter = reinterpret_cast<int*>(ws + w.counter);
+      check(cudaMemsetAsync(counter, 0, sizeof(int), st), "cudaMemsetAsync(chunk counter)");
+      tc_forward(p, m, plan, counter, st);
+      return;
+    }
+  }
   FwdLay y = pick_fwd_lay<T>(p, di);
   launch_prep(m, st);
   if (!stats) {
-    if (!p.out || !p.scores) throw std::invalid_argument("din_fused cuda: forward needs out and scores");
-    set_smem(din_forward_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_forward_kernel)");
+    set_smem(reinterpret_cast<const void*>(&din_forward_kernel<S, T>), y.smem, di.device,
+             "cudaFuncSetAttribute(din_forward_kernel)");
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, kMaxGrid));
     DIN_LAUNCH(grid, kThreads, y.smem, st, din_forward_kernel<S, T>)(p, m, y);
     check_launch("din_forward_kernel");
@@ -1169,10 +960,10 @@ void run_forward(const DinParams& p, bool stats) {
   const int l = p.stats_layer;
   if (l < 0 || l >= p.num_layers || !p.stats_out)
     throw std::invalid_argument("din_fused cuda: stats needs 0 <= stats_layer < num_layers and stats_out");
-  const int64_t model_bytes = align256(model_elems<double>(p) * acc_size(p.dtype));
-  y.stats_part = reinterpret_cast<double*>(ws + model_bytes);
+  y.stats_part = reinterpret_cast<double*>(ws + w.stats);
   y.n_cta = stats_ctas(p);
-  set_smem(din_stats_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_stats_kernel)");
+  set_smem(reinterpret_cast<const void*>(&din_stats_kernel<S, T>), y.smem, di.device,
+           "cudaFuncSetAttribute(din_stats_kernel)");
   DIN_LAUNCH(static_cast<unsigned>(y.n_cta), kThreads, y.smem, st, din_stats_kernel<S, T>)(p, m, y);
   check_launch("din_stats_kernel");
   const int64_t Hl = p.hidden[l];
@@ -1204,12 +995,28 @@ void run_backward(const DinParams& p) {
   cudaStream_t st = static_cast<cudaStream_t>(p.stream);
   char* ws = static_cast<char*>(p.workspace);
   const Net<T> m = make_net<T>(p, reinterpret_cast<T*>(ws + w.model));
+  double* tot = reinterpret_cast<double*>(ws + w.tot);
+  if constexpr (sizeof(S) == 2) {
+    if (!reducing && w.tc) {  // reads the parameters directly; no prep needed
+      float* part = reinterpret_cast<float*>(ws + w.part);
+      tc_backward(p, m, w.plan, part, st);
+      const PartLay& pl = w.plan.part;
+      DIN_LAUNCH(grid_for(pl.total), kThreads, 0, st, din_sum_part_kernel<float>)(part, w.plan.n_cta, pl.stride,
+                                                                                 pl.total, tot);
+      check_launch("din_sum_part_kernel");
+      DIN_LAUNCH(grid_for(int64_t(p.hidden[0]) * 4 * p.dim), kThreads, 0, st, din_scatter_grads_kernel<float>)(
+          p, pl, tot);
+      check_launch("din_scatter_grads_kernel");
+      return;
+    }
+  }
   BwdLay y = pick_bwd_lay<T>(p, di);
   y.n_cta = bwd_ctas<T>(p, di);
   y.part_base = ws + w.part;
   y.red_part = reinterpret_cast<double*>(ws + w.red);
   launch_prep(m, st);
-  set_smem(din_backward_kernel<S, T>, y.smem, "cudaFuncSetAttribute(din_backward_kernel)");
+  set_smem(reinterpret_cast<const void*>(&din_backward_kernel<S, T>), y.smem, di.device,
+           "cudaFuncSetAttribute(din_backward_kernel)");
   DIN_LAUNCH(static_cast<unsigned>(y.n_cta), kThreads, y.smem, st, din_backward_kernel<S, T>)(p, m, y);
   check_launch("din_backward_kernel");
   if (reducing) {
@@ -1219,7 +1026,6 @@ void run_backward(const DinParams& p) {
     check_launch("din_sum_double_kernel(reduce)");
     return;
   }
-  double* tot = reinterpret_cast<double*>(ws + w.tot);
   DIN_LAUNCH(grid_for(y.part.total), kThreads, 0, st, din_sum_part_kernel<T>)(
       static_cast<const T*>(y.part_base), y.n_cta, y.part.stride, y.part.total, tot);
   check_launch("din_sum_part_kernel");
@@ -1256,7 +1062,7 @@ void backward_cuda(const DinParams& p) {
 
 int64_t forward_workspace_bytes_cuda(const DinParams& p) {
   check_common(p);
-  return fwd_ws_bytes(p);
+  return fwd_ws(p).total;
 }
 
 int64_t backward_workspace_bytes_cuda(const DinParams& p) {

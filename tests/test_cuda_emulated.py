@@ -107,17 +107,36 @@ def test_shapes(emu_module, shape, act):
     check_case(B, T, D, hidden, act, "none", "lengths", False, torch.float64, "cpu", seed=5)
 
 
+@pytest.mark.parametrize("shape", [
+    (10, 1, 3, (5,)),
+    (3, 5, 1, (1,)),
+    (3, 6, 5, (4, 1, 3, 2)),
+    (3, 150, 6, (8, 4)),              # several tensor-core tiles per row
+    (70, 3, 7, (9, 5)),               # many rows per chunk: tiles span rows
+    (3, 7, 4, (256, 256, 256, 256)),  # too wide for the tensor-core tiles: FFMA fallback
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_shapes(emu_module, shape, dtype):
+    B, T, D, hidden = shape
+    validity = "both" if T > 1 else "mask"
+    for act in ("prelu", "dice-train"):
+        check_case(B, T, D, hidden, act, "softmax", validity, True, dtype, "cpu", seed=9)
+        check_case(B, T, D, hidden, act, "none", "lengths", False, dtype, "cpu", seed=10)
+
+
 @pytest.mark.parametrize("norm", ["none", "softmax"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_rows_sharing_sequences(emu_module, dtype, norm):
     from din_fused import ops
     check_row_seq(ops._C, "cpu", dtype, norm=norm)
 
 
-def test_deterministic(emu_module):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic(emu_module, dtype):
     q, k, lengths, mask, p, _, _ = make_problem(9, 20, 7, (10, 6), "dice", "both", "cpu", seed=6)
-    a = fwd_bwd(q.float(), k.float(), lengths, mask, {**p, "weights": [w.float() for w in p["weights"]]})
-    b = fwd_bwd(q.float(), k.float(), lengths, mask, {**p, "weights": [w.float() for w in p["weights"]]})
+    pp = {**p, "weights": [w.float() for w in p["weights"]]}
+    a = fwd_bwd(q.to(dtype), k.to(dtype), lengths, mask, pp)
+    b = fwd_bwd(q.to(dtype), k.to(dtype), lengths, mask, pp)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 

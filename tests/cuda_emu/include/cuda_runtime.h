@@ -38,7 +38,11 @@ struct dim3 {
 };
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace emu {
@@ -129,7 +133,7 @@ struct Launch {
       Pool& pool = pool_for(static_cast<int>(cfg.b.x));
       const std::function<void()> fn = [&] { kernel(args...); };
       for (unsigned blk = 0; blk < cfg.g.x; ++blk) {
-        smem.assign(cfg.sm + 16, 0xFF);
+        smem.assign(cfg.sm + 128, 0xFF);
         pool.run_block(blk, fn);
       }
     };
@@ -145,7 +149,8 @@ inline Warp& my_warp() { return cur_block->warps[tIdx.x / 32]; }
 #define gridDim (::emu::gDim)
 #define DIN_LAUNCH(grid, block, smem_bytes, stream, ...) \
   ::emu::Launch(dim3(grid), dim3(block), smem_bytes, stream)(__VA_ARGS__)
-#define DIN_SMEM (reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(::emu::smem.data()) + 15) & ~uintptr_t(15)))
+#define DIN_SMEM \
+  (reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(::emu::smem.data()) + 127) & ~uintptr_t(127)))
 
 inline void __syncthreads() { emu::cur_block->bar.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::my_warp().bar.arrive_and_wait(); }
@@ -207,11 +212,17 @@ inline cudaError_t cudaGetLastError() {
 }
 inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated error"; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? emu::sms : emu::smem_optin;
+  *v = a == cudaDevAttrMultiProcessorCount ? emu::sms
+      : a == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? emu::smem_optin + 1024
+      : emu::smem_optin;
   return cudaSuccess;
 }
 template <class K>
