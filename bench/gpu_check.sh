@@ -8,10 +8,10 @@
 # the whole script stays under ~8 minutes):
 #   1. build + install for the native arch: pip install --no-build-isolation --no-deps .
 #   2. the CUDA tests: pytest tests/test_cuda.py (against the installed package)
-#   3. compute-sanitizer memcheck and racecheck on a small forward+backward
-#      (bench/sanitize_case.py), when compute-sanitizer is found
-#   4. timings: bench/gpu_bench.py (fused vs eager reference vs torch.compile,
+#   3. timings: bench/gpu_bench.py (fused vs eager reference vs torch.compile,
 #      copy bandwidth, GB/s, TFLOP/s)
+#   4. compute-sanitizer memcheck and racecheck on a small forward+backward
+#      (bench/sanitize_case.py), when compute-sanitizer is found
 # It writes a markdown report named <date>_<gpu>.md to bench/results/ and, when
 # $OUT is set, to $OUT too, with the GPU name, the pytest summary line, the
 # sanitizer summaries and the timing table; the table is printed last.
@@ -73,7 +73,18 @@ if [ $BUILD_RC -eq 0 ]; then
   [ -n "$PYTEST_LINE" ] || PYTEST_LINE="$(tail -n1 "$WORK/pytest.log")"
 fi
 
-# ---- 3. compute-sanitizer --------------------------------------------------------
+# ---- 3. timings (before the sanitizers: the table survives a slow sanitizer) ---
+TABLE="not run"
+if [ $BUILD_RC -eq 0 ]; then
+  # leave ~3 minutes for the two sanitizer runs
+  left=$(( $(remaining) - 180 )); [ $left -lt 60 ] && left=60
+  budget=$(( left - 45 )); [ $budget -lt 30 ] && budget=30
+  run_stage "benchmark (bench/gpu_bench.py)" "$left" "$WORK/bench.log" \
+    bash -c "cd '$RUNDIR' && '$PY' '$ROOT/bench/gpu_bench.py' --budget $budget --out-md '$WORK/table.md' --out-json '$WORK/bench.json' --log '$WORK/bench_detail.log'"
+  if [ -s "$WORK/table.md" ]; then TABLE="$(cat "$WORK/table.md")"; else TABLE="benchmark produced no table; see its log below"; fi
+fi
+
+# ---- 4. compute-sanitizer --------------------------------------------------------
 SAN="$(command -v compute-sanitizer || true)"
 for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
   [ -z "$SAN" ] && [ -x "$c" ] && SAN="$c"
@@ -87,22 +98,13 @@ else
   FILTER=()
   if "$SAN" --help 2>&1 | grep -q -- "--kernel-name"; then FILTER=(--kernel-name kns=din_); fi
   for tool in memcheck racecheck; do
-    run_stage "compute-sanitizer $tool" 100 "$WORK/san_$tool.log" \
-      bash -c "cd '$RUNDIR' && '$SAN' --tool $tool ${FILTER[*]} --error-exitcode 3 '$PY' '$ROOT/bench/sanitize_case.py'"
+    run_stage "compute-sanitizer $tool" 90 "$WORK/san_$tool.log" \
+      bash -c "cd '$RUNDIR' && '$SAN' --tool $tool ${FILTER[*]:-} --error-exitcode 3 '$PY' '$ROOT/bench/sanitize_case.py'"
     rc=$?
     line="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY' "$WORK/san_$tool.log" | tr '\n' ' ')"
     ok="$(grep -c 'sanitize_case: ok' "$WORK/san_$tool.log")"
     SAN_LINES+=("$tool: exit $rc; ${line:-no summary line}; case finished: $([ "$ok" -gt 0 ] && echo yes || echo no)")
   done
-fi
-
-# ---- 4. timings -----------------------------------------------------------------
-TABLE="not run"
-if [ $BUILD_RC -eq 0 ]; then
-  left=$(remaining); budget=$(( left - 40 )); [ $budget -lt 30 ] && budget=30
-  run_stage "benchmark (bench/gpu_bench.py)" "$left" "$WORK/bench.log" \
-    bash -c "cd '$RUNDIR' && '$PY' '$ROOT/bench/gpu_bench.py' --budget $budget --out-md '$WORK/table.md' --out-json '$WORK/bench.json' --log '$WORK/bench_detail.log'"
-  if [ -s "$WORK/table.md" ]; then TABLE="$(cat "$WORK/table.md")"; else TABLE="benchmark produced no table; see its log below"; fi
 fi
 
 # ---- report -----------------------------------------------------------------------

@@ -317,20 +317,25 @@ __device__ __forceinline__ void tc_load_x(const DinParams& p, const TcGeo& g, in
                                           const TileState& ts, const float* q_s, S* X) {
   const int D = g.D, K0p = g.K0p;
   const S* kb = static_cast<const S*>(p.k);
-  for (int idx = threadIdx.x; idx < Mt * 16 * K0p; idx += kThreads) {
-    const int t = idx / K0p, c = idx - t * K0p;
-    S* dst = X + t * g.ldX + c;
-    if (t < n && c < 3 * D) {
-      const int rr = ts.rid[t];
-      const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
-      const int blk = c / D, d = c - blk * D;
-      const S kv = kb[p.seq_start[s] + ts.pos[t] * p.ldk + d];
-      if (blk == 0) *dst = kv;
-      else if (blk == 1) stv(dst, q_s[rr * D + d] - ldv(&kv));
-      else stv(dst, q_s[rr * D + d] * ldv(&kv));
-    } else {
-      stv(dst, 0.0f);
-    }
+  for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {  // one key element -> three columns
+    const int t = idx / D, d = idx - t * D;
+    const int rr = ts.rid[t];
+    const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
+    const S kv = kb[p.seq_start[s] + ts.pos[t] * p.ldk + d];
+    const float kf = ldv(&kv), qf = q_s[rr * D + d];
+    S* x = X + t * g.ldX;
+    x[d] = kv;
+    stv(x + D + d, qf - kf);
+    stv(x + 2 * D + d, qf * kf);
+  }
+  const int padc = K0p - 3 * D;  // zero columns 3D..K0p of live rows, all columns of rows n..Mt*16
+  for (int idx = threadIdx.x; idx < n * padc; idx += kThreads) {
+    const int t = idx / padc, c = idx - t * padc;
+    stv(X + t * g.ldX + 3 * D + c, 0.0f);
+  }
+  for (int idx = threadIdx.x; idx < (Mt * 16 - n) * K0p; idx += kThreads) {
+    const int t = n + idx / K0p, c = idx % K0p;
+    stv(X + t * g.ldX + c, 0.0f);
   }
 }
 
