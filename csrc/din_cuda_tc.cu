@@ -43,11 +43,14 @@
 //   costs 2.2x the folded 8.4 k) -> 30 GFLOP of tensor-core work, ~60 us at a
 //   realistic 50% of the H200's ~990 dense bf16 TFLOP/s; keys 105 MB -> 22 us at
 //   4.8 TB/s.  The backward does ~3x the MACs.
-//   Shared memory, TM=64: weights (3D x H1 + H1 x H2) bf16 = 43 KB, key tile
-//   26 KB, activations 11 KB, fp32 scratch 22 KB -> ~105 KB (2 CTAs/SM on
-//   H100/H200); the backward also keeps z and h per layer and the transposed
-//   weights, and picks TM = 64, 32 or 16 to stay at 2 CTAs/SM.
+//   Shared memory, TM=64: weights (3D x H1 + H1 x H2) bf16 = 40 KB (one copy,
+//   read as W^T for the forward and as W for dz W), key tile 26 KB, activations
+//   11 KB, fp32 scratch 22 KB -> ~100 KB (2 CTAs/SM on H100/H200); the backward
+//   also keeps z and h per layer and picks TM = 64, 32 or 16 to stay at
+//   2 CTAs/SM (TM = 32 for this shape, ~102 KB).
 #include <mma.h>
+
+#include <type_traits>
 
 #include "din_cuda_common.cuh"
 
@@ -63,14 +66,18 @@ struct Frag {
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major>;
   using At = wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::col_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::row_major>;
+  using Bt = wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::col_major>;
   using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 };
 
-// C[Mt*16, Nt*16] (fp32, ldc) = A[Mt*16, Kt*16] (ld lda) @ B[Kt*16, Nt*16] (ld ldb);
-// one 16x16 output tile per warp at a time.
-template <typename S>
+// C[Mt*16, Nt*16] (fp32, ldc) = A[Mt*16, Kt*16] (ld lda) @ B, one 16x16 output
+// tile per warp at a time.  BT = false: B is [Kt*16, Nt*16] row-major (ld ldb);
+// BT = true: B is given transposed, [Nt*16, Kt*16] row-major (an nn.Linear
+// weight [out, in]), read as a column-major B.
+template <typename S, bool BT>
 __device__ __forceinline__ void tc_gemm(int Mt, int Nt, int Kt, const S* A, int lda, const S* B, int ldb,
                                         float* C, int ldc) {
+  using FragB = typename std::conditional<BT, typename Frag<S>::Bt, typename Frag<S>::B>::type;
   const int warp = threadIdx.x / 32;
   for (int tile = warp; tile < Mt * Nt; tile += kWarps) {
     const int mt = tile % Mt, nt = tile / Mt;
@@ -78,9 +85,9 @@ __device__ __forceinline__ void tc_gemm(int Mt, int Nt, int Kt, const S* A, int 
     wmma::fill_fragment(acc, 0.0f);
     for (int kt = 0; kt < Kt; ++kt) {
       typename Frag<S>::A a;
-      typename Frag<S>::B b;
+      FragB b;
       wmma::load_matrix_sync(a, A + mt * 16 * lda + kt * 16, lda);
-      wmma::load_matrix_sync(b, B + kt * 16 * ldb + nt * 16, ldb);
+      wmma::load_matrix_sync(b, BT ? B + nt * 16 * ldb + kt * 16 : B + kt * 16 * ldb + nt * 16, ldb);
       wmma::mma_sync(acc, a, b, acc);
     }
     wmma::store_matrix_sync(C + mt * 16 * ldc + nt * 16, acc, ldc, wmma::mem_row_major);
@@ -118,11 +125,10 @@ struct TcGeo {
   int K0p = 0;                    // up16(3D): input width of layer 1 ([k, q-k, q*k])
   int K0o = 0;                    // up16(3D): backward output width of layer 1 ([a | b | u])
   int ldX = 0, ldC = 0, ldG = 0;  // key tile, fp32 scratch, gradient tile
-  int ldWt[kMaxLayers] = {};      // forward weights  W_l^T [Kp_l, Hp_l]  (Kp_0 = K0p, Kp_l = Hp_{l-1})
-  int ldWo[kMaxLayers] = {};      // backward weights W_l   [Hp_l, Kp_l]
+  int ldWo[kMaxLayers] = {};      // weights W_l [Hp_l, Kp_l] (nn.Linear layout, one copy for both directions)
   int ldH[kMaxLayers] = {};       // per-layer activation tiles [TM, Hp_l]
   // shared-memory byte offsets
-  int oWt[kMaxLayers] = {}, oWo[kMaxLayers] = {}, oX = 0, oHb = 0, oZ[kMaxLayers] = {}, oH[kMaxLayers] = {};
+  int oWo[kMaxLayers] = {}, oX = 0, oHb = 0, oZ[kMaxLayers] = {}, oH[kMaxLayers] = {};
   int oG = 0, oC = 0;
   int oq = 0, oc = 0, oacc = 0, omx = 0, oden = 0, ocnt = 0, odout = 0, odq = 0, oe = 0, owdw = 0, owred = 0;
   int opos = 0, orid = 0, osid = 0, oseg = 0, osegrow = 0, os = 0, oe2 = 0, osegf = 0, osegm = 0, ow = 0,
@@ -161,7 +167,6 @@ TcGeo base_geo(const DinParams& p, int TM, int R) {
   g.ldC = std::max(Hmaxp, g.K0o) + 4;
   g.ldG = Hmaxp + 8;
   for (int l = 0; l < g.L; ++l) {
-    g.ldWt[l] = g.Hp[l] + 8;
     g.ldWo[l] = g.Ko(l) + 8;
     g.ldH[l] = g.Hp[l] + 8;
   }
@@ -191,7 +196,8 @@ void tile_arrays(TcGeo& g, Alloc128& a, bool backward) {
 TcGeo fwd_geo(const DinParams& p, int TM, int R) {
   TcGeo g = base_geo(p, TM, R);
   Alloc128 a;
-  for (int l = 0; l < g.L; ++l) g.oWt[l] = a.take(2 * int64_t(g.Kp(l)) * g.ldWt[l]);
+  g.ldC = g.ldG - 4;  // forward products are at most Hmaxp wide
+  for (int l = 0; l < g.L; ++l) g.oWo[l] = a.take(2 * int64_t(g.Hp[l]) * g.ldWo[l]);
   g.oX = a.take(2 * int64_t(TM) * g.ldX);
   g.oHb = a.take(2 * int64_t(TM) * g.ldG);
   g.oC = a.take(4 * int64_t(TM) * g.ldC);
@@ -209,10 +215,7 @@ TcGeo fwd_geo(const DinParams& p, int TM, int R) {
 TcGeo bwd_geo(const DinParams& p, int TM, int R) {
   TcGeo g = base_geo(p, TM, R);
   Alloc128 a;
-  for (int l = 0; l < g.L; ++l) {
-    g.oWt[l] = a.take(2 * int64_t(g.Kp(l)) * g.ldWt[l]);
-    g.oWo[l] = a.take(2 * int64_t(g.Hp[l]) * g.ldWo[l]);
-  }
+  for (int l = 0; l < g.L; ++l) g.oWo[l] = a.take(2 * int64_t(g.Hp[l]) * g.ldWo[l]);
   g.oX = a.take(2 * int64_t(TM) * g.ldX);
   for (int l = 0; l + 1 < g.L; ++l) {  // the last hidden layer stays fp32 in C
     g.oZ[l] = a.take(2 * int64_t(TM) * g.ldH[l]);
@@ -351,28 +354,21 @@ __device__ __forceinline__ void tc_row_bias(const Net<float>& m, int nr, const f
   }
 }
 
-// Stage the padded weights of every layer in shared memory (input precision).
-//   Wt[l]: forward operand  [Kp_l, Hp_l]  (l = 0: [Wk | Wd | Wm]^T = columns D..4D of W0, transposed)
-//   Wo[l]: backward operand [Hp_l, Ko_l]  (the nn.Linear layout; l = 0: [Wk | Wd | Wm])
+// Stage the padded weights of every layer in shared memory (input precision),
+// in the nn.Linear layout W[l] [Hp_l, Kp_l] (l = 0: [Wk | Wd | Wm], the columns
+// D..4D of W0).  The forward products read them as a column-major B (= W^T),
+// the backward dz W products as a row-major B.
 template <typename S>
-__device__ void tc_stage_weights(const Net<float>& m, const TcGeo& g, unsigned char* sm, bool backward) {
+__device__ void tc_stage_weights(const Net<float>& m, const TcGeo& g, unsigned char* sm) {
   for (int l = 0; l < g.L; ++l) {
-    const int Np = g.Hp[l], N = g.H[l];
+    const int Np = g.Hp[l], N = g.H[l], Kp = g.Kp(l);
     const int K = l == 0 ? 3 * g.D : g.H[l - 1];
     const float* W = l == 0 ? m.W[0] + g.D : m.W[l];  // weight (j, k) at W[j * ldw + k]
     const int64_t ldw = l == 0 ? 4 * g.D : K;
-    S* Wt = reinterpret_cast<S*>(sm + g.oWt[l]);
-    for (int idx = threadIdx.x; idx < g.Kp(l) * Np; idx += kThreads) {
-      const int k = idx / Np, j = idx - k * Np;
-      stv(Wt + k * g.ldWt[l] + j, (k < K && j < N) ? W[j * ldw + k] : 0.0f);
-    }
-    if (backward) {
-      const int Ko = g.Ko(l);
-      S* Wo = reinterpret_cast<S*>(sm + g.oWo[l]);
-      for (int idx = threadIdx.x; idx < Np * Ko; idx += kThreads) {
-        const int j = idx / Ko, k = idx - j * Ko;
-        stv(Wo + j * g.ldWo[l] + k, (k < K && j < N) ? W[j * ldw + k] : 0.0f);
-      }
+    S* Wo = reinterpret_cast<S*>(sm + g.oWo[l]);
+    for (int idx = threadIdx.x; idx < Np * Kp; idx += kThreads) {
+      const int j = idx / Kp, k = idx - j * Kp;
+      stv(Wo + j * g.ldWo[l] + k, (k < K && j < N) ? W[j * ldw + k] : 0.0f);
     }
   }
 }
@@ -408,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
   const float bout = m.b[L][0];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  tc_stage_weights<S>(m, g, sm, false);
+  tc_stage_weights<S>(m, g, sm);
 
   while (true) {
     if (threadIdx.x == 0) ts.misc[3] = atomicAdd(counter, 1);
@@ -447,8 +443,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
       for (int l = 0; l < L; ++l) {
         const S* A = l == 0 ? X : Hb;
         const int lda = l == 0 ? g.ldX : g.ldG;
-        tc_gemm<S>(Mt, g.Hp[l] / 16, g.Kp(l) / 16, A, lda, reinterpret_cast<const S*>(sm + g.oWt[l]),
-                   g.ldWt[l], C, g.ldC);
+        tc_gemm<S, true>(Mt, g.Hp[l] / 16, g.Kp(l) / 16, A, lda, reinterpret_cast<const S*>(sm + g.oWo[l]),
+                         g.ldWo[l], C, g.ldC);
         __syncthreads();
         const int N = g.H[l], Np = g.Hp[l];
         const bool last = l == L - 1;
@@ -574,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
   float* part = part_base + int64_t(blockIdx.x) * pl.stride;
 
   for (int64_t i = threadIdx.x; i < pl.total; i += kThreads) part[i] = 0.0f;
-  tc_stage_weights<S>(m, g, sm, true);
+  tc_stage_weights<S>(m, g, sm);
   __syncthreads();
 
   for (int64_t chunk = blockIdx.x; chunk < g.n_chunks; chunk += gridDim.x) {
@@ -633,8 +629,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
       for (int l = 0; l < L; ++l) {
         const S* A = l == 0 ? X : reinterpret_cast<const S*>(sm + g.oH[l - 1]);
         const int lda = l == 0 ? g.ldX : g.ldH[l - 1];
-        tc_gemm<S>(Mt, g.Hp[l] / 16, g.Kp(l) / 16, A, lda, reinterpret_cast<const S*>(sm + g.oWt[l]),
-                   g.ldWt[l], C, g.ldC);
+        tc_gemm<S, true>(Mt, g.Hp[l] / 16, g.Kp(l) / 16, A, lda, reinterpret_cast<const S*>(sm + g.oWo[l]),
+                         g.ldWo[l], C, g.ldC);
         __syncthreads();
         const int N = g.H[l], Np = g.Hp[l];
         if (l + 1 < L) {
@@ -754,8 +750,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         const int64_t ldp = l == 0 ? pl.ldWs : pl.ldW[l];
         tc_gemm_tn_acc<S>(Np / 16, g.Kp(l) / 16, Mt, G, g.ldG, Bm, ldb, part + pw, ldp);
         // dL/d(input of layer l) = dz W_l  -> C [Mt*16, Ko_l]
-        tc_gemm<S>(Mt, g.Ko(l) / 16, Np / 16, G, g.ldG, reinterpret_cast<const S*>(sm + g.oWo[l]), g.ldWo[l],
-                   C, g.ldC);
+        tc_gemm<S, false>(Mt, g.Ko(l) / 16, Np / 16, G, g.ldG, reinterpret_cast<const S*>(sm + g.oWo[l]),
+                          g.ldWo[l], C, g.ldC);
         __syncthreads();
         if (l == 0) {
           // dk = a - b + q*u + w dout ; dq += sum_t b + k*u   ([a | b | u] = C[:, 0:D | D:2D | 2D:3D])
