@@ -113,11 +113,14 @@ def test_shapes(emu_module, shape, act):
     (3, 6, 5, (4, 1, 3, 2)),
     (3, 150, 6, (8, 4)),              # several tensor-core tiles per row
     (70, 3, 7, (9, 5)),               # many rows per chunk: tiles span rows
+    (3, 7, 4, (256, 256)),            # wide: smaller tensor-core tiles / FFMA backward
     (3, 7, 4, (256, 256, 256, 256)),  # too wide for the tensor-core tiles: FFMA fallback
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_shapes(emu_module, shape, dtype):
     B, T, D, hidden = shape
+    if len(hidden) == 4 and hidden[0] == 256 and dtype == torch.bfloat16:
+        pytest.skip("slow under emulation; the fp16 case covers the same fallback")
     validity = "both" if T > 1 else "mask"
     for act in ("prelu", "dice-train"):
         check_case(B, T, D, hidden, act, "softmax", validity, True, dtype, "cpu", seed=9)
