@@ -47,8 +47,10 @@ def test_low_precision(dtype, act, norm):
     (3, 5, 1, (1,)),
     (3, 6, 5, (4, 1, 3, 2)),
     (5, 300, 6, (8, 4)),
+    (70, 3, 7, (9, 5)),              # tensor-core tiles spanning many rows
     (3, 9, 300, (256,)),             # unfolded first layer in fp32 too
-    (3, 7, 4, (256, 256, 256, 256)),
+    (3, 7, 4, (256, 256)),           # smaller tensor-core tiles
+    (3, 7, 4, (256, 256, 256, 256)),  # fp16/bf16: too wide for tensor-core tiles, FFMA fallback
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_odd_shapes(shape, dtype):
