@@ -235,11 +235,13 @@ TcGeo bwd_geo(const DinParams& p, int TM, int R) {
   return g;
 }
 
-// Rows per chunk: about 1024 scanned positions, bounded by shared memory.
-int pick_R(const DinParams& p, int64_t per_row_bytes) {
+// Rows per chunk: about 1024 scanned positions, bounded by shared memory and
+// small enough to give every CTA slot (2 per SM) a chunk.
+int pick_R(const DinParams& p, const DevInfo& di, int64_t per_row_bytes) {
   const int64_t T = std::max<int64_t>(p.max_len, 1);
   int64_t R = std::max<int64_t>(1, 1024 / T);
   R = std::min<int64_t>(R, std::max<int64_t>(1, (24 * 1024) / std::max<int64_t>(per_row_bytes, 1)));
+  R = std::min<int64_t>(R, std::max<int64_t>(1, (p.rows + 2 * di.sms - 1) / (2 * di.sms)));
   R = std::min<int64_t>(R, 256);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(p.rows, 1))));
 }
@@ -814,7 +816,7 @@ int blocks_per_sm(const DevInfo& di, int64_t smem) {
 bool tc_forward_plan(const DinParams& p, const DevInfo& di, TcFwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
   const int64_t per_row = 4 * (2 * p.dim + p.hidden[0] + 3);  // q, acc, c, mx, den, cnt
-  const int R = pick_R(p, per_row);
+  const int R = pick_R(p, di, per_row);
   for (int TM = 64; TM >= 16; TM /= 2) {
     const TcGeo g = fwd_geo(p, TM, R);
     if (g.smem > di.smem_optin) continue;
@@ -848,7 +850,7 @@ void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, 
 bool tc_backward_plan(const DinParams& p, const DevInfo& di, TcBwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
   const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0] + 1 + kWarps);
-  const int R = pick_R(p, per_row);
+  const int R = pick_R(p, di, per_row);
   // Prefer a tile with which two CTAs share an SM; else the largest that fits.
   for (int pass = 0; pass < 2; ++pass)
     for (int TM = 64; TM >= 16; TM /= 2) {
