@@ -331,6 +331,9 @@ def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: T
     else:
         stats = stats.contiguous()
         prep.set_stats(stats)
+        # One workspace serves the reduce passes and the full backward (CUDA sizes
+        # it for both; the CPU only uses it in the full pass).
+        prep.workspace("backward")
         if activation == "dice" and training:
             # Batch statistics couple all positions: from the top layer down, reduce
             # mean(dxhat) and mean(dxhat*xhat) with the corrections above known.
@@ -343,7 +346,6 @@ def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: T
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
-        prep.workspace("backward")
         _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),
                      "dgamma": _ptrs(dgamma), "dbeta": _ptrs(dbeta)})
