@@ -89,6 +89,44 @@ def session(case: cases.Case, device: str, providers, rounds: int) -> dict:
     return out
 
 
+class BackgroundLoad:
+    """CPU time used by *other* processes while a section ran, as a fraction of the
+    machine (all CPUs): /proc/stat busy time minus this process and its children."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        ncpu = os.cpu_count() or 1
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        self.fraction = max(0.0, other / (wall * ncpu)) if wall > 0 else 0.0
+        return False
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return 0.0
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def load_note(load: BackgroundLoad) -> str:
+    return (f"Other processes used {100 * load.fraction:.0f}% of the machine's CPU time while this ran "
+            "(0% = a quiet machine; timings on a shared machine are only as good as this).")
+
+
 # ----------------------------------------------------------------------------------------
 # Peak memory of one forward+backward
 # ----------------------------------------------------------------------------------------
@@ -156,7 +194,8 @@ def measure_memory(case: cases.Case, provider: str, device: str) -> dict:
 # ----------------------------------------------------------------------------------------
 def machine_info(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins, then sleeps)")}
     try:
         import din_fused
 
@@ -199,6 +238,64 @@ def gemm_reference_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
+_FMA_PROBE = r"""
+#include <immintrin.h>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+#define R(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+static float run(long n) {  // 12 independent chains of 512-bit FMAs
+  __m512 b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
+#define D(i) __m512 a##i = _mm512_set1_ps(i);
+  R(D)
+  for (long k = 0; k < n; ++k) {
+#define F(i) a##i = _mm512_fmadd_ps(a##i, b, c);
+    R(F)
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),
+                     "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
+  }
+#define S(i) s += _mm512_reduce_add_ps(a##i);
+  float s = 0; R(S) return s;
+}
+int main(int argc, char** argv) {
+  int nt = argc > 1 ? atoi(argv[1]) : 1; long n = 20000000; double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> th;
+    for (int i = 0; i < nt; ++i) th.emplace_back([n] { volatile float s = run(n); (void)s; });
+    for (auto& t : th) t.join();
+    double e = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (e < best) best = e;
+  }
+  printf("%.1f\n", 12.0 * n * 32 * nt / best / 1e9);
+}
+"""
+
+
+def fma_peak_gflops(threads: int):
+    """Measured fp32 FMA peak (GFLOP/s) of `threads` cores: 12 independent chains of
+    512-bit FMAs per thread, compiled with the system C++ compiler.  None when there
+    is no compiler or no AVX-512."""
+    import shutil
+    import tempfile
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if not cxx or "avx512f" not in open("/proc/cpuinfo").read():
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "fma.cpp", Path(d) / "fma"
+        src.write_text(_FMA_PROBE)
+        try:
+            subprocess.run([cxx, "-O2", "-mavx512f", "-std=c++17", "-pthread", str(src), "-o", str(exe)],
+                           check=True, capture_output=True, timeout=120)
+            out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, timeout=300)
+            return float(out.stdout.strip())
+        except (subprocess.SubprocessError, ValueError, OSError):
+            return None
+
+
 # ----------------------------------------------------------------------------------------
 # Report sections
 # ----------------------------------------------------------------------------------------
@@ -210,7 +307,8 @@ def headline_section(args, lines: list, data: dict) -> None:
     case = cases.HEADLINE
     providers = [p for p in cases.PROVIDERS if args.compile or not p.startswith("compiled")]
     print(f"[report] headline session: {case.id}, providers {providers}", flush=True)
-    res = session(case, args.device, providers, args.rounds)
+    with BackgroundLoad() as load:
+        res = session(case, args.device, providers, args.rounds)
     mem = {}
     if not args.skip_mem:
         for p in res["fwd"]:
@@ -220,14 +318,14 @@ def headline_section(args, lines: list, data: dict) -> None:
     n_valid = res["sum_lengths"]
     gflop = cases.forward_flops(case, n_valid) / 1e9
     data["headline"] = {"case": case.to_dict(), "times": {m: res[m] for m in ("fwd", "fwdbwd")},
-                        "memory": mem, "sum_lengths": n_valid}
+                        "memory": mem, "sum_lengths": n_valid, "background_load": load.fraction}
     fmem = (mem.get("fused") or {}).get("peak_bytes")
     lines += [
         f"### Headline: fp32, B={case.B}, T={case.T}, D={case.D}, H={case.hidden}, {case.activation}, "
         f"lengths uniform in 1..T (sum L = {n_valid}), {torch.get_num_threads()} threads, {args.device}",
         "",
         f"Median of {args.rounds} interleaved rounds (min in brackets). "
-        "Speed-up = provider time / fused time.",
+        "Speed-up = provider time / fused time. " + load_note(load),
         "",
         "| provider | forward ms | fwd+bwd ms | fused fwd speed-up | fused fwd+bwd speed-up | "
         "peak mem fwd+bwd MB | memory / fused |",
@@ -249,11 +347,18 @@ def headline_section(args, lines: list, data: dict) -> None:
         lines.append(f"That is {100 * ach / cases.PEAK_FP32_GFLOPS_CPU:.0f}% (best round "
                      f"{100 * ach_min / cases.PEAK_FP32_GFLOPS_CPU:.0f}%) of the nominal "
                      f"{cases.PEAK_FP32_GFLOPS_CPU:.0f} GFLOP/s fp32 peak of 2 AVX-512 cores.")
+        peak = None if args.skip_gemm else fma_peak_gflops(torch.get_num_threads())
+        if peak:
+            data["fma_peak_gflops"] = peak
+            lines.append(f"Measured FMA peak of this machine ({torch.get_num_threads()} threads, independent "
+                         f"512-bit FMA chains): {peak:.0f} GFLOP/s, so the fused forward reaches "
+                         f"{100 * ach / peak:.0f}% (best round {100 * ach_min / peak:.0f}%) of what the "
+                         "cores can actually do.")
     if not args.skip_gemm:
         g = gemm_reference_gflops(args.device)
         data["gemm_gflops"] = g
-        lines.append(f"For scale, torch.mm on a 2048^3 fp32 GEMM reaches {g:.0f} GFLOP/s on this machine "
-                     f"with the same threads; the fused forward is at {100 * ach / g:.0f}% of that.")
+        lines.append(f"For scale, torch.mm on a 2048^3 fp32 GEMM reaches {g:.0f} GFLOP/s here with the same "
+                     "threads (its BLAS may not pick AVX-512 kernels on every CPU).")
     if mem:
         lines.append("")
         lines.append(f"Peak memory: {next(iter(mem.values())).get('method', '')}, one forward+backward "
@@ -292,6 +397,7 @@ def t_sweep_section(args, lines: list, data: dict) -> dict:
     providers = ["fused", "reference", "deepctr"]
     rows = []
     lines += [f"### T sweep: B={args.sweep_batch}, lengths uniform in 1..T (speed-up = provider / fused)", "",
+              "Best of the interleaved rounds per provider (a load burst can only slow a round down).", "",
               "| T | sum L | fused fwd ms | fused fwd+bwd ms | fwd vs eager ref | fwd vs DeepCTR | "
               "fwd+bwd vs eager ref | fwd+bwd vs DeepCTR |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for T in Ts:
@@ -302,7 +408,7 @@ def t_sweep_section(args, lines: list, data: dict) -> dict:
         r = {"T": T, "sum_lengths": res["sum_lengths"]}
         for mode in ("fwd", "fwdbwd"):
             for p, ts in res[mode].items():
-                r[f"{mode}_{p}"] = med(ts)
+                r[f"{mode}_{p}"] = min(ts)  # best interleaved round: robust to load bursts
         rows.append(r)
 
         def sp(mode, p, r=r):
@@ -329,23 +435,28 @@ def linearity_section(args, lines: list, data: dict) -> list:
         r = {"L": L, "sum_lengths": B * L}
         for name, c in (("tight", tight), ("padded", padded)):
             res = session(c, args.device, ["fused"], max(5, args.rounds))
-            r[f"fwd_{name}"] = med(res["fwd"]["fused"])
-            r[f"fwdbwd_{name}"] = med(res["fwdbwd"]["fused"])
+            r[f"fwd_{name}"] = min(res["fwd"]["fused"])
+            r[f"fwdbwd_{name}"] = min(res["fwdbwd"]["fused"])
         rows.append(r)
     lines += [f"### Linearity in sum(L): fused only, B={B}, every row at length L; tight: T = L, "
-              f"padded: T = {Tp}", "",
+              f"padded: T = {Tp}", "", "Best of the rounds.", "",
               "| L | sum L | fwd ms tight | fwd ms padded | padded / tight | fwd x2 L ratio | "
               "fwd+bwd ms tight | fwd+bwd ms padded | fwd+bwd x2 L ratio |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def dbl(now, before):
+        x = now / before
+        return f"{x:.2f} {'ok' if abs(x - 2) <= 0.3 else 'off'}"
+
     for i, r in enumerate(rows):
         prev = rows[i - 1] if i else None
-        d_fwd = f"{r['fwd_tight'] / prev['fwd_tight']:.2f}" if prev else ""
-        d_fb = f"{r['fwdbwd_tight'] / prev['fwdbwd_tight']:.2f}" if prev else ""
+        d_fwd = dbl(r["fwd_tight"], prev["fwd_tight"]) if prev else ""
+        d_fb = dbl(r["fwdbwd_tight"], prev["fwdbwd_tight"]) if prev else ""
         lines.append(f"| {r['L']} | {r['sum_lengths']} | {fmt_ms(r['fwd_tight'])} | "
                      f"{fmt_ms(r['fwd_padded'])} | "
                      f"{r['fwd_padded'] / r['fwd_tight']:.2f} | {d_fwd} | {fmt_ms(r['fwdbwd_tight'])} | "
                      f"{fmt_ms(r['fwdbwd_padded'])} | {d_fb} |")
-    lines += ["", "x2 L ratio: time at L over time at L/2 (2.00 = linear; the target is within 15%). "
+    lines += ["", "x2 L ratio: time at L over time at L/2 (2.00 = linear; ok = within 15%). "
               "padded / tight: the cost of padding the same sequences to T = "
               f"{Tp} (1.00 = free). The forward+backward must also write the dense "
               "[B, T, D] key gradient, so its padded time includes zero-filling that tensor.", ""]
@@ -406,7 +517,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-batch", type=int, default=0,
                     help="B of the T sweep (default 128 CPU, 1024 CUDA)")
     ap.add_argument("--linear-batch", type=int, default=0,
-                    help="B of the linearity run (default 256 CPU, 2048 CUDA)")
+                    help="B of the linearity run (default 512 CPU, 2048 CUDA)")
+    ap.add_argument("--name", default="", help="output name suffix: report_<name>.md, perf_<name>.png "
+                    "(default: cpu or cuda, plus -<N>threads when --threads is given)")
     ap.add_argument("--quick", action="store_true", help="smaller sweeps and fewer rounds")
     ap.add_argument("--mem-worker", nargs=2, metavar=("CASE_JSON", "PROVIDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -422,34 +535,35 @@ def main(argv=None) -> int:
         print("--device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     args.sweep_batch = args.sweep_batch or (1024 if cuda else 128)
-    args.linear_batch = args.linear_batch or (2048 if cuda else 256)
+    args.linear_batch = args.linear_batch or (2048 if cuda else 512)
     if args.quick:
         args.rounds = min(args.rounds, 3)
-    tag = "cuda" if cuda else "cpu"
+    tag = args.name or (("cuda" if cuda else "cpu") + (f"-{args.threads}threads" if args.threads else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
     info = machine_info(args.device)
-    lines = [f"## din_fused benchmark report ({tag})", "",
-             f"Command: `python bench/report.py{' --device ' + args.device if cuda else ''}"
-             f"{' --quick' if args.quick else ''}`", ""]
+    cmd = " ".join(["python bench/report.py", *(sys.argv[1:] if argv is None else argv)])
+    lines = [f"## din_fused benchmark report ({tag})", "", f"Command: `{cmd}`", ""]
     for k, v in info.items():
         lines.append(f"- {k}: {v}")
     lines.append("")
     data = {"machine": {k: str(v) for k, v in info.items()}, "device": args.device}
 
-    headline_section(args, lines, data)
-    if not args.skip_extra and not args.quick:
-        extra_section(args, lines, data)
-    sweep_rows, lin_rows = [], []
-    if not args.skip_sweep:
-        sweep_rows = t_sweep_section(args, lines, data)
-        lin_rows = linearity_section(args, lines, data)
-        png = out / f"perf_{tag}.png"
-        plot(args, sweep_rows, lin_rows, png)
-        lines += [f"![speed-up vs T and time vs sum(L)]({png.name})", ""]
-    lines.append(f"Session took {time.time() - t_start:.0f} s.")
+    with BackgroundLoad() as load:
+        headline_section(args, lines, data)
+        if not args.skip_extra and not args.quick:
+            extra_section(args, lines, data)
+        sweep_rows, lin_rows = [], []
+        if not args.skip_sweep:
+            sweep_rows = t_sweep_section(args, lines, data)
+            lin_rows = linearity_section(args, lines, data)
+            png = out / f"perf_{tag}.png"
+            plot(args, sweep_rows, lin_rows, png)
+            lines += [f"![speed-up vs T and time vs sum(L)]({png.name})", ""]
+    data["background_load"] = load.fraction
+    lines.append(f"Session took {time.time() - t_start:.0f} s. Whole session: " + load_note(load))
     md = "\n".join(lines) + "\n"
     (out / f"report_{tag}.md").write_text(md)
     (out / f"report_{tag}.json").write_text(json.dumps(data, indent=1, default=str))
