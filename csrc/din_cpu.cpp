@@ -29,8 +29,10 @@
 //     times: AVX-512 (64-byte vectors), AVX2+FMA (32) and baseline x86-64 (16),
 //     picked at run time (__builtin_cpu_supports; DIN_FUSED_CPU_ISA=avx512|avx2|
 //     generic forces a lower one).  The package never needs -march=native.
-//   * Scratch is allocated once per thread per call, never per row; rows are
-//     scheduled dynamically because lengths vary.
+//   * Scratch is allocated once per thread per call, never per row.  The forward
+//     schedules rows dynamically because lengths vary; passes that reduce across
+//     rows (statistics, backward) hand rows out round-robin, statically, so their
+//     results are bitwise reproducible for a given thread count.
 //
 // Napkin math (fp32, D=36, H=(80,40), 51k valid positions = B 1024 x mean len 50):
 //   forward FLOPs/position = 2(D*H1 + H1*H2 + H2 + D) = 12.3k  -> 0.63 GFLOP/call;
@@ -422,7 +424,9 @@ void stats_impl(const DinParams& p) {
   {
     Scratch<T> sc(m, false);
     sc.rp = part.data() + static_cast<size_t>(thread_id()) * 2 * Hp;
-#pragma omp for schedule(dynamic, 4)
+    // Static round-robin: each thread always gets the same rows, so the partial
+    // sums (and the results) are bitwise reproducible for a given thread count.
+#pragma omp for schedule(static, 4)
     for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
   }
   for (int j = 0; j < Hl; ++j) {
@@ -463,7 +467,10 @@ void backward_impl(const DinParams& p) {
       Scratch<T> sc(m, true);
       sc.gp = reducing ? nullptr : ws + static_cast<int64_t>(tid) * lay.total;
       sc.rp = reducing ? red_part.data() + static_cast<size_t>(tid) * 2 * Hr : nullptr;
-#pragma omp for schedule(dynamic, 4)
+      // Static round-robin keeps the per-thread partials, and so the gradients,
+      // bitwise reproducible for a given thread count (the forward has no
+      // cross-row reduction and keeps dynamic scheduling).
+#pragma omp for schedule(static, 4)
       for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
     }
   }

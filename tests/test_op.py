@@ -140,3 +140,14 @@ def test_thread_count_does_not_change_results(act, device):
     for other in results[1:]:
         for a, b in zip([results[0][0], *results[0][2]], [other[0], *other[2]]):
             assert max_rel_err(a, b) <= TOL64
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
+def test_cpu_results_are_bitwise_reproducible(act):
+    q, k, lengths, mask, p, gout, gsc = make_problem(41, 23, 9, (10, 6), act, "lengths", torch.float32,
+                                                     "cpu", 9)
+    runs = [run(din_fused.din_attention, q, k, lengths, mask, p, torch.float32, act == "dice-train",
+                "softmax", True, gout, gsc) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip([runs[0][0], runs[0][1], *runs[0][2]], [other[0], other[1], *other[2]]):
+            assert torch.equal(a, b)
