@@ -66,6 +66,10 @@ def run(fn, q, k, lengths, mask, p, dtype, training, norm, use_scores, gout, gsc
 @pytest.mark.parametrize("norm", ["none", "softmax"])
 @pytest.mark.parametrize("act", ACTS)
 def test_matches_reference(act, norm, validity, use_scores, dtype, device):
+    check_against_reference(act, norm, validity, use_scores, dtype, device)
+
+
+def check_against_reference(act, norm, validity, use_scores, dtype, device):
     training = act == "dice-train"
     for i, (B, T, D, hidden) in enumerate(SHAPES):
         prob = make_problem(B, T, D, hidden, act, validity, dtype, device, seed=i)
@@ -151,3 +155,14 @@ def test_cpu_results_are_bitwise_reproducible(act):
     for other in runs[1:]:
         for a, b in zip([runs[0][0], runs[0][1], *runs[0][2]], [other[0], other[1], *other[2]]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+def test_lower_cpu_isa_paths_match_reference(act, norm, dtype, isa, monkeypatch):
+    # The CPU kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picks the
+    # best at run time; DIN_FUSED_CPU_ISA (read per call) forces the lower paths.
+    monkeypatch.setenv("DIN_FUSED_CPU_ISA", isa)
+    check_against_reference(act, norm, "both", True, dtype, "cpu")
