@@ -28,6 +28,10 @@ def problem(B=4, T=6, D=5, hidden=(7, 3), act="sigmoid", dtype=torch.float64, de
 def _bad_cases():
     q, k, lengths, p = problem()
     B, T, D = k.shape
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=q.dtype)
+
     cases = {
         "query rank": (dict(query=q[None]), ValueError, "query"),
         "keys rank": (dict(keys=k[0]), ValueError, "keys"),
@@ -44,12 +48,10 @@ def _bad_cases():
         "dtype mismatch": (dict(query=q.float()), TypeError, "dtype"),
         "weights[0] shape": (dict(weights=[torch.randn(7, 4 * D + 1, dtype=q.dtype), *p["weights"][1:]]),
                              ValueError, "weights[0]"),
-        "five layers": (dict(weights=[torch.randn(2, 4 * D, dtype=q.dtype)] + [torch.randn(2, 2, dtype=q.dtype)] * 4
-                             + [torch.randn(1, 2, dtype=q.dtype)],
-                             biases=[torch.randn(2, dtype=q.dtype)] * 5 + [torch.randn(1, dtype=q.dtype)]),
+        "five layers": (dict(weights=[rnd(2, 4 * D)] + [rnd(2, 2)] * 4 + [rnd(1, 2)],
+                             biases=[rnd(2)] * 5 + [rnd(1)]),
                         ValueError, "1..4 hidden layers"),
-        "width 257": (dict(weights=[torch.randn(257, 4 * D, dtype=q.dtype), torch.randn(1, 257, dtype=q.dtype)],
-                           biases=[torch.randn(257, dtype=q.dtype), torch.randn(1, dtype=q.dtype)]),
+        "width 257": (dict(weights=[rnd(257, 4 * D), rnd(1, 257)], biases=[rnd(257), rnd(1)]),
                       ValueError, "width"),
         "biases count": (dict(biases=p["biases"][:-1]), ValueError, "biases"),
         "activation": (dict(activation="tanh"), ValueError, "activation"),
@@ -166,9 +168,8 @@ def test_long_sequence():
     lengths = torch.tensor([T, T // 3])
     p = random_params(D, (4,), "sigmoid", dtype=torch.float32, gen=gen, requires_grad=False)
     out = din_attention(q, k, lengths, **p, normalization="softmax")
-    ref = din_attention_ref(q.double(), k.double(), lengths,
-                            **{n: ([t.double() for t in v] if isinstance(v, list) else v) for n, v in p.items()},
-                            normalization="softmax")
+    p64 = {n: ([t.double() for t in v] if isinstance(v, list) else v) for n, v in p.items()}
+    ref = din_attention_ref(q.double(), k.double(), lengths, **p64, normalization="softmax")
     assert max_rel_err(out, ref) <= 1e-4
 
 
