@@ -164,6 +164,9 @@ class DIN(_EmbeddingMLP):
         pure-PyTorch oracle with identical parameters), for checks and speed.
     att_activation: activation inside the attention's local activation unit;
         None (default) uses the MLP's ``activation``, as in the paper's Figure 2.
+    att_weight_normalization: ``"none"`` (default, the paper: w_t is the raw
+        score, so the interest keeps its intensity) or ``"softmax"`` over the
+        valid behaviours (what the original DIN code does).
     The other arguments are those of the shared embedding/MLP part:
     ``attr_vocab`` (table size per attribute, row 0 padding), ``context_vocab``,
     ``embedding_dim`` (per attribute), ``mlp_hidden_units``, ``activation``
@@ -179,6 +182,7 @@ class DIN(_EmbeddingMLP):
         attention_impl: str = "fused",
         att_hidden_units: Sequence[int] = (80, 40),
         att_activation: str | None = None,
+        att_weight_normalization: str = "none",
         mlp_hidden_units: Sequence[int] = (200, 80),
         activation: str = "dice",
         init_std: float = 0.05,
@@ -201,6 +205,7 @@ class DIN(_EmbeddingMLP):
                 embedding_dim=dim,
                 att_hidden_units=tuple(att_hidden_units),
                 att_activation=att_activation,
+                weight_normalization=att_weight_normalization,
                 impl=attention_impl,
             )
             for _ in range(n_units)

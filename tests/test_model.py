@@ -222,3 +222,18 @@ def test_mba_on_model_touches_only_batch_rows():
     used = set(m.batch_ids(target, history, lengths, context)[0].tolist()) - {0}
     rows_with_grad = set(torch.nonzero(m.attr_embeddings[0].weight.grad.abs().sum(1)).squeeze(1).tolist())
     assert rows_with_grad == used
+
+
+def test_softmax_attention_option_averages():
+    """att_weight_normalization="softmax" (the original code's choice) makes the weights a convex
+    combination: a history of one repeated behaviour pools to exactly that behaviour."""
+    torch.manual_seed(0)
+    m = DIN(VOCAB, (), 4, attention_impl="reference", activation="prelu", att_weight_normalization="softmax")
+    target, history, lengths, _ = make_batch()
+    history = torch.where(history > 0, torch.tensor([3, 2]), history)
+    q, k = m.embed(target, history)
+    pooled = m.pool(q, k, lengths)
+    has = lengths > 0
+    expected = torch.cat([m.attr_embeddings[0].weight[3], m.attr_embeddings[1].weight[2]])
+    torch.testing.assert_close(pooled[has], expected.expand(int(has.sum()), 8))
+    assert torch.all(pooled[~has] == 0)
