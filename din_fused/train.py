@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention", choices=("separate", "concat"), default="separate")
     p.add_argument("--attention-impl", choices=("fused", "reference"), default="fused")
-    p.add_argument("--epochs", type=_positive_int, default=2, metavar="N")
+    p.add_argument("--epochs", type=_positive_int, default=3, metavar="N")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="per process")
     p.add_argument(
         "--max-len", type=_positive_int, default=50, metavar="N", help="behaviours kept per sample"
