@@ -237,13 +237,13 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
 def test_real_movielens_base_one_epoch(tmp_path, capsys):
     f = tmp_path / "ml.json"
     argv = ["--dataset", "movielens", "--data-dir", str(movielens_dir()), "--model", "base", "--epochs", "1"]
-    code, _, err = run_main(
-        [*argv, "--activation", "prelu", "--no-progress", "--metrics-out", str(f)], capsys
-    )
+    # Mean pooling learns the movie prior within one epoch (about 0.69 AUC); sum pooling needs more.
+    argv += ["--pooling", "mean", "--activation", "prelu", "--no-progress"]
+    code, _, err = run_main([*argv, "--metrics-out", str(f)], capsys)
     assert code == 0, err
     m = json.loads(f.read_text())
     assert m["n_train"] + m["n_test"] == 100836 and m["n_test_users"] == 122
-    assert m["test_auc"] > 0.6
+    assert m["test_auc"] > 0.65, m["test_auc"]
 
 
 def test_ddp_two_processes_matches_one_process_with_double_batch(tmp_path):
