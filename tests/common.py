@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -79,3 +82,22 @@ def max_rel_err(a, b):
 TOL64 = 1e-10
 LOWP_FACTOR = {"out": 2.0, "grad": 3.0}
 LOWP_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def write_ml(dir_: Path, ratings: str, movies: str) -> Path:
+    """A MovieLens-format folder (ratings.csv, movies.csv) with the given CSV texts."""
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "ratings.csv").write_text(ratings)
+    (dir_ / "movies.csv").write_text(movies)
+    return dir_
+
+
+def movielens_dir():
+    """ml-latest-small from $DIN_FUSED_DATA or ../shared/data beside the checkout, else None."""
+    env = os.environ.get("DIN_FUSED_DATA")
+    for c in ([Path(env), Path(env) / "ml-latest-small"] if env else []) + [
+        Path(__file__).parents[1].parent / "shared/data/ml-latest-small"
+    ]:
+        if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
+            return c
+    return None

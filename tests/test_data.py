@@ -1,11 +1,12 @@
 """The MovieLens loader on small generated CSVs, the synthetic generator, splitting and batching."""
 
-import os
 from pathlib import Path
 
+import common
 import numpy as np
 import pytest
 import torch
+from common import movielens_dir
 
 from din_fused import data as D
 
@@ -29,20 +30,7 @@ RATINGS = """userId,movieId,rating,timestamp
 
 
 def write_ml(dir_: Path, ratings=RATINGS, movies=MOVIES) -> Path:
-    dir_.mkdir(parents=True, exist_ok=True)
-    (dir_ / "ratings.csv").write_text(ratings)
-    (dir_ / "movies.csv").write_text(movies)
-    return dir_
-
-
-def movielens_dir():
-    env = os.environ.get("DIN_FUSED_DATA")
-    for c in ([Path(env), Path(env) / "ml-latest-small"] if env else []) + [
-        Path(__file__).parents[1].parent / "shared/data/ml-latest-small"
-    ]:
-        if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
-            return c
-    return None
+    return common.write_ml(dir_, ratings, movies)
 
 
 def sample_rows(ds):

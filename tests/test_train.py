@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common
 import pytest
 import torch
+from common import movielens_dir
 
 import din_fused
 from din_fused import train as T
@@ -22,21 +24,7 @@ MOVIES = """movieId,title,genres
 
 
 def write_ml(dir_: Path, ratings: str, movies: str = MOVIES) -> Path:
-    dir_.mkdir(parents=True, exist_ok=True)
-    (dir_ / "ratings.csv").write_text(ratings)
-    (dir_ / "movies.csv").write_text(movies)
-    return dir_
-
-
-def movielens_dir():
-    """ml-latest-small from $DIN_FUSED_DATA or ../shared/data beside the checkout, else None."""
-    env = os.environ.get("DIN_FUSED_DATA")
-    for c in ([Path(env), Path(env) / "ml-latest-small"] if env else []) + [
-        Path(__file__).parents[1].parent / "shared/data/ml-latest-small"
-    ]:
-        if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
-            return c
-    return None
+    return common.write_ml(dir_, ratings, movies)
 
 
 torch.set_num_threads(1)
