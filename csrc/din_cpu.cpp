@@ -396,6 +396,20 @@ int threads_of(const DinParams& p) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, std::max<int64_t>(p.rows, 1))));
 }
 
+// Per-thread partials laid out [nt][2][Hp] (two sums per channel, padded
+// width Hp) -> out [2][Hl], summed in thread order so the result is fixed.
+inline void sum_thread_pairs(const double* part, int nt, int Hp, int Hl, double* out) {
+  for (int j = 0; j < Hl; ++j) {
+    double s0 = 0.0, s1 = 0.0;
+    for (int t = 0; t < nt; ++t) {
+      s0 += part[static_cast<size_t>(t) * 2 * Hp + j];
+      s1 += part[static_cast<size_t>(t) * 2 * Hp + Hp + j];
+    }
+    out[j] = s0;
+    out[Hl + j] = s1;
+  }
+}
+
 template <typename T>
 void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
@@ -429,15 +443,7 @@ void stats_impl(const DinParams& p) {
 #pragma omp for schedule(static, 4)
     for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
   }
-  for (int j = 0; j < Hl; ++j) {
-    double s = 0.0, s2 = 0.0;
-    for (int t = 0; t < nt; ++t) {
-      s += part[static_cast<size_t>(t) * 2 * Hp + j];
-      s2 += part[static_cast<size_t>(t) * 2 * Hp + Hp + j];
-    }
-    p.stats_out[j] = s;
-    p.stats_out[Hl + j] = s2;
-  }
+  sum_thread_pairs(part.data(), nt, Hp, Hl, p.stats_out);
 }
 
 template <typename T>
@@ -476,16 +482,7 @@ void backward_impl(const DinParams& p) {
   }
 
   if (reducing) {
-    const int Hl = m.H[red];
-    for (int j = 0; j < Hl; ++j) {
-      double a = 0.0, c = 0.0;
-      for (int t = 0; t < nt; ++t) {
-        a += red_part[static_cast<size_t>(t) * 2 * Hr + j];
-        c += red_part[static_cast<size_t>(t) * 2 * Hr + Hr + j];
-      }
-      p.reduce_out[j] = a;
-      p.reduce_out[Hl + j] = c;
-    }
+    sum_thread_pairs(red_part.data(), nt, Hr, m.H[red], p.reduce_out);
     return;
   }
   // Sum the per-thread partials into thread 0's slot, then scatter to outputs.
