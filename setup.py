@@ -6,8 +6,13 @@ Environment switches:
   DIN_FUSED_CUDA_ARCHS      CMake CUDA architectures; default "native" when a GPU is
                             visible, else "80-real;90" (SASS for sm_80/sm_90 plus PTX).
   DIN_FUSED_BUILD_DIR       CMake build folder (default build/cmake).
+
+A build also leaves a copy of _C in the checkout's din_fused/ (as `build_ext
+--inplace` would), so that `python -m din_fused.train` run from the repository
+root, where the source folder shadows the installed package, finds it too.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -53,19 +58,45 @@ def cuda_args():
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
 
 
+def fresh_build_dir(build_dir: Path, configure: list) -> None:
+    """Empty build_dir when it was configured differently.
+
+    An isolated `pip install .` configures with a cmake, ninja and pybind11 from a
+    temporary environment that pip deletes afterwards; a cache that points at
+    them (or at the other CUDA setting) would break every later build.
+    """
+    stamp = build_dir / "din_fused_configure.json"
+    tools = [shutil.which("cmake"), shutil.which("ninja")]
+    sig = json.dumps({"configure": configure, "tools": tools}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text() == sig:
+        return
+    if build_dir.exists():
+        shutil.rmtree(build_dir)
+    build_dir.mkdir(parents=True)
+    stamp.write_text(sig)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(os.environ.get("DIN_FUSED_BUILD_DIR", ROOT / "build" / "cmake"))
-        build_dir.mkdir(parents=True, exist_ok=True)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        subprocess.check_call(
-            ["cmake", "-S", str(ROOT), "-B", str(build_dir), *generator,
-             f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}", *cuda_args()])
+        configure = [*generator, f"-DPython_EXECUTABLE={sys.executable}",
+                     f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", *cuda_args()]
+        fresh_build_dir(build_dir, configure)
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *configure,
+                               f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}"])
         subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)])
+        self.copy_to_checkout(Path(self.get_ext_fullpath(ext.name)))
+
+    def copy_to_checkout(self, built: Path) -> None:
+        # The source folder din_fused/ shadows the installed package whenever
+        # Python runs from the repository root; give it the same extension.
+        dest = ROOT / "din_fused" / built.name
+        if built.resolve() != dest.resolve() and os.access(dest.parent, os.W_OK):
+            shutil.copy2(built, dest)
 
 
 setup(ext_modules=[Extension("din_fused._C", sources=[])], cmdclass={"build_ext": CMakeBuild})

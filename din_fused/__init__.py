@@ -1,6 +1,15 @@
 """din_fused: fused Deep Interest Network attention pooling for PyTorch."""
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:
+    from pathlib import Path as _Path
+
+    _root = _Path(__file__).resolve().parent.parent
+    _how = (f"from {_root} run `pip install .` (it also places _C in the checkout) or "
+            "`python setup.py build_ext --inplace`" if (_root / "setup.py").is_file()
+            else "reinstall din_fused")
+    raise ImportError(f"din_fused's compiled extension _C is missing or does not load ({e}); {_how}") from e
 from .functional import din_attention
 from .modules import Dice, FusedDINAttention
 from .reference import din_attention_ref
