@@ -33,7 +33,6 @@ from din_fused import FusedDINAttention
 PROVIDERS = ("fused", "reference", "compiled_ref", "deepctr", "compiled_deepctr")
 BASELINES = ("reference", "compiled_ref", "deepctr", "compiled_deepctr")
 LENGTHS = ("uniform", "longtail", "full")
-PEAK_FP32_GFLOPS_CPU = 190.0  # 2 AVX-512 FMA cores, the figure the issue asks to compare against
 
 
 @dataclass(frozen=True)

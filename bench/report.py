@@ -1,6 +1,6 @@
 """One side-by-side benchmark session -> markdown table + PNG plot.
 
-    python bench/report.py                 # CPU, writes bench/results/report_cpu.md and perf_cpu.png
+    python bench/report.py                 # CPU, writes bench/results/local/report_cpu.md and perf_cpu.png
     python bench/report.py --device cuda   # the same on CUDA (report_cuda.md, perf_cuda.png)
     python bench/report.py --quick         # smaller sweeps, fewer rounds (a smoke run)
 
@@ -222,7 +222,7 @@ def machine_info(device: str) -> dict:
 
 def gemm_reference_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
     """What torch.mm (MKL/oneDNN or cuBLAS) reaches on an n^3 fp32 GEMM here: a
-    practical ceiling next to the nominal peak."""
+    practical ceiling next to the measured FMA peak."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -245,19 +245,29 @@ _FMA_PROBE = r"""
 #include <cstdlib>
 #include <thread>
 #include <vector>
+#ifdef __AVX512F__
+typedef __m512 V; enum { kLanes = 16 };
+#define SET1 _mm512_set1_ps
+#define FMA _mm512_fmadd_ps
+#else
+typedef __m256 V; enum { kLanes = 8 };
+#define SET1 _mm256_set1_ps
+#define FMA _mm256_fmadd_ps
+#endif
 #define R(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-static float run(long n) {  // 12 independent chains of 512-bit FMAs
-  __m512 b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
-#define D(i) __m512 a##i = _mm512_set1_ps(i);
+static float run(long n) {  // 12 independent chains of full-width FMAs
+  V b = SET1(1.0000001f), c = SET1(1e-7f);
+#define D(i) V a##i = SET1(i);
   R(D)
   for (long k = 0; k < n; ++k) {
-#define F(i) a##i = _mm512_fmadd_ps(a##i, b, c);
+#define F(i) a##i = FMA(a##i, b, c);
     R(F)
-    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),
-                     "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
+    __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6),
+                     "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
   }
-#define S(i) s += _mm512_reduce_add_ps(a##i);
-  float s = 0; R(S) return s;
+  float s = 0, lane[kLanes];
+#define S(i) { V t = a##i; __builtin_memcpy(lane, &t, sizeof lane); for (float x : lane) s += x; }
+  R(S) return s;
 }
 int main(int argc, char** argv) {
   int nt = argc > 1 ? atoi(argv[1]) : 1; long n = 20000000; double best = 1e30;
@@ -269,29 +279,32 @@ int main(int argc, char** argv) {
     double e = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (e < best) best = e;
   }
-  printf("%.1f\n", 12.0 * n * 32 * nt / best / 1e9);
+  printf("%.1f\n", 12.0 * n * kLanes * 2 * nt / best / 1e9);
 }
 """
 
 
 def fma_peak_gflops(threads: int):
-    """Measured fp32 FMA peak (GFLOP/s) of `threads` cores: 12 independent chains of
-    512-bit FMAs per thread, compiled with the system C++ compiler.  None when there
-    is no compiler or no AVX-512."""
+    """(GFLOP/s, ISA) of `threads` cores running 12 independent chains of the widest
+    fp32 FMAs this CPU has (AVX-512 or AVX2), compiled with the system C++ compiler;
+    None when there is no compiler or neither ISA."""
     import shutil
     import tempfile
 
     cxx = shutil.which("c++") or shutil.which("g++")
-    if not cxx or "avx512f" not in open("/proc/cpuinfo").read():
+    cpuinfo = open("/proc/cpuinfo").read().split()
+    isa = "avx512f" if "avx512f" in cpuinfo else ("avx2" if {"avx2", "fma"} <= set(cpuinfo) else None)
+    if not cxx or isa is None:
         return None
+    flags = ["-mavx512f"] if isa == "avx512f" else ["-mavx2", "-mfma"]
     with tempfile.TemporaryDirectory() as d:
         src, exe = Path(d) / "fma.cpp", Path(d) / "fma"
         src.write_text(_FMA_PROBE)
         try:
-            subprocess.run([cxx, "-O2", "-mavx512f", "-std=c++17", "-pthread", str(src), "-o", str(exe)],
+            subprocess.run([cxx, "-O2", *flags, "-std=c++17", "-pthread", str(src), "-o", str(exe)],
                            check=True, capture_output=True, timeout=120)
             out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, timeout=300)
-            return float(out.stdout.strip())
+            return float(out.stdout.strip()), ("AVX-512" if isa == "avx512f" else "AVX2")
         except (subprocess.SubprocessError, ValueError, OSError):
             return None
 
@@ -344,14 +357,12 @@ def headline_section(args, lines: list, data: dict) -> None:
     lines += ["", f"Fused forward: {gflop:.3f} GFLOP (napkin, 2(D*H1 + H1*H2 + H2 + D) per valid position) "
               f"in {fmt_ms(f_fwd)} ms = **{ach:.0f} GFLOP/s** median ({ach_min:.0f} GFLOP/s best round)."]
     if not args.device.startswith("cuda"):
-        lines.append(f"That is {100 * ach / cases.PEAK_FP32_GFLOPS_CPU:.0f}% (best round "
-                     f"{100 * ach_min / cases.PEAK_FP32_GFLOPS_CPU:.0f}%) of the nominal "
-                     f"{cases.PEAK_FP32_GFLOPS_CPU:.0f} GFLOP/s fp32 peak of 2 AVX-512 cores.")
-        peak = None if args.skip_gemm else fma_peak_gflops(torch.get_num_threads())
-        if peak:
-            data["fma_peak_gflops"] = peak
+        probe = None if args.skip_gemm else fma_peak_gflops(torch.get_num_threads())
+        if probe:
+            peak, isa = probe
+            data["fma_peak_gflops"], data["fma_peak_isa"] = peak, isa
             lines.append(f"Measured FMA peak of this machine ({torch.get_num_threads()} threads, independent "
-                         f"512-bit FMA chains): {peak:.0f} GFLOP/s, so the fused forward reaches "
+                         f"{isa} FMA chains): {peak:.0f} GFLOP/s, so the fused forward reaches "
                          f"{100 * ach / peak:.0f}% (best round {100 * ach_min / peak:.0f}%) of what the "
                          "cores can actually do.")
     if not args.skip_gemm:
@@ -507,7 +518,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the headline session")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(HERE / "results" / "local"),
+                    help="folder for the report, its JSON and plot (default bench/results/local, not tracked)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile providers")
     ap.add_argument("--skip-mem", action="store_true")
     ap.add_argument("--skip-gemm", action="store_true")
