@@ -33,6 +33,9 @@ def _check_no_forward_ad(*tensors) -> None:
 
 def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, scale):
     dice = p.activation == "dice"
+    if dice and training and p.momentum is None:
+        raise ValueError("momentum=None (a cumulative average) needs the number of batches seen: pass "
+                         "momentum=1/num_batches (FusedDINAttention does this from its BatchNorm)")
     out, w, stats = op(query, keys, idx1, idx2, *p.op_args(), p.activation, normalization, float(scale),
                        bool(training and dice), float(p.eps))
     if dice and training:
