@@ -260,8 +260,9 @@ class FusedDINAttention(nn.Module):
                 training=self._dice_training(), return_scores=True)
         else:
             kp, lengths = tile_jagged(values, offsets, row_seq)
-            out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization, scale=self.scale,
-                                        training=self.training, return_scores=True, **_ref_kwargs(p))
+            out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization,
+                                        scale=self.scale, training=self.training, return_scores=True,
+                                        **_ref_kwargs(p))
             w = wp[torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]]
             row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         if not self.return_score:
