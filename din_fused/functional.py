@@ -9,7 +9,7 @@ import torch._C._functorch as _functorch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-from .ops import check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
+from .ops import call_forward, check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
 from .params import MLPParams
 
 
@@ -39,8 +39,8 @@ def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, sca
     if dice and training and p.momentum is None:
         raise ValueError("momentum=None (a cumulative average) needs the number of batches seen: pass "
                          "momentum=1/num_batches (FusedDINAttention does this from its BatchNorm)")
-    out, w, stats = op(query, keys, idx1, idx2, *p.op_args(), p.activation, normalization, float(scale),
-                       bool(training and dice), float(p.eps))
+    out, w, stats = call_forward(op, query, keys, idx1, idx2, *p.op_args(), p.activation, normalization,
+                                 float(scale), bool(training and dice), float(p.eps))
     if dice and training:
         p.update_running_stats(stats)
     return out, w

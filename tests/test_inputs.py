@@ -271,3 +271,47 @@ def test_functional_momentum_none_in_training_is_explained():
     q, k, lengths, p = problem(act="dice")
     with pytest.raises(ValueError, match="momentum=None"):
         din_attention(q, k, lengths, **p, training=True, momentum=None)
+
+
+# ---------------------------------------------------------------------------------------
+# Cheap eager calls (issue 10): a no-grad eager call skips the dispatcher, nothing else.
+# ---------------------------------------------------------------------------------------
+def _spy_impls(monkeypatch):
+    from din_fused import ops
+    calls = []
+    for op, fn in list(ops._IMPLS.items()):
+        def spy(*args, _fn=fn):
+            calls.append(_fn)
+            return _fn(*args)
+        monkeypatch.setitem(ops._IMPLS, op, spy)
+    return calls
+
+
+def test_no_grad_eager_call_skips_the_dispatcher_with_the_same_results(monkeypatch):
+    q, k, lengths, p = problem(act="prelu")
+    calls = _spy_impls(monkeypatch)
+    with torch.no_grad():
+        fast, wf = din_attention(q, k, lengths, **p, normalization="softmax", return_scores=True)
+    assert len(calls) == 1
+    qq = q.clone().requires_grad_()
+    slow, ws = din_attention(qq, k, lengths, **p, normalization="softmax", return_scores=True)
+    assert len(calls) == 1  # gradients needed: through the dispatcher and the autograd op
+    assert torch.equal(fast, slow.detach()) and torch.equal(wf, ws.detach())
+    with torch.no_grad(), torch.device("cpu"):  # a torch-function mode: dispatcher again
+        din_attention(q, k, lengths, **p)
+    assert len(calls) == 1
+    mod = FusedDINAttention(embedding_dim=k.shape[-1], att_hidden_units=(7, 3)).double().eval()
+    with torch.no_grad():
+        mod(q, k, lengths)  # nn.Parameter inputs qualify
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_fast_path_still_checks_lengths(bad, monkeypatch):
+    q, k, lengths, p = problem()
+    calls = _spy_impls(monkeypatch)
+    lengths = lengths.clone()
+    lengths[2] = bad
+    with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
+        din_attention(q, k, lengths, **p)
+    assert len(calls) == 1
