@@ -533,13 +533,15 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter adds no dispatch behaviour
 
 def _dispatcher_adds_nothing(tensors) -> bool:
     """True for a plain eager call that needs no gradient: no torch.compile/export tracing,
-    no dispatch or torch-function mode (fake tensors, profilers' modes, device contexts), no
-    functorch transform, no tensor subclass but Parameter.  The dispatcher would then only route to the
-    implementation, at a fixed cost larger than a small forward's kernel."""
+    no torch.jit tracing, no dispatch or torch-function mode (fake tensors, profilers' modes,
+    device contexts), no functorch transform, no tensor subclass but Parameter.  The
+    dispatcher would then only route to the implementation, at a fixed cost larger than a
+    small forward's kernel."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._is_torch_function_mode_enabled() or _functorch.peek_interpreter_stack() is not None:
+            or torch._C._is_torch_function_mode_enabled() or _functorch.peek_interpreter_stack() is not None \
+            or torch._C._get_tracing_state() is not None:
         return False
     return all(type(t) in _PLAIN for t in tensors)
 

@@ -315,3 +315,13 @@ def test_fast_path_still_checks_lengths(bad, monkeypatch):
     with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
         din_attention(q, k, lengths, **p)
     assert len(calls) == 1
+
+
+def test_jit_trace_goes_through_the_op(monkeypatch):
+    q, k, lengths, p = problem()
+    calls = _spy_impls(monkeypatch)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda q, k: din_attention(q, k, lengths, **p), (q, k), check_trace=False)
+        q2, k2 = torch.randn_like(q), torch.randn_like(k)
+        assert torch.equal(traced(q2, k2), din_attention(q2, k2, lengths, **p))
+    assert len(calls) == 1  # only the untraced eager call
