@@ -10,8 +10,9 @@ except ImportError as e:
             "`python setup.py build_ext --inplace`" if (_root / "setup.py").is_file()
             else "reinstall din_fused")
     raise ImportError(f"din_fused's compiled extension _C is missing or does not load ({e}); {_how}") from e
-from .functional import din_attention
+from .functional import din_attention, din_attention_jagged
 from .modules import Dice, FusedDINAttention
+from .params import MLPParams
 from .reference import din_attention_ref
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["din_attention", "din_attention_ref", "FusedDINAttention", "Dice", "build_info"]
+__all__ = ["din_attention", "din_attention_jagged", "MLPParams", "din_attention_ref", "FusedDINAttention",
+           "Dice", "build_info"]
