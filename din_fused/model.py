@@ -33,15 +33,30 @@ table, so "this movie" means the same vector on both sides of the attention.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .data import Vocab
 from .modules import Dice, FusedDINAttention
 
-__all__ = ["DIN", "BaseModel", "MiniBatchAwareL2", "build_model", "MLP_ACTIVATIONS"]
+__all__ = [
+    "DIN",
+    "BaseModel",
+    "MiniBatchAwareL2",
+    "build_model",
+    "save",
+    "load",
+    "load_checkpoint",
+    "Checkpoint",
+    "MLP_ACTIVATIONS",
+]
 
 MLP_ACTIVATIONS = ("dice", "prelu")
 
@@ -188,6 +203,20 @@ class DIN(_EmbeddingMLP):
         init_std: float = 0.05,
     ):
         super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        self.config = dict(
+            model="din",
+            attr_vocab=list(attr_vocab),
+            context_vocab=list(context_vocab),
+            embedding_dim=int(embedding_dim),
+            attention=attention,
+            attention_impl=attention_impl,
+            att_hidden_units=list(att_hidden_units),
+            att_activation=att_activation,
+            att_weight_normalization=att_weight_normalization,
+            mlp_hidden_units=list(mlp_hidden_units),
+            activation=activation,
+            init_std=float(init_std),
+        )
         if attention not in ("separate", "concat"):
             raise ValueError(f"attention must be 'separate' or 'concat', got {attention!r}")
         if attention_impl not in ("fused", "reference"):
@@ -237,6 +266,16 @@ class BaseModel(_EmbeddingMLP):
         init_std: float = 0.05,
     ):
         super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        self.config = dict(
+            model="base",
+            attr_vocab=list(attr_vocab),
+            context_vocab=list(context_vocab),
+            embedding_dim=int(embedding_dim),
+            pooling=pooling,
+            mlp_hidden_units=list(mlp_hidden_units),
+            activation=activation,
+            init_std=float(init_std),
+        )
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
         self.pooling = pooling
@@ -334,3 +373,123 @@ class MiniBatchAwareL2:
             rows = table.weight[idx]  # [n, E]; gradient reaches only these rows
             total = total + (rows.pow(2).sum(dim=1) * inv[idx]).sum()
         return 0.5 * self.lam * total
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints
+# --------------------------------------------------------------------------- #
+CHECKPOINT_FORMAT = "din_fused.model/1"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    model    the rebuilt :class:`DIN` or :class:`BaseModel`, in eval mode, on CPU
+    vocab    the raw-id :class:`~din_fused.data.Vocab` of the training data (None if not saved)
+    max_len  the history length the model was trained with (latest ``max_len`` behaviours)
+    metrics  the training run's metrics dict (may be empty)
+    attr_names, context_names: the attribute and context feature names, in column order
+    """
+
+    model: _EmbeddingMLP
+    vocab: Vocab | None
+    max_len: int
+    metrics: dict
+    attr_names: tuple[str, ...] = ()
+    context_names: tuple[str, ...] = ()
+
+
+def save(
+    model: _EmbeddingMLP,
+    path: str | os.PathLike,
+    *,
+    vocab: Vocab | None,
+    max_len: int,
+    metrics: dict | None = None,
+    attr_names: Sequence[str] = (),
+    context_names: Sequence[str] = (),
+) -> None:
+    """Write one file with everything needed to score: weights, model config, id vocabularies,
+    max length and metrics.
+
+    Only tensors, numbers, strings, lists and dicts go in, so :func:`load` reads it with
+    ``torch.load(weights_only=True)`` (no pickled code runs on load).  The file is written to a
+    temporary name and renamed, so a reader never sees half a checkpoint.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"save: expected a DIN or BaseModel, got {type(model).__name__}")
+    if metrics is not None:
+        metrics = _plain(metrics)
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": None if vocab is None else vocab.state_dict(),
+        "max_len": int(max_len),
+        "metrics": metrics or {},
+        "attr_names": list(attr_names),
+        "context_names": list(context_names),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _plain(obj):
+    """JSON-like copy of a metrics dict (tuples -> lists, NumPy scalars -> Python), for weights_only."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)  # also str subclasses such as torch.__version__'s TorchVersion
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
+    """Read a file written by :func:`save` (or ``python -m din_fused.train --save``)."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a din_fused checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(f"{path}: not a din_fused checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
+    config = dict(blob["config"])
+    name = config.pop("model")
+    model = (DIN if name == "din" else BaseModel)(**config)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    vocab = None if blob["vocab"] is None else Vocab.from_state_dict(blob["vocab"])
+    return Checkpoint(
+        model,
+        vocab,
+        int(blob["max_len"]),
+        blob["metrics"],
+        tuple(blob["attr_names"]),
+        tuple(blob["context_names"]),
+    )
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> _EmbeddingMLP:
+    """Rebuild the model saved at ``path``, in eval mode (see :func:`load_checkpoint` for the rest)."""
+    return load_checkpoint(path, map_location).model

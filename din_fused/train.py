@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import metrics as M
-from .model import MiniBatchAwareL2, build_model
+from .model import MiniBatchAwareL2, build_model, save
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -84,27 +84,60 @@ def _fraction(s: str) -> float:
     return v
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag's help, except where there is no default value (None,
+    off switches): those flags' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train DIN (or the paper's BaseModel) and report AUC, GAUC and throughput.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
+    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic", help="data source")
     p.add_argument(
         "--data-dir",
         metavar="DIR",
         default=None,
-        help="MovieLens directory with ratings.csv and movies.csv (default: $DIN_FUSED_DATA, "
-        "then ../shared/data/ml-latest-small beside the checkout)",
+        help="MovieLens directory with ratings.csv and movies.csv; if not given, $DIN_FUSED_DATA "
+        "(the directory itself or one that contains ml-latest-small)",
     )
-    p.add_argument("--model", choices=("din", "base"), default="din")
+    p.add_argument("--model", choices=("din", "base"), default="din", help="DIN or the Embedding&MLP BaseModel")
     p.add_argument(
         "--activation", choices=("dice", "prelu"), default="dice", help="MLP and attention activation"
     )
-    p.add_argument("--attention", choices=("separate", "concat"), default="separate")
-    p.add_argument("--attention-impl", choices=("fused", "reference"), default="fused")
-    p.add_argument("--epochs", type=_positive_int, default=3, metavar="N")
+    p.add_argument(
+        "--attention",
+        choices=("separate", "concat"),
+        default="separate",
+        help="one attention unit per attribute, or one over the concatenated attributes",
+    )
+    p.add_argument(
+        "--attention-impl",
+        choices=("fused", "reference"),
+        default="fused",
+        help="the fused op or the pure-PyTorch reference",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="most epochs; training stops earlier when validation AUC has not improved for --patience epochs",
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="early stopping: stop after N epochs without a better validation AUC",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="per process")
     p.add_argument(
         "--max-len", type=_positive_int, default=50, metavar="N", help="behaviours kept per sample"
@@ -123,7 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     # Knobs beyond the issue's list, with defaults that keep its behaviour.
     p.add_argument("--embedding-dim", type=_positive_int, default=16, metavar="N", help="per attribute")
     p.add_argument("--pooling", choices=("sum", "mean"), default="sum", help="BaseModel pooling")
-    p.add_argument("--test-frac", type=_fraction, default=0.2, metavar="F", help="fraction of users held out")
+    p.add_argument(
+        "--val-frac",
+        type=_float_in(0.0, False),
+        default=0.1,
+        metavar="F",
+        help="fraction of users for validation (early stopping, model choice); 0: none, train all --epochs",
+    )
+    p.add_argument("--test-frac", type=_fraction, default=0.1, metavar="F", help="fraction of users for test")
+    p.add_argument(
+        "--save",
+        metavar="PATH",
+        default=None,
+        help="write a checkpoint (weights, config, id vocabularies, max length, metrics) for "
+        "din_fused.model.load and din_fused.predict",
+    )
     p.add_argument(
         "--synthetic-users", type=_positive_int, default=3000, metavar="N", help="users of the synthetic data"
     )
@@ -153,19 +200,23 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     return dev
 
 
-def _check_metrics_out(path: str | None) -> Path | None:
-    """Fail before training, not after, if the metrics file cannot be written."""
+def _check_writable(flag: str, path: str | None) -> Path | None:
+    """Fail before training, not after, if an output file cannot be written."""
     if path is None:
         return None
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ConfigError(f"--metrics-out: directory {parent} does not exist")
+        raise ConfigError(f"{flag}: directory {parent} does not exist")
     if p.is_dir():
-        raise ConfigError(f"--metrics-out: {p} is a directory")
+        raise ConfigError(f"{flag}: {p} is a directory")
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--metrics-out: directory {parent} is not writable")
+        raise ConfigError(f"{flag}: directory {parent} is not writable")
     return p
+
+
+def _check_metrics_out(path: str | None) -> Path | None:
+    return _check_writable("--metrics-out", path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -240,6 +291,12 @@ def _gather(arrays, world_size: int):
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
 
 
+def _improves(new: float, best: float) -> bool:
+    """Is validation AUC ``new`` better than ``best``?  NaN (one-class validation set) never is,
+    and anything beats a NaN best."""
+    return new > best or (math.isnan(best) and not math.isnan(new))
+
+
 def _results_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     v = max(len(x) for _, x in rows)
@@ -264,6 +321,7 @@ def run(args: argparse.Namespace) -> dict:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(args.device, local_rank)
     metrics_path = _check_metrics_out(args.metrics_out)
+    save_path = _check_writable("--save", args.save)
     if args.model == "din" and args.attention_impl == "fused" and device.type == "cuda":
         import din_fused
 
@@ -276,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t_data = time.perf_counter()
     full = load_dataset(args)
-    train_ds, test_ds = data_mod.split_by_user(full, args.test_frac, args.seed)
+    train_ds, val_ds, test_ds = data_mod.split_by_user(full, args.val_frac, args.test_frac, args.seed)
     data_seconds = time.perf_counter() - t_data
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -308,8 +366,11 @@ def run(args: argparse.Namespace) -> dict:
             f"the training split has {len(train_ds)} samples, fewer than the {world_size} processes"
         )
     epoch_losses: list[float] = []
+    val_auc_per_epoch: list[float] = []
+    best_epoch, best_val, best_state, stale = 0, float("nan"), None, 0
     train_seconds = 0.0
     samples_seen = 0
+    eval_bs = max(args.batch_size, 1024)
     for epoch in range(args.epochs):
         net.train()
         bar = tqdm(
@@ -366,15 +427,36 @@ def run(args: argparse.Namespace) -> dict:
             raise TrainError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; try a lower --lr")
         epoch_losses.append(epoch_loss)
         samples_seen += int(stats[1].item())
+        msg = f"epoch {epoch + 1}: train logloss {epoch_loss:.4f}"
+        if len(val_ds):
+            # Every rank scores its shard; all ranks see the gathered arrays, so they agree on when to stop.
+            vp, vl, _ = _gather(predict(model, val_ds, eval_bs, device, rank, world_size), world_size)
+            val_auc = M.auc(vl, vp)
+            val_auc_per_epoch.append(val_auc)
+            msg += f", validation AUC {val_auc:.4f}"
+            if _improves(val_auc, best_val) or best_state is None:
+                best_epoch, best_val, stale = epoch + 1, val_auc, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+        else:
+            best_epoch = epoch + 1
         if rank == 0 and not args.no_progress:
-            print(f"epoch {epoch + 1}: train logloss {epoch_loss:.4f}", file=sys.stderr)
+            print(msg, file=sys.stderr)
+        if len(val_ds) and stale >= args.patience:
+            if rank == 0 and not args.no_progress:
+                print(f"early stop: no better validation AUC for {stale} epochs", file=sys.stderr)
+            break
+    if best_state is not None:
+        # The weights of the best validation epoch are the ones evaluated (and saved).
+        model.load_state_dict(best_state)
 
     # Every rank predicts its shard; gather so rank 0 scores the whole test set.
     t_eval = time.perf_counter()
-    probs, labels, users = _gather(
-        predict(model, test_ds, max(args.batch_size, 1024), device, rank, world_size), world_size
-    )
+    probs, labels, users = _gather(predict(model, test_ds, eval_bs, device, rank, world_size), world_size)
     g = M.group_auc(labels, probs, users)
+    val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size), world_size)
+    gv = M.group_auc(val[1], val[0], val[2])
     result = {
         "name": _model_name(args),
         "dataset": args.dataset,
@@ -382,6 +464,11 @@ def run(args: argparse.Namespace) -> dict:
         "activation": args.activation,
         "attention": args.attention if args.model == "din" else None,
         "attention_impl": args.attention_impl if args.model == "din" else None,
+        "best_epoch": best_epoch,
+        "epochs_run": len(epoch_losses),
+        "val_auc": M.auc(val[1], val[0]),
+        "val_gauc": gv.weighted,
+        "val_auc_per_epoch": val_auc_per_epoch,
         "test_auc": M.auc(labels, probs),
         "test_gauc": g.weighted,
         "test_gauc_unweighted": g.unweighted,
@@ -389,8 +476,10 @@ def run(args: argparse.Namespace) -> dict:
         "gauc_users": g.users,
         "gauc_users_skipped": g.skipped,
         "n_train": len(train_ds),
+        "n_val": len(val_ds),
         "n_test": int(labels.shape[0]),
         "n_train_users": train_ds.num_users,
+        "n_val_users": val_ds.num_users,
         "n_test_users": test_ds.num_users,
         "train_loss_per_epoch": epoch_losses,
         "train_seconds": train_seconds,
@@ -406,6 +495,16 @@ def run(args: argparse.Namespace) -> dict:
     if rank == 0:
         if metrics_path is not None:
             write_json_atomic(metrics_path, result)
+        if save_path is not None:
+            save(
+                model,
+                save_path,
+                vocab=full.vocab,
+                max_len=args.max_len,
+                metrics=result,
+                attr_names=full.attr_names,
+                context_names=full.context_names,
+            )
     return result
 
 
@@ -414,9 +513,12 @@ def format_results(r: dict) -> str:
     title = (
         f"{r['name']} on {r['dataset']}"
         + (f", {r['attention']} attention, {r['attention_impl']} op" if r["model"] == "din" else "")
-        + f": {r['n_train']:,} train / {r['n_test']:,} test samples, {r['n_test_users']:,} test users"
+        + f": {r['n_train']:,} train / {r['n_val']:,} validation / {r['n_test']:,} test samples, "
+        f"{r['n_test_users']:,} test users"
     )
     rows = [
+        ("best epoch (validation AUC) / epochs run", f"{r['best_epoch']} / {r['epochs_run']}"),
+        ("validation AUC", f"{r['val_auc']:.4f}"),
         ("test AUC", f"{r['test_auc']:.4f}"),
         ("test GAUC (impression-weighted)", f"{r['test_gauc']:.4f}"),
         ("test per-user AUC (unweighted)", f"{r['test_gauc_unweighted']:.4f}"),
