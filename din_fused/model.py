@@ -44,6 +44,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .data import Vocab
+from .data.batching import gather_padded
 from .modules import Dice, FusedDINAttention
 
 __all__ = [
@@ -150,6 +151,41 @@ class _EmbeddingMLP(nn.Module):
         parts = [emb(context[:, f]) for f, emb in enumerate(self.context_embeddings)]
         x = torch.cat([*parts, *queries, interest], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
+
+    @torch.no_grad()
+    def score_shared(
+        self,
+        target: Tensor,
+        values: Tensor,
+        offsets: Tensor,
+        row_seq: Tensor,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """Inference: score many candidates against histories that several rows share.
+
+        target  [R, A] int64   candidate attribute ids, one row per candidate
+        values  [N, A] int64   behaviours of all S histories back to back (no padding)
+        offsets [S+1] int64    history s is ``values[offsets[s]:offsets[s+1]]``, oldest first
+        row_seq [R] int64      candidate r is scored against history ``row_seq[r]``
+        context [R, F] int64   or None when F = 0
+        returns [R] click logits, equal to :meth:`forward` on the equivalent padded batch
+
+        Each history is embedded once; the rows only index it.
+        """
+        r = target.shape[0]
+        if offsets.dim() != 1 or offsets.numel() < 1 or row_seq.shape != (r,):
+            raise ValueError(
+                f"offsets must be [S+1] and row_seq [{r}], got {tuple(offsets.shape)} and {tuple(row_seq.shape)}"
+            )
+        if values.dim() != 2 or values.shape[1] != self.num_attrs or int(offsets[-1]) != values.shape[0]:
+            raise ValueError(
+                f"values must be [offsets[-1], {self.num_attrs}], got {tuple(values.shape)} "
+                f"with offsets[-1] = {int(offsets[-1])}"
+            )
+        lengths = (offsets[1:] - offsets[:-1])[row_seq]  # [R]
+        t = int(lengths.max()) if r else 0
+        history = gather_padded(values, offsets[:-1][row_seq], lengths, max(t, 1))
+        return self.forward(target, history, lengths, context)
 
     # -- for the regulariser ---------------------------------------------- #
     def embedding_tables(self) -> list[nn.Embedding]:

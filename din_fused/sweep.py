@@ -78,15 +78,19 @@ def _point_name(point: dict[str, str]) -> str:
 def _run(out: Path, row, point, seed, train_args, log) -> dict:
     name, model, act = row
     f = out / f"{name}__{_point_name(point)}__seed{seed}.json".replace("/", "_")
-    if f.is_file():
-        log(f"{name} {_point_name(point)} seed {seed}: read back from {f}")
-        return json.loads(f.read_text())
     argv = [*train_args, "--model", model, "--activation", act, "--seed", str(seed), "--no-progress"]
     for k, v in point.items():
         argv += [f"--{k}", v]
     argv += ["--metrics-out", str(f)]
-    t0 = time.perf_counter()
     args = T.build_parser().parse_args(argv)
+    if f.is_file():
+        r = json.loads(f.read_text())
+        want = {k: v for k, v in vars(args).items() if k != "no_progress"}
+        if r.get("config") != want:
+            raise ValueError(f"{f} was written with other training flags; use another --out")
+        log(f"{name} {_point_name(point)} seed {seed}: read back from {f}")
+        return r
+    t0 = time.perf_counter()
     r = T.run(args)
     log(
         f"{name} {_point_name(point)} seed {seed}: validation AUC {r['val_auc']:.4f} "
@@ -112,6 +116,11 @@ def _paired_t_p(diff: np.ndarray) -> float:
     return float(stats.ttest_1samp(diff, 0.0).pvalue)
 
 
+def _relaimpr(model: float, base: float) -> float:
+    """RelaImpr of the means; NaN when the baseline is not above chance (it is undefined there)."""
+    return M.relaimpr(model, base) if base > 0.5 else float("nan")
+
+
 def summarize(results: dict[str, list[dict]], chosen: dict[str, dict]) -> dict:
     """Per row: mean/std of test AUC and GAUC over seeds, RelaImpr, and the paired comparison with row 0."""
     names = list(results)
@@ -131,8 +140,8 @@ def summarize(results: dict[str, list[dict]], chosen: dict[str, dict]) -> dict:
             "auc_std": float(auc.std(ddof=1)) if auc.size > 1 else float("nan"),
             "gauc_mean": float(gauc.mean()),
             "gauc_std": float(gauc.std(ddof=1)) if gauc.size > 1 else float("nan"),
-            "relaimpr_auc": M.relaimpr(float(auc.mean()), float(b_auc.mean())),
-            "relaimpr_gauc": M.relaimpr(float(gauc.mean()), float(b_gauc.mean())),
+            "relaimpr_auc": _relaimpr(float(auc.mean()), float(b_auc.mean())),
+            "relaimpr_gauc": _relaimpr(float(gauc.mean()), float(b_gauc.mean())),
             "best_epochs": [r["best_epoch"] for r in results[name]],
         }
         if name != base:

@@ -38,7 +38,7 @@ from . import data as data_mod
 from . import metrics as M
 from .model import MiniBatchAwareL2, build_model, save
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["EarlyStopping", "build_parser", "main", "run"]
 
 PROG = "python -m din_fused.train"
 
@@ -291,10 +291,39 @@ def _gather(arrays, world_size: int):
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
 
 
-def _improves(new: float, best: float) -> bool:
-    """Is validation AUC ``new`` better than ``best``?  NaN (one-class validation set) never is,
-    and anything beats a NaN best."""
-    return new > best or (math.isnan(best) and not math.isnan(new))
+class EarlyStopping:
+    """Keeps the weights of the epoch with the best validation AUC; says when to stop.
+
+    ``step(auc, model)`` after every epoch returns True once ``patience`` epochs in a row
+    brought no higher AUC.  A NaN AUC (a one-class validation set) never counts as better,
+    except that the first epoch is always kept.  ``restore_best(model)`` loads the kept
+    weights and returns their 1-based epoch (0 if ``step`` was never called).
+    """
+
+    def __init__(self, patience: int):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.epoch = 0
+        self.best_epoch = 0
+        self.best_auc = float("nan")
+        self.stale = 0
+        self._state: dict | None = None
+
+    def step(self, auc: float, model: torch.nn.Module) -> bool:
+        self.epoch += 1
+        better = auc > self.best_auc or (math.isnan(self.best_auc) and not math.isnan(auc))
+        if better or self._state is None:
+            self.best_epoch, self.best_auc, self.stale = self.epoch, auc, 0
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self, model: torch.nn.Module) -> int:
+        if self._state is not None:
+            model.load_state_dict(self._state)
+        return self.best_epoch
 
 
 def _results_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
@@ -367,7 +396,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     epoch_losses: list[float] = []
     val_auc_per_epoch: list[float] = []
-    best_epoch, best_val, best_state, stale = 0, float("nan"), None, 0
+    stopper = EarlyStopping(args.patience)
     train_seconds = 0.0
     samples_seen = 0
     eval_bs = max(args.batch_size, 1024)
@@ -434,22 +463,18 @@ def run(args: argparse.Namespace) -> dict:
             val_auc = M.auc(vl, vp)
             val_auc_per_epoch.append(val_auc)
             msg += f", validation AUC {val_auc:.4f}"
-            if _improves(val_auc, best_val) or best_state is None:
-                best_epoch, best_val, stale = epoch + 1, val_auc, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
+            stop = stopper.step(val_auc, model)
         else:
-            best_epoch = epoch + 1
+            stop = False
         if rank == 0 and not args.no_progress:
             print(msg, file=sys.stderr)
-        if len(val_ds) and stale >= args.patience:
+        if stop:
             if rank == 0 and not args.no_progress:
-                print(f"early stop: no better validation AUC for {stale} epochs", file=sys.stderr)
+                print(f"early stop: no better validation AUC for {stopper.stale} epochs", file=sys.stderr)
             break
-    if best_state is not None:
-        # The weights of the best validation epoch are the ones evaluated (and saved).
-        model.load_state_dict(best_state)
+    # The weights of the best validation epoch are the ones evaluated (and saved); without a
+    # validation set, the last epoch's.
+    best_epoch = stopper.restore_best(model) or len(epoch_losses)
 
     # Every rank predicts its shard; gather so rank 0 scores the whole test set.
     t_eval = time.perf_counter()

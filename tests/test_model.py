@@ -237,3 +237,76 @@ def test_softmax_attention_option_averages():
     expected = torch.cat([m.attr_embeddings[0].weight[3], m.attr_embeddings[1].weight[2]])
     torch.testing.assert_close(pooled[has], expected.expand(int(has.sum()), 8))
     assert torch.all(pooled[~has] == 0)
+
+
+def _trained(m, activation_steps=3):
+    """A few optimiser steps so that weights, Dice running statistics and PReLU slopes move."""
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for s in range(activation_steps):
+        target, history, lengths, context = make_batch(b=16, seed=10 + s)
+        loss = m(target, history, lengths, context).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_save_load_predicts_bitwise_the_same(tmp_path, activation):
+    from din_fused.data import Vocab
+    from din_fused.model import load, load_checkpoint, save
+
+    vocab = Vocab(
+        item_raw=torch.arange(-1, 29).numpy() * 10,
+        item_attrs=torch.stack([torch.arange(30), torch.arange(30) % 5 + (torch.arange(30) > 0)], 1).numpy(),
+        context_raw=(torch.tensor([-1, 7, 8, 9]).numpy(),),
+    )
+    target, history, lengths, context = make_batch(b=11, seed=4)
+    for name, m in models(att_impl="fused", activation=activation).items():
+        m = _trained(m)
+        before = m(target, history, lengths, context)
+        path = tmp_path / f"{name}.pt"
+        save(m, path, vocab=vocab, max_len=7, metrics={"test_auc": 0.7, "v": torch.__version__},
+             attr_names=("item", "category"), context_names=("slot",))
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+        loaded = load(path)
+        assert type(loaded) is type(m) and not loaded.training
+        assert torch.equal(loaded(target, history, lengths, context), before), name
+        ck = load_checkpoint(path)
+        assert ck.max_len == 7 and ck.metrics["test_auc"] == 0.7 and ck.context_names == ("slot",)
+        assert ck.vocab.item_rows()[280] == 29 and ck.vocab.context_rows() == [{7: 1, 8: 2, 9: 3}]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a din_fused checkpoint"):
+        load(tmp_path / "junk.pt")
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="format 'other'"):
+        load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum"])
+def test_score_shared_equals_forward_on_tiled_histories(name):
+    """One history per user, many candidates each: the same logits as the padded batch that tiles it."""
+    m = _trained(models(att_impl="fused", activation="dice")[name])
+    g = torch.Generator().manual_seed(3)
+    lens = [5, 0, 7, 1]  # includes an empty history
+    values = torch.stack([torch.randint(1, 30, (sum(lens),), generator=g),
+                          torch.randint(1, 6, (sum(lens),), generator=g)], 1)
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    row_seq = torch.tensor([0, 0, 0, 1, 2, 2, 3, 0])
+    r = row_seq.numel()
+    target = torch.stack([torch.randint(1, 30, (r,), generator=g), torch.randint(1, 6, (r,), generator=g)], 1)
+    context = torch.randint(1, 4, (r, 1), generator=g)
+    t = max(lens)
+    history = torch.zeros(r, t, 2, dtype=torch.int64)
+    for i, s in enumerate(row_seq.tolist()):
+        history[i, : lens[s]] = values[offsets[s] : offsets[s + 1]]
+    lengths = torch.tensor([lens[s] for s in row_seq.tolist()])
+    want = m(target, history, lengths, context)
+    got = m.score_shared(target, values, offsets, row_seq, context)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="values must be"):
+        m.score_shared(target, values[:-1], offsets, row_seq, context)
+    with pytest.raises(ValueError, match="row_seq"):
+        m.score_shared(target, values, offsets, row_seq[:-1], context)
