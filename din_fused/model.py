@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from .data import Vocab
+from .data import Batch, JaggedBatch, Vocab
 from .data.batching import gather_padded
 from .modules import Dice, FusedDINAttention
 
@@ -132,6 +133,8 @@ class _EmbeddingMLP(nn.Module):
     def _check(self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None) -> None:
         if target.dim() != 2 or target.shape[1] != self.num_attrs:
             raise ValueError(f"target must be [B, {self.num_attrs}], got {tuple(target.shape)}")
+        if history is None or lengths is None:
+            raise ValueError("forward needs target, history and lengths (or one Batch / JaggedBatch)")
         b = target.shape[0]
         if history.dim() != 3 or history.shape[0] != b or history.shape[2] != self.num_attrs:
             raise ValueError(f"history must be [{b}, T, {self.num_attrs}], got {tuple(history.shape)}")
@@ -142,15 +145,55 @@ class _EmbeddingMLP(nn.Module):
             raise ValueError(f"context must be [{b}, {self.num_context}], got {got}")
 
     def forward(
-        self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None = None
+        self,
+        target: Tensor | Batch | JaggedBatch,
+        history: Tensor | None = None,
+        lengths: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
-        """Click logits [B]; see the module docstring for the input shapes."""
+        """Click logits [B]; see the module docstring for the input shapes.
+
+        ``forward(batch)`` with a :class:`~din_fused.data.Batch` or
+        :class:`~din_fused.data.JaggedBatch` runs the padded or the jagged path
+        (:meth:`forward_jagged`); that is the form for DistributedDataParallel, which
+        only hooks ``forward``.
+        """
+        if isinstance(target, JaggedBatch):
+            return self.forward_jagged(target.target, target.values, target.offsets, target.context)
+        if isinstance(target, Batch):
+            target, history, lengths, context = target.target, target.history, target.lengths, target.context
         self._check(target, history, lengths, context)
         queries, keys = self.embed(target, history)
         interest = self.pool(queries, keys, lengths)  # [B, A*E]
+        return self._head(queries, interest, context)
+
+    def _head(self, queries: list[Tensor], interest: Tensor, context: Tensor | None) -> Tensor:
         parts = [emb(context[:, f]) for f, emb in enumerate(self.context_embeddings)]
         x = torch.cat([*parts, *queries, interest], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
+
+    def forward_jagged(
+        self,
+        target: Tensor,
+        values: Tensor,
+        offsets: Tensor,
+        context: Tensor | None = None,
+        row_seq: Tensor | None = None,
+    ) -> Tensor:
+        """Click logits [R] from unpadded histories; the same model as :meth:`forward`.
+
+        target  [R, A] int64   candidate attribute ids, one row per candidate
+        values  [N, A] int64   the behaviours of S histories back to back (no padding)
+        offsets [S+1] int64    history s is ``values[offsets[s]:offsets[s+1]]``, oldest first
+        context [R, F] int64   or None when F = 0
+        row_seq [R] int64      row r is scored against history ``row_seq[r]``; None: S == R and
+                               row r uses history r
+        Each behaviour is embedded once, however many rows share its history.
+        """
+        self._check_jagged(target, values, offsets, context, row_seq)
+        queries = [emb(target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        interest = self.pool_jagged(queries, values, offsets, row_seq)  # [R, A*E]
+        return self._head(queries, interest, context)
 
     @torch.no_grad()
     def score_shared(
@@ -161,31 +204,41 @@ class _EmbeddingMLP(nn.Module):
         row_seq: Tensor,
         context: Tensor | None = None,
     ) -> Tensor:
-        """Inference: score many candidates against histories that several rows share.
+        """Inference: many candidates against histories that rows share (e.g. one user's history
+        and all of its candidates): :meth:`forward_jagged` with ``row_seq``, without autograd.
+        Each history is embedded and read once, not once per candidate."""
+        return self.forward_jagged(target, values, offsets, context, row_seq)
 
-        target  [R, A] int64   candidate attribute ids, one row per candidate
-        values  [N, A] int64   behaviours of all S histories back to back (no padding)
-        offsets [S+1] int64    history s is ``values[offsets[s]:offsets[s+1]]``, oldest first
-        row_seq [R] int64      candidate r is scored against history ``row_seq[r]``
-        context [R, F] int64   or None when F = 0
-        returns [R] click logits, equal to :meth:`forward` on the equivalent padded batch
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """queries[a] [R, E], behaviour ids values [N, A] (jagged by ``offsets``), row_seq [R] or
+        None -> [R, A*E].  Embedding the behaviours is part of pooling, so that a model can fuse it."""
+        raise NotImplementedError  # defined by DIN and BaseModel
 
-        Each history is embedded once; the rows only index it.
-        """
+    def _check_jagged(
+        self, target: Tensor, values: Tensor, offsets: Tensor, context: Tensor | None, row_seq: Tensor | None
+    ) -> None:
+        if target.dim() != 2 or target.shape[1] != self.num_attrs:
+            raise ValueError(f"target must be [R, {self.num_attrs}], got {tuple(target.shape)}")
         r = target.shape[0]
-        if offsets.dim() != 1 or offsets.numel() < 1 or row_seq.shape != (r,):
-            raise ValueError(
-                f"offsets must be [S+1] and row_seq [{r}], got {tuple(offsets.shape)} and {tuple(row_seq.shape)}"
-            )
-        if values.dim() != 2 or values.shape[1] != self.num_attrs or int(offsets[-1]) != values.shape[0]:
-            raise ValueError(
-                f"values must be [offsets[-1], {self.num_attrs}], got {tuple(values.shape)} "
-                f"with offsets[-1] = {int(offsets[-1])}"
-            )
-        lengths = (offsets[1:] - offsets[:-1])[row_seq]  # [R]
-        t = int(lengths.max()) if r else 0
-        history = gather_padded(values, offsets[:-1][row_seq], lengths, max(t, 1))
-        return self.forward(target, history, lengths, context)
+        if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"offsets must be [S+1] int32/int64, got {tuple(offsets.shape)} {offsets.dtype}")
+        n = values.shape[0] if values.dim() == 2 else -1
+        if values.dim() != 2 or values.shape[1] != self.num_attrs:
+            raise ValueError(f"values must be [N, {self.num_attrs}], got {tuple(values.shape)}")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"offsets must start at 0, not decrease and end at values.shape[0] = {n}")
+        s = offsets.numel() - 1
+        if row_seq is None:
+            if s != r:
+                raise ValueError(f"without row_seq, offsets must be [R+1] = [{r + 1}], got [{s + 1}]")
+        elif row_seq.shape != (r,) or (r and (int(row_seq.min()) < 0 or int(row_seq.max()) >= s)):
+            raise ValueError(f"row_seq must be [{r}] with values in [0, {s}), got {tuple(row_seq.shape)}")
+        if self.num_context and (context is None or context.shape != (r, self.num_context)):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must be [{r}, {self.num_context}], got {got}")
+
 
     # -- for the regulariser ---------------------------------------------- #
     def embedding_tables(self) -> list[nn.Embedding]:
@@ -204,6 +257,13 @@ class _EmbeddingMLP(nn.Module):
         ids = [torch.cat([target[:, a], history[:, :, a][valid]]) for a in range(self.num_attrs)]
         ids += [context[:, f] for f in range(self.num_context)]
         return ids
+
+    def batch_ids_of(self, batch: Batch | JaggedBatch) -> list[Tensor]:
+        """:meth:`batch_ids` of a padded or jagged batch (a jagged one has no padding to drop)."""
+        if isinstance(batch, JaggedBatch):
+            ids = [torch.cat([batch.target[:, a], batch.values[:, a]]) for a in range(self.num_attrs)]
+            return ids + [batch.context[:, f] for f in range(self.num_context)]
+        return self.batch_ids(batch.target, batch.history, batch.lengths, batch.context)
 
 
 class DIN(_EmbeddingMLP):
@@ -284,6 +344,23 @@ class DIN(_EmbeddingMLP):
         # category side by side, which is the original code's joint key.
         return self.att[0](torch.cat(queries, dim=1), torch.cat(keys, dim=2), lengths)
 
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """Attention pooling of unpadded histories: every behaviour is embedded once ([N, E] per
+        attribute), however many rows share its history -> [R, A*E]."""
+        keys = [emb(values[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        if self.attention == "concat":
+            queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
+        # Interim until the jagged attention op lands: pad the embedded keys per row.
+        starts = offsets[:-1] if row_seq is None else offsets[:-1][row_seq]
+        lengths = (offsets[1:] - offsets[:-1]) if row_seq is None else (offsets[1:] - offsets[:-1])[row_seq]
+        t = max(int(lengths.max()), 1) if lengths.numel() else 1
+        return torch.cat(
+            [att(q, gather_padded(k, starts, lengths, t), lengths) for att, q, k in zip(self.att, queries, keys)],
+            dim=1,
+        )
+
 
 class BaseModel(_EmbeddingMLP):
     """The paper's Embedding&MLP baseline: sum (default, as in the paper) or mean pooling.
@@ -327,6 +404,25 @@ class BaseModel(_EmbeddingMLP):
             # A row with no behaviour divides 0 by 1 and stays zero.
             pooled = pooled / lengths.clamp(min=1).to(k.dtype).unsqueeze(1)
         return pooled
+
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """Sum or mean of each history's embeddings -> [R, A*E] (queries unused).
+
+        ``embedding_bag`` looks up and reduces each history in one op, with no [N, E] or
+        padded tensor; an empty history pools to zero.  One vector per history, shared by
+        the rows of ``row_seq``.
+        """
+        off = offsets.to(torch.int64)
+        pooled = torch.cat(
+            [
+                F.embedding_bag(values[:, a], emb.weight, off, mode=self.pooling, include_last_offset=True)
+                for a, emb in enumerate(self.attr_embeddings)
+            ],
+            dim=1,
+        )  # [S, A*E]
+        return pooled if row_seq is None else pooled[row_seq]
 
 
 def build_model(

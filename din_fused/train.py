@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic-users", type=_positive_int, default=3000, metavar="N", help="users of the synthetic data"
     )
+    p.add_argument(
+        "--layout",
+        choices=("jagged", "padded"),
+        default="jagged",
+        help="histories as unpadded values+offsets, or padded to --max-len (same model, same results "
+        "up to float rounding)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -268,13 +275,16 @@ def _context_counts(ds: data_mod.SequenceDataset) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model, ds, batch_size: int, device, rank: int, world_size: int):
+def predict(model, ds, batch_size: int, device, rank: int, world_size: int, layout: str = "jagged"):
     """This rank's shard of ``ds``: (probabilities [n], labels [n], users [n]) as NumPy arrays."""
     model.eval()
     probs, labels, users = [], [], []
-    for b in data_mod.iterate_batches(ds, batch_size, shuffle=False, rank=rank, world_size=world_size):
+    batches = data_mod.iterate_batches(
+        ds, batch_size, shuffle=False, rank=rank, world_size=world_size, layout=layout
+    )
+    for b in batches:
         b = b.to(device)
-        logits = model(b.target, b.history, b.lengths, b.context)
+        logits = model(b)
         probs.append(torch.sigmoid(logits.float()).cpu())
         labels.append(b.label.cpu())
         users.append(b.user.cpu())
@@ -410,6 +420,7 @@ def run(args: argparse.Namespace) -> dict:
                 seed=args.seed * 100_003 + epoch,
                 rank=rank,
                 world_size=world_size,
+                layout=args.layout,
             ),
             total=steps,
             desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -423,13 +434,11 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for i, b in enumerate(bar):
             b = b.to(device)
-            logits = net(b.target, b.history, b.lengths, b.context)
+            logits = net(b)
             loss = F.binary_cross_entropy_with_logits(logits, b.label)
             total = loss
             if reg is not None:
-                total = loss + reg(
-                    model.embedding_tables(), model.batch_ids(b.target, b.history, b.lengths, b.context)
-                )
+                total = loss + reg(model.embedding_tables(), model.batch_ids_of(b))
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -459,7 +468,9 @@ def run(args: argparse.Namespace) -> dict:
         msg = f"epoch {epoch + 1}: train logloss {epoch_loss:.4f}"
         if len(val_ds):
             # Every rank scores its shard; all ranks see the gathered arrays, so they agree on when to stop.
-            vp, vl, _ = _gather(predict(model, val_ds, eval_bs, device, rank, world_size), world_size)
+            vp, vl, _ = _gather(
+                predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size
+            )
             val_auc = M.auc(vl, vp)
             val_auc_per_epoch.append(val_auc)
             msg += f", validation AUC {val_auc:.4f}"
@@ -478,9 +489,11 @@ def run(args: argparse.Namespace) -> dict:
 
     # Every rank predicts its shard; gather so rank 0 scores the whole test set.
     t_eval = time.perf_counter()
-    probs, labels, users = _gather(predict(model, test_ds, eval_bs, device, rank, world_size), world_size)
+    probs, labels, users = _gather(
+        predict(model, test_ds, eval_bs, device, rank, world_size, args.layout), world_size
+    )
     g = M.group_auc(labels, probs, users)
-    val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size), world_size)
+    val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size)
     gv = M.group_auc(val[1], val[0], val[2])
     result = {
         "name": _model_name(args),

@@ -306,7 +306,34 @@ def test_score_shared_equals_forward_on_tiled_histories(name):
     want = m(target, history, lengths, context)
     got = m.score_shared(target, values, offsets, row_seq, context)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="values must be"):
+    with pytest.raises(ValueError, match=r"end at values.shape\[0\] = 12"):
         m.score_shared(target, values[:-1], offsets, row_seq, context)
+    with pytest.raises(ValueError, match="values must be"):
+        m.score_shared(target, values[:, :1], offsets, row_seq, context)
+    with pytest.raises(ValueError, match=r"row_seq must be \[8\] with values in \[0, 4\)"):
+        m.score_shared(target, values, offsets, row_seq + 1, context)
     with pytest.raises(ValueError, match="row_seq"):
         m.score_shared(target, values, offsets, row_seq[:-1], context)
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_jagged_forward_and_gradients_equal_padded(activation):
+    """The same batch as jagged values/offsets and as padded [B, T]: same logits and the same gradients
+    for every parameter (training mode, so Dice uses batch statistics)."""
+    target, history, lengths, context = make_batch(b=9, t=6, seed=5)
+    values = torch.cat([history[i, : lengths[i]] for i in range(9)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    for name, m in models(att_impl="fused", activation=activation).items():
+        m.train()
+        grads = []
+        outs = []
+        for call in (lambda: m(target, history, lengths, context),
+                     lambda: m.forward_jagged(target, values, offsets, context)):
+            m.zero_grad()
+            out = call()
+            (out * torch.linspace(-1, 1, 9)).sum().backward()
+            outs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=name)
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=f"{name} {n}")

@@ -379,3 +379,21 @@ def test_sweep_statistics():
     for bad in ("mba-lambda", "seed=1,2", "x="):
         with pytest.raises(ValueError):
             S.parse_grid([bad])
+
+
+@pytest.mark.parametrize("model", ["din", "base"])
+def test_jagged_and_padded_layouts_train_the_same(tmp_path, capsys, model):
+    """Same seed, same model: unpadded (default) and padded batches give the same metrics up to
+    float rounding."""
+    res = {}
+    for layout in ("jagged", "padded"):
+        f = tmp_path / f"{layout}.json"
+        argv = [*SMALL, "--synthetic-users", "80", "--epochs", "2", "--model", model, "--max-len", "20"]
+        assert T.main([*argv, "--layout", layout, "--metrics-out", str(f)]) == 0
+        res[layout] = json.loads(f.read_text())
+    capsys.readouterr()
+    assert T.build_parser().parse_args([]).layout == "jagged"
+    j, p = res["jagged"], res["padded"]
+    assert j["train_loss_per_epoch"] == pytest.approx(p["train_loss_per_epoch"], abs=1e-5)
+    for key in ("val_auc", "test_auc", "test_gauc", "test_logloss"):
+        assert j[key] == pytest.approx(p[key], abs=1e-4), key

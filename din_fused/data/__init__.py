@@ -36,7 +36,7 @@ the first ``length`` ones (left-aligned), which is what ``FusedDINAttention``
 expects from ``keys_length``.
 """
 
-from .batching import Batch, iterate_batches, num_train_steps
+from .batching import Batch, JaggedBatch, iterate_batches, num_train_steps
 from .loading import DataError, EventLog, Vocab, default_movielens_dir, read_movielens_events, synthetic_events
 from .protocol import SequenceDataset, build_samples, load_movielens, make_synthetic, split_by_user
 
@@ -46,6 +46,7 @@ __all__ = [
     "Vocab",
     "SequenceDataset",
     "Batch",
+    "JaggedBatch",
     "build_samples",
     "split_by_user",
     "load_movielens",

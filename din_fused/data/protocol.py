@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import Batch, gather_padded
+from .batching import Batch, JaggedBatch, gather_jagged, gather_padded
 from .loading import DataError, EventLog, Vocab, read_movielens_events, synthetic_events
 
 __all__ = ["SequenceDataset", "build_samples", "split_by_user", "load_movielens", "make_synthetic"]
@@ -68,13 +68,19 @@ class SequenceDataset:
             info=dict(self.info),
         )
 
-    def batch(self, index: torch.Tensor) -> Batch:
-        """Gather samples ``index`` [b] into a padded :class:`Batch` with T = ``max_len``."""
+    def batch(self, index: torch.Tensor, layout: str = "padded") -> Batch | JaggedBatch:
+        """Gather samples ``index`` [b] into a padded :class:`Batch` (T = ``max_len``) or, with
+        ``layout="jagged"``, a :class:`JaggedBatch` with no padding."""
         lengths = self.hist_len[index]
-        history = gather_padded(self.seq, self.hist_start[index], lengths, self.max_len)  # [b, T, A]
-        return Batch(
-            self.user[index], self.target[index], history, lengths, self.context[index], self.label[index]
-        )
+        start = self.hist_start[index]
+        rest = self.user[index], self.target[index]
+        if layout == "jagged":
+            values, offsets = gather_jagged(self.seq, start, lengths)
+            return JaggedBatch(*rest, values, offsets, self.context[index], self.label[index])
+        if layout != "padded":
+            raise ValueError(f"layout must be 'padded' or 'jagged', got {layout!r}")
+        history = gather_padded(self.seq, start, lengths, self.max_len)  # [b, T, A]
+        return Batch(*rest, history, lengths, self.context[index], self.label[index])
 
     def id_counts(self) -> list[torch.Tensor]:
         """Per attribute a: [attr_vocab[a]] float, the number of samples in which each id occurs.
