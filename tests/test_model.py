@@ -1,5 +1,7 @@
 """DIN / BaseModel: shapes, per-attribute attention, shared tables, padding, fused vs reference, MBA."""
 
+import copy
+
 import pytest
 import torch
 
@@ -323,17 +325,37 @@ def test_jagged_forward_and_gradients_equal_padded(activation):
     target, history, lengths, context = make_batch(b=9, t=6, seed=5)
     values = torch.cat([history[i, : lengths[i]] for i in range(9)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    for name, m in models(att_impl="fused", activation=activation).items():
-        m.train()
-        grads = []
-        outs = []
-        for call in (lambda: m(target, history, lengths, context),
-                     lambda: m.forward_jagged(target, values, offsets, context)):
-            m.zero_grad()
-            out = call()
+    for name, m0 in models(att_impl="fused", activation=activation).items():
+        grads, outs, buffers = [], [], []
+        for jagged in (False, True):
+            m = copy.deepcopy(m0).train()
+            out = m.forward_jagged(target, values, offsets, context) if jagged else m(
+                target, history, lengths, context
+            )
             (out * torch.linspace(-1, 1, 9)).sum().backward()
             outs.append(out.detach())
             grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+            buffers.append(dict(m.named_buffers()))  # Dice running statistics, batch counters
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=name)
         for n in grads[0]:
             torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=f"{name} {n}")
+        for n in buffers[0]:
+            torch.testing.assert_close(buffers[1][n], buffers[0][n], rtol=1e-5, atol=1e-7, msg=f"{name} {n}")
+
+
+def test_din_jagged_path_never_pads(monkeypatch):
+    """With the fused op, the jagged DIN reads values/offsets directly: no padded key tensor is built."""
+    import din_fused.model as model_mod
+
+    def no_padding(*args, **kwargs):
+        raise AssertionError("gather_padded called on the fused jagged path")
+
+    monkeypatch.setattr(model_mod, "gather_padded", no_padding)
+    target, history, lengths, context = make_batch(b=5, t=4, seed=6)
+    values = torch.cat([history[i, : lengths[i]] for i in range(5)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    for name in ("din-separate", "din-concat"):
+        m = models(att_impl="fused", activation="dice")[name]
+        m.forward_jagged(target, values, offsets, context).sum().backward()
+        shared = torch.tensor([0, 3])  # one history of 3 behaviours for all 5 candidates
+        m.eval().score_shared(target, values[:3], shared, torch.zeros(5, dtype=torch.int64), context)
