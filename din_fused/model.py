@@ -630,7 +630,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         raise ValueError(f"{path}: not a din_fused checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise ValueError(f"{path}: not a din_fused checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a din_fused checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
     config = dict(blob["config"])
     name = config.pop("model")
     model = (DIN if name == "din" else BaseModel)(**config)

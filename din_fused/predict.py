@@ -104,7 +104,8 @@ class Scorer:
         unknown = set(ctx) - set(self.context_names)
         if unknown:
             raise RequestError(
-                f"line {line}: unknown context feature(s) {sorted(unknown)}; the model has {list(self.context_names)}"
+                f"line {line}: unknown context feature(s) {sorted(unknown)}; "
+                f"the model has {list(self.context_names)}"
             )
         if "scores" in obj:
             raise RequestError(f"line {line}: the request already has a 'scores' key")
@@ -183,7 +184,12 @@ def run(
 
     with open(input_path, encoding="utf-8") as fin:
         bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, desc="scoring", disable=not progress, file=sys.stderr
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="scoring",
+            disable=not progress,
+            file=sys.stderr,
         )
 
         def requests() -> Iterator[tuple[int, dict]]:
@@ -220,20 +226,28 @@ def run(
             raise
         finally:
             bar.close()
-    return {"requests": n_req, "candidates": n_cand, "skipped_lines": skipped, "unknown_ids": dict(scorer.unknown)}
+    return {
+        "requests": n_req,
+        "candidates": n_cand,
+        "skipped_lines": skipped,
+        "unknown_ids": dict(scorer.unknown),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Score JSON Lines requests {history, candidates} with a checkpoint of din_fused.train --save.",
+        description="Score JSON Lines requests {history, candidates} with a checkpoint of "
+        "din_fused.train --save.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint written by train --save")
     p.add_argument("--input", required=True, metavar="FILE", help="requests, one JSON object per line")
     p.add_argument("--output", required=True, metavar="FILE", help="scored requests (written atomically)")
     p.add_argument("--batch-size", type=int, default=4096, metavar="N", help="candidates per model call")
-    p.add_argument("--skip-malformed", action="store_true", help="skip malformed lines (counted) instead of failing")
+    p.add_argument(
+        "--skip-malformed", action="store_true", help="skip malformed lines (counted) instead of failing"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

@@ -52,7 +52,7 @@ _OWNED = ("--model", "--activation", "--seed", "--metrics-out", "--save")
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["mba-lambda=0,3", "max-len=50,200"]`` -> ``{"mba-lambda": ["0", "3"], "max-len": ["50", "200"]}``."""
+    """``["mba-lambda=0,3", "max-len=50"]`` -> ``{"mba-lambda": ["0", "3"], "max-len": ["50"]}``."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MovieLens directory with ratings.csv and movies.csv; if not given, $DIN_FUSED_DATA "
         "(the directory itself or one that contains ml-latest-small)",
     )
-    p.add_argument("--model", choices=("din", "base"), default="din", help="DIN or the Embedding&MLP BaseModel")
+    p.add_argument(
+        "--model", choices=("din", "base"), default="din", help="DIN or the Embedding&MLP BaseModel"
+    )
     p.add_argument(
         "--activation", choices=("dice", "prelu"), default="dice", help="MLP and attention activation"
     )

@@ -24,7 +24,8 @@ def ml_ratings(users=30, per_user=14):
     for u in range(1, users + 1):
         for i in range(per_user):
             m = 10 * int(torch.randint(1, 7, (1,), generator=g))
-            lines.append(f"{u},{m},{4.5 if (m + u) % 20 == 0 else 2.0},{100 + i // 2}")  # pairs share a second
+            # Pairs of ratings share a second.
+            lines.append(f"{u},{m},{4.5 if (m + u) % 20 == 0 else 2.0},{100 + i // 2}")
     return "\n".join(lines) + "\n"
 
 
@@ -56,7 +57,8 @@ def test_scores_equal_the_models_forward(ml_model, tmp_path, capsys):
         reqs.append({"user": int(b.user[i]), "history": hist, "candidates": [int(raw[b.target[i, 0]])]})
     inp = write_lines(tmp_path / "req.jsonl", reqs)
     out = tmp_path / "scores.jsonl"
-    assert P.main(["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--batch-size", "50"]) == 0
+    argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--batch-size", "50"]
+    assert P.main(argv) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["user"] for g in got] == [r["user"] for r in reqs]  # other keys copied through, in order
     scores = torch.tensor([g["scores"][0] for g in got])
@@ -70,7 +72,9 @@ def test_one_history_many_candidates(ml_model):
     ckpt, _ = ml_model
     s = P.Scorer(load_checkpoint(ckpt))
     many = s.score([{"history": [10, 20, 30], "candidates": [10, 20, 30, 40, 50, 60]}])[0]
-    one_by_one = [s.score([{"history": [10, 20, 30], "candidates": [c]}])[0][0] for c in (10, 20, 30, 40, 50, 60)]
+    one_by_one = [
+        s.score([{"history": [10, 20, 30], "candidates": [c]}])[0][0] for c in (10, 20, 30, 40, 50, 60)
+    ]
     assert many == pytest.approx(one_by_one, rel=1e-6, abs=1e-7)
     assert len(set(many)) > 1  # the candidates are told apart
 
@@ -136,7 +140,8 @@ def test_malformed_line_fails_with_its_number_and_writes_nothing(ml_model, tmp_p
     assert out.read_text() == "old\n"  # untouched: nothing is written half-done
     assert sorted(p.name for p in tmp_path.iterdir()) == ["req.jsonl", "scores.jsonl"]
     # --skip-malformed: both bad lines skipped and counted, the good one scored.
-    argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--skip-malformed", "--no-progress"]
+    argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out)]
+    argv += ["--skip-malformed", "--no-progress"]
     assert P.main(argv) == 0
     assert "skipped 2 malformed line(s)" in capsys.readouterr().err
     assert len(out.read_text().splitlines()) == 1

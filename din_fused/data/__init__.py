@@ -37,7 +37,14 @@ expects from ``keys_length``.
 """
 
 from .batching import Batch, JaggedBatch, iterate_batches, num_train_steps
-from .loading import DataError, EventLog, Vocab, default_movielens_dir, read_movielens_events, synthetic_events
+from .loading import (
+    DataError,
+    EventLog,
+    Vocab,
+    default_movielens_dir,
+    read_movielens_events,
+    synthetic_events,
+)
 from .protocol import SequenceDataset, build_samples, load_movielens, make_synthetic, split_by_user
 
 __all__ = [

@@ -73,7 +73,8 @@ class JaggedBatch(NamedTuple):
 def gather_padded(
     seq: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, max_len: int
 ) -> torch.Tensor:
-    """Windows ``seq[start[i] : start[i] + lengths[i]]`` of a store [M, A] -> padded [b, max_len, A], 0 beyond."""
+    """Windows ``seq[start[i] : start[i] + lengths[i]]`` of a store [M, A] -> padded [b, max_len, A],
+    0 beyond."""
     steps = torch.arange(max_len, dtype=torch.int64, device=seq.device)
     valid = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [b, T]
     # Clamp padded positions to a real row (0) and zero them afterwards, so

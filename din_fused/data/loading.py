@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataError", "EventLog", "Vocab", "read_movielens_events", "synthetic_events", "default_movielens_dir"]
+__all__ = [
+    "DataError",
+    "EventLog",
+    "Vocab",
+    "read_movielens_events",
+    "synthetic_events",
+    "default_movielens_dir",
+]
 
 
 class DataError(ValueError):
@@ -59,7 +66,9 @@ class Vocab:
         return {
             "item_raw": torch.from_numpy(np.ascontiguousarray(self.item_raw, dtype=np.int64)),
             "item_attrs": torch.from_numpy(np.ascontiguousarray(self.item_attrs, dtype=np.int64)),
-            "context_raw": [torch.from_numpy(np.ascontiguousarray(c, dtype=np.int64)) for c in self.context_raw],
+            "context_raw": [
+                torch.from_numpy(np.ascontiguousarray(c, dtype=np.int64)) for c in self.context_raw
+            ],
         }
 
     @classmethod

@@ -172,7 +172,9 @@ def split_by_user(
     if not 0.0 < test_frac < 1.0:
         raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
     if not 0.0 <= val_frac < 1.0 or val_frac + test_frac >= 1.0:
-        raise ValueError(f"val_frac must be in [0, 1) with val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+        raise ValueError(
+            f"val_frac must be in [0, 1) with val_frac + test_frac < 1, got {val_frac}, {test_frac}"
+        )
     users = torch.unique(ds.user)  # sorted
     n = users.numel()
     n_test = max(1, round(test_frac * n))
