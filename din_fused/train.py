@@ -5,6 +5,12 @@ embedded synthetic data set and prints a results table.  ``--dataset
 movielens --data-dir DIR`` follows the paper's MovieLens protocol (see
 ``din_fused.data``).
 
+Users are split into train, validation and test (``--val-frac``,
+``--test-frac``).  After every epoch the validation AUC is measured; the best
+epoch's weights are kept, training stops after ``--patience`` epochs without a
+better one, and those weights are evaluated on test once (and written by
+``--save``).  Batches are jagged (no padding) unless ``--layout padded``.
+
 Under ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel
 (gloo on CPU, nccl on CUDA).  Every rank builds the same data deterministically
 from ``--seed``; training batches are sharded so that the DDP gradient equals
