@@ -22,6 +22,7 @@ Op signatures (all tensors are on one device; the parameter lists are MLPParams.
 from __future__ import annotations
 
 import torch
+import torch._C._functorch as _functorch
 from torch import Tensor
 
 from . import _C
@@ -307,7 +308,6 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
     return stats
 
 
-
 # --------------------------------------------------------------------------------------
 # The kernel calls shared by the padded and the jagged op
 # --------------------------------------------------------------------------------------
@@ -392,8 +392,7 @@ def _fake_stats(query, weights) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Padded op
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("din_fused::din_fwd", mutates_args=())
-def din_fwd(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
+def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
             weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
             bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
             running_vars: list[Tensor], activation: str, normalization: str, scale: float,
@@ -406,6 +405,9 @@ def din_fwd(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
                      activation, normalization, scale)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return out.to(query.dtype), scores, stats
+
+
+din_fwd = torch.library.custom_op("din_fused::din_fwd", mutates_args=())(_din_fwd_impl)
 
 
 @din_fwd.register_fake
@@ -468,8 +470,7 @@ def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, b
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
 
 
-@torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())
-def din_jagged_fwd(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None,
+def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None,
                    weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
                    bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
                    running_vars: list[Tensor], activation: str, normalization: str, scale: float,
@@ -481,6 +482,9 @@ def din_jagged_fwd(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tens
                             bn_biases, activation, normalization, scale)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return out.to(query.dtype), scores[prep.valid_mask()], stats
+
+
+din_jagged_fwd = torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())(_din_jagged_fwd_impl)
 
 
 @din_jagged_fwd.register_fake
@@ -518,6 +522,37 @@ def _(grad_out, grad_weights, query, values, offsets, row_seq, weights, biases, 
       bn_biases, stats, flat_weights, activation, normalization, scale, training):
     return (query.new_empty(query.shape), values.new_empty(values.shape),
             _fake_param_grads(weights, biases, alphas, bn_weights, bn_biases))
+
+
+# --------------------------------------------------------------------------------------
+# Cheap eager calls
+# --------------------------------------------------------------------------------------
+_IMPLS = {din_fwd: _din_fwd_impl, din_jagged_fwd: _din_jagged_fwd_impl}
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter adds no dispatch behaviour
+
+
+def _dispatcher_adds_nothing(tensors) -> bool:
+    """True for a plain eager call that needs no gradient: no torch.compile/export tracing,
+    no torch.jit tracing, no dispatch or torch-function mode (fake tensors, profilers' modes,
+    device contexts), no functorch transform, no tensor subclass but Parameter.  The
+    dispatcher would then only route to the implementation, at a fixed cost larger than a
+    small forward's kernel."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._is_torch_function_mode_enabled() or _functorch.peek_interpreter_stack() is not None \
+            or torch._C._get_tracing_state() is not None:
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+def call_forward(op, *args):
+    """op(*args) for din_fwd / din_jagged_fwd, or the same implementation called directly
+    when the dispatcher adds nothing (see _dispatcher_adds_nothing)."""
+    tensors = [a for a in args[:4] if a is not None] + [t for lst in args[4:11] for t in lst]
+    if _dispatcher_adds_nothing(tensors):
+        return _IMPLS[op](*args)
+    return op(*args)
 
 
 # --------------------------------------------------------------------------------------
