@@ -45,8 +45,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import Batch, JaggedBatch, Vocab
-from .data.batching import gather_padded
-from .functional import din_attention_jagged
 from .modules import Dice, FusedDINAttention
 
 __all__ = [
@@ -354,37 +352,8 @@ class DIN(_EmbeddingMLP):
         if self.attention == "concat":
             queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
         return torch.cat(
-            [_attend_jagged(att, q, k, offsets, row_seq) for att, q, k in zip(self.att, queries, keys)], dim=1
+            [att(q, k, offsets=offsets, row_seq=row_seq) for att, q, k in zip(self.att, queries, keys)], dim=1
         )
-
-
-def _attend_jagged(
-    att: FusedDINAttention, query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None
-) -> Tensor:
-    """``att`` over jagged keys: query [R, D], values [N, D], offsets [S+1], row_seq [R] or None -> [R, D].
-
-    The fused op reads the jagged keys directly (no padding, a shared history once).  The
-    reference oracle has no jagged form, so for ``impl="reference"`` the keys are laid out
-    padded per row and go through the module's ordinary call: same semantics, by definition.
-    """
-    lens = offsets[1:] - offsets[:-1]
-    if att.impl != "fused":
-        starts, lengths = (offsets[:-1], lens) if row_seq is None else (offsets[:-1][row_seq], lens[row_seq])
-        t = max(int(lengths.max()), 1) if lengths.numel() else 1
-        return att(query, gather_padded(values, starts, lengths, t), lengths)
-    p = att._params()
-    momentum = p.pop("momentum", 0.1)
-    eps = p.pop("eps", 1e-8)
-    training = att.training and att.activation == "dice"
-    out = din_attention_jagged(
-        query, values, offsets, row_seq, normalization=att.normalization, scale=att.scale,
-        training=training, momentum=momentum, eps=eps, **p,
-    )
-    if training:
-        # What FusedDINAttention.forward does after a training-mode Dice call.
-        for a in att.local_att.dnn.activation_layers:
-            a.bn.num_batches_tracked.add_(1)
-    return out
 
 
 class BaseModel(_EmbeddingMLP):

@@ -344,13 +344,14 @@ def test_jagged_forward_and_gradients_equal_padded(activation):
 
 
 def test_din_jagged_path_never_pads(monkeypatch):
-    """With the fused op, the jagged DIN reads values/offsets directly: no padded key tensor is built."""
-    import din_fused.model as model_mod
+    """With the fused op, the jagged DIN reads values/offsets directly: the keys are never tiled or
+    padded (only the reference oracle does that, through reference.tile_jagged)."""
+    import din_fused.modules as modules_mod
 
     def no_padding(*args, **kwargs):
-        raise AssertionError("gather_padded called on the fused jagged path")
+        raise AssertionError("tile_jagged called on the fused jagged path")
 
-    monkeypatch.setattr(model_mod, "gather_padded", no_padding)
+    monkeypatch.setattr(modules_mod, "tile_jagged", no_padding)
     target, history, lengths, context = make_batch(b=5, t=4, seed=6)
     values = torch.cat([history[i, : lengths[i]] for i in range(5)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
