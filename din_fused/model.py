@@ -33,15 +33,31 @@ table, so "this movie" means the same vector on both sides of the attention.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from .data import Batch, JaggedBatch, Vocab
 from .modules import Dice, FusedDINAttention
 
-__all__ = ["DIN", "BaseModel", "MiniBatchAwareL2", "build_model", "MLP_ACTIVATIONS"]
+__all__ = [
+    "DIN",
+    "BaseModel",
+    "MiniBatchAwareL2",
+    "build_model",
+    "save",
+    "load",
+    "load_checkpoint",
+    "Checkpoint",
+    "MLP_ACTIVATIONS",
+]
 
 MLP_ACTIVATIONS = ("dice", "prelu")
 
@@ -116,6 +132,8 @@ class _EmbeddingMLP(nn.Module):
     def _check(self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None) -> None:
         if target.dim() != 2 or target.shape[1] != self.num_attrs:
             raise ValueError(f"target must be [B, {self.num_attrs}], got {tuple(target.shape)}")
+        if history is None or lengths is None:
+            raise ValueError("forward needs target, history and lengths (or one Batch / JaggedBatch)")
         b = target.shape[0]
         if history.dim() != 3 or history.shape[0] != b or history.shape[2] != self.num_attrs:
             raise ValueError(f"history must be [{b}, T, {self.num_attrs}], got {tuple(history.shape)}")
@@ -126,15 +144,100 @@ class _EmbeddingMLP(nn.Module):
             raise ValueError(f"context must be [{b}, {self.num_context}], got {got}")
 
     def forward(
-        self, target: Tensor, history: Tensor, lengths: Tensor, context: Tensor | None = None
+        self,
+        target: Tensor | Batch | JaggedBatch,
+        history: Tensor | None = None,
+        lengths: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
-        """Click logits [B]; see the module docstring for the input shapes."""
+        """Click logits [B]; see the module docstring for the input shapes.
+
+        ``forward(batch)`` with a :class:`~din_fused.data.Batch` or
+        :class:`~din_fused.data.JaggedBatch` runs the padded or the jagged path
+        (:meth:`forward_jagged`); that is the form for DistributedDataParallel, which
+        only hooks ``forward``.
+        """
+        if isinstance(target, JaggedBatch):
+            return self.forward_jagged(target.target, target.values, target.offsets, target.context)
+        if isinstance(target, Batch):
+            target, history, lengths, context = target.target, target.history, target.lengths, target.context
         self._check(target, history, lengths, context)
         queries, keys = self.embed(target, history)
         interest = self.pool(queries, keys, lengths)  # [B, A*E]
+        return self._head(queries, interest, context)
+
+    def _head(self, queries: list[Tensor], interest: Tensor, context: Tensor | None) -> Tensor:
         parts = [emb(context[:, f]) for f, emb in enumerate(self.context_embeddings)]
         x = torch.cat([*parts, *queries, interest], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
+
+    def forward_jagged(
+        self,
+        target: Tensor,
+        values: Tensor,
+        offsets: Tensor,
+        context: Tensor | None = None,
+        row_seq: Tensor | None = None,
+    ) -> Tensor:
+        """Click logits [R] from unpadded histories; the same model as :meth:`forward`.
+
+        target  [R, A] int64   candidate attribute ids, one row per candidate
+        values  [N, A] int64   the behaviours of S histories back to back (no padding)
+        offsets [S+1] int64    history s is ``values[offsets[s]:offsets[s+1]]``, oldest first
+        context [R, F] int64   or None when F = 0
+        row_seq [R] int64      row r is scored against history ``row_seq[r]``; None: S == R and
+                               row r uses history r
+        Each behaviour is embedded once, however many rows share its history.
+        """
+        self._check_jagged(target, values, offsets, context, row_seq)
+        queries = [emb(target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        interest = self.pool_jagged(queries, values, offsets, row_seq)  # [R, A*E]
+        return self._head(queries, interest, context)
+
+    @torch.no_grad()
+    def score_shared(
+        self,
+        target: Tensor,
+        values: Tensor,
+        offsets: Tensor,
+        row_seq: Tensor,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """Inference: many candidates against histories that rows share (e.g. one user's history
+        and all of its candidates): :meth:`forward_jagged` with ``row_seq``, without autograd.
+        Each history is embedded and read once, not once per candidate."""
+        return self.forward_jagged(target, values, offsets, context, row_seq)
+
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """queries[a] [R, E], behaviour ids values [N, A] (jagged by ``offsets``), row_seq [R] or
+        None -> [R, A*E].  Embedding the behaviours is part of pooling, so that a model can fuse it."""
+        raise NotImplementedError  # defined by DIN and BaseModel
+
+    def _check_jagged(
+        self, target: Tensor, values: Tensor, offsets: Tensor, context: Tensor | None, row_seq: Tensor | None
+    ) -> None:
+        if target.dim() != 2 or target.shape[1] != self.num_attrs:
+            raise ValueError(f"target must be [R, {self.num_attrs}], got {tuple(target.shape)}")
+        r = target.shape[0]
+        if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"offsets must be [S+1] int32/int64, got {tuple(offsets.shape)} {offsets.dtype}")
+        n = values.shape[0] if values.dim() == 2 else -1
+        if values.dim() != 2 or values.shape[1] != self.num_attrs:
+            raise ValueError(f"values must be [N, {self.num_attrs}], got {tuple(values.shape)}")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"offsets must start at 0, not decrease and end at values.shape[0] = {n}")
+        s = offsets.numel() - 1
+        if row_seq is None:
+            if s != r:
+                raise ValueError(f"without row_seq, offsets must be [R+1] = [{r + 1}], got [{s + 1}]")
+        elif row_seq.shape != (r,) or (r and (int(row_seq.min()) < 0 or int(row_seq.max()) >= s)):
+            raise ValueError(f"row_seq must be [{r}] with values in [0, {s}), got {tuple(row_seq.shape)}")
+        if self.num_context and (context is None or context.shape != (r, self.num_context)):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must be [{r}, {self.num_context}], got {got}")
+
 
     # -- for the regulariser ---------------------------------------------- #
     def embedding_tables(self) -> list[nn.Embedding]:
@@ -153,6 +256,13 @@ class _EmbeddingMLP(nn.Module):
         ids = [torch.cat([target[:, a], history[:, :, a][valid]]) for a in range(self.num_attrs)]
         ids += [context[:, f] for f in range(self.num_context)]
         return ids
+
+    def batch_ids_of(self, batch: Batch | JaggedBatch) -> list[Tensor]:
+        """:meth:`batch_ids` of a padded or jagged batch (a jagged one has no padding to drop)."""
+        if isinstance(batch, JaggedBatch):
+            ids = [torch.cat([batch.target[:, a], batch.values[:, a]]) for a in range(self.num_attrs)]
+            return ids + [batch.context[:, f] for f in range(self.num_context)]
+        return self.batch_ids(batch.target, batch.history, batch.lengths, batch.context)
 
 
 class DIN(_EmbeddingMLP):
@@ -188,6 +298,20 @@ class DIN(_EmbeddingMLP):
         init_std: float = 0.05,
     ):
         super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        self.config = dict(
+            model="din",
+            attr_vocab=list(attr_vocab),
+            context_vocab=list(context_vocab),
+            embedding_dim=int(embedding_dim),
+            attention=attention,
+            attention_impl=attention_impl,
+            att_hidden_units=list(att_hidden_units),
+            att_activation=att_activation,
+            att_weight_normalization=att_weight_normalization,
+            mlp_hidden_units=list(mlp_hidden_units),
+            activation=activation,
+            init_std=float(init_std),
+        )
         if attention not in ("separate", "concat"):
             raise ValueError(f"attention must be 'separate' or 'concat', got {attention!r}")
         if attention_impl not in ("fused", "reference"):
@@ -219,6 +343,18 @@ class DIN(_EmbeddingMLP):
         # category side by side, which is the original code's joint key.
         return self.att[0](torch.cat(queries, dim=1), torch.cat(keys, dim=2), lengths)
 
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """Attention pooling of unpadded histories: every behaviour is embedded once ([N, E] per
+        attribute), however many rows share its history -> [R, A*E]."""
+        keys = [emb(values[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        if self.attention == "concat":
+            queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
+        return torch.cat(
+            [att(q, k, offsets=offsets, row_seq=row_seq) for att, q, k in zip(self.att, queries, keys)], dim=1
+        )
+
 
 class BaseModel(_EmbeddingMLP):
     """The paper's Embedding&MLP baseline: sum (default, as in the paper) or mean pooling.
@@ -237,6 +373,16 @@ class BaseModel(_EmbeddingMLP):
         init_std: float = 0.05,
     ):
         super().__init__(attr_vocab, context_vocab, embedding_dim, mlp_hidden_units, activation, init_std)
+        self.config = dict(
+            model="base",
+            attr_vocab=list(attr_vocab),
+            context_vocab=list(context_vocab),
+            embedding_dim=int(embedding_dim),
+            pooling=pooling,
+            mlp_hidden_units=list(mlp_hidden_units),
+            activation=activation,
+            init_std=float(init_std),
+        )
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
         self.pooling = pooling
@@ -252,6 +398,25 @@ class BaseModel(_EmbeddingMLP):
             # A row with no behaviour divides 0 by 1 and stays zero.
             pooled = pooled / lengths.clamp(min=1).to(k.dtype).unsqueeze(1)
         return pooled
+
+    def pool_jagged(
+        self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
+        """Sum or mean of each history's embeddings -> [R, A*E] (queries unused).
+
+        ``embedding_bag`` looks up and reduces each history in one op, with no [N, E] or
+        padded tensor; an empty history pools to zero.  One vector per history, shared by
+        the rows of ``row_seq``.
+        """
+        off = offsets.to(torch.int64)
+        pooled = torch.cat(
+            [
+                F.embedding_bag(values[:, a], emb.weight, off, mode=self.pooling, include_last_offset=True)
+                for a, emb in enumerate(self.attr_embeddings)
+            ],
+            dim=1,
+        )  # [S, A*E]
+        return pooled if row_seq is None else pooled[row_seq]
 
 
 def build_model(
@@ -334,3 +499,125 @@ class MiniBatchAwareL2:
             rows = table.weight[idx]  # [n, E]; gradient reaches only these rows
             total = total + (rows.pow(2).sum(dim=1) * inv[idx]).sum()
         return 0.5 * self.lam * total
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints
+# --------------------------------------------------------------------------- #
+CHECKPOINT_FORMAT = "din_fused.model/1"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    model    the rebuilt :class:`DIN` or :class:`BaseModel`, in eval mode, on CPU
+    vocab    the raw-id :class:`~din_fused.data.Vocab` of the training data (None if not saved)
+    max_len  the history length the model was trained with (latest ``max_len`` behaviours)
+    metrics  the training run's metrics dict (may be empty)
+    attr_names, context_names: the attribute and context feature names, in column order
+    """
+
+    model: _EmbeddingMLP
+    vocab: Vocab | None
+    max_len: int
+    metrics: dict
+    attr_names: tuple[str, ...] = ()
+    context_names: tuple[str, ...] = ()
+
+
+def save(
+    model: _EmbeddingMLP,
+    path: str | os.PathLike,
+    *,
+    vocab: Vocab | None,
+    max_len: int,
+    metrics: dict | None = None,
+    attr_names: Sequence[str] = (),
+    context_names: Sequence[str] = (),
+) -> None:
+    """Write one file with everything needed to score: weights, model config, id vocabularies,
+    max length and metrics.
+
+    Only tensors, numbers, strings, lists and dicts go in, so :func:`load` reads it with
+    ``torch.load(weights_only=True)`` (no pickled code runs on load).  The file is written to a
+    temporary name and renamed, so a reader never sees half a checkpoint.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"save: expected a DIN or BaseModel, got {type(model).__name__}")
+    if metrics is not None:
+        metrics = _plain(metrics)
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": None if vocab is None else vocab.state_dict(),
+        "max_len": int(max_len),
+        "metrics": metrics or {},
+        "attr_names": list(attr_names),
+        "context_names": list(context_names),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _plain(obj):
+    """JSON-like copy of a metrics dict (tuples -> lists, NumPy scalars -> Python), for weights_only."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)  # also str subclasses such as torch.__version__'s TorchVersion
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
+    """Read a file written by :func:`save` (or ``python -m din_fused.train --save``)."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a din_fused checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(
+            f"{path}: not a din_fused checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
+    config = dict(blob["config"])
+    name = config.pop("model")
+    model = (DIN if name == "din" else BaseModel)(**config)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    vocab = None if blob["vocab"] is None else Vocab.from_state_dict(blob["vocab"])
+    return Checkpoint(
+        model,
+        vocab,
+        int(blob["max_len"]),
+        blob["metrics"],
+        tuple(blob["attr_names"]),
+        tuple(blob["context_names"]),
+    )
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> _EmbeddingMLP:
+    """Rebuild the model saved at ``path``, in eval mode (see :func:`load_checkpoint` for the rest)."""
+    return load_checkpoint(path, map_location).model

@@ -5,6 +5,12 @@ embedded synthetic data set and prints a results table.  ``--dataset
 movielens --data-dir DIR`` follows the paper's MovieLens protocol (see
 ``din_fused.data``).
 
+Users are split into train, validation and test (``--val-frac``,
+``--test-frac``).  After every epoch the validation AUC is measured; the best
+epoch's weights are kept, training stops after ``--patience`` epochs without a
+better one, and those weights are evaluated on test once (and written by
+``--save``).  Batches are jagged (no padding) unless ``--layout padded``.
+
 Under ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel
 (gloo on CPU, nccl on CUDA).  Every rank builds the same data deterministically
 from ``--seed``; training batches are sharded so that the DDP gradient equals
@@ -36,9 +42,9 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import metrics as M
-from .model import MiniBatchAwareL2, build_model
+from .model import MiniBatchAwareL2, build_model, save
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["EarlyStopping", "build_parser", "main", "run"]
 
 PROG = "python -m din_fused.train"
 
@@ -84,27 +90,62 @@ def _fraction(s: str) -> float:
     return v
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag's help, except where there is no default value (None,
+    off switches): those flags' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train DIN (or the paper's BaseModel) and report AUC, GAUC and throughput.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
+    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic", help="data source")
     p.add_argument(
         "--data-dir",
         metavar="DIR",
         default=None,
-        help="MovieLens directory with ratings.csv and movies.csv (default: $DIN_FUSED_DATA, "
-        "then ../shared/data/ml-latest-small beside the checkout)",
+        help="MovieLens directory with ratings.csv and movies.csv; if not given, $DIN_FUSED_DATA "
+        "(the directory itself or one that contains ml-latest-small)",
     )
-    p.add_argument("--model", choices=("din", "base"), default="din")
+    p.add_argument(
+        "--model", choices=("din", "base"), default="din", help="DIN or the Embedding&MLP BaseModel"
+    )
     p.add_argument(
         "--activation", choices=("dice", "prelu"), default="dice", help="MLP and attention activation"
     )
-    p.add_argument("--attention", choices=("separate", "concat"), default="separate")
-    p.add_argument("--attention-impl", choices=("fused", "reference"), default="fused")
-    p.add_argument("--epochs", type=_positive_int, default=3, metavar="N")
+    p.add_argument(
+        "--attention",
+        choices=("separate", "concat"),
+        default="separate",
+        help="one attention unit per attribute, or one over the concatenated attributes",
+    )
+    p.add_argument(
+        "--attention-impl",
+        choices=("fused", "reference"),
+        default="fused",
+        help="the fused op or the pure-PyTorch reference",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="most epochs; training stops earlier when validation AUC has not improved for --patience epochs",
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="early stopping: stop after N epochs without a better validation AUC",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="per process")
     p.add_argument(
         "--max-len", type=_positive_int, default=50, metavar="N", help="behaviours kept per sample"
@@ -123,9 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     # Knobs beyond the issue's list, with defaults that keep its behaviour.
     p.add_argument("--embedding-dim", type=_positive_int, default=16, metavar="N", help="per attribute")
     p.add_argument("--pooling", choices=("sum", "mean"), default="sum", help="BaseModel pooling")
-    p.add_argument("--test-frac", type=_fraction, default=0.2, metavar="F", help="fraction of users held out")
+    p.add_argument(
+        "--val-frac",
+        type=_float_in(0.0, False),
+        default=0.1,
+        metavar="F",
+        help="fraction of users for validation (early stopping, model choice); 0: none, train all --epochs",
+    )
+    p.add_argument("--test-frac", type=_fraction, default=0.1, metavar="F", help="fraction of users for test")
+    p.add_argument(
+        "--save",
+        metavar="PATH",
+        default=None,
+        help="write a checkpoint (weights, config, id vocabularies, max length, metrics) for "
+        "din_fused.model.load and din_fused.predict",
+    )
     p.add_argument(
         "--synthetic-users", type=_positive_int, default=3000, metavar="N", help="users of the synthetic data"
+    )
+    p.add_argument(
+        "--layout",
+        choices=("jagged", "padded"),
+        default="jagged",
+        help="histories as unpadded values+offsets, or padded to --max-len (same model, same results "
+        "up to float rounding)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
@@ -153,19 +215,23 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     return dev
 
 
-def _check_metrics_out(path: str | None) -> Path | None:
-    """Fail before training, not after, if the metrics file cannot be written."""
+def _check_writable(flag: str, path: str | None) -> Path | None:
+    """Fail before training, not after, if an output file cannot be written."""
     if path is None:
         return None
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ConfigError(f"--metrics-out: directory {parent} does not exist")
+        raise ConfigError(f"{flag}: directory {parent} does not exist")
     if p.is_dir():
-        raise ConfigError(f"--metrics-out: {p} is a directory")
+        raise ConfigError(f"{flag}: {p} is a directory")
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--metrics-out: directory {parent} is not writable")
+        raise ConfigError(f"{flag}: directory {parent} is not writable")
     return p
+
+
+def _check_metrics_out(path: str | None) -> Path | None:
+    return _check_writable("--metrics-out", path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -217,13 +283,16 @@ def _context_counts(ds: data_mod.SequenceDataset) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model, ds, batch_size: int, device, rank: int, world_size: int):
+def predict(model, ds, batch_size: int, device, rank: int, world_size: int, layout: str = "jagged"):
     """This rank's shard of ``ds``: (probabilities [n], labels [n], users [n]) as NumPy arrays."""
     model.eval()
     probs, labels, users = [], [], []
-    for b in data_mod.iterate_batches(ds, batch_size, shuffle=False, rank=rank, world_size=world_size):
+    batches = data_mod.iterate_batches(
+        ds, batch_size, shuffle=False, rank=rank, world_size=world_size, layout=layout
+    )
+    for b in batches:
         b = b.to(device)
-        logits = model(b.target, b.history, b.lengths, b.context)
+        logits = model(b)
         probs.append(torch.sigmoid(logits.float()).cpu())
         labels.append(b.label.cpu())
         users.append(b.user.cpu())
@@ -238,6 +307,41 @@ def _gather(arrays, world_size: int):
     out = [None] * world_size
     dist.all_gather_object(out, arrays)
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
+
+
+class EarlyStopping:
+    """Keeps the weights of the epoch with the best validation AUC; says when to stop.
+
+    ``step(auc, model)`` after every epoch returns True once ``patience`` epochs in a row
+    brought no higher AUC.  A NaN AUC (a one-class validation set) never counts as better,
+    except that the first epoch is always kept.  ``restore_best(model)`` loads the kept
+    weights and returns their 1-based epoch (0 if ``step`` was never called).
+    """
+
+    def __init__(self, patience: int):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.epoch = 0
+        self.best_epoch = 0
+        self.best_auc = float("nan")
+        self.stale = 0
+        self._state: dict | None = None
+
+    def step(self, auc: float, model: torch.nn.Module) -> bool:
+        self.epoch += 1
+        better = auc > self.best_auc or (math.isnan(self.best_auc) and not math.isnan(auc))
+        if better or self._state is None:
+            self.best_epoch, self.best_auc, self.stale = self.epoch, auc, 0
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self, model: torch.nn.Module) -> int:
+        if self._state is not None:
+            model.load_state_dict(self._state)
+        return self.best_epoch
 
 
 def _results_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
@@ -264,6 +368,7 @@ def run(args: argparse.Namespace) -> dict:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(args.device, local_rank)
     metrics_path = _check_metrics_out(args.metrics_out)
+    save_path = _check_writable("--save", args.save)
     if args.model == "din" and args.attention_impl == "fused" and device.type == "cuda":
         import din_fused
 
@@ -276,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t_data = time.perf_counter()
     full = load_dataset(args)
-    train_ds, test_ds = data_mod.split_by_user(full, args.test_frac, args.seed)
+    train_ds, val_ds, test_ds = data_mod.split_by_user(full, args.val_frac, args.test_frac, args.seed)
     data_seconds = time.perf_counter() - t_data
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -308,8 +413,11 @@ def run(args: argparse.Namespace) -> dict:
             f"the training split has {len(train_ds)} samples, fewer than the {world_size} processes"
         )
     epoch_losses: list[float] = []
+    val_auc_per_epoch: list[float] = []
+    stopper = EarlyStopping(args.patience)
     train_seconds = 0.0
     samples_seen = 0
+    eval_bs = max(args.batch_size, 1024)
     for epoch in range(args.epochs):
         net.train()
         bar = tqdm(
@@ -320,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
                 seed=args.seed * 100_003 + epoch,
                 rank=rank,
                 world_size=world_size,
+                layout=args.layout,
             ),
             total=steps,
             desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -333,13 +442,11 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for i, b in enumerate(bar):
             b = b.to(device)
-            logits = net(b.target, b.history, b.lengths, b.context)
+            logits = net(b)
             loss = F.binary_cross_entropy_with_logits(logits, b.label)
             total = loss
             if reg is not None:
-                total = loss + reg(
-                    model.embedding_tables(), model.batch_ids(b.target, b.history, b.lengths, b.context)
-                )
+                total = loss + reg(model.embedding_tables(), model.batch_ids_of(b))
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -366,15 +473,36 @@ def run(args: argparse.Namespace) -> dict:
             raise TrainError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; try a lower --lr")
         epoch_losses.append(epoch_loss)
         samples_seen += int(stats[1].item())
+        msg = f"epoch {epoch + 1}: train logloss {epoch_loss:.4f}"
+        if len(val_ds):
+            # Every rank scores its shard; all ranks see the gathered arrays, so they agree on when to stop.
+            vp, vl, _ = _gather(
+                predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size
+            )
+            val_auc = M.auc(vl, vp)
+            val_auc_per_epoch.append(val_auc)
+            msg += f", validation AUC {val_auc:.4f}"
+            stop = stopper.step(val_auc, model)
+        else:
+            stop = False
         if rank == 0 and not args.no_progress:
-            print(f"epoch {epoch + 1}: train logloss {epoch_loss:.4f}", file=sys.stderr)
+            print(msg, file=sys.stderr)
+        if stop:
+            if rank == 0 and not args.no_progress:
+                print(f"early stop: no better validation AUC for {stopper.stale} epochs", file=sys.stderr)
+            break
+    # The weights of the best validation epoch are the ones evaluated (and saved); without a
+    # validation set, the last epoch's.
+    best_epoch = stopper.restore_best(model) or len(epoch_losses)
 
     # Every rank predicts its shard; gather so rank 0 scores the whole test set.
     t_eval = time.perf_counter()
     probs, labels, users = _gather(
-        predict(model, test_ds, max(args.batch_size, 1024), device, rank, world_size), world_size
+        predict(model, test_ds, eval_bs, device, rank, world_size, args.layout), world_size
     )
     g = M.group_auc(labels, probs, users)
+    val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size)
+    gv = M.group_auc(val[1], val[0], val[2])
     result = {
         "name": _model_name(args),
         "dataset": args.dataset,
@@ -382,6 +510,11 @@ def run(args: argparse.Namespace) -> dict:
         "activation": args.activation,
         "attention": args.attention if args.model == "din" else None,
         "attention_impl": args.attention_impl if args.model == "din" else None,
+        "best_epoch": best_epoch,
+        "epochs_run": len(epoch_losses),
+        "val_auc": M.auc(val[1], val[0]),
+        "val_gauc": gv.weighted,
+        "val_auc_per_epoch": val_auc_per_epoch,
         "test_auc": M.auc(labels, probs),
         "test_gauc": g.weighted,
         "test_gauc_unweighted": g.unweighted,
@@ -389,8 +522,10 @@ def run(args: argparse.Namespace) -> dict:
         "gauc_users": g.users,
         "gauc_users_skipped": g.skipped,
         "n_train": len(train_ds),
+        "n_val": len(val_ds),
         "n_test": int(labels.shape[0]),
         "n_train_users": train_ds.num_users,
+        "n_val_users": val_ds.num_users,
         "n_test_users": test_ds.num_users,
         "train_loss_per_epoch": epoch_losses,
         "train_seconds": train_seconds,
@@ -406,6 +541,16 @@ def run(args: argparse.Namespace) -> dict:
     if rank == 0:
         if metrics_path is not None:
             write_json_atomic(metrics_path, result)
+        if save_path is not None:
+            save(
+                model,
+                save_path,
+                vocab=full.vocab,
+                max_len=args.max_len,
+                metrics=result,
+                attr_names=full.attr_names,
+                context_names=full.context_names,
+            )
     return result
 
 
@@ -414,9 +559,12 @@ def format_results(r: dict) -> str:
     title = (
         f"{r['name']} on {r['dataset']}"
         + (f", {r['attention']} attention, {r['attention_impl']} op" if r["model"] == "din" else "")
-        + f": {r['n_train']:,} train / {r['n_test']:,} test samples, {r['n_test_users']:,} test users"
+        + f": {r['n_train']:,} train / {r['n_val']:,} validation / {r['n_test']:,} test samples, "
+        f"{r['n_test_users']:,} test users"
     )
     rows = [
+        ("best epoch (validation AUC) / epochs run", f"{r['best_epoch']} / {r['epochs_run']}"),
+        ("validation AUC", f"{r['val_auc']:.4f}"),
         ("test AUC", f"{r['test_auc']:.4f}"),
         ("test GAUC (impression-weighted)", f"{r['test_gauc']:.4f}"),
         ("test per-user AUC (unweighted)", f"{r['test_gauc_unweighted']:.4f}"),

@@ -122,20 +122,66 @@ def test_movielens_missing_dir_and_files(tmp_path):
 
 def test_split_by_user(tmp_path):
     ds = D.make_synthetic(num_users=50, seed=3, max_len=10)
-    tr, te = D.split_by_user(ds, 0.2, seed=7)
-    assert len(tr) + len(te) == len(ds)
-    tr_users, te_users = set(tr.user.tolist()), set(te.user.tolist())
-    assert not tr_users & te_users
-    assert len(te_users) == 10 and len(tr_users) == 40
-    tr2, te2 = D.split_by_user(ds, 0.2, seed=7)
-    assert torch.equal(te.user, te2.user) and torch.equal(te.target, te2.target)
-    _, te3 = D.split_by_user(ds, 0.2, seed=8)
+    tr, va, te = D.split_by_user(ds, 0.1, 0.2, seed=7)
+    assert len(tr) + len(va) + len(te) == len(ds)
+    tr_users, va_users, te_users = (set(x.user.tolist()) for x in (tr, va, te))
+    assert not tr_users & te_users and not tr_users & va_users and not va_users & te_users
+    assert (len(tr_users), len(va_users), len(te_users)) == (35, 5, 10)
+    tr2, va2, te2 = D.split_by_user(ds, 0.1, 0.2, seed=7)
+    assert torch.equal(te.user, te2.user) and torch.equal(va.target, va2.target)
+    _, _, te3 = D.split_by_user(ds, 0.1, 0.2, seed=8)
     assert set(te3.user.tolist()) != te_users
+    # Without validation, validation is empty and the test users are the same draw.
+    tr0, va0, te0 = D.split_by_user(ds, 0.0, 0.2, seed=7)
+    assert len(va0) == 0 and set(te0.user.tolist()) == te_users and len(tr0) + len(te0) == len(ds)
     # Subsets share the behaviour store and still decode the same histories.
     idx = torch.nonzero(torch.isin(ds.user, te.user)).squeeze(1)
     assert torch.equal(ds.batch(idx).history, te.batch(torch.arange(len(te))).history)
+    assert te.vocab is ds.vocab
     with pytest.raises(ValueError, match="test_frac"):
-        D.split_by_user(ds, 1.0, seed=0)
+        D.split_by_user(ds, 0.1, 1.0, seed=0)
+    with pytest.raises(ValueError, match="val_frac"):
+        D.split_by_user(ds, 0.5, 0.5, seed=0)
+    tiny = ds.subset(ds.user < 2)
+    with pytest.raises(D.DataError, match="2 users cannot be split"):
+        D.split_by_user(tiny, 0.1, 0.1, seed=0)
+
+
+def test_vocab_maps_raw_ids_to_rows(tmp_path):
+    log = D.read_movielens_events(write_ml(tmp_path / "ml"))
+    v = log.vocab
+    assert v.item_rows() == {10: 1, 20: 2, 30: 3, 40: 4}
+    # Each item row's attributes are the rows the events use (movie, first genre).
+    assert v.item_attrs.tolist() == [[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]]
+    for row in log.attrs.tolist():
+        assert v.item_attrs[row[0]].tolist() == row
+    syn = D.synthetic_events(num_users=30, num_items=50, num_categories=7, seed=2)
+    for row in syn.attrs.tolist():
+        assert syn.vocab.item_attrs[row[0]].tolist() == row
+    assert syn.vocab.context_rows() == [{i: i for i in range(1, syn.context_vocab[0])}]
+    back = D.Vocab.from_state_dict(syn.vocab.state_dict())
+    assert np.array_equal(back.item_attrs, syn.vocab.item_attrs)
+
+
+def test_package_keeps_flat_imports():
+    """``din_fused.data`` is a package split by concern; every public name stays importable from it."""
+    import din_fused.data.batching
+    import din_fused.data.loading
+    import din_fused.data.protocol
+
+    for name in D.__all__:
+        assert getattr(D, name) is not None
+    assert D.Batch is din_fused.data.batching.Batch
+    assert D.read_movielens_events is din_fused.data.loading.read_movielens_events
+    assert D.split_by_user is din_fused.data.protocol.split_by_user
+
+
+def test_default_movielens_dir_only_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIN_FUSED_DATA", raising=False)
+    assert D.default_movielens_dir() is None
+    d = write_ml(tmp_path / "ml-latest-small")
+    monkeypatch.setenv("DIN_FUSED_DATA", str(tmp_path))
+    assert D.default_movielens_dir() == d
 
 
 def test_synthetic_deterministic_and_in_range():
@@ -212,5 +258,5 @@ def test_real_movielens_small():
     assert ds.num_users == 610
     assert ds.attr_vocab == (9743, 20)  # 9742 movies, 19 distinct first genres, + padding rows
     assert 0.45 < ds.label.mean().item() < 0.51
-    tr, te = D.split_by_user(ds, 0.2, seed=0)
-    assert te.num_users == 122 and len(tr) + len(te) == len(ds)
+    tr, va, te = D.split_by_user(ds, 0.1, 0.1, seed=0)
+    assert te.num_users == 61 and va.num_users == 61 and len(tr) + len(va) + len(te) == len(ds)

@@ -1,5 +1,7 @@
 """DIN / BaseModel: shapes, per-attribute attention, shared tables, padding, fused vs reference, MBA."""
 
+import copy
+
 import pytest
 import torch
 
@@ -237,3 +239,124 @@ def test_softmax_attention_option_averages():
     expected = torch.cat([m.attr_embeddings[0].weight[3], m.attr_embeddings[1].weight[2]])
     torch.testing.assert_close(pooled[has], expected.expand(int(has.sum()), 8))
     assert torch.all(pooled[~has] == 0)
+
+
+def _trained(m, activation_steps=3):
+    """A few optimiser steps so that weights, Dice running statistics and PReLU slopes move."""
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for s in range(activation_steps):
+        target, history, lengths, context = make_batch(b=16, seed=10 + s)
+        loss = m(target, history, lengths, context).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_save_load_predicts_bitwise_the_same(tmp_path, activation):
+    from din_fused.data import Vocab
+    from din_fused.model import load, load_checkpoint, save
+
+    vocab = Vocab(
+        item_raw=torch.arange(-1, 29).numpy() * 10,
+        item_attrs=torch.stack([torch.arange(30), torch.arange(30) % 5 + (torch.arange(30) > 0)], 1).numpy(),
+        context_raw=(torch.tensor([-1, 7, 8, 9]).numpy(),),
+    )
+    target, history, lengths, context = make_batch(b=11, seed=4)
+    for name, m in models(att_impl="fused", activation=activation).items():
+        m = _trained(m)
+        before = m(target, history, lengths, context)
+        path = tmp_path / f"{name}.pt"
+        save(m, path, vocab=vocab, max_len=7, metrics={"test_auc": 0.7, "v": torch.__version__},
+             attr_names=("item", "category"), context_names=("slot",))
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+        loaded = load(path)
+        assert type(loaded) is type(m) and not loaded.training
+        assert torch.equal(loaded(target, history, lengths, context), before), name
+        ck = load_checkpoint(path)
+        assert ck.max_len == 7 and ck.metrics["test_auc"] == 0.7 and ck.context_names == ("slot",)
+        assert ck.vocab.item_rows()[280] == 29 and ck.vocab.context_rows() == [{7: 1, 8: 2, 9: 3}]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a din_fused checkpoint"):
+        load(tmp_path / "junk.pt")
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="format 'other'"):
+        load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum"])
+def test_score_shared_equals_forward_on_tiled_histories(name):
+    """One history per user, many candidates each: the same logits as the padded batch that tiles it."""
+    m = _trained(models(att_impl="fused", activation="dice")[name])
+    g = torch.Generator().manual_seed(3)
+    lens = [5, 0, 7, 1]  # includes an empty history
+    values = torch.stack([torch.randint(1, 30, (sum(lens),), generator=g),
+                          torch.randint(1, 6, (sum(lens),), generator=g)], 1)
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    row_seq = torch.tensor([0, 0, 0, 1, 2, 2, 3, 0])
+    r = row_seq.numel()
+    target = torch.stack([torch.randint(1, 30, (r,), generator=g), torch.randint(1, 6, (r,), generator=g)], 1)
+    context = torch.randint(1, 4, (r, 1), generator=g)
+    t = max(lens)
+    history = torch.zeros(r, t, 2, dtype=torch.int64)
+    for i, s in enumerate(row_seq.tolist()):
+        history[i, : lens[s]] = values[offsets[s] : offsets[s + 1]]
+    lengths = torch.tensor([lens[s] for s in row_seq.tolist()])
+    want = m(target, history, lengths, context)
+    got = m.score_shared(target, values, offsets, row_seq, context)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"end at values.shape\[0\] = 12"):
+        m.score_shared(target, values[:-1], offsets, row_seq, context)
+    with pytest.raises(ValueError, match="values must be"):
+        m.score_shared(target, values[:, :1], offsets, row_seq, context)
+    with pytest.raises(ValueError, match=r"row_seq must be \[8\] with values in \[0, 4\)"):
+        m.score_shared(target, values, offsets, row_seq + 1, context)
+    with pytest.raises(ValueError, match="row_seq"):
+        m.score_shared(target, values, offsets, row_seq[:-1], context)
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_jagged_forward_and_gradients_equal_padded(activation):
+    """The same batch as jagged values/offsets and as padded [B, T]: same logits and the same gradients
+    for every parameter (training mode, so Dice uses batch statistics)."""
+    target, history, lengths, context = make_batch(b=9, t=6, seed=5)
+    values = torch.cat([history[i, : lengths[i]] for i in range(9)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    for name, m0 in models(att_impl="fused", activation=activation).items():
+        grads, outs, buffers = [], [], []
+        for jagged in (False, True):
+            m = copy.deepcopy(m0).train()
+            out = m.forward_jagged(target, values, offsets, context) if jagged else m(
+                target, history, lengths, context
+            )
+            (out * torch.linspace(-1, 1, 9)).sum().backward()
+            outs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+            buffers.append(dict(m.named_buffers()))  # Dice running statistics, batch counters
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=name)
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=f"{name} {n}")
+        for n in buffers[0]:
+            torch.testing.assert_close(buffers[1][n], buffers[0][n], rtol=1e-5, atol=1e-7, msg=f"{name} {n}")
+
+
+def test_din_jagged_path_never_pads(monkeypatch):
+    """With the fused op, the jagged DIN reads values/offsets directly: the keys are never tiled or
+    padded (only the reference oracle does that, through reference.tile_jagged)."""
+    import din_fused.modules as modules_mod
+
+    def no_padding(*args, **kwargs):
+        raise AssertionError("tile_jagged called on the fused jagged path")
+
+    monkeypatch.setattr(modules_mod, "tile_jagged", no_padding)
+    target, history, lengths, context = make_batch(b=5, t=4, seed=6)
+    values = torch.cat([history[i, : lengths[i]] for i in range(5)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    for name in ("din-separate", "din-concat"):
+        m = models(att_impl="fused", activation="dice")[name]
+        m.forward_jagged(target, values, offsets, context).sum().backward()
+        shared = torch.tensor([0, 3])  # one history of 3 behaviours for all 5 candidates
+        m.eval().score_shared(target, values[:3], shared, torch.zeros(5, dtype=torch.int64), context)

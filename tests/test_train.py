@@ -65,7 +65,26 @@ def test_flags_match_the_issue():
     assert choices["attention_impl"] == ("fused", "reference")
     for flag in ["--data-dir", "--epochs", "--batch-size", "--max-len", "--lr", "--mba-lambda", "--seed"]:
         assert flag in p._option_string_actions
-    assert {"--device", "--metrics-out"} <= set(p._option_string_actions)
+    assert {"--device", "--metrics-out", "--val-frac", "--test-frac", "--patience", "--save"} <= set(
+        p._option_string_actions
+    )
+    assert (args.val_frac, args.test_frac) == (0.1, 0.1)
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert text.count("(default:") == text.count("(default: ") and "--epochs N most epochs" in text
+    epochs = text[text.index("--epochs N") : text.index("--patience N ")]
+    assert "(default: 3)" in epochs
+    data_dir = text[text.index("--data-dir DIR ") : text.index("--model {din,base} ")]
+    assert "$DIN_FUSED_DATA" in data_dir and "beside the checkout" not in data_dir
+    fmt = T.HelpFormatter("prog")
+    for action in T.build_parser()._actions:
+        if action.default not in (None, False, "==SUPPRESS=="):
+            assert "(default: %(default)s)" in fmt._get_help_string(action), action.dest
 
 
 @pytest.mark.parametrize(
@@ -100,7 +119,7 @@ def test_short_training_run_loss_falls(tmp_path, capsys):
     assert m["test_auc"] > 0.55 and m["test_gauc"] > 0.55, (m["test_auc"], m["test_gauc"])
     assert m["world_size"] == 1 and m["samples_per_second"] > 0 and m["train_seconds"] > 0
     assert m["name"] == "DIN+Dice" and m["attention_impl"] == "fused"
-    assert m["n_test"] + m["n_train"] > 8000
+    assert m["n_test"] + m["n_val"] + m["n_train"] > 8000
     # The results table is printed at the end.
     assert "test AUC" in out and f"{m['test_auc']:.4f}" in out and "samples / second" in out
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
@@ -173,8 +192,8 @@ def test_movielens_cli_on_generated_csv(tmp_path, capsys):
     code, out, err = run_main([*argv, "--batch-size", "32", "--metrics-out", str(f)], capsys)
     assert code == 0, err
     m = json.loads(f.read_text())
-    assert m["dataset"] == "movielens" and m["n_train"] + m["n_test"] == 12 * 25
-    assert m["n_test_users"] == round(0.2 * 12)
+    assert m["dataset"] == "movielens" and m["n_train"] + m["n_val"] + m["n_test"] == 12 * 25
+    assert m["n_test_users"] == 1 and m["n_val_users"] == 1
     assert "movielens" in out
 
 
@@ -230,7 +249,7 @@ def test_real_movielens_base_one_epoch(tmp_path, capsys):
     code, _, err = run_main([*argv, "--metrics-out", str(f)], capsys)
     assert code == 0, err
     m = json.loads(f.read_text())
-    assert m["n_train"] + m["n_test"] == 100836 and m["n_test_users"] == 122
+    assert m["n_train"] + m["n_val"] + m["n_test"] == 100836 and m["n_test_users"] == 61
     assert m["test_auc"] > 0.65, m["test_auc"]
 
 
@@ -269,3 +288,112 @@ def test_ddp_two_processes_matches_one_process_with_double_batch(tmp_path):
     assert ddp["test_auc"] == pytest.approx(one["test_auc"], abs=2e-3)
     assert ddp["test_gauc"] == pytest.approx(one["test_gauc"], abs=2e-3)
     assert ddp["train_loss_per_epoch"][0] == pytest.approx(one["train_loss_per_epoch"][0], abs=2e-3)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    model = torch.nn.Linear(2, 1)
+    stopper = T.EarlyStopping(patience=2)
+    aucs = [0.60, 0.70, 0.65, 0.72, 0.71, 0.70, 0.99]
+    stops = []
+    for epoch, a in enumerate(aucs, start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # the weights remember their epoch
+        stops.append(stopper.step(a, model))
+        if stops[-1]:
+            break
+    assert stops == [False, False, False, False, False, True]  # two epochs after the best (4th)
+    assert stopper.restore_best(model) == 4 and model.weight.flatten().tolist() == [4.0, 4.0]
+    # NaN (one-class validation) never beats a real AUC, but a first NaN epoch is still kept.
+    s2 = T.EarlyStopping(patience=1)
+    assert not s2.step(float("nan"), model) and s2.best_epoch == 1
+    assert not s2.step(0.6, model) and s2.best_epoch == 2
+    assert s2.step(float("nan"), model) and s2.best_epoch == 2
+    with pytest.raises(ValueError, match="patience"):
+        T.EarlyStopping(0)
+
+
+def test_training_evaluates_the_best_validation_epoch(tmp_path, capsys):
+    """A learning rate high enough to overfit: validation AUC peaks early, training stops after
+    --patience worse epochs, and the reported/saved weights are the best epoch's."""
+    f, ckpt = tmp_path / "m.json", tmp_path / "m.pt"
+    argv = [*SMALL, "--synthetic-users", "150", "--epochs", "6", "--patience", "1", "--lr", "0.02"]
+    argv += ["--activation", "prelu", "--metrics-out", str(f), "--save", str(ckpt)]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    m = json.loads(f.read_text())
+    aucs = m["val_auc_per_epoch"]
+    assert len(aucs) == m["epochs_run"] and m["epochs_run"] < 6, aucs  # it did stop early
+    assert m["best_epoch"] == 1 + max(range(len(aucs)), key=aucs.__getitem__)
+    assert m["epochs_run"] == m["best_epoch"] + 1  # patience 1
+    # The saved (and tested) weights reproduce the best epoch's validation AUC exactly.
+    from din_fused import data as D
+    from din_fused import metrics as M
+    from din_fused.model import load
+
+    ds = T.load_dataset(T.build_parser().parse_args(argv))
+    _, val, _ = D.split_by_user(ds, 0.1, 0.1, seed=0)
+    p, y, _ = T.predict(load(ckpt), val, 1024, torch.device("cpu"), 0, 1)
+    assert M.auc(y, p) == aucs[m["best_epoch"] - 1] == m["val_auc"]
+
+
+def test_sweep_chooses_on_validation_and_pairs_seeds(tmp_path, capsys):
+    from din_fused import sweep as S
+
+    out = tmp_path / "sw"
+    argv = ["--seeds", "0", "1", "--grid", "embedding-dim=4,8", "--out", str(out)]
+    argv += ["--synthetic-users", "40", "--epochs", "1", "--max-len", "8"]
+    assert S.main(argv) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert sorted(rows) == sorted(r[0] for r in S.ROWS)
+    for name, r in rows.items():
+        trials = summary["grid_runs"][name]
+        best = max(trials, key=lambda t: t["val_auc"])
+        assert r["chosen"] == best["point"]
+        # Only the chosen point's test metrics are kept.
+        assert all(("test_auc" in t) == (t is best) for t in trials)
+        assert r["seeds"] == [0, 1] and len(r["test_auc"]) == 2
+        assert r["auc_mean"] == pytest.approx(sum(r["test_auc"]) / 2)
+    base = rows["BaseModel+PReLU"]["test_auc"]
+    for name in ("DIN+PReLU", "DIN+Dice"):
+        paired = rows[name]["paired_auc"]
+        diffs = [a - b for a, b in zip(rows[name]["test_auc"], base)]
+        assert paired["wins"] == sum(d > 0 for d in diffs)
+        assert paired["mean_diff"] == pytest.approx(sum(diffs) / 2)
+    assert "DIN+Dice" in text and "±" in text
+    # Resuming reads the runs back; other training flags against the same --out are refused.
+    assert S.main(argv) == 0
+    assert "read back" in capsys.readouterr().err
+    assert S.main([*argv[:-6], "--synthetic-users", "41", "--epochs", "1", "--max-len", "8"]) == 2
+    assert "other training flags" in capsys.readouterr().err
+
+
+def test_sweep_statistics():
+    from din_fused import sweep as S
+
+    assert S._sign_test_p(5, 5) == pytest.approx(2 / 32)
+    assert S._sign_test_p(4, 5) == pytest.approx(12 / 32)
+    assert S._sign_test_p(0, 0) != S._sign_test_p(0, 0)  # NaN without untied seeds
+    assert S.parse_grid(["mba-lambda=0,3", "--max-len=50"]) == {"mba-lambda": ["0", "3"], "max-len": ["50"]}
+    for bad in ("mba-lambda", "seed=1,2", "x="):
+        with pytest.raises(ValueError):
+            S.parse_grid([bad])
+
+
+@pytest.mark.parametrize("model", ["din", "base"])
+def test_jagged_and_padded_layouts_train_the_same(tmp_path, capsys, model):
+    """Same seed, same model: unpadded (default) and padded batches give the same metrics up to
+    float rounding."""
+    res = {}
+    for layout in ("jagged", "padded"):
+        f = tmp_path / f"{layout}.json"
+        argv = [*SMALL, "--synthetic-users", "80", "--epochs", "2", "--model", model, "--max-len", "20"]
+        assert T.main([*argv, "--layout", layout, "--metrics-out", str(f)]) == 0
+        res[layout] = json.loads(f.read_text())
+    capsys.readouterr()
+    assert T.build_parser().parse_args([]).layout == "jagged"
+    j, p = res["jagged"], res["padded"]
+    assert j["train_loss_per_epoch"] == pytest.approx(p["train_loss_per_epoch"], abs=1e-5)
+    for key in ("val_auc", "test_auc", "test_gauc", "test_logloss"):
+        assert j[key] == pytest.approx(p[key], abs=1e-4), key
