@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.din_fused.*)
 
-__all__ = ["din_fwd_aten", "decompositions", "din_dynamic_shapes", "export", "to_aten", "aoti_package",
+__all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes", "export", "to_aten", "aoti_package",
            "onnx_export"]
 
 
@@ -46,40 +46,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def din_fwd_aten(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
-                 weights: Sequence[Tensor], biases: Sequence[Tensor], alphas: Sequence[Tensor],
-                 bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
-                 running_means: Sequence[Tensor], running_vars: Sequence[Tensor], activation: str,
-                 normalization: str, scale: float, training: bool, eps: float):
-    """``din_fused::din_fwd`` in plain aten ops, inference only (same arguments and outputs).
-
-    query [B, D], keys [B, T, D], lengths [B] int, mask [B, T] bool or None; parameters as
-    ``din_fused.functional.din_attention``.  Returns out [B, D] (query dtype), the weights
-    [B, T] (accumulation dtype, zero where invalid) and the Dice statistics [L, 3, Hmax]
-    (running mean, 1/sqrt(var + eps), var; zeros for other activations).
-
-    Every shape op is static in D and the layer widths and symbolic in B and T, with no
-    data-dependent shape, so it traces under ``torch.export`` with dynamic B and T.
-    """
+def _check_eval(training: bool, activation: str) -> None:
     if training and activation == "dice":
-        raise NotImplementedError("din_fwd_aten serves eval mode only: training-mode Dice uses batch "
-                                  "statistics; call model.eval() before exporting")
-    B, T, D = keys.shape
-    acc = _acc_dtype(query.dtype)
+        raise NotImplementedError("din_fused.serving decompositions serve eval mode only: training-mode "
+                                  "Dice uses batch statistics; call model.eval() before exporting")
+
+
+def _scores(q: Tensor, k: Tensor, per_row, weights, biases, alphas, bn_weights, bn_biases, running_means,
+            running_vars, activation: str, eps: float, acc: torch.dtype):
+    """Activation-unit scores of keys k [..., P, D] (zero where invalid) against their rows'
+    queries q [R, D]; per_row maps a per-row tensor [R, X] onto k's positions.  Also returns
+    the Dice statistics [L, 3, Hmax] in the op's layout."""
+    D = q.shape[1]
     L = len(weights) - 1
     W = [w.to(acc) for w in weights]
     bs = [b.to(acc) for b in biases]
-    valid = torch.arange(T, device=keys.device)[None, :] < lengths.reshape(-1, 1)
-    if mask is not None:
-        valid = valid & mask
-    q = query.to(acc)
-    # where, not a multiply: NaN/Inf stored at an invalid position must not reach anything.
-    k = torch.where(valid[..., None], keys.to(acc), 0.0)
     # The first layer folded as in the kernels (README "How the fold works"):
-    # z1 = (Wk - Wd) k + Wm (q * k) + (Wq + Wd) q + b1, so no [B, T, 4D] tensor is built.
+    # z1 = (Wk - Wd) k + Wm (q * k) + (Wq + Wd) q + b1, so no [..., 4D] tensor is built.
     Wq, Wk, Wd, Wm = W[0].split(D, dim=1)
-    z = (F.linear(k, Wk - Wd) + F.linear(q[:, None, :] * k, Wm)
-         + F.linear(q, Wq + Wd, bs[0])[:, None, :])
+    z = F.linear(k, Wk - Wd) + F.linear(per_row(q) * k, Wm) + per_row(F.linear(q, Wq + Wd, bs[0]))
     h = z
     stats = []
     hmax = max(w.shape[0] for w in weights[:L])
@@ -102,7 +87,37 @@ def din_fwd_aten(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | No
             stats.append(F.pad(torch.stack([mean, invstd, var]), (0, hmax - mean.shape[0])))
         else:
             raise ValueError(f"unknown activation {activation!r}")
-    s = torch.where(valid, F.linear(h, W[L], bs[L]).squeeze(-1), 0.0)       # [B, T]
+    s = F.linear(h, W[L], bs[L]).squeeze(-1)
+    stats_t = torch.stack(stats) if stats else torch.zeros(L, 3, hmax, dtype=acc, device=q.device)
+    return s, stats_t
+
+
+def din_fwd_aten(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
+                 weights: Sequence[Tensor], biases: Sequence[Tensor], alphas: Sequence[Tensor],
+                 bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
+                 running_means: Sequence[Tensor], running_vars: Sequence[Tensor], activation: str,
+                 normalization: str, scale: float, training: bool, eps: float):
+    """``din_fused::din_fwd`` in plain aten ops, inference only (same arguments and outputs).
+
+    query [B, D], keys [B, T, D], lengths [B] int, mask [B, T] bool or None; parameters as
+    ``din_fused.functional.din_attention``.  Returns out [B, D] (query dtype), the weights
+    [B, T] (accumulation dtype, zero where invalid) and the Dice statistics [L, 3, Hmax]
+    (running mean, 1/sqrt(var + eps), var; zeros for other activations).
+
+    Every shape is static in D and the layer widths and symbolic in B and T, with no
+    data-dependent shape, so it traces under ``torch.export`` with dynamic B and T.
+    """
+    _check_eval(training, activation)
+    B, T, D = keys.shape
+    acc = _acc_dtype(query.dtype)
+    valid = torch.arange(T, device=keys.device)[None, :] < lengths.reshape(-1, 1)
+    if mask is not None:
+        valid = valid & mask
+    # where, not a multiply: NaN/Inf stored at an invalid position must not reach anything.
+    k = torch.where(valid[..., None], keys.to(acc), 0.0)
+    s, stats = _scores(query.to(acc), k, lambda t: t[:, None, :], weights, biases, alphas, bn_weights,
+                       bn_biases, running_means, running_vars, activation, eps, acc)
+    s = torch.where(valid, s, 0.0)                                          # [B, T]
     if normalization == "softmax":
         # As the reference: softmax over valid positions; an empty row gets zero weights.
         logits = torch.where(valid, scale * s, float("-inf"))
@@ -111,11 +126,63 @@ def din_fwd_aten(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | No
     elif normalization != "none":
         raise ValueError(f"unknown normalization {normalization!r}")
     out = torch.bmm(s[:, None, :], k).squeeze(1)                            # [B, D]
-    if stats:
-        stats_t = torch.stack(stats)
-    else:
-        stats_t = torch.zeros(L, 3, hmax, dtype=acc, device=keys.device)
-    return out.to(query.dtype), s, stats_t
+    return out.to(query.dtype), s, stats
+
+
+def din_jagged_fwd_aten(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None,
+                        weights: Sequence[Tensor], biases: Sequence[Tensor], alphas: Sequence[Tensor],
+                        bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
+                        running_means: Sequence[Tensor], running_vars: Sequence[Tensor], activation: str,
+                        normalization: str, scale: float, training: bool, eps: float):
+    """``din_fused::din_jagged_fwd`` in plain aten ops, inference only (same arguments and outputs).
+
+    query [R, D], values [N, D], offsets [S+1], row_seq [R] or None (then S == R); see
+    ``din_fused.functional.din_attention_jagged``.  Returns out [R, D], the weights of every
+    (row, position) pair row by row (accumulation dtype) and the Dice statistics.
+
+    Without row_seq each value belongs to exactly one row, so the unit runs once per value
+    (N positions; the weights output has N entries) and the per-row sums are index_adds:
+    no shape depends on the data.  With row_seq (shared histories) every row is scored
+    against all N values under a [R, N] validity mask, i.e. the padded computation with
+    T = N: exact for a request that scores many candidates against one user's history,
+    quadratic when one graph holds many users' histories (use the padded layout or
+    unshared sequences for those).  The weights output then has a data-dependent length.
+    """
+    _check_eval(training, activation)
+    N, D = values.shape
+    R = query.shape[0]
+    acc = _acc_dtype(query.dtype)
+    S = offsets.shape[0] - 1
+    # Sequence of each value: the number of sequence ends offsets[1..S] at or before it,
+    # as a cumulative count (searchsorted has no ONNX translation).  Values outside
+    # [offsets[0], offsets[S]) belong to none; out-of-range offsets are clamped.
+    ends = torch.zeros(N + 1, dtype=torch.int64, device=values.device).index_add(
+        0, offsets[1:].to(torch.int64).clamp(0, N), torch.ones(S, dtype=torch.int64, device=values.device))
+    seq = torch.cumsum(ends[:N], dim=0)
+    pos = torch.arange(N, device=values.device)
+    in_seq = (pos >= offsets[0]) & (seq < S)
+    if row_seq is not None:
+        valid = in_seq[None, :] & (seq[None, :] == row_seq.reshape(-1, 1))          # [R, N]
+        out, w, stats = din_fwd_aten(query, values.expand(R, N, D), torch.full_like(row_seq, N), valid,
+                                     weights, biases, alphas, bn_weights, bn_biases, running_means,
+                                     running_vars, activation, normalization, scale, training, eps)
+        return out, w[valid], stats
+    seq = seq.clamp(max=S - 1)
+    k = torch.where(in_seq[:, None], values.to(acc), 0.0)
+    s, stats = _scores(query.to(acc), k, lambda t: t[seq], weights, biases, alphas, bn_weights, bn_biases,
+                       running_means, running_vars, activation, eps, acc)
+    s = torch.where(in_seq, s, 0.0)                                              # [N]
+    if normalization == "softmax":
+        logits = torch.where(in_seq, scale * s, float("-inf"))
+        row_max = torch.full((R,), float("-inf"), dtype=acc, device=values.device)
+        row_max = row_max.scatter_reduce(0, seq, logits, "amax")
+        e = torch.where(in_seq, torch.exp(logits - row_max[seq]), 0.0)
+        denom = torch.zeros(R, dtype=acc, device=values.device).index_add(0, seq, e)
+        s = torch.where(in_seq, e / denom[seq], 0.0)
+    elif normalization != "none":
+        raise ValueError(f"unknown normalization {normalization!r}")
+    out = torch.zeros(R, D, dtype=acc, device=values.device).index_add(0, seq, s[:, None] * k)
+    return out.to(query.dtype), s, stats
 
 
 def decompositions(core_aten: bool = False) -> dict:
@@ -125,6 +192,7 @@ def decompositions(core_aten: bool = False) -> dict:
     the other ops alone."""
     table = dict(torch.export.default_decompositions()) if core_aten else {}
     table[torch.ops.din_fused.din_fwd.default] = din_fwd_aten
+    table[torch.ops.din_fused.din_jagged_fwd.default] = din_jagged_fwd_aten
     return table
 
 
