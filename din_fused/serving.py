@@ -2,29 +2,34 @@
 
 Three paths, all starting from ``torch.export``:
 
-* ``torch.export`` as is (:func:`export`): the graph keeps ``torch.ops.din_fused.din_fwd``;
-  ``torch.export.save``/``load`` round-trip it, and the loading process must import
-  din_fused (the op's kernels live there).  Outputs are bitwise those of the eager model.
-* AOTInductor (:func:`aoti_package`) and ONNX (:func:`onnx_export`): the op is first
-  replaced by :func:`din_fwd_aten`, the same computation written in plain aten ops
-  (:func:`to_aten`), so the artifact needs neither Python nor din_fused.  A ``.pt2`` runs
-  under ``torch._inductor.aoti_load_package`` or libtorch's ``AOTIModelPackageLoader``
-  (examples/serving_cpp); a ``.onnx`` runs under onnxruntime.
+* ``torch.export`` as is (:func:`export`): the graph keeps ``torch.ops.din_fused.din_fwd``
+  (``din_jagged_fwd`` for the jagged layout); ``torch.export.save``/``load`` round-trip it,
+  and the loading process must import din_fused (the op's kernels live there).  Outputs
+  are bitwise those of the eager model.
+* AOTInductor (:func:`aoti_package`) and ONNX (:func:`onnx_export`): each op is first
+  replaced by the same computation written in plain aten ops (:func:`din_fwd_aten`,
+  :func:`din_jagged_fwd_aten`, through :func:`to_aten`), so the artifact needs neither
+  Python nor din_fused.  A ``.pt2`` runs under ``torch._inductor.aoti_load_package`` or
+  libtorch's ``AOTIModelPackageLoader`` (examples/serving_cpp); a ``.onnx`` runs under
+  onnxruntime.
 
-Why a decomposition rather than a C++ op registered with libtorch: the fused kernels
-exist to make the training backward and long padded sequences cheap; a served forward
-in eval mode is a few small GEMMs plus elementwise ops that Inductor and ONNX runtimes
-fuse well on their own.  Decomposing keeps ``pip install .`` libtorch-free, gives one
-artifact that every runtime understands (ONNX has no way to call a torch op anyway), and
-needs no ABI match between the artifact and a separately built library.
+Why a decomposition rather than a C++ op registered with libtorch: ONNX cannot call a
+torch op at all, so it needs the decomposition anyway, and with it one description of the
+op serves every runtime.  A libtorch op would also make din_fused build against libtorch
+(an optional second build, ABI-tied to one torch version) and ship a shared library next
+to every artifact.  The price is that the served graph runs Inductor's (or onnxruntime's)
+kernels instead of the fused one: a served forward in eval mode is a few small GEMMs and
+elementwise ops, and its outputs match the fused op within fp32 rounding.
 
-Supported by the decomposition: eval mode (Dice with running statistics), every
+Supported by the decompositions: eval mode (Dice with running statistics), every
 activation ("sigmoid", "relu", "prelu", "dice"), both normalisations, lengths and/or
-mask, float32/float64 (float16/bfloat16 computed in float32, like the CPU kernels).
-Not supported: training-mode Dice (batch statistics couple the whole batch; not a serving
-concern) -- :func:`din_fwd_aten` raises.  Out-of-range lengths are clamped to [0, T] (as
-the kernels do) instead of raising, because a data-dependent check cannot live in an
-ahead-of-time compiled graph.
+mask, the jagged layout with and without shared sequences (row_seq), float32/float64
+(float16/bfloat16 computed in float32, like the CPU kernels).  Not supported:
+training-mode Dice (batch statistics couple the whole batch; not a serving concern), for
+which they raise.  The data-dependent input checks of the fused op cannot live in an
+ahead-of-time compiled graph: out-of-range lengths are clamped to [0, T] (as the kernels
+do), values outside [offsets[0], offsets[S]) belong to no sequence; validate offsets
+before serving.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.din_fused.*)
 
-__all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes", "export", "to_aten", "aoti_package",
-           "onnx_export"]
+__all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes", "export", "to_aten",
+           "aoti_package", "onnx_export"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
