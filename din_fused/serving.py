@@ -203,8 +203,9 @@ def decompositions(core_aten: bool = False) -> dict:
 
 def din_dynamic_shapes(context: bool = False, min_batch: int = 1, min_len: int = 1) -> tuple:
     """``dynamic_shapes`` for ``din_fused.model.DIN.forward(target, history, lengths[, context])``:
-    batch B and history length T dynamic.  Pass context=True when the model has context
-    features (its example inputs then have four tensors)."""
+    batch B and history length T dynamic (a row without history is served with T >= 1 and
+    lengths 0).  Pass context=True when the model has context features (its example inputs
+    then have four tensors)."""
     batch = torch.export.Dim("batch", min=min_batch)
     seq = torch.export.Dim("seq", min=min_len)
     shapes = ({0: batch}, {0: batch, 1: seq}, {0: batch})
@@ -227,7 +228,7 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
 
 def _is_din_like(model, args) -> bool:
     from .model import _EmbeddingMLP
-    return isinstance(model, _EmbeddingMLP) and len(args) in (3, 4)
+    return isinstance(model, _EmbeddingMLP) and args is not None and len(args) in (3, 4)
 
 
 def to_aten(ep: torch.export.ExportedProgram, core_aten: bool = False) -> torch.export.ExportedProgram:
