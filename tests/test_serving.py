@@ -62,6 +62,8 @@ def train_din(seed: int = 0, steps: int = 30, **kwargs) -> DIN:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    stats = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert steps == 0 or all(bool(s.abs().max() > 1e-3) for s in stats), "Dice statistics did not move"
     return model.eval()
 
 
