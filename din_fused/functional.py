@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch._C._functorch as _functorch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
 from .ops import check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
@@ -14,17 +16,18 @@ from .params import MLPParams
 def _check_no_forward_ad(*tensors) -> None:
     # The custom ops register a backward only.  Under forward-mode AD (forward_ad
     # dual tensors or torch.func.jvp) torch would treat them as constants and hand
-    # back zero tangents (issue 14): refuse instead of answering wrongly.
+    # back zero tangents (issue 14): refuse instead of answering wrongly.  The
+    # common case (no dual level, no functorch transform) costs two lookups.
     if torch.compiler.is_compiling():
         return
-    import torch.autograd.forward_ad as fwAD
-    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    dual = _fwAD._current_level >= 0 and any(
+        isinstance(t, Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    jvp = False
+    if _functorch.peek_interpreter_stack() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    dual = fwAD._current_level >= 0 and any(
-        isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
-    jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) and any(
-        isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in tensors)
+        jvp = any(i.key() == _functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()) \
+            and any(isinstance(t, Tensor) and _functorch.is_functorch_wrapped_tensor(t) for t in tensors)
     if dual or jvp:
         raise NotImplementedError(
             "din_fused's fused op has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): "
@@ -33,6 +36,9 @@ def _check_no_forward_ad(*tensors) -> None:
 
 def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, scale):
     dice = p.activation == "dice"
+    if dice and training and p.momentum is None:
+        raise ValueError("momentum=None (a cumulative average) needs the number of batches seen: pass "
+                         "momentum=1/num_batches (FusedDINAttention does this from its BatchNorm)")
     out, w, stats = op(query, keys, idx1, idx2, *p.op_args(), p.activation, normalization, float(scale),
                        bool(training and dice), float(p.eps))
     if dice and training:

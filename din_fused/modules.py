@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import din_attention
-from .reference import ACTIVATIONS, din_attention_ref
+from .functional import din_attention_jagged_p, din_attention_p
+from .params import MLPParams
+from .reference import ACTIVATIONS, din_attention_ref, tile_jagged
+
+
+def _ref_kwargs(p: MLPParams) -> dict:
+    """The bundle as din_attention_ref's keyword arguments."""
+    return dict(weights=p.weights, biases=p.biases, activation=p.activation, alphas=p.alphas,
+                bn_weights=p.bn_weights, bn_biases=p.bn_biases, running_means=p.running_means,
+                running_vars=p.running_vars, momentum=p.momentum, eps=p.eps)
 
 
 class Dice(nn.Module):
@@ -76,9 +84,12 @@ class FusedDINAttention(nn.Module):
 
     forward(query, keys, keys_length, mask=None):
         query [B, 1, E] -> [B, 1, E]   (or [B, E] -> [B, E])
-        keys [B, T, E]; keys_length [B] or [B, 1] int (ignored when supports_masking);
+        keys [B, T, E]; keys_length [B] or [B, 1] int, or float holding whole numbers, values
+        above T meaning T as in DeepCTR (ignored when supports_masking);
         mask [B, T] bool (required when supports_masking, optional otherwise).
         With return_score: [B, 1, T] (or [B, T]) weights, zero at padding.
+    forward(query, keys) with keys a torch.nested jagged tensor [B, j, E], and
+    forward(query, values, offsets=..., row_seq=...) for jagged/shared histories: see forward.
     """
 
     def __init__(self, embedding_dim: int = 4, att_hidden_units=(80, 40), att_activation: str = "sigmoid",
@@ -109,52 +120,109 @@ class FusedDINAttention(nn.Module):
 
     @classmethod
     def from_deepctr(cls, layer: nn.Module, **kwargs) -> FusedDINAttention:
-        """Build from a deepctr_torch AttentionSequencePoolingLayer with the same
-        weights, buffers, mode, device and dtype."""
+        """Build from a deepctr_torch AttentionSequencePoolingLayer, sharing its Parameter
+        objects, buffers and BatchNorm modules (so momentum and eps carry over, and an
+        optimizer built on the DeepCTR model, e.g. by ``model.compile``, trains the new
+        module); mode, device and dtype are the layer's."""
         dnn = layer.local_att.dnn
         acts = {type(a).__name__.lower() for a in dnn.activation_layers}
         if len(acts) != 1 or not acts <= set(ACTIVATIONS):
             raise ValueError(f"unsupported DeepCTR activation layers: {sorted(acts)}")
         if getattr(dnn, "use_bn", False) or getattr(dnn, "dropout_rate", 0):
             raise ValueError("DeepCTR layers with use_bn or dropout in the attention unit are not supported")
-        ref = dnn.linears[0].weight
+        act = acts.pop()
         mod = cls(embedding_dim=dnn.linears[0].in_features // 4,
                   att_hidden_units=[lin.out_features for lin in dnn.linears],
-                  att_activation=acts.pop(), weight_normalization=layer.weight_normalization,
+                  att_activation=act, weight_normalization=layer.weight_normalization,
                   return_score=layer.return_score, supports_masking=layer.supports_masking, **kwargs)
-        mod.to(device=ref.device, dtype=ref.dtype)
-        mod.load_state_dict(layer.state_dict(), strict=True)
+        ours = mod.local_att
+        ours.dnn.linears = dnn.linears
+        ours.dense = layer.local_att.dense
+        if act == "prelu":
+            ours.dnn.activation_layers = dnn.activation_layers
+        elif act == "dice":
+            for mine, theirs in zip(ours.dnn.activation_layers, dnn.activation_layers):
+                if theirs.alpha.shape != mine.alpha.shape:
+                    raise ValueError(f"DeepCTR Dice alpha of shape {tuple(theirs.alpha.shape)} is not the "
+                                     f"attention unit's [{mine.alpha.shape[0]}, 1] (dice_dim=3)")
+                mine.bn = theirs.bn
+                mine.alpha = theirs.alpha
+        missing = set(layer.state_dict()) ^ set(mod.state_dict())
+        if missing:
+            raise ValueError(f"DeepCTR layer and FusedDINAttention state dicts differ: {sorted(missing)}")
         mod.train(layer.training)
         return mod
 
-    def _params(self) -> dict:
+    def _params(self) -> MLPParams:
+        """The parameters as one bundle.  Training-mode Dice with BatchNorm momentum None
+        (a cumulative average, as nn.BatchNorm1d) uses 1/num_batches_tracked, so call it
+        after counting the batch."""
         dnn, act = self.local_att.dnn, self.activation
-        p = {"weights": [lin.weight for lin in dnn.linears] + [self.local_att.dense.weight],
-             "biases": [lin.bias for lin in dnn.linears] + [self.local_att.dense.bias],
-             "activation": act}
+        p = MLPParams([lin.weight for lin in dnn.linears] + [self.local_att.dense.weight],
+                      [lin.bias for lin in dnn.linears] + [self.local_att.dense.bias], act)
         if act == "prelu":
-            p["alphas"] = [a.weight for a in dnn.activation_layers]
+            p.alphas = [a.weight for a in dnn.activation_layers]
         if act == "dice":
             layers = list(dnn.activation_layers)
-            p["alphas"] = [a.alpha for a in layers]
-            p["bn_weights"] = [a.bn.weight for a in layers]
-            p["bn_biases"] = [a.bn.bias for a in layers]
-            p["running_means"] = [a.bn.running_mean for a in layers]
-            p["running_vars"] = [a.bn.running_var for a in layers]
-            p["eps"] = layers[0].bn.eps
-            p["momentum"] = layers[0].bn.momentum
+            bn = layers[0].bn
+            p.alphas = [a.alpha for a in layers]
+            p.bn_weights = [a.bn.weight for a in layers]
+            p.bn_biases = [a.bn.bias for a in layers]
+            p.running_means = [a.bn.running_mean for a in layers]
+            p.running_vars = [a.bn.running_var for a in layers]
+            p.eps = bn.eps
+            p.momentum = bn.momentum
+            if bn.momentum is None:
+                p.momentum = 1.0 / max(int(bn.num_batches_tracked), 1)
         return p
 
+    def _lengths(self, keys_length, T: int) -> Tensor:
+        # DeepCTR-Torch compatibility: keys_length [B] or [B, 1], integer or float holding
+        # whole numbers; values above T mean "all T positions" (DeepCTR's mask
+        # arange(T) < length), so they are clamped to T.
+        if not isinstance(keys_length, Tensor):
+            raise TypeError(f"keys_length must be a torch.Tensor of shape [B] or [B, 1], "
+                            f"got {type(keys_length).__name__}")
+        if keys_length.dim() == 2 and keys_length.shape[1] == 1:
+            keys_length = keys_length[:, 0]
+        if keys_length.is_floating_point():
+            if not torch.compiler.is_compiling() and not bool((keys_length == keys_length.round()).all()):
+                raise TypeError("keys_length is a float tensor with fractional values; lengths must be "
+                                "whole numbers")
+            keys_length = keys_length.to(torch.int64)
+        elif keys_length.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"keys_length must be an integer tensor (or float holding whole numbers), "
+                            f"got {keys_length.dtype}")
+        return keys_length.clamp(max=T)
+
     def forward(self, query: Tensor, keys: Tensor, keys_length: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, *, offsets: Tensor | None = None,
+                row_seq: Tensor | None = None):
+        """Padded: query [B, 1, E] (or [B, E]), keys [B, T, E], keys_length [B] / [B, 1] or
+        mask [B, T] -> [B, 1, E] (or [B, E]); with return_score the weights [B, 1, T] (or [B, T]).
+
+        Jagged: keys a torch.nested tensor with layout=torch.jagged of shape [B, j, E]
+        (keys_length and mask not given) -> the same output as for its padded form; with
+        return_score the weights as a nested jagged tensor [B, j].
+
+        Explicit jagged/shared: keys = values [N, E], offsets [S+1], row_seq [R] or None
+        (see din_attention_jagged), query [R, 1, E] (or [R, E]) -> [R, 1, E] (or [R, E]);
+        with return_score (w, row_offsets): w [row_offsets[R]], row r's weights at
+        w[row_offsets[r]:row_offsets[r+1]].
+        """
         squeeze = query.dim() == 3
         if squeeze:
             if query.shape[1] != 1:
                 raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
             query = query[:, 0]
-        if keys.dim() == 3 and keys.shape[-1] != self.embedding_dim:
+        if keys.shape[-1] != self.embedding_dim:
             raise ValueError(f"keys have embedding dim {keys.shape[-1]} but the module was built "
                              f"with embedding_dim={self.embedding_dim}")
+        nested = keys.is_nested
+        if nested or offsets is not None:
+            return self._forward_jagged(query, keys, offsets, row_seq, keys_length, mask, squeeze, nested)
+        if row_seq is not None:
+            raise ValueError("row_seq needs offsets (and keys given as values [N, E])")
         lengths = None
         if self.supports_masking:
             if mask is None:
@@ -162,28 +230,56 @@ class FusedDINAttention(nn.Module):
         else:
             if keys_length is None:
                 raise ValueError("keys_length [B] or [B, 1] is required unless supports_masking=True")
-            if keys_length.dim() == 2 and keys_length.shape[1] == 1:
-                keys_length = keys_length[:, 0]
-            lengths = keys_length
+            lengths = self._lengths(keys_length, keys.shape[1] if keys.dim() == 3 else 0)
         if mask is not None and mask.dim() == 3 and mask.shape[1] == 1:
             mask = mask[:, 0]  # DeepCTR passes masks as [B, 1, T] in places
-        p = self._params()
-        momentum = p.pop("momentum", 0.1)
-        eps = p.pop("eps", 1e-8)
+        p = self._count_batch_and_params()
         if self.impl == "fused":
-            training = self.training and self.activation == "dice"
-            out, w = din_attention(query, keys, lengths, mask, normalization=self.normalization,
-                                   scale=self.scale, training=training, momentum=momentum, eps=eps,
-                                   return_scores=True, **p)
+            out, w = din_attention_p(query, keys, lengths, mask, params=p, normalization=self.normalization,
+                                     scale=self.scale, training=self._dice_training(), return_scores=True)
         else:
             out, w = din_attention_ref(query, keys, lengths, mask, normalization=self.normalization,
-                                       scale=self.scale, training=self.training, momentum=momentum,
-                                       eps=eps, return_scores=True, **p)
-        if self.activation == "dice" and self.training:
-            for a in self.local_att.dnn.activation_layers:
-                a.bn.num_batches_tracked.add_(1)
+                                       scale=self.scale, training=self.training, return_scores=True,
+                                       **_ref_kwargs(p))
         res = w if self.return_score else out
         return res[:, None, :] if squeeze else res
+
+    def _forward_jagged(self, query, keys, offsets, row_seq, keys_length, mask, squeeze, nested):
+        if keys_length is not None or mask is not None:
+            raise ValueError("jagged keys carry their lengths: do not pass keys_length or mask")
+        if nested:
+            if keys.layout != torch.jagged or offsets is not None or row_seq is not None:
+                raise ValueError("nested keys must have layout=torch.jagged, without offsets/row_seq")
+            values, offsets = keys.values(), keys.offsets()
+        else:
+            values = keys
+        p = self._count_batch_and_params()
+        if self.impl == "fused":
+            out, w, row_offsets = din_attention_jagged_p(
+                query, values, offsets, row_seq, params=p, normalization=self.normalization, scale=self.scale,
+                training=self._dice_training(), return_scores=True)
+        else:
+            kp, lengths = tile_jagged(values, offsets, row_seq)
+            out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization,
+                                        scale=self.scale, training=self.training, return_scores=True,
+                                        **_ref_kwargs(p))
+            w = wp[torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]]
+            row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        if not self.return_score:
+            return out[:, None, :] if squeeze else out
+        if nested:
+            return torch.nested.nested_tensor_from_jagged(w, row_offsets)
+        return w, row_offsets
+
+    def _dice_training(self) -> bool:
+        return self.training and self.activation == "dice"
+
+    def _count_batch_and_params(self) -> MLPParams:
+        # nn.BatchNorm1d counts the batch before it uses the count (momentum None).
+        if self._dice_training():
+            for a in self.local_att.dnn.activation_layers:
+                a.bn.num_batches_tracked.add_(1)
+        return self._params()
 
     def extra_repr(self) -> str:
         return (f"embedding_dim={self.embedding_dim}, att_hidden_units={self.att_hidden_units}, "

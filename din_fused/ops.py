@@ -307,7 +307,6 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
     return stats
 
 
-
 # --------------------------------------------------------------------------------------
 # The kernel calls shared by the padded and the jagged op
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ hold tensors and lists, not Python objects.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ class MLPParams:
     "relu" | "prelu" (alphas[l]: 1 or H_l values) | "dice" (alphas, bn_weights,
     bn_biases, running_means, running_vars: H_l values per layer; momentum and eps
     of its BatchNorm, momentum None meaning a cumulative average as in
-    nn.BatchNorm1d).  Lists an activation does not use are ignored.
+    nn.BatchNorm1d, which training then refuses: the caller who counts batches passes
+    1/num_batches).  Lists an activation does not use are ignored.
     """
 
     weights: list[Tensor]
@@ -47,9 +48,6 @@ class MLPParams:
     running_vars: list[Tensor] | None = None
     momentum: float | None = 0.1
     eps: float = 1e-8
-    # Dice's cumulative-average factor when momentum is None (set by the module
-    # from num_batches_tracked); unused otherwise.
-    average_factor: float | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -71,13 +69,7 @@ class MLPParams:
     def update_running_stats(self, stats: Tensor) -> None:
         """Training-mode Dice: fold the batch statistics of the op ([L, 3, Hmax]: mean,
         invstd, unbiased var) into running_means/running_vars in place."""
-        if self.momentum is None:
-            if self.average_factor is None:
-                raise ValueError("momentum=None (cumulative average) needs the number of batches seen; "
-                                 "use FusedDINAttention, which tracks it, or pass a float momentum")
-            factor = self.average_factor
-        else:
-            factor = float(self.momentum)
+        factor = float(self.momentum)
         with torch.no_grad():
             for l, (rm, rv) in enumerate(zip(self.running_means, self.running_vars)):
                 h = rm.numel()

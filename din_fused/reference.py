@@ -121,3 +121,22 @@ def din_attention_ref(
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     out = torch.einsum("bt,btd->bd", w, keys.masked_fill(~valid[..., None], 0.0))
     return (out, w) if return_scores else out
+
+
+def tile_jagged(values: Tensor, offsets: Tensor, row_seq: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The padded (tiled) equivalent of a jagged input, differentiable in values.
+
+    values [N, D], offsets [S+1] (sequence s = values[offsets[s]:offsets[s+1]]), row_seq [R]
+    or None (row r uses sequence r).  Returns keys [R, T, D] (T = the longest row; entries
+    past a row's length are arbitrary values, never read as valid) and lengths [R] int64.
+    This is what din_attention_jagged means: din_attention on (query, keys, lengths).
+    """
+    offsets = offsets.to(torch.int64)
+    seq_len = offsets[1:] - offsets[:-1]
+    seq = torch.arange(len(seq_len), device=values.device) if row_seq is None else row_seq.to(torch.int64)
+    lengths = seq_len[seq]
+    T = int(lengths.max()) if lengths.numel() else 0
+    if values.shape[0] == 0:
+        return values.new_zeros(len(seq), T, values.shape[1]), lengths
+    idx = offsets[seq][:, None] + torch.arange(T, device=values.device)[None, :]
+    return values[idx.clamp(max=values.shape[0] - 1)], lengths

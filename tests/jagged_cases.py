@@ -8,7 +8,7 @@ import torch
 from common import LOWP_FACTOR, LOWP_FLOOR, TOL64, clone_params, max_rel_err, param_tensors, random_params
 
 import din_fused
-from din_fused.reference import din_attention_ref
+from din_fused.reference import din_attention_ref, tile_jagged
 
 # name -> (sequence lengths, row_seq or None, D, hidden)
 LAYOUTS = {
@@ -32,22 +32,6 @@ def make_jagged(lens, row_seq, D, hidden, act, device, seed):
     return query.to(device), values.to(device), offsets.to(device), rs, p, gout.to(device)
 
 
-def tiled(values, offsets, row_seq):
-    """The padded/tiled equivalent: keys [R, T, D] gathered from values (differentiably),
-    lengths [R]."""
-    seq_len = offsets[1:] - offsets[:-1]
-    seq = torch.arange(len(seq_len), device=values.device) if row_seq is None else row_seq
-    lengths = seq_len[seq]
-    T = int(lengths.max()) if lengths.numel() else 0
-    t = torch.arange(T, device=values.device)
-    idx = (offsets[seq][:, None] + t[None, :]).clamp(max=max(values.shape[0] - 1, 0))
-    if values.shape[0] == 0:
-        keys = values.new_zeros(len(seq), T, values.shape[1])
-    else:
-        keys = values[idx]
-    return keys, lengths
-
-
 def _run(fn, query, keys, idx1, idx2, p, dtype, training, norm, gout, gw_seed, jagged):
     p = clone_params(p, dtype)
     for key in ("running_means", "running_vars"):
@@ -62,7 +46,7 @@ def _run(fn, query, keys, idx1, idx2, p, dtype, training, norm, gout, gw_seed, j
         out, w, row_off = fn(q, k, idx1, idx2, **p, training=training, normalization=norm, scale=0.7,
                              return_scores=True)
     else:
-        kp, lengths = tiled(k, idx1, idx2)
+        kp, lengths = tile_jagged(k, idx1, idx2)
         out, wp = fn(q, kp, lengths, **p, training=training, normalization=norm, scale=0.7,
                      return_scores=True)
         valid = torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]

@@ -208,3 +208,66 @@ def test_build_info_and_no_libtorch_link():
     lib = Path(din_fused._C.__file__)
     ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
     assert "libtorch" not in ldd and "libc10" not in ldd, ldd
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14 / issue 8 defects
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["sigmoid", "dice"])
+@pytest.mark.parametrize("validity", ["lengths", "mask", "none"])
+def test_empty_sequences_T0_give_zeros_like_reference(validity, act):
+    q, _, _, p = problem(act=act)
+    p = {k: [t.detach().requires_grad_(k not in ("running_means", "running_vars")) for t in v]
+         if isinstance(v, list) else v for k, v in p.items()}
+    B, D = q.shape
+    k = torch.zeros(B, 0, D, dtype=q.dtype, requires_grad=True)
+    lengths = torch.zeros(B, dtype=torch.int64) if validity == "lengths" else None
+    mask = torch.zeros(B, 0, dtype=torch.bool) if validity == "mask" else None
+    qq = q.clone().requires_grad_()
+    out, w = din_attention(qq, k, lengths, mask, **p, normalization="softmax", return_scores=True)
+    ref, wr = din_attention_ref(q, k, lengths, mask, **p, normalization="softmax", return_scores=True)
+    assert torch.equal(out, ref) and torch.equal(out, torch.zeros(B, D, dtype=q.dtype))
+    assert w.shape == wr.shape == (B, 0)
+    grads = torch.autograd.grad(out.sum(), [qq, *p["weights"]])
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    mod = FusedDINAttention(embedding_dim=D, att_hidden_units=(7, 3), att_activation=act).double().eval()
+    assert torch.equal(mod(q[:, None], k, torch.zeros(B, 1)), torch.zeros(B, 1, D, dtype=q.dtype))
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    q, k, lengths, p = problem()
+
+    def f(x):
+        return din_attention(x, k, lengths, **p)
+
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        jvp(f, (q,), (torch.ones_like(q),))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(q, torch.ones_like(q)))
+    assert f(q).shape == q.shape  # plain calls are untouched
+
+
+def test_scale_tensor_requiring_grad_is_refused_and_constant_tensor_works():
+    q, k, lengths, p = problem()
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="scale"):
+        din_attention(q, k, lengths, **p, normalization="softmax", scale=s)
+    got = din_attention(q, k, lengths, **p, normalization="softmax", scale=s.detach())
+    want = din_attention_ref(q, k, lengths, **p, normalization="softmax", scale=0.7)
+    assert max_rel_err(got, want) <= TOL64
+
+
+def test_lengths_as_python_list_is_a_clear_type_error():
+    q, k, lengths, p = problem()
+    with pytest.raises(TypeError, match="lengths must be an int32/int64 torch.Tensor"):
+        din_attention(q, k, lengths.tolist(), **p)
+
+
+def test_functional_momentum_none_in_training_is_explained():
+    q, k, lengths, p = problem(act="dice")
+    with pytest.raises(ValueError, match="momentum=None"):
+        din_attention(q, k, lengths, **p, training=True, momentum=None)

@@ -1,5 +1,7 @@
 """FusedDINAttention: DeepCTR-Torch parity, shapes, torch.compile."""
 
+import copy
+
 import pytest
 import torch
 from common import TOL64, max_rel_err
@@ -53,7 +55,8 @@ def test_deepctr_parity_outputs_grads_and_one_step(act, mode, normalization):
     D, hidden, B, T = 6, (10, 5), 7, 9
     theirs = deepctr_layer(act, normalization, D, hidden)
     theirs.train(mode == "train")
-    ours = FusedDINAttention.from_deepctr(theirs)
+    # from_deepctr shares the layer's Parameters; a deep copy trains side by side.
+    ours = FusedDINAttention.from_deepctr(copy.deepcopy(theirs))
     assert ours.training == theirs.training
     gen = torch.Generator().manual_seed(1)
     q, k, lengths = inputs(B, T, D, gen)
@@ -172,3 +175,194 @@ def test_torch_compile_fullgraph_forward_backward(act):
 def test_exports():
     assert din_fused.FusedDINAttention is FusedDINAttention
     assert callable(din_fused.din_attention)
+
+
+# ---------------------------------------------------------------------------------------
+# Jagged layouts in the module: torch.nested jagged keys and explicit values/offsets/row_seq
+# ---------------------------------------------------------------------------------------
+def _module_pair(act, seed=0, **kw):
+    fused = FusedDINAttention(embedding_dim=5, att_hidden_units=(8, 4), att_activation=act,
+                              weight_normalization="softmax", scale=0.8, **kw).double()
+    randomise_(fused, torch.Generator().manual_seed(seed))
+    padded = copy.deepcopy(fused)
+    return fused, padded
+
+
+def _grads(mod, loss, inputs):
+    params = list(mod.parameters())
+    return torch.autograd.grad(loss, [*inputs, *params])
+
+
+@pytest.mark.parametrize("act,train", [("sigmoid", False), ("prelu", True), ("dice", True), ("dice", False)])
+def test_nested_jagged_keys_match_padded(act, train):
+    gen = torch.Generator().manual_seed(4)
+    lens = [3, 0, 6, 1]
+    q = torch.randn(len(lens), 1, 5, generator=gen, dtype=torch.float64)
+    seqs = [torch.randn(n, 5, generator=gen, dtype=torch.float64) for n in lens]
+    jag, pad = _module_pair(act)
+    jag.train(train)
+    pad.train(train)
+    values = torch.cat(seqs).requires_grad_()
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    keys = torch.nested.nested_tensor_from_jagged(values, offsets)
+    qj = q.clone().requires_grad_()
+    out_j = jag(qj, keys)
+    kp = torch.zeros(len(lens), max(lens), 5, dtype=torch.float64)
+    for i, s in enumerate(seqs):
+        kp[i, :len(s)] = s
+    kp.requires_grad_()
+    qp = q.clone().requires_grad_()
+    out_p = pad(qp, kp, torch.tensor(lens))
+    assert out_j.shape == out_p.shape == (len(lens), 1, 5)
+    assert max_rel_err(out_j, out_p) <= TOL64
+    gout = torch.randn(out_p.shape, generator=gen, dtype=torch.float64)
+    gj = _grads(jag, (out_j * gout).sum(), [qj, values])
+    gp = _grads(pad, (out_p * gout).sum(), [qp, kp])
+    gp = [gp[0], torch.cat([gp[1][i, :n] for i, n in enumerate(lens)]), *gp[2:]]
+    for a, b in zip(gj, gp):
+        assert max_rel_err(a, b) <= TOL64
+    for (n1, t1), (n2, t2) in zip(jag.state_dict().items(), pad.state_dict().items()):
+        assert n1 == n2 and max_rel_err(t1.double(), t2.double()) <= TOL64, n1
+
+
+def test_nested_jagged_return_score_is_nested():
+    jag, pad = _module_pair("sigmoid", return_score=True)
+    jag.eval()
+    pad.eval()
+    lens = [2, 4]
+    values = torch.randn(6, 5, dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 6])
+    q = torch.randn(2, 5, dtype=torch.float64)
+    w = jag(q, torch.nested.nested_tensor_from_jagged(values, offsets))
+    assert w.is_nested and w.layout == torch.jagged
+    kp = torch.stack([torch.cat([values[:2], values.new_zeros(2, 5)]), values[2:]])
+    wp = pad(q, kp, torch.tensor(lens))
+    for i, n in enumerate(lens):
+        assert max_rel_err(w[i], wp[i, :n]) <= TOL64
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_explicit_values_offsets_row_seq_match_tiled(impl):
+    # One user history shared by several candidates plus a second user: the module's
+    # explicit jagged call against the padded module on the tiled keys.
+    gen = torch.Generator().manual_seed(6)
+    values = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    offsets = torch.tensor([0, 7, 9])
+    row_seq = torch.tensor([0, 0, 1, 0, 1])
+    q = torch.randn(5, 1, 5, generator=gen, dtype=torch.float64)
+    jag, pad = _module_pair("dice", impl=impl)
+    vj, qj = values.clone().requires_grad_(), q.clone().requires_grad_()
+    out = jag(qj, vj, offsets=offsets, row_seq=row_seq)
+    vp, qp = values.clone().requires_grad_(), q.clone().requires_grad_()
+    kp, lengths = din_fused.reference.tile_jagged(vp, offsets, row_seq)
+    ref = pad(qp, kp, lengths)
+    assert out.shape == (5, 1, 5) and max_rel_err(out, ref) <= TOL64
+    gout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(_grads(jag, (out * gout).sum(), [qj, vj]), _grads(pad, (ref * gout).sum(), [qp, vp])):
+        assert max_rel_err(a, b) <= TOL64
+    jag.return_score = True
+    w, row_offsets = jag(q, values, offsets=offsets, row_seq=row_seq)
+    assert row_offsets.tolist() == [0, 7, 14, 16, 23, 25] and w.shape == (25,)
+
+
+def test_jagged_module_rejects_lengths_with_jagged_keys():
+    mod = FusedDINAttention(embedding_dim=5)
+    with pytest.raises(ValueError, match="keys_length"):
+        mod(torch.randn(2, 5), torch.randn(3, 5), torch.tensor([1, 2]), offsets=torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="offsets"):
+        mod(torch.randn(2, 5), torch.randn(2, 3, 5), torch.tensor([1, 2]), row_seq=torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------
+# DeepCTR compatibility (issues 8 and 14)
+# ---------------------------------------------------------------------------------------
+def test_from_deepctr_shares_parameters_and_batchnorm_settings():
+    theirs = deepctr_layer("dice", False, 4, (8, 4))
+    for a in theirs.local_att.dnn.activation_layers:
+        a.bn.momentum, a.bn.eps = 0.5, 1e-3
+    ours = FusedDINAttention.from_deepctr(theirs)
+    assert [id(p) for p in ours.parameters()] == [id(p) for p in theirs.parameters()]
+    assert [id(b) for b in ours.buffers()] == [id(b) for b in theirs.buffers()]
+    gen = torch.Generator().manual_seed(5)
+    q, k, _ = inputs(6, 5, 4, gen)
+    lengths = torch.full((6, 1), 5)  # no padding: DeepCTR's Dice statistics count padding
+    ref = copy.deepcopy(theirs)
+    ours.train()
+    ref.train()
+    out_o, out_r = ours(q, k, lengths), ref(q, k, lengths)
+    assert max_rel_err(out_o, out_r) <= TOL64
+    # momentum 0.5 and eps 1e-3 were used: the running statistics agree after the update.
+    for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert n1 == n2 and max_rel_err(t1.double(), t2.double()) <= TOL64, n1
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_dice_batchnorm_momentum_none_is_a_cumulative_average(impl):
+    mod = FusedDINAttention(embedding_dim=4, att_hidden_units=(6,), att_activation="dice", impl=impl).double()
+    randomise_(mod, torch.Generator().manual_seed(1))
+    bn = mod.local_att.dnn.activation_layers[0].bn
+    bn.momentum = None
+    bn.reset_running_stats()
+    ref_bn = copy.deepcopy(bn)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        q = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        k = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+        mod(q, k, torch.tensor([5, 5, 5]))
+        # The pre-activations the Dice layer saw, through nn.BatchNorm1d's own update.
+        lin = mod.local_att.dnn.linears[0]
+        qe = q[:, None].expand_as(k)
+        z = lin(torch.cat([qe, k, qe - k, qe * k], -1)).reshape(-1, 6)
+        ref_bn(z.detach())
+    assert int(bn.num_batches_tracked) == 3
+    assert max_rel_err(bn.running_mean, ref_bn.running_mean) <= TOL64
+    assert max_rel_err(bn.running_var, ref_bn.running_var) <= TOL64
+
+
+def test_float_keys_length_and_lengths_above_T_as_deepctr():
+    theirs = deepctr_layer("sigmoid", True, 5, (8,)).eval()
+    ours = FusedDINAttention.from_deepctr(theirs)
+    gen = torch.Generator().manual_seed(3)
+    q, k, lengths = inputs(4, 6, 5, gen)
+    lengths[0, 0] = 9  # above T: DeepCTR treats it as all T positions
+    for kl in (lengths.double(), lengths.float(), lengths):
+        assert max_rel_err(ours(q, k, kl), theirs(q, k, kl)) <= TOL64
+    with pytest.raises(TypeError, match="whole numbers"):
+        ours(q, k, lengths.double() + 0.5)
+    with pytest.raises(TypeError, match="keys_length"):
+        ours(q, k, [1, 2, 3, 4])
+
+
+def test_deepctr_din_swap_after_compile_trains():
+    # DeepCTR's usual order: build, compile (the optimizer now holds the layer's
+    # Parameters), then swap the attention layer.  The fused layer must train those.
+    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+    from deepctr_torch.models import DIN
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    cols = [SparseFeat("user", 5, embedding_dim=6), SparseFeat("item_id", 10, embedding_dim=6),
+            VarLenSparseFeat(SparseFeat("hist_item_id", 10, embedding_dim=6, embedding_name="item_id"),
+                             maxlen=4, length_name="seq_length")]
+    plain = DIN(cols, ["item_id"], dnn_hidden_units=(8,), att_hidden_size=(8, 4), device="cpu", seed=0)
+    randomise_(plain.attention, torch.Generator().manual_seed(3))  # O(1) scores, visible updates
+    swapped = copy.deepcopy(plain)
+    rng = np.random.default_rng(0)
+    n = 64
+    # Full histories: DeepCTR's Dice statistics would count padding, ours do not.
+    x = {"user": rng.integers(0, 5, n), "item_id": rng.integers(1, 10, n),
+         "hist_item_id": rng.integers(1, 10, (n, 4)), "seq_length": np.full(n, 4)}
+    y = rng.integers(0, 2, n).astype(np.float32)
+    for m in (plain, swapped):
+        m.compile("adam", "binary_crossentropy")
+    swapped.attention = FusedDINAttention.from_deepctr(swapped.attention)
+    before = {k: v.detach().clone() for k, v in plain.attention.named_parameters()}
+    for m in (plain, swapped):
+        m.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    got, want = dict(swapped.attention.named_parameters()), dict(plain.attention.named_parameters())
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for name, p in want.items():
+        step = (p - before[name]).abs().max().item()
+        assert step > 1e-4, name  # it trained
+        # float32 Adam on the same gradients up to rounding (a bias in front of
+        # BatchNorm has an analytically zero gradient: Adam's step there is noise).
+        assert (got[name] - p).abs().max().item() <= 1e-2 * step, name
