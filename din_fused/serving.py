@@ -43,8 +43,8 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.din_fused.*)
 
-__all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes", "export", "to_aten",
-           "aoti_package", "onnx_export"]
+__all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes",
+           "jagged_dynamic_shapes", "export", "to_aten", "aoti_package", "onnx_export"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -212,11 +212,26 @@ def din_dynamic_shapes(context: bool = False, min_batch: int = 1, min_len: int =
     return (*shapes, {0: batch}) if context else shapes
 
 
+def jagged_dynamic_shapes(shared: bool, min_rows: int = 1, min_values: int = 1) -> dict:
+    """``dynamic_shapes`` for ``FusedDINAttention``'s explicit jagged forward
+    ``(query [R, E], keys=values [N, E], offsets=[S+1], row_seq=[R])``: rows R, values N and
+    (shared) sequences S >= 1 dynamic; without row_seq S == R, so offsets has R + 1 entries."""
+    rows = torch.export.Dim("rows", min=min_rows)
+    shapes = {"query": {0: rows}, "keys": {0: torch.export.Dim("values", min=min_values)}}
+    if shared:
+        shapes["offsets"] = {0: torch.export.Dim("sequences", min=1) + 1}
+        shapes["row_seq"] = {0: rows}
+    else:
+        shapes["offsets"] = {0: rows + 1}
+    return shapes
+
+
 def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dict | None = None):
     """``torch.export.export`` of an eval-mode model (the graph keeps the fused op).
 
     dynamic_shapes: as torch.export's; None picks :func:`din_dynamic_shapes` for a
-    ``din_fused.model.DIN``-like model (a 3- or 4-tuple of inputs), else all static.
+    ``din_fused.model.DIN``-like model (a 3- or 4-tuple of inputs), else all static
+    (:func:`jagged_dynamic_shapes` serves the jagged forward of FusedDINAttention).
     """
     if model.training:
         raise ValueError("export an eval-mode model (model.eval()): training-mode Dice updates "
@@ -240,7 +255,8 @@ def _program(model_or_ep, args, dynamic_shapes) -> torch.export.ExportedProgram:
     if isinstance(model_or_ep, torch.export.ExportedProgram):
         return model_or_ep
     if args is None:
-        raise ValueError("args (example inputs) are required when exporting a module")
+        raise ValueError("args (example inputs) are required when exporting a module; export a "
+                         "module with keyword inputs with serving.export and pass the program")
     return export(model_or_ep, args, dynamic_shapes)
 
 

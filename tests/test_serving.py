@@ -15,7 +15,7 @@ import pytest
 import torch
 from common import random_params
 
-from din_fused import FusedDINAttention, din_attention_jagged, serving
+from din_fused import FusedDINAttention, serving
 from din_fused.model import DIN
 from din_fused.ops import din_fwd, din_jagged_fwd
 from din_fused.reference import ACTIVATIONS, NORMALIZATIONS, din_attention_ref
@@ -300,47 +300,38 @@ def test_onnx_export_onnxruntime_dynamic_batch_and_length(trained, tmp_path):
 # --------------------------------------------------------------------------------------
 # Jagged layout (din_fused::din_jagged_fwd)
 # --------------------------------------------------------------------------------------
-class JaggedScorer(torch.nn.Module):
-    """Attention pooling over jagged histories with a FusedDINAttention's parameters:
-    forward(query [R, E], values [N, E], offsets [S+1], row_seq [R] or None) -> [R, E]."""
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.att = FusedDINAttention(**kwargs)
-
-    def forward(self, query, values, offsets, row_seq=None):
-        a = self.att
-        return din_attention_jagged(query, values, offsets, row_seq, normalization=a.normalization,
-                                    scale=a.scale, **a._params())
-
-
-def jagged_inputs(R: int, lens, shared: bool, seed: int, E: int = 8):
-    """Rows over sequences of the given lengths (zeros included); shared: R rows pick
-    sequences at random (row_seq), else one row per sequence."""
+def jagged_inputs(R: int, lens, shared: bool, seed: int, E: int = 8) -> tuple[tuple, dict]:
+    """(args, kwargs) of FusedDINAttention's explicit jagged forward: query [R, E],
+    values [N, E], offsets [S+1] over sequences of the given lengths (zeros included),
+    and, when shared, row_seq [R] picking sequences at random (else one row per sequence)."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.tensor(lens)
     offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
     N, S = int(offsets[-1]), len(lens)
     R = R if shared else S
     q, v = torch.randn(R, E, generator=g), torch.randn(N, E, generator=g)
-    return (q, v, offsets, torch.randint(0, S, (R,), generator=g)) if shared else (q, v, offsets)
+    kwargs = {"offsets": offsets}
+    if shared:
+        kwargs["row_seq"] = torch.randint(0, S, (R,), generator=g)
+    return (q, v), kwargs
 
 
 JAGGED_SHAPES = [(1, [1]), (7, [4, 0, 9]), (100, [50])]  # (rows, sequence lengths)
 
 
-def jagged_scorer(shared: bool) -> tuple[JaggedScorer, torch.export.ExportedProgram]:
+def jagged_scorer(shared: bool) -> tuple[FusedDINAttention, torch.export.ExportedProgram]:
+    """A FusedDINAttention (Dice; softmax when shared) exported for its explicit jagged
+    forward with rows, values and sequences dynamic."""
     torch.manual_seed(0)
-    m = JaggedScorer(embedding_dim=8, att_hidden_units=(16, 8), att_activation="dice",
-                     weight_normalization=shared).eval()
+    m = FusedDINAttention(embedding_dim=8, att_hidden_units=(16, 8), att_activation="dice",
+                          weight_normalization=shared).eval()
     with torch.no_grad():
-        for layer in m.att.local_att.dnn.activation_layers:
+        for layer in m.local_att.dnn.activation_layers:
             layer.bn.running_mean.normal_(0, 0.3)
             layer.bn.running_var.uniform_(0.5, 1.5)
             layer.alpha.normal_(0.2, 0.3)
-    r, n, s = (torch.export.Dim(x, min=1) for x in "rns")
-    ds = ({0: r}, {0: n}, {0: s + 1}, {0: r}) if shared else ({0: r}, {0: n}, {0: r + 1})
-    return m, torch.export.export(m, jagged_inputs(5, [3, 0, 5, 2], shared, 0), dynamic_shapes=ds)
+    args, kwargs = jagged_inputs(5, [3, 0, 5, 2], shared, 0)
+    return m, serving.export(m, args, serving.jagged_dynamic_shapes(shared), kwargs=kwargs)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -349,8 +340,8 @@ def jagged_scorer(shared: bool) -> tuple[JaggedScorer, torch.export.ExportedProg
 def test_din_jagged_fwd_aten_matches_op(shared, activation, normalization):
     gen = torch.Generator().manual_seed(3)
     p = random_params(37, (16, 8), activation, gen=gen, requires_grad=False)
-    q, v, offsets, *rs = jagged_inputs(6, [3, 0, 5, 1, 4], shared, 1, E=37)
-    row_seq = rs[0] if rs else None
+    (q, v), kw = jagged_inputs(6, [3, 0, 5, 1, 4], shared, 1, E=37)
+    offsets, row_seq = kw["offsets"], kw.get("row_seq")
     def close64(a, b):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -370,10 +361,10 @@ def test_export_jagged_dynamic_rows_and_values(shared):
     assert not any("din_fused" in str(n.target) for n in aten.graph.nodes)
     with torch.no_grad():
         for R, lens in JAGGED_SHAPES:
-            x = jagged_inputs(R, lens, shared, R)
-            eager = m(*x)
-            assert torch.equal(ep.module()(*x), eager)
-            assert_close_rel(aten.module()(*x), eager)
+            x, kw = jagged_inputs(R, lens, shared, R)
+            eager = m(*x, **kw)
+            assert torch.equal(ep.module()(*x, **kw), eager)
+            assert_close_rel(aten.module()(*x, **kw), eager)
 
 
 def test_aoti_jagged_shared_history(tmp_path):
@@ -382,8 +373,8 @@ def test_aoti_jagged_shared_history(tmp_path):
     runner = torch._inductor.aoti_load_package(serving.aoti_package(ep, tmp_path / "jagged.pt2"))
     with torch.no_grad():
         for R, lens in JAGGED_SHAPES:
-            x = jagged_inputs(R, lens, True, R)
-            assert_close_rel(runner(*x), m(*x))
+            x, kw = jagged_inputs(R, lens, True, R)
+            assert_close_rel(runner(*x, **kw), m(*x, **kw))
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -395,6 +386,8 @@ def test_onnx_jagged_onnxruntime(shared, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "jagged.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         for R, lens in JAGGED_SHAPES:
-            x = jagged_inputs(R, lens, shared, R)
-            (got,) = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), x)})
-            assert_close_rel(torch.from_numpy(got), m(*x))
+            x, kw = jagged_inputs(R, lens, shared, R)
+            feed = dict(zip(["query", "keys"], x)) | kw
+            assert [i.name for i in sess.get_inputs()] == list(feed)
+            (got,) = sess.run(None, {name: t.numpy() for name, t in feed.items()})
+            assert_close_rel(torch.from_numpy(got), m(*x, **kw))
