@@ -273,7 +273,7 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None):
     """Export an eval-mode model (or an ExportedProgram of one) to ONNX at ``path`` with
     ``torch.onnx.export(..., dynamo=True)``, the fused op translated to standard ONNX
-    operators through :func:`din_fwd_aten`; dynamic dims stay dynamic.  For a DIN module
+    operators through :func:`to_aten`; dynamic dims stay dynamic.  For a DIN module
     the inputs default to the names target, history, lengths[, context] and the output to
     logit.  Returns the ``torch.onnx.ONNXProgram``."""
     if _is_din_like(model_or_ep, args):
