@@ -255,9 +255,14 @@ class FusedDINAttention(nn.Module):
             values = keys
         p = self._count_batch_and_params()
         if self.impl == "fused":
-            out, w, row_offsets = din_attention_jagged_p(
+            # The weights only when returned: their row offsets (a cumsum of the lengths) would
+            # make torch.export guard the row and sequence counts against 1 (din_fused.serving).
+            res = din_attention_jagged_p(
                 query, values, offsets, row_seq, params=p, normalization=self.normalization, scale=self.scale,
-                training=self._dice_training(), return_scores=True)
+                training=self._dice_training(), return_scores=self.return_score)
+            if not self.return_score:
+                return res[:, None, :] if squeeze else res
+            out, w, row_offsets = res
         else:
             kp, lengths = tile_jagged(values, offsets, row_seq)
             out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization,
