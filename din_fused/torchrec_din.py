@@ -309,18 +309,18 @@ def _plan_to_json(plan) -> dict:
 
 
 def shard_model(model: TorchRecDIN, device: torch.device, sharding: str = SHARDING_TYPE, *,
-                embedding_lr: float = EMBEDDING_LR):
+                embedding_lr: float = EMBEDDING_LR, embedding_optimizer=torch.optim.Adagrad):
     """Wrap ``model`` (tables on meta) in DistributedModelParallel; returns (dmp, plan).
 
     Every table gets ``sharding`` ("row_wise", "table_wise" or "data_parallel") and an in-backward
-    exact Adagrad; the dense part is wrapped in DDP by DMP.
+    ``embedding_optimizer`` (exact Adagrad; on CPU fbgemm also has SGD); DMP wraps the dense part in DDP.
     """
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    apply_optimizer_in_backward(torch.optim.Adagrad, model.ec.parameters(), {"lr": embedding_lr})
+    apply_optimizer_in_backward(embedding_optimizer, model.ec.parameters(), {"lr": embedding_lr})
     world_size = dist.get_world_size()
     constraints = {t: ParameterConstraints(sharding_types=[sharding]) for t in model.table_names()}
     planner = EmbeddingShardingPlanner(
