@@ -250,14 +250,12 @@ struct Ctx {
   const Model<T>* m = nullptr;
   bool softmax = false;
   T scale = T(1);
-  bool shared_seq = false;  // rows may share keys: dk needs atomics
   int red = -1;             // backward reduction layer, or -1
   int stats_layer = -1;
   GradLayout lay;
   Ctx(const DinParams& pp, const Model<T>& mm) : p(&pp), m(&mm), lay(pp) {
     softmax = pp.norm == Norm::Softmax;
     scale = static_cast<T>(pp.scale);
-    shared_seq = pp.row_seq != nullptr;
     red = pp.reduce_layer;
     stats_layer = pp.stats_layer;
   }
@@ -274,6 +272,7 @@ struct Scratch {
   const T* A = nullptr;
   int64_t sa = 0;
   T* gp = nullptr;       // parameter-gradient partials
+  T* dk = nullptr;       // where this thread adds dk: p.dk, or its own partial when rows share keys
   double* rp = nullptr;  // Dice reduction / statistics partials [2][Hp]
 
   Scratch(const Model<T>& m, bool backward) {
@@ -410,6 +409,22 @@ inline void sum_thread_pairs(const double* part, int nt, int Hp, int Hl, double*
   }
 }
 
+// Rows that share a sequence (row_seq set) must not add into the same dk
+// elements from several threads: each thread adds into its own copy of the
+// part of dk the rows address, and the copies are summed in thread order, so
+// the shared gradient is a fixed-order sum (bitwise reproducible for a given
+// thread count) without atomics.  Returns that part's length in elements.
+int64_t shared_dk_extent(const DinParams& p) {
+  if (!p.row_seq || p.reduce_layer >= 0 || p.rows <= 0) return 0;
+  int64_t extent = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t s = p.row_seq[r];
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(p.seq_len[s], 0), p.max_len);
+    if (len > 0) extent = std::max(extent, p.seq_start[s] + (len - 1) * p.ldk + p.dim);
+  }
+  return extent;
+}
+
 template <typename T>
 void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
@@ -456,16 +471,20 @@ void backward_impl(const DinParams& p) {
   const int D = m.D, L = m.L, H1 = m.H[0], H1p = m.Hp[0];
   const int nt = std::max(1, p.num_threads);  // the workspace is sized for num_threads
   const GradLayout& lay = cx.lay;
-  if (!reducing && p.workspace_bytes < static_cast<int64_t>(sizeof(T)) * lay.total * nt)
+  const int64_t dk_extent = shared_dk_extent(p);
+  if (!reducing && p.workspace_bytes < static_cast<int64_t>(sizeof(T)) * (lay.total + dk_extent) * nt)
     throw std::invalid_argument("backward: workspace too small");
   const int Hr = reducing ? m.Hp[red] : 0;
   std::vector<double> red_part(reducing ? static_cast<size_t>(nt) * 2 * Hr : 0, 0.0);
   T* ws = static_cast<T*>(p.workspace);
   const auto fn = row_fns<T>().bwd;
   const int used = threads_of(p);
+  T* dk_part = ws + static_cast<int64_t>(nt) * lay.total;  // [used][dk_extent] when rows share keys
 
-  if (!reducing)
+  if (!reducing) {
     for (int t = 0; t < nt; ++t) std::fill(ws + static_cast<int64_t>(t) * lay.total, ws + (t + 1) * lay.total, T(0));
+    std::fill(dk_part, dk_part + static_cast<int64_t>(used) * dk_extent, T(0));
+  }
   if (p.rows > 0) {
 #pragma omp parallel num_threads(used)
     {
@@ -473,6 +492,7 @@ void backward_impl(const DinParams& p) {
       Scratch<T> sc(m, true);
       sc.gp = reducing ? nullptr : ws + static_cast<int64_t>(tid) * lay.total;
       sc.rp = reducing ? red_part.data() + static_cast<size_t>(tid) * 2 * Hr : nullptr;
+      sc.dk = dk_extent > 0 ? dk_part + static_cast<int64_t>(tid) * dk_extent : static_cast<T*>(p.dk);
       // Static round-robin keeps the per-thread partials, and so the gradients,
       // bitwise reproducible for a given thread count (the forward has no
       // cross-row reduction and keeps dynamic scheduling).
@@ -484,6 +504,15 @@ void backward_impl(const DinParams& p) {
   if (reducing) {
     sum_thread_pairs(red_part.data(), nt, Hr, m.H[red], p.reduce_out);
     return;
+  }
+  if (dk_extent > 0) {
+    T* dk = static_cast<T*>(p.dk);
+#pragma omp parallel for num_threads(used) schedule(static)
+    for (int64_t i = 0; i < dk_extent; ++i) {
+      T acc = dk[i];
+      for (int t = 0; t < used; ++t) acc += dk_part[static_cast<int64_t>(t) * dk_extent + i];
+      dk[i] = acc;
+    }
   }
   // Sum the per-thread partials into thread 0's slot, then scatter to outputs.
   for (int t = 1; t < used; ++t) {
@@ -551,7 +580,7 @@ void backward_cpu(const DinParams& p) {
 }
 
 int64_t backward_workspace_bytes_cpu(const DinParams& p) {
-  return GradLayout(p).total * acc_size(p.dtype) * std::max(1, p.num_threads);
+  return (GradLayout(p).total + shared_dk_extent(p)) * acc_size(p.dtype) * std::max(1, p.num_threads);
 }
 
 }  // namespace din
@@ -1123,7 +1152,7 @@ struct Kernel {
     const T* wr = static_cast<const T*>(p.scores) + r * p.ld_scores;
     const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + r * p.ld_dscores : nullptr;
     const T* kbase = static_cast<const T*>(p.k) + p.seq_start[row.s];
-    T* dkbase = reducing ? nullptr : static_cast<T*>(p.dk) + p.seq_start[row.s];
+    T* dkbase = reducing ? nullptr : sc.dk + p.seq_start[row.s];
     T* gp = sc.gp;
     const T scale = cx.scale;
 
@@ -1186,20 +1215,11 @@ struct Kernel {
             const int64_t t = sc.pos[i];
             T* dst = dkbase + t * p.ldk;
             const T* src = other + static_cast<size_t>(i) * m.Dp;
-            const T wt = wr[t];
-            if (cx.shared_seq) {
-              for (int d = 0; d < D; ++d) {
-                const T val = src[d] + wt * go[d];
-#pragma omp atomic
-                dst[d] += val;
-              }
-            } else {
-              const v wv = X::set1(wt);
-              int d = 0;
-              for (; d + W <= D; d += W)
-                X::store(dst + d, X::load(dst + d) + X::load(src + d) + wv * X::load(go + d));
-              for (; d < D; ++d) dst[d] += src[d] + wt * go[d];
-            }
+            const v wv = X::set1(wr[t]);
+            int d = 0;
+            for (; d + W <= D; d += W)
+              X::store(dst + d, X::load(dst + d) + X::load(src + d) + wv * X::load(go + d));
+            for (; d < D; ++d) dst[d] += src[d] + wr[t] * go[d];
           }
         }
       }

@@ -1,8 +1,9 @@
 """din_fused: fused Deep Interest Network attention pooling for PyTorch."""
 
 from . import _C
-from .functional import din_attention
+from .functional import din_attention, din_attention_jagged
 from .modules import Dice, FusedDINAttention
+from .params import MLPParams
 from .reference import din_attention_ref
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["din_attention", "din_attention_ref", "FusedDINAttention", "Dice", "build_info"]
+__all__ = ["din_attention", "din_attention_jagged", "MLPParams", "din_attention_ref", "FusedDINAttention",
+           "Dice", "build_info"]

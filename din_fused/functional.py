@@ -1,4 +1,4 @@
-"""Functional API: DIN attention pooling with explicit parameters."""
+"""Functional API: DIN attention pooling with explicit parameters, padded or jagged."""
 
 from __future__ import annotations
 
@@ -7,7 +7,37 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .ops import check_inputs, din_fwd
+from .ops import check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
+from .params import MLPParams
+
+
+def _check_no_forward_ad(*tensors) -> None:
+    # The custom ops register a backward only.  Under forward-mode AD (forward_ad
+    # dual tensors or torch.func.jvp) torch would treat them as constants and hand
+    # back zero tangents (issue 14): refuse instead of answering wrongly.
+    if torch.compiler.is_compiling():
+        return
+    import torch.autograd.forward_ad as fwAD
+    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    dual = fwAD._current_level >= 0 and any(
+        isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) and any(
+        isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in tensors)
+    if dual or jvp:
+        raise NotImplementedError(
+            "din_fused's fused op has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): "
+            "use reverse mode (loss.backward(), torch.autograd.grad), or din_attention_ref for forward mode")
+
+
+def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, scale):
+    dice = p.activation == "dice"
+    out, w, stats = op(query, keys, idx1, idx2, *p.op_args(), p.activation, normalization, float(scale),
+                       bool(training and dice), float(p.eps))
+    if dice and training:
+        p.update_running_stats(stats)
+    return out, w
 
 
 def din_attention(
@@ -43,33 +73,95 @@ def din_attention(
         activation "sigmoid" | "relu" | "prelu" (alphas[l]: 1 or H_l values) | "dice"
         (alphas, bn_weights, bn_biases, running_means, running_vars: H_l values per layer).
         normalization "none" (w = score) or "softmax" (w = softmax(scale * score) over
-        valid positions).
+        valid positions).  scale: a number (a tensor that requires grad is refused).
     Returns:
-        out [B, D], plus the weights [B, T] (zero where invalid) when return_scores.
+        out [B, D], or (out, w) with the weights w [B, T] (zero where invalid) when
+        return_scores.
 
     Dice in training mode uses BatchNorm statistics over the valid positions and
     updates running_means/running_vars in place (momentum, unbiased variance), like
-    nn.BatchNorm1d.  Gradients flow to query, keys and every parameter.
+    nn.BatchNorm1d.  Gradients flow to query, keys and every parameter (reverse mode
+    only: forward-mode AD raises NotImplementedError).
     """
-    check_inputs(query, keys, lengths, mask, weights, biases, activation, alphas, bn_weights,
-                 bn_biases, running_means, running_vars, normalization)
+    p = MLPParams(weights, biases, activation, alphas, bn_weights, bn_biases, running_means, running_vars,
+                  momentum, eps)
+    return din_attention_p(query, keys, lengths, mask, params=p, training=training,
+                           normalization=normalization, scale=scale, return_scores=return_scores)
+
+
+def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None,
+                    *, params: MLPParams, training: bool = False, normalization: str = "none",
+                    scale: float = 1.0, return_scores: bool = False):
+    """din_attention with the parameters as one MLPParams bundle."""
+    check_inputs(query, keys, lengths, mask, params, normalization, scale)
+    _check_no_forward_ad(query, keys, *params.weights, *params.biases)
     B, T, _ = keys.shape
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
-    dice = activation == "dice"
-    uses_alpha = activation in ("prelu", "dice")
-    out, scores, stats = din_fwd(
-        query, keys, lengths, mask, list(weights), list(biases),
-        list(alphas) if uses_alpha else [],
-        list(bn_weights) if dice else [], list(bn_biases) if dice else [],
-        list(running_means) if dice else [], list(running_vars) if dice else [],
-        activation, normalization, float(scale), bool(training and dice), float(eps))
-    if dice and training:
-        with torch.no_grad():
-            for l, (rm, rv) in enumerate(zip(running_means, running_vars)):
-                h = rm.numel()
-                rm.mul_(1 - momentum).add_(stats[l, 0, :h].reshape(rm.shape).to(rm.dtype), alpha=momentum)
-                rv.mul_(1 - momentum).add_(stats[l, 2, :h].reshape(rv.shape).to(rv.dtype), alpha=momentum)
+    out, scores = _run(din_fwd, query, keys, lengths, mask, params, training, normalization, scale)
     if return_scores:
         return out, scores.to(query.dtype)
     return out
+
+
+def din_attention_jagged(
+    query: Tensor,
+    values: Tensor,
+    offsets: Tensor,
+    row_seq: Tensor | None = None,
+    *,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    activation: str = "sigmoid",
+    alphas: Sequence[Tensor] | None = None,
+    bn_weights: Sequence[Tensor] | None = None,
+    bn_biases: Sequence[Tensor] | None = None,
+    running_means: Sequence[Tensor] | None = None,
+    running_vars: Sequence[Tensor] | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+    normalization: str = "none",
+    scale: float = 1.0,
+    return_scores: bool = False,
+):
+    """Fused DIN attention pooling over jagged (and shared) histories, no padding.
+
+    Shapes:
+        query [R, D]: one row per candidate.
+        values [N, D]: the behaviours of all sequences back to back.
+        offsets [S+1] int32/int64: sequence s is values[offsets[s]:offsets[s+1]]
+        (offsets[0] == 0, non-decreasing, offsets[S] == N).
+        row_seq [R] int32/int64 in [0, S), or None (then S == R and row r uses sequence r):
+        row r attends over sequence row_seq[r]; many rows may share one sequence.
+        The parameters and options are those of din_attention.
+    Returns:
+        out [R, D]; with return_scores, (out, w, row_offsets): w [row_offsets[R]] holds the
+        weights of row r at w[row_offsets[r]:row_offsets[r+1]], one per position of its
+        sequence, and row_offsets [R+1] int64 is the cumulative sum of the rows' lengths.
+
+    Every result equals din_attention on the padded (or, for shared sequences, tiled)
+    input: keys[r, t] = values[offsets[s] + t] with s = row_seq[r], lengths[r] = len(s).
+    Training-mode Dice counts every valid (row, position) pair, as tiling would.  A shared
+    sequence's gradient is the sum over its rows, taken in a fixed order on CPU.
+    """
+    p = MLPParams(weights, biases, activation, alphas, bn_weights, bn_biases, running_means, running_vars,
+                  momentum, eps)
+    return din_attention_jagged_p(query, values, offsets, row_seq, params=p, training=training,
+                                  normalization=normalization, scale=scale, return_scores=return_scores)
+
+
+def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None = None,
+                           *, params: MLPParams, training: bool = False, normalization: str = "none",
+                           scale: float = 1.0, return_scores: bool = False):
+    """din_attention_jagged with the parameters as one MLPParams bundle."""
+    check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale)
+    _check_no_forward_ad(query, values, *params.weights, *params.biases)
+    out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)
+    if not return_scores:
+        return out
+    lens = offsets[1:] - offsets[:-1]
+    if row_seq is not None:
+        lens = lens[row_seq]
+    row_offsets = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int64)
+    return out, w.to(query.dtype), row_offsets

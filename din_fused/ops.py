@@ -1,16 +1,19 @@
-"""The fused op: a torch.library custom op with a fake implementation and a
-registered backward, over the raw-pointer kernels in ``din_fused._C``.
+"""The fused ops: torch.library custom ops with fake implementations and registered
+backwards, over the raw-pointer kernels in ``din_fused._C``.
 
 Python owns allocation, validation and autograd; ``_C`` only sees pointers,
 sizes and the current CUDA stream.  The ops are opaque to torch.compile, so the
-data-dependent checks (length ranges) live here, in the real implementations.
+data-dependent checks (length ranges, offsets) live here, in the real implementations.
 
-Op signature (all tensors are on one device):
+Op signatures (all tensors are on one device; the parameter lists are MLPParams.op_args()):
     din_fused::din_fwd(query [B,D], keys [B,T,D], lengths int64 [B], mask bool [B,T]?,
                        weights[L+1], biases[L+1], alphas[], bn_weights[], bn_biases[],
                        running_means[], running_vars[], activation, normalization, scale,
                        training, eps)
       -> out [B,D] (query dtype), scores [B,T] (accumulation dtype), stats [L,3,Hmax]
+    din_fused::din_jagged_fwd(query [R,D], values [N,D], offsets [S+1] int, row_seq [R] int?,
+                       <the same parameters and attributes>)
+      -> out [R,D], weights [sum_r len(row r)] (accumulation dtype, row by row), stats
     stats rows: mean, 1/sqrt(var+eps), unbiased var of the Dice BatchNorm statistics in
     use (batch statistics in training, running ones in eval; zeros for other
     activations).
@@ -22,49 +25,73 @@ import torch
 from torch import Tensor
 
 from . import _C
+from .params import MLPParams, check_params
 from .reference import ACTIVATIONS, NORMALIZATIONS
-
-MAX_LAYERS = 4
-MAX_WIDTH = 256
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 _NORM_CODE = {name: i for i, name in enumerate(NORMALIZATIONS)}
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 # --------------------------------------------------------------------------------------
-# Validation: written once, called by every public entry point.
+# Validation: written once, called by every public entry point (padded and jagged).
 # --------------------------------------------------------------------------------------
-def check_inputs(query, keys, lengths, mask, weights, biases, activation, alphas, bn_weights,
-                 bn_biases, running_means, running_vars, normalization) -> None:
-    """Shape, dtype and device checks; raise ValueError/TypeError naming the argument."""
-    for name, t in (("query", query), ("keys", keys)):
+def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape: str) -> None:
+    """query [R, D] and the keys tensor (keys [B, T, D] or values [N, D]): float, one dtype,
+    one device, the same D."""
+    for name, t in (("query", query), (keys_name, keys)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if keys.dim() != 3:
-        raise ValueError(f"keys must have shape [B, T, D], got {tuple(keys.shape)}")
-    B, T, D = keys.shape
+    if keys.dim() != len(keys_shape.split(",")):
+        raise ValueError(f"{keys_name} must have shape [{keys_shape}], got {tuple(keys.shape)}")
+    D = keys.shape[-1]
     if query.dim() != 2:
-        raise ValueError(f"query must have shape [B, D] = [{B}, {D}], got {tuple(query.shape)}")
+        raise ValueError(f"query must have shape [R, D] with D = {D}, got {tuple(query.shape)}")
+    if query.shape[1] != D:
+        raise ValueError(f"query has dim {query.shape[1]} but {keys_name} has dim {D}")
+    if query.dtype != keys.dtype:
+        raise TypeError(f"query ({query.dtype}) and {keys_name} ({keys.dtype}) must have the same dtype")
+    if query.device != keys.device:
+        raise ValueError(f"query is on {query.device} but {keys_name} is on {keys.device}")
+
+
+def _check_index(name: str, t, shape: tuple, device) -> None:
+    """An int32/int64 index tensor (lengths, offsets, row_seq) of the given shape
+    (None in shape: any size) on ``device``."""
+    want = "[" + ", ".join("N" if n is None else str(n) for n in shape) + "]"
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an int32/int64 torch.Tensor of shape {want}, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
+
+
+def _check_options(normalization, scale) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor, got shape "
+                             f"{tuple(scale.shape)}")
+        if scale.requires_grad:
+            raise TypeError("scale is a tensor that requires grad, but the fused op takes scale as a "
+                            "constant and has no gradient for it; pass a float (or scale.detach()), or "
+                            "use din_attention_ref to learn the temperature")
+
+
+def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, scale=1.0) -> None:
+    """Padded layout: query [B, D], keys [B, T, D], lengths [B] int, mask [B, T] bool."""
+    _check_float_inputs(query, keys, "keys", "B, T, D")
+    B, T, D = keys.shape
     if query.shape[0] != B:
         raise ValueError(f"query has batch {query.shape[0]} but keys has batch {B}")
-    if query.shape[1] != D:
-        raise ValueError(f"query has dim {query.shape[1]} but keys has dim {D}")
-    if query.dtype != keys.dtype:
-        raise TypeError(f"query ({query.dtype}) and keys ({keys.dtype}) must have the same dtype")
     dev = keys.device
-    if query.device != dev:
-        raise ValueError(f"query is on {query.device} but keys is on {dev}")
     if lengths is not None:
-        if not isinstance(lengths, Tensor):
-            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
-        if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(f"lengths must have shape [B] = [{B}], got {tuple(lengths.shape)}")
-        if lengths.device != dev:
-            raise ValueError(f"lengths is on {lengths.device} but keys is on {dev}")
+        _check_index("lengths", lengths, (B,), dev)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -74,64 +101,60 @@ def check_inputs(query, keys, lengths, mask, weights, biases, activation, alphas
             raise ValueError(f"mask must have shape [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
         if mask.device != dev:
             raise ValueError(f"mask is on {mask.device} but keys is on {dev}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    L = len(weights) - 1
-    if not 1 <= L <= MAX_LAYERS:
-        raise ValueError(f"weights must hold 1..{MAX_LAYERS} hidden layers plus the output layer, "
-                         f"got {len(weights)} matrices")
-    if len(biases) != L + 1:
-        raise ValueError(f"biases must have {L + 1} entries (one per Linear), got {len(biases)}")
-    fan_in = 4 * D
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        out = 1 if l == L else (w.shape[0] if w.dim() == 2 else -1)
-        if l < L and not 1 <= out <= MAX_WIDTH:
-            raise ValueError(f"hidden layer {l} width must be in 1..{MAX_WIDTH}, got weights[{l}] "
-                             f"of shape {tuple(w.shape)}")
-        if tuple(w.shape) != (out, fan_in):
-            raise ValueError(f"weights[{l}] must have shape [{out}, {fan_in}], got {tuple(w.shape)}")
-        if tuple(b.shape) != (out,):
-            raise ValueError(f"biases[{l}] must have shape [{out}], got {tuple(b.shape)}")
-        for name, t in ((f"weights[{l}]", w), (f"biases[{l}]", b)):
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be floating point, got {t.dtype}")
-            if t.device != dev:
-                raise ValueError(f"{name} is on {t.device} but keys is on {dev}")
-        fan_in = out
-    hidden = [w.shape[0] for w in weights[:L]]
-    per_layer = []
-    if activation in ("prelu", "dice"):
-        per_layer.append(("alphas", alphas))
-    if activation == "dice":
-        per_layer += [("bn_weights", bn_weights), ("bn_biases", bn_biases),
-                      ("running_means", running_means), ("running_vars", running_vars)]
-    for name, seq in per_layer:
-        if seq is None or len(seq) != L:
-            got = "None" if seq is None else f"{len(seq)} entries"
-            raise ValueError(f"{activation} needs {name} with one tensor per hidden layer ({L}), got {got}")
-        for l, t in enumerate(seq):
-            n = t.numel()
-            ok = n == hidden[l] or (name == "alphas" and activation == "prelu" and n == 1)
-            if not ok or not t.is_floating_point():
-                raise ValueError(f"{name}[{l}] must be a float tensor with {hidden[l]} elements"
-                                 f"{' (or 1 for prelu)' if name == 'alphas' else ''}, "
-                                 f"got shape {tuple(t.shape)} dtype {t.dtype}")
-            if t.device != dev:
-                raise ValueError(f"{name}[{l}] is on {t.device} but keys is on {dev}")
+    _check_options(normalization, scale)
+    check_params(params, D, dev)
+
+
+def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, normalization, scale=1.0) -> None:
+    """Jagged layout: query [R, D], values [N, D], offsets [S+1] int, row_seq [R] int or None
+    (then S == R).  The data-dependent checks are in _check_offsets_values."""
+    _check_float_inputs(query, values, "values", "N, D")
+    R, dev = query.shape[0], values.device
+    _check_index("offsets", offsets, (None,), dev)
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must have shape [S+1] with S >= 0 (at least the leading 0), got shape (0,)")
+    if row_seq is None:
+        if offsets.shape[0] - 1 != R:
+            raise ValueError(f"without row_seq, offsets must have shape [R+1] = [{R + 1}] (row r uses "
+                             f"sequence r), got {tuple(offsets.shape)}")
+    else:
+        _check_index("row_seq", row_seq, (R,), dev)
+    _check_options(normalization, scale)
+    check_params(params, values.shape[1], dev)
+
+
+def _data_checks_off(t: Tensor) -> bool:
+    # Data-dependent checks synchronise on CUDA, so they are skipped while a CUDA
+    # graph is being captured (the kernels clamp lengths to [0, T] anyway).
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_lengths_values(lengths: Tensor, T: int) -> None:
-    # A data-dependent check: on CUDA it synchronises, so it is skipped while a
-    # CUDA graph is being captured (the kernels clamp lengths to [0, T] anyway).
-    if lengths.numel() == 0:
-        return
-    if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+    if lengths.numel() == 0 or _data_checks_off(lengths):
         return
     lo, hi = torch.aminmax(lengths)
     if int(lo) < 0 or int(hi) > T:
         raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{int(lo)}, {int(hi)}]")
+
+
+def _check_offsets_values(offsets: Tensor, N: int, row_seq: Tensor | None) -> None:
+    """offsets start at 0, never decrease and end at N; row_seq lies in [0, S)."""
+    if _data_checks_off(offsets):
+        return
+    S = offsets.shape[0] - 1
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
+    if S > 0 and bool((offsets[1:] < offsets[:-1]).any()):
+        i = int((offsets[1:] < offsets[:-1]).nonzero()[0, 0])
+        raise ValueError(f"offsets must not decrease, got offsets[{i}] = {int(offsets[i])} > "
+                         f"offsets[{i + 1}] = {int(offsets[i + 1])}")
+    if last != N:
+        raise ValueError(f"offsets must end at N = values.shape[0] = {N}, got offsets[-1] = {last}")
+    if row_seq is not None and row_seq.numel() > 0:
+        lo, hi = torch.aminmax(row_seq)
+        if int(lo) < 0 or int(hi) >= S:
+            raise ValueError(f"row_seq must lie in [0, S) = [0, {S}), got values in [{int(lo)}, {int(hi)}]")
 
 
 # --------------------------------------------------------------------------------------
@@ -159,18 +182,25 @@ def _ptrs(ts) -> list:
 
 
 class _Prepared:
-    """Inputs converted to the kernels' layouts, plus the common cfg dict."""
+    """Inputs converted to the kernels' layouts, plus the common cfg dict.
+
+    Padded: keys [B, T, D], lengths [B] (row b uses keys[b]).  Jagged (seq_start given):
+    keys is values [N, D], lengths the sequence lengths [S], seq_start their element
+    offsets into values [S], row_seq [R] or None, max_len the widest row's length.
+    """
 
     def __init__(self, query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                 activation, normalization, scale):
-        B, T, D = keys.shape
-        self.B, self.T, self.D, self.L = B, T, D, len(weights) - 1
+                 activation, normalization, scale, *, seq_start=None, row_seq=None, max_len=None):
+        R, D = query.shape
+        T = keys.shape[1] if seq_start is None else max_len
+        self.B, self.T, self.D, self.L = R, T, D, len(weights) - 1
         self.out_dtype = query.dtype
         cdt = _compute_dtype(keys)
         self.acc = acc = _acc_dtype(cdt)
         self.q = query.to(cdt).contiguous()
         self.k = keys.to(cdt).contiguous()
         self.lengths = lengths.to(torch.int64).contiguous()
+        self.row_seq = None if row_seq is None else row_seq.to(torch.int64).contiguous()
         self.mask = None if mask is None else mask.contiguous()
         self.weights = [w.detach().to(acc).contiguous() for w in weights]
         self.biases = [b.detach().to(acc).contiguous() for b in biases]
@@ -182,14 +212,16 @@ class _Prepared:
         self.gammas = [g.detach().to(acc).reshape(-1).contiguous() for g in bn_weights] if bn_weights else []
         self.betas = [b.detach().to(acc).reshape(-1).contiguous() for b in bn_biases] if bn_biases else []
         dev = keys.device
-        self.seq_start = torch.arange(B, device=dev, dtype=torch.int64) * (T * D)
+        if seq_start is None:
+            seq_start = torch.arange(R, device=dev, dtype=torch.int64) * (T * D)
+        self.seq_start = seq_start.contiguous()
         self.cfg = {
-            "rows": B, "dim": D, "max_len": T, "hidden": hidden,
+            "rows": R, "dim": D, "max_len": T, "hidden": hidden,
             "act": _ACT_CODE[activation], "norm": _NORM_CODE[normalization], "scale": float(scale),
             "dtype": _DTYPE_CODE[cdt], "num_threads": torch.get_num_threads(),
             "deterministic": True,
             "q": _ptr(self.q), "ldq": D, "k": _ptr(self.k), "ldk": D,
-            "seq_start": _ptr(self.seq_start), "seq_len": _ptr(self.lengths),
+            "seq_start": _ptr(self.seq_start), "seq_len": _ptr(self.lengths), "row_seq": _ptr(self.row_seq),
             "mask": _ptr(self.mask), "ld_mask": T,
             "W": _ptrs(self.weights), "b": _ptrs(self.biases),
             "alpha": _ptrs(self.alphas), "bn_gamma": _ptrs(self.gammas), "bn_beta": _ptrs(self.betas),
@@ -198,6 +230,12 @@ class _Prepared:
         if keys.is_cuda:
             self.cfg["device"] = keys.device.index
             self.cfg["stream"] = torch.cuda.current_stream(keys.device).cuda_stream
+
+    @property
+    def empty(self) -> bool:
+        # No row has a key to read (T == 0 or no rows): the kernels are not called
+        # (an empty tensor's data_ptr is 0, which _C rejects as a missing pointer).
+        return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
     def workspace(self, phase: str) -> Tensor:
         nbytes = _C.workspace_bytes(self.cfg, phase)
@@ -212,11 +250,22 @@ class _Prepared:
         self.cfg["bn_mean"] = [stats[l, 0].data_ptr() for l in range(self.L)]
         self.cfg["bn_invstd"] = [stats[l, 1].data_ptr() for l in range(self.L)]
 
-    def valid_count(self) -> Tensor:
-        valid = torch.arange(self.T, device=self.k.device)[None, :] < self.lengths[:, None]
+    def row_lengths(self) -> Tensor:
+        """[R] int64: valid positions of each row before the mask (clamped to T)."""
+        lens = self.lengths if self.row_seq is None else self.lengths[self.row_seq]
+        return lens.clamp(0, self.T)
+
+    def valid_mask(self) -> Tensor:
+        """[R, T] bool: the (row, position) pairs the kernels treat as valid."""
+        valid = torch.arange(self.T, device=self.k.device)[None, :] < self.row_lengths()[:, None]
         if self.mask is not None:
-            valid = valid & self.mask
-        return valid.sum()
+            valid = valid & (self.mask if self.row_seq is None else self.mask[self.row_seq])
+        return valid
+
+    def valid_count(self) -> Tensor:
+        # Every valid (row, position) pair counts, also when rows share a sequence:
+        # the Dice batch statistics are those of the tiled input.
+        return self.row_lengths().sum() if self.mask is None else self.valid_mask().sum()
 
 
 def _mask_lengths(mask: Tensor, lengths: Tensor | None) -> Tensor:
@@ -258,77 +307,45 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
     return stats
 
 
+
 # --------------------------------------------------------------------------------------
-# Forward op
+# The kernel calls shared by the padded and the jagged op
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("din_fused::din_fwd", mutates_args=())
-def din_fwd(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
-            weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
-            bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
-            running_vars: list[Tensor], activation: str, normalization: str, scale: float,
-            training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    B, T, D = keys.shape
-    _check_lengths_values(lengths, T)
-    if mask is not None:
-        lengths = _mask_lengths(mask, lengths)
-    prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale)
+def _forward(prep: _Prepared, activation, running_means, running_vars, training, eps):
+    """out [R, D] (compute dtype), scores [R, T] (acc dtype, zero where invalid), stats."""
+    dev = prep.k.device
     if activation == "dice":
         stats = _bn_stats(prep, running_means, running_vars, training, eps)
     else:
-        stats = torch.zeros(prep.L, 3, max(prep.hidden), dtype=prep.acc, device=keys.device)
-    out = torch.empty(B, D, dtype=prep.q.dtype, device=keys.device)
-    scores = torch.empty(B, T, dtype=prep.acc, device=keys.device)
-    if B > 0:
-        prep.workspace("forward")
-        _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": D, "scores": scores.data_ptr(),
-                    "ld_scores": T})
-    return out.to(query.dtype), scores, stats
+        stats = torch.zeros(prep.L, 3, max(prep.hidden), dtype=prep.acc, device=dev)
+    if prep.empty:
+        return (torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev),
+                torch.zeros(prep.B, prep.T, dtype=prep.acc, device=dev), stats)
+    out = torch.empty(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
+    scores = torch.empty(prep.B, prep.T, dtype=prep.acc, device=dev)
+    prep.workspace("forward")
+    _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": prep.D, "scores": scores.data_ptr(),
+                "ld_scores": prep.T})
+    return out, scores, stats
 
 
-@din_fwd.register_fake
-def _(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases, running_means,
-      running_vars, activation, normalization, scale, training, eps):
-    B, T, D = keys.shape
-    acc = _acc_dtype(query.dtype)
-    L, Hmax = len(weights) - 1, max(w.shape[0] for w in weights[:-1])
-    return (query.new_empty(B, D), query.new_empty(B, T, dtype=acc),
-            query.new_empty(L, 3, Hmax, dtype=acc))
-
-
-# --------------------------------------------------------------------------------------
-# Backward op
-# --------------------------------------------------------------------------------------
-@torch.library.custom_op("din_fused::din_bwd", mutates_args=())
-def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: Tensor,
-            lengths: Tensor, mask: Tensor | None, weights: list[Tensor], biases: list[Tensor],
-            alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
-            scores: Tensor, activation: str, normalization: str, scale: float,
-            training: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Returns dq [B,D], dk [B,T,D] and the parameter gradients in the order
-    weights, biases, alphas, bn_weights, bn_biases (each list as given)."""
-    B, T, D = keys.shape
-    if mask is not None:
-        lengths = _mask_lengths(mask, lengths)
-    prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale)
-    acc, dev, L = prep.acc, keys.device, prep.L
-    g = grad_out.to(prep.q.dtype).contiguous()
-    gs = None if grad_scores is None else grad_scores.to(acc).contiguous()
-    scores = scores.contiguous()
-    prep.cfg.update({"dout": g.data_ptr(), "ld_dout": D, "scores": scores.data_ptr(), "ld_scores": T,
-                     "dscores": _ptr(gs), "ld_dscores": T})
-    dq = torch.empty(B, D, dtype=prep.q.dtype, device=dev)
-    dk = torch.zeros(B, T, D, dtype=prep.q.dtype, device=dev)
-    dW = [torch.empty_like(w) for w in prep.weights]
-    db = [torch.empty_like(b) for b in prep.biases]
-    dalpha = [torch.empty_like(a) for a in prep.alphas]
-    dgamma = [torch.empty_like(a) for a in prep.gammas]
-    dbeta = [torch.empty_like(a) for a in prep.betas]
-    if B == 0:
-        for t in dW + db + dalpha + dgamma + dbeta:
-            t.zero_()
-    else:
+def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation, training):
+    """dq [R, D], dk laid out like prep.k, and the parameter gradients (acc dtype, kernel
+    layout: PReLU alphas per channel) as lists dW, db, dalpha, dgamma, dbeta."""
+    acc, dev, L, T = prep.acc, prep.k.device, prep.L, prep.T
+    dq = torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
+    dk = torch.zeros_like(prep.k)
+    dW = [torch.zeros_like(w) for w in prep.weights]
+    db = [torch.zeros_like(b) for b in prep.biases]
+    dalpha = [torch.zeros_like(a) for a in prep.alphas]
+    dgamma = [torch.zeros_like(a) for a in prep.gammas]
+    dbeta = [torch.zeros_like(a) for a in prep.betas]
+    if not prep.empty:
+        g = grad_out.to(prep.q.dtype).contiguous()
+        gs = None if grad_scores is None else grad_scores.to(acc).contiguous()
+        scores = scores.contiguous()
+        prep.cfg.update({"dout": g.data_ptr(), "ld_dout": prep.D, "scores": scores.data_ptr(),
+                         "ld_scores": T, "dscores": _ptr(gs), "ld_dscores": T})
         stats = stats.contiguous()
         prep.set_stats(stats)
         # One workspace serves the reduce passes and the full backward (CUDA sizes
@@ -346,58 +363,202 @@ def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: T
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
-        _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": D, "dk": dk.data_ptr(),
+        _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": prep.D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),
                      "dgamma": _ptrs(dgamma), "dbeta": _ptrs(dbeta)})
-    # Back to the callers' dtypes and shapes (PReLU's scalar alpha sums its channels).
+    return dq, dk, (dW, db, dalpha, dgamma, dbeta)
+
+
+def _param_grads(kernel_grads, weights, biases, alphas, bn_weights, bn_biases) -> list[Tensor]:
+    """Kernel gradients back to the callers' dtypes and shapes, in the order weights, biases,
+    alphas, bn_weights, bn_biases (PReLU's scalar alpha sums its channels)."""
+    dW, db, dalpha, dgamma, dbeta = kernel_grads
     grads = [d.to(w.dtype) for d, w in zip(dW, weights)] + [d.to(b.dtype) for d, b in zip(db, biases)]
     grads += [(d.sum() if a.numel() == 1 else d).reshape(a.shape).to(a.dtype) for d, a in zip(dalpha, alphas)]
     grads += [d.reshape(a.shape).to(a.dtype) for d, a in zip(dgamma, bn_weights)]
     grads += [d.reshape(a.shape).to(a.dtype) for d, a in zip(dbeta, bn_biases)]
+    return grads
+
+
+def _fake_param_grads(weights, biases, alphas, bn_weights, bn_biases) -> list[Tensor]:
+    return [torch.empty_like(p) for p in [*weights, *biases, *alphas, *bn_weights, *bn_biases]]
+
+
+def _fake_stats(query, weights) -> Tensor:
+    L, Hmax = len(weights) - 1, max(w.shape[0] for w in weights[:-1])
+    return query.new_empty(L, 3, Hmax, dtype=_acc_dtype(query.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# Padded op
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("din_fused::din_fwd", mutates_args=())
+def din_fwd(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
+            weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
+            bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
+            running_vars: list[Tensor], activation: str, normalization: str, scale: float,
+            training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, D = keys.shape
+    _check_lengths_values(lengths, T)
+    if mask is not None:
+        lengths = _mask_lengths(mask, lengths)
+    prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
+                     activation, normalization, scale)
+    out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
+    return out.to(query.dtype), scores, stats
+
+
+@din_fwd.register_fake
+def _(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases, running_means,
+      running_vars, activation, normalization, scale, training, eps):
+    B, T, D = keys.shape
+    return (query.new_empty(B, D), query.new_empty(B, T, dtype=_acc_dtype(query.dtype)),
+            _fake_stats(query, weights))
+
+
+@torch.library.custom_op("din_fused::din_bwd", mutates_args=())
+def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: Tensor,
+            lengths: Tensor, mask: Tensor | None, weights: list[Tensor], biases: list[Tensor],
+            alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
+            scores: Tensor, activation: str, normalization: str, scale: float,
+            training: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Returns dq [B,D], dk [B,T,D] and the parameter gradients in the order
+    weights, biases, alphas, bn_weights, bn_biases (each list as given)."""
+    if mask is not None:
+        lengths = _mask_lengths(mask, lengths)
+    prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
+                     activation, normalization, scale)
+    dq, dk, kgrads = _backward(prep, grad_out, grad_scores, stats, scores, activation, training)
+    grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
     return dq.to(query.dtype), dk.to(keys.dtype), grads
 
 
 @din_bwd.register_fake
 def _(grad_out, grad_scores, query, keys, lengths, mask, weights, biases, alphas, bn_weights,
       bn_biases, stats, scores, activation, normalization, scale, training):
-    params = list(weights) + list(biases) + list(alphas) + list(bn_weights) + list(bn_biases)
-    return query.new_empty(query.shape), keys.new_empty(keys.shape), [torch.empty_like(p) for p in params]
+    return (query.new_empty(query.shape), keys.new_empty(keys.shape),
+            _fake_param_grads(weights, biases, alphas, bn_weights, bn_biases))
 
 
 # --------------------------------------------------------------------------------------
-# Autograd
+# Jagged op
+# --------------------------------------------------------------------------------------
+def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None):
+    """(seq_start [S'] element offsets, seq_len [S'], row_seq for the kernels or None, T).
+
+    When no two rows share a sequence, the sequences are gathered per row and the
+    kernels see row_seq=None: then no dk partials are needed (see din_cpu.cpp)."""
+    offsets = offsets.to(torch.int64)
+    D = values.shape[1]
+    seq_start = offsets[:-1] * D
+    seq_len = offsets[1:] - offsets[:-1]
+    if row_seq is not None:
+        row_seq = row_seq.to(torch.int64)
+        if row_seq.numel() == 0 or int(torch.bincount(row_seq).max()) <= 1:
+            seq_start, seq_len, row_seq = seq_start[row_seq], seq_len[row_seq], None
+    lens = seq_len if row_seq is None else seq_len[row_seq]
+    T = int(lens.max()) if lens.numel() else 0
+    return seq_start, seq_len, row_seq, T
+
+
+def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
+                     activation, normalization, scale) -> _Prepared:
+    seq_start, seq_len, rs, T = _jagged_layout(values, offsets, row_seq)
+    return _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
+                     activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
+
+
+@torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())
+def din_jagged_fwd(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None,
+                   weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
+                   bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
+                   running_vars: list[Tensor], activation: str, normalization: str, scale: float,
+                   training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """query [R,D], values [N,D], offsets [S+1], row_seq [R] or None ->
+    out [R,D], weights [sum of row lengths] (acc dtype, row by row), stats [L,3,Hmax]."""
+    _check_offsets_values(offsets, values.shape[0], row_seq)
+    prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
+                            bn_biases, activation, normalization, scale)
+    out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
+    return out.to(query.dtype), scores[prep.valid_mask()], stats
+
+
+@din_jagged_fwd.register_fake
+def _(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases, running_means,
+      running_vars, activation, normalization, scale, training, eps):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (query.new_empty(query.shape), query.new_empty(n, dtype=_acc_dtype(query.dtype)),
+            _fake_stats(query, weights))
+
+
+@torch.library.custom_op("din_fused::din_jagged_bwd", mutates_args=())
+def din_jagged_bwd(grad_out: Tensor, grad_weights: Tensor | None, query: Tensor, values: Tensor,
+                   offsets: Tensor, row_seq: Tensor | None, weights: list[Tensor], biases: list[Tensor],
+                   alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
+                   flat_weights: Tensor, activation: str, normalization: str, scale: float,
+                   training: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Returns dq [R,D], dvalues [N,D] (a shared sequence gets the fixed-order sum of its
+    rows' gradients) and the parameter gradients as din_bwd."""
+    prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
+                            bn_biases, activation, normalization, scale)
+    valid = prep.valid_mask()
+    scores = torch.zeros(prep.B, prep.T, dtype=prep.acc, device=values.device)
+    scores[valid] = flat_weights.to(prep.acc)
+    gs = None
+    if grad_weights is not None:
+        gs = torch.zeros_like(scores)
+        gs[valid] = grad_weights.to(prep.acc)
+    dq, dk, kgrads = _backward(prep, grad_out, gs, stats, scores, activation, training)
+    grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
+    return dq.to(query.dtype), dk.to(values.dtype), grads
+
+
+@din_jagged_bwd.register_fake
+def _(grad_out, grad_weights, query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
+      bn_biases, stats, flat_weights, activation, normalization, scale, training):
+    return (query.new_empty(query.shape), values.new_empty(values.shape),
+            _fake_param_grads(weights, biases, alphas, bn_weights, bn_biases))
+
+
+# --------------------------------------------------------------------------------------
+# Autograd (both ops: inputs query, keys/values, 2 index/mask inputs, 7 parameter
+# lists, 5 attributes; outputs out, weights, stats)
 # --------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases, _rm, _rv,
+    (query, keys, idx1, idx2, weights, biases, alphas, bn_weights, bn_biases, _rm, _rv,
      activation, normalization, scale, training, _eps) = inputs
     _out, scores, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(query, keys, lengths, mask, scores, stats, *weights, *biases, *alphas,
+    ctx.save_for_backward(query, keys, idx1, idx2, scores, stats, *weights, *biases, *alphas,
                           *bn_weights, *bn_biases)
     ctx.sizes = (len(weights), len(alphas), len(bn_weights))
     ctx.attrs = (activation, normalization, scale, training)
 
 
-def _backward(ctx, grad_out, grad_scores, _grad_stats):
-    query, keys, lengths, mask, scores, stats, *params = ctx.saved_tensors
-    nw, na, nb = ctx.sizes
-    weights, biases = params[:nw], params[nw:2 * nw]
-    alphas = params[2 * nw:2 * nw + na]
-    bn_weights = params[2 * nw + na:2 * nw + na + nb]
-    bn_biases = params[2 * nw + na + nb:]
-    activation, normalization, scale, training = ctx.attrs
-    if grad_out is None:
-        grad_out = torch.zeros_like(query)
-    dq, dk, grads = din_bwd(grad_out, grad_scores, query, keys, lengths, mask, list(weights),
-                            list(biases), list(alphas), list(bn_weights), list(bn_biases), stats,
-                            scores, activation, normalization, scale, training)
-    i = 0
-    split = []
-    for n in (nw, nw, na, nb, nb):
-        split.append(grads[i:i + n])
-        i += n
-    no_grad_stats = [None] * nb  # running statistics are buffers
-    return (dq, dk, None, None, *split, no_grad_stats, no_grad_stats, None, None, None, None, None)
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_scores, _grad_stats):
+        query, keys, idx1, idx2, scores, stats, *params = ctx.saved_tensors
+        nw, na, nb = ctx.sizes
+        weights, biases = params[:nw], params[nw:2 * nw]
+        alphas = params[2 * nw:2 * nw + na]
+        bn_weights = params[2 * nw + na:2 * nw + na + nb]
+        bn_biases = params[2 * nw + na + nb:]
+        activation, normalization, scale, training = ctx.attrs
+        if grad_out is None:
+            grad_out = torch.zeros_like(query)
+        dq, dk, grads = bwd_op(grad_out, grad_scores, query, keys, idx1, idx2, list(weights),
+                               list(biases), list(alphas), list(bn_weights), list(bn_biases), stats,
+                               scores, activation, normalization, scale, training)
+        i = 0
+        split = []
+        for n in (nw, nw, na, nb, nb):
+            split.append(grads[i:i + n])
+            i += n
+        no_grad_stats = [None] * nb  # running statistics are buffers
+        return (dq, dk, None, None, *split, no_grad_stats, no_grad_stats, None, None, None, None, None)
+    return backward
 
 
-torch.library.register_autograd("din_fused::din_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("din_fused::din_fwd", _make_backward(din_bwd), setup_context=_setup_context)
+torch.library.register_autograd("din_fused::din_jagged_fwd", _make_backward(din_jagged_bwd),
+                                setup_context=_setup_context)

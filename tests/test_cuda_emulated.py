@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jagged_cases import LAYOUTS, check_jagged
 from kernel_cases import check_case, check_row_seq, fwd_bwd, make_problem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +137,19 @@ def test_low_precision_shapes(emu_module, shape, dtype):
 def test_rows_sharing_sequences(emu_module, dtype, norm):
     from din_fused import ops
     check_row_seq(ops._C, "cpu", dtype, norm=norm)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice-train"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_jagged_and_shared_layouts(emu_module, layout, act):
+    check_jagged(layout, act, "softmax", torch.float64, "cpu")
+    check_jagged(layout, act, "none", torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["jagged", "shared-mixed"])
+def test_jagged_low_precision(emu_module, layout, dtype):
+    check_jagged(layout, "dice-train", "softmax", dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,0 +1,103 @@
+"""Jagged and shared-history checks, shared by test_jagged.py (CPU), test_cuda_emulated.py
+and test_cuda.py: the fused jagged op against the reference on the equivalent padded
+(tiled) input, built from the same values so that gradients reach them."""
+
+from __future__ import annotations
+
+import torch
+from common import LOWP_FACTOR, LOWP_FLOOR, TOL64, clone_params, max_rel_err, param_tensors, random_params
+
+import din_fused
+from din_fused.reference import din_attention_ref
+
+# name -> (sequence lengths, row_seq or None, D, hidden)
+LAYOUTS = {
+    "jagged": ([3, 0, 7, 1, 5], None, 37, (12, 7)),            # a zero-length sequence, D = 37
+    "shared-one": ([6], [0] * 9, 5, (8, 4)),                   # S = 1 shared by 9 rows
+    "shared-mixed": ([4, 0, 9, 2], [2, 0, 2, 1, 3, 2, 0], 6, (5, 3, 2)),  # duplicates + empty
+    "permuted": ([2, 5, 1, 4], [3, 1, 0, 2], 4, (4,)),         # row_seq without duplicates
+    "long-tiles": ([40, 1, 23], [0, 2, 0, 1], 8, (16, 8)),     # several key tiles per row
+}
+
+
+def make_jagged(lens, row_seq, D, hidden, act, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64)
+    R = len(lens) if row_seq is None else len(row_seq)
+    values = torch.randn(int(offsets[-1]), D, generator=gen, dtype=torch.float64)
+    query = torch.randn(R, D, generator=gen, dtype=torch.float64)
+    p = random_params(D, hidden, act.split("-")[0], dtype=torch.float64, gen=gen)
+    gout = torch.randn(R, D, generator=gen, dtype=torch.float64)
+    rs = None if row_seq is None else torch.tensor(row_seq, dtype=torch.int64).to(device)
+    return query.to(device), values.to(device), offsets.to(device), rs, p, gout.to(device)
+
+
+def tiled(values, offsets, row_seq):
+    """The padded/tiled equivalent: keys [R, T, D] gathered from values (differentiably),
+    lengths [R]."""
+    seq_len = offsets[1:] - offsets[:-1]
+    seq = torch.arange(len(seq_len), device=values.device) if row_seq is None else row_seq
+    lengths = seq_len[seq]
+    T = int(lengths.max()) if lengths.numel() else 0
+    t = torch.arange(T, device=values.device)
+    idx = (offsets[seq][:, None] + t[None, :]).clamp(max=max(values.shape[0] - 1, 0))
+    if values.shape[0] == 0:
+        keys = values.new_zeros(len(seq), T, values.shape[1])
+    else:
+        keys = values[idx]
+    return keys, lengths
+
+
+def _run(fn, query, keys, idx1, idx2, p, dtype, training, norm, gout, gw_seed, jagged):
+    p = clone_params(p, dtype)
+    for key in ("running_means", "running_vars"):
+        if key in p:
+            p[key] = [t.to(query.device) for t in p[key]]
+    for key, v in p.items():
+        if isinstance(v, list) and key not in ("running_means", "running_vars"):
+            p[key] = [t.detach().to(query.device).requires_grad_() for t in v]
+    q = query.to(dtype).requires_grad_()
+    k = keys.to(dtype).requires_grad_()
+    if jagged:
+        out, w, row_off = fn(q, k, idx1, idx2, **p, training=training, normalization=norm, scale=0.7,
+                             return_scores=True)
+    else:
+        kp, lengths = tiled(k, idx1, idx2)
+        out, wp = fn(q, kp, lengths, **p, training=training, normalization=norm, scale=0.7,
+                     return_scores=True)
+        valid = torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]
+        w = wp[valid]
+    gw = torch.randn(w.shape, generator=torch.Generator().manual_seed(gw_seed), dtype=torch.float64)
+    loss = (out.double() * gout).sum() + (w.double() * gw.to(w.device)).sum()
+    grads = torch.autograd.grad(loss, [q, k, *param_tensors(p)])
+    running = p.get("running_means", []) + p.get("running_vars", [])
+    return [out, w, *grads, *running]
+
+
+def check_jagged(layout, act, norm, dtype, device, seed=0):
+    """Fused jagged op == reference on the tiled input: outputs, weights, every gradient
+    (query, values, parameters) and the running statistics."""
+    lens, row_seq, D, hidden = LAYOUTS[layout]
+    q, v, off, rs, p, gout = make_jagged(lens, row_seq, D, hidden, act, device, seed)
+    training = act == "dice-train"
+    args = (q, v, off, rs, p)
+    got = _run(din_fused.din_attention_jagged, *args, dtype, training, norm, gout, seed, True)
+    want = _run(din_attention_ref, *args, torch.float64, training, norm, gout, seed, False)
+    assert len(got) == len(want)
+    if dtype == torch.float64:
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape, (i, g.shape, w.shape)
+            assert max_rel_err(g, w) <= TOL64, (layout, i, max_rel_err(g, w))
+        return got
+    base = _run(din_attention_ref, *args, dtype, training, norm, gout, seed, False)
+    for i, (g, w, r) in enumerate(zip(got, want, base)):
+        bound = LOWP_FACTOR["out" if i < 2 else "grad"] * max_rel_err(r, w) + LOWP_FLOOR[dtype]
+        assert max_rel_err(g, w) <= bound, (layout, i, max_rel_err(g, w), bound)
+    return got
+
+
+def jagged_fwd_bwd(layout, dtype, device, act="dice", norm="softmax", training=True, seed=3):
+    """One forward+backward of the jagged op; every result tensor (for bitwise checks)."""
+    lens, row_seq, D, hidden = LAYOUTS[layout]
+    q, v, off, rs, p, gout = make_jagged(lens, row_seq, D, hidden, act, device, seed)
+    return _run(din_fused.din_attention_jagged, q, v, off, rs, p, dtype, training, norm, gout, seed, True)

@@ -1,0 +1,192 @@
+"""din_attention_jagged: jagged and shared histories against the reference on the
+equivalent padded/tiled input, gradcheck, opcheck, torch.compile, reproducibility, bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from common import param_tensors, random_params
+from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd, make_jagged
+
+import din_fused
+from din_fused import din_attention_jagged
+
+ACTS = ["sigmoid", "relu", "prelu", "dice", "dice-train"]
+
+
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_jagged_matches_tiled_reference_float64(layout, act, norm):
+    check_jagged(layout, act, norm, torch.float64, "cpu")
+
+
+@pytest.mark.parametrize("act", ["prelu", "dice-train"])
+@pytest.mark.parametrize("layout", ["jagged", "shared-mixed"])
+def test_jagged_float32(layout, act):
+    check_jagged(layout, act, "softmax", torch.float32, "cpu")
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return all(f in flags for f in ("avx512f", "avx512dq", "avx512vl", "avx512bw"))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("layout", ["jagged", "shared-one", "shared-mixed"])
+def test_jagged_every_isa(layout, isa, monkeypatch):
+    if isa == "avx512" and not _has_avx512():
+        pytest.skip("this CPU has no AVX-512: the AVX-512 kernels cannot run here")
+    monkeypatch.setenv("DIN_FUSED_CPU_ISA", isa)
+    check_jagged(layout, "dice-train", "softmax", torch.float64, "cpu")
+    check_jagged(layout, "relu", "none", torch.float64, "cpu")
+
+
+def test_all_sequences_empty_gives_zeros():
+    q = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    p = random_params(4, (5,), "sigmoid")
+    out, w, row_off = din_attention_jagged(q, v, torch.zeros(3, dtype=torch.int64), torch.tensor([0, 1, 0]),
+                                           **p, return_scores=True, normalization="softmax")
+    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.float64))
+    assert w.shape == (0,) and row_off.tolist() == [0, 0, 0, 0]
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice-train"])
+@pytest.mark.parametrize("layout", ["jagged", "shared-mixed"])
+def test_jagged_gradcheck(layout, act):
+    lens, row_seq, _, _ = LAYOUTS[layout]
+    q, v, off, rs, p, _ = make_jagged(lens, row_seq, 3, (4, 3), act, "cpu", seed=5)
+    tensors = param_tensors(p)
+    n_w = len(p["weights"])
+
+    def f(q, v, *params):
+        pp = dict(p)
+        pp["weights"], pp["biases"] = list(params[:n_w]), list(params[n_w:2 * n_w])
+        rest = list(params[2 * n_w:])
+        for key in ("alphas", "bn_weights", "bn_biases"):
+            if key in p:
+                pp[key], rest = rest[:n_w - 1], rest[n_w - 1:]
+        out, w, _ = din_attention_jagged(q, v, off, rs, **pp, training=act == "dice-train",
+                                         normalization="softmax", scale=1.3, return_scores=True)
+        return out, w
+
+    assert torch.autograd.gradcheck(f, [q.requires_grad_(), v.requires_grad_(), *tensors], eps=1e-6,
+                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice", "dice-train"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_jagged_opcheck(act, shared):
+    lens, row_seq, D, hidden = LAYOUTS["shared-mixed" if shared else "jagged"]
+    q, v, off, rs, p, _ = make_jagged(lens, row_seq, D, hidden, act, "cpu", seed=2)
+    dice = act.startswith("dice")
+    args = (q.requires_grad_(), v.requires_grad_(), off, rs, p["weights"], p["biases"], p.get("alphas", []),
+            p.get("bn_weights", []), p.get("bn_biases", []), p.get("running_means", []) if dice else [],
+            p.get("running_vars", []) if dice else [], p["activation"], "softmax", 0.5,
+            act == "dice-train", 1e-8)
+    torch.library.opcheck(torch.ops.din_fused.din_jagged_fwd.default, args)
+
+
+def test_jagged_torch_compile_fullgraph():
+    lens, row_seq, D, hidden = LAYOUTS["shared-mixed"]
+    q, v, off, rs, p, gout = make_jagged(lens, row_seq, D, hidden, "prelu", "cpu", seed=4)
+
+    def f(q, v):
+        out, w, row_off = din_attention_jagged(q, v, off, rs, **p, normalization="softmax",
+                                               return_scores=True)
+        return (out * gout).sum() + w.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (f, compiled):
+        qq, vv = q.clone().requires_grad_(), v.clone().requires_grad_()
+        loss = fn(qq, vv)
+        results.append([loss, *torch.autograd.grad(loss, [qq, vv])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["shared-one", "shared-mixed", "long-tiles"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_shared_sequence_gradients_bitwise_reproducible(layout, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = jagged_fwd_bwd(layout, torch.float32, "cpu")
+        b = jagged_fwd_bwd(layout, torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_many_rows_sharing_one_sequence_reproducible():
+    # Enough rows that every thread adds into the shared sequence's gradient.
+    gen = torch.Generator().manual_seed(0)
+    C, T, D = 200, 33, 8
+    v = torch.randn(T, D, generator=gen)
+    q = torch.randn(C, D, generator=gen)
+    p = random_params(D, (16, 8), "sigmoid", dtype=torch.float32, gen=gen)
+    off, rs = torch.tensor([0, T]), torch.zeros(C, dtype=torch.int64)
+
+    def run():
+        vv = v.clone().requires_grad_()
+        out = din_attention_jagged(q, vv, off, rs, **p, normalization="softmax")
+        (dv,) = torch.autograd.grad(out.square().sum(), [vv])
+        return dv
+
+    first = run()
+    for _ in range(3):
+        assert torch.equal(run(), first)
+
+
+def _bad_jagged():
+    q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=0)
+    return q, v, off, rs, {k: [t.detach() for t in x] if isinstance(x, list) else x for k, x in p.items()}
+
+
+BAD = {
+    "offsets 2-D": (dict(offsets=torch.tensor([[0, 3, 3, 5]])), ValueError, "offsets"),
+    "offsets float": (dict(offsets=torch.tensor([0.0, 3, 3, 5])), TypeError, "offsets"),
+    "offsets start": (dict(offsets=torch.tensor([1, 3, 3, 5])), ValueError, "start at 0"),
+    "offsets decrease": (dict(offsets=torch.tensor([0, 4, 3, 5])), ValueError, "decrease"),
+    "offsets end": (dict(offsets=torch.tensor([0, 3, 3, 4])), ValueError, "end at N"),
+    "offsets empty": (dict(offsets=torch.zeros(0, dtype=torch.int64)), ValueError, "offsets"),
+    "row_seq high": (dict(row_seq=torch.tensor([0, 3, 1, 0])), ValueError, "row_seq"),
+    "row_seq negative": (dict(row_seq=torch.tensor([0, -1, 1, 0])), ValueError, "row_seq"),
+    "row_seq shape": (dict(row_seq=torch.tensor([0, 1])), ValueError, "row_seq"),
+    "row_seq float": (dict(row_seq=torch.tensor([0.0, 1, 1, 0])), TypeError, "row_seq"),
+    "no row_seq, S != R": (dict(row_seq=None), ValueError, "offsets"),
+    "values dtype": (dict(values=torch.randn(5, 4)), TypeError, "dtype"),
+    "values rank": (dict(values=torch.randn(5, 4, 1, dtype=torch.float64)), ValueError, "values"),
+    "values dim": (dict(values=torch.randn(5, 3, dtype=torch.float64)), ValueError, "dim"),
+    "values device": (dict(values=torch.randn(5, 4, dtype=torch.float64, device="meta")), ValueError, "meta"),
+    "offsets device": (dict(offsets=torch.tensor([0, 3, 3, 5], device="meta")), ValueError, "offsets"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_jagged_bad_input_raises_clear_error(name):
+    q, v, off, rs, p = _bad_jagged()
+    kw = dict(query=q, values=v, offsets=off, row_seq=rs)
+    override, exc, words = BAD[name]
+    kw.update(override)
+    with pytest.raises(exc, match=words):
+        din_attention_jagged(**kw, **p)
+
+
+def test_jagged_int32_indices_match_int64():
+    q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=1)
+    a = din_attention_jagged(q, v, off, rs, **p)
+    b = din_attention_jagged(q, v, off.int(), rs.int(), **p)
+    assert torch.equal(a, b)
+
+
+def test_package_exports_jagged():
+    assert din_fused.din_attention_jagged is din_attention_jagged
