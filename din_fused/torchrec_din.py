@@ -50,6 +50,7 @@ except (ImportError, OSError) as _e:  # OSError: an fbgemm-gpu build that does n
     ) from _e
 
 from . import data as data_mod
+from .functional import din_attention_jagged
 from .model import _activation
 from .modules import FusedDINAttention
 
@@ -113,12 +114,26 @@ def batch_to_kjt(
 
 
 def _jagged_attention(att: FusedDINAttention, query: Tensor, values: Tensor, offsets: Tensor) -> Tensor:
-    """query [R, D], values [N, D] (row r: values[offsets[r]:offsets[r+1]]), offsets [R+1] -> [R, D]."""
-    # Until din_attention_jagged lands: pad to this batch's longest sequence.
-    lengths = offsets[1:] - offsets[:-1]
-    longest = int(lengths.max()) if lengths.numel() else 0
-    keys = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max(longest, 1)], 0.0)
-    return att(query, keys, lengths)
+    """query [R, D], values [N, D] (row r: values[offsets[r]:offsets[r+1]]), offsets [R+1] -> [R, D].
+
+    The fused op takes the collection's jagged output as it is.  The module's padded forward is
+    bypassed, so its Dice bookkeeping (BatchNorm momentum/eps, num_batches_tracked) is done here.
+    """
+    if att.impl == "reference":
+        # The pure-PyTorch oracle has no jagged form: pad to this batch's longest sequence.
+        lengths = offsets[1:] - offsets[:-1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        keys = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max(longest, 1)], 0.0)
+        return att(query, keys, lengths)
+    p = att._params()
+    momentum, eps = p.pop("momentum", 0.1), p.pop("eps", 1e-8)
+    training = att.training and att.activation == "dice"
+    out = din_attention_jagged(query, values, offsets, normalization=att.normalization, scale=att.scale,
+                               training=training, momentum=momentum, eps=eps, **p)
+    if training:
+        for a in att.local_att.dnn.activation_layers:
+            a.bn.num_batches_tracked.add_(1)
+    return out
 
 
 def _table_name(feature: str) -> str:

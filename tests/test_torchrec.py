@@ -49,13 +49,18 @@ def test_kjt_holds_the_valid_behaviours_only():
         TR.batch_to_kjt(b, ds.attr_names[:1], ds.context_names)
 
 
-@pytest.mark.parametrize("activation, attention", [("prelu", "separate"), ("dice", "separate"), ("dice", "concat")])
-def test_same_predictions_as_din_with_the_same_weights(activation, attention):
-    """float32: EmbeddingCollection returns float32 whatever its weights' dtype.  Both models run
-    the same kernels on the same inputs, so they agree far below float32's own error (~1e-6 here)."""
+@pytest.mark.parametrize(
+    "activation, attention, impl",
+    [("prelu", "separate", "fused"), ("dice", "separate", "fused"), ("dice", "concat", "fused"),
+     ("dice", "separate", "reference")],
+)
+def test_same_predictions_as_din_with_the_same_weights(activation, attention, impl):
+    """The fused op gets the jagged sequences (din_attention_jagged) where DIN pads them; the
+    reference impl pads in both.  float32: EmbeddingCollection returns float32 whatever its weights'
+    dtype.  Both sides compute the same sums, so they agree far below float32's own error."""
     ds = small_dataset()
     kw = dict(embedding_dim=5, attention=attention, activation=activation, mlp_hidden_units=(16, 8),
-              att_hidden_units=(12, 6))
+              att_hidden_units=(12, 6), attention_impl=impl)
     din = DIN(ds.attr_vocab, ds.context_vocab, **kw)
     # Train a few steps so the weights (and Dice running statistics) are not their initial values.
     opt = torch.optim.Adam(din.parameters(), lr=1e-2)
