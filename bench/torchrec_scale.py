@@ -107,15 +107,16 @@ def main() -> None:
     dist.barrier()
     seconds = time.perf_counter() - t0
     mine = {"rank": rank, "peak_rss_mib": _rss_mib(), "rss_after_data_mib": rss_data,
-            "table_mib": table_bytes / 2**20, "table_plus_state_mib": table_bytes * (1 + state_per_table_byte) / 2**20,
-            "samples": n}
+            "table_mib": table_bytes / 2**20,
+            "table_plus_state_mib": table_bytes * (1 + state_per_table_byte) / 2**20, "samples": n}
     every = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
         total = sum(e["samples"] for e in every)
         print(json.dumps({"mode": a.mode, "world_size": world, "items": a.items, "dim": a.dim,
-                          "batch_per_rank": a.batch_size, "steps": a.steps, "samples_per_second": total / seconds,
-                          "threads_per_rank": torch.get_num_threads(), "ranks": every}))
+                          "batch_per_rank": a.batch_size, "steps": a.steps,
+                          "samples_per_second": total / seconds, "threads_per_rank": torch.get_num_threads(),
+                          "ranks": every}))
     dist.destroy_process_group()
 
 

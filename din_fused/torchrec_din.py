@@ -96,7 +96,9 @@ def batch_to_kjt(
     if len(attr_names) != a or batch.target.shape != (b, a):
         raise ValueError(f"batch has {a} attributes, names given for {len(attr_names)}")
     if batch.context.shape != (b, len(context_names)):
-        raise ValueError(f"batch.context is {tuple(batch.context.shape)}, names given for {len(context_names)}")
+        raise ValueError(
+            f"batch.context is {tuple(batch.context.shape)}, names given for {len(context_names)}"
+        )
     dev = batch.target.device
     lengths = batch.lengths.to(torch.int64)
     valid = torch.arange(t, device=dev)[None, :] < lengths[:, None]
@@ -316,7 +318,8 @@ def _plan_to_json(plan) -> dict:
                 "compute_kernel": ps.compute_kernel,
                 "ranks": list(ps.ranks or []),
                 "shards": [
-                    {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
+                    {"rank": s.placement.rank(), "offsets": list(s.shard_offsets),
+                     "sizes": list(s.shard_sizes)}
                     for s in shards
                 ],
             }
@@ -375,8 +378,15 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
     Returns the metrics dict of ``din_fused.train.run`` plus the sharding plan and local table rows.
     """
     from . import metrics as M
-    from .train import ConfigError, TrainError, _check_metrics_out, _gather, _resolve_device
-    from .train import load_dataset, write_json_atomic
+    from .train import (
+        ConfigError,
+        TrainError,
+        _check_metrics_out,
+        _gather,
+        _resolve_device,
+        load_dataset,
+        write_json_atomic,
+    )
 
     if args.model != "din":
         raise ConfigError("--engine torchrec trains --model din only")
@@ -411,7 +421,9 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
 
         steps = data_mod.num_train_steps(len(train_ds), args.batch_size, world_size)
         if steps == 0:
-            raise ConfigError(f"the training split has {len(train_ds)} samples, fewer than {world_size} ranks")
+            raise ConfigError(
+                f"the training split has {len(train_ds)} samples, fewer than the {world_size} processes"
+            )
         epoch_losses: list[float] = []
         train_seconds, samples_seen = 0.0, 0
         for epoch in range(args.epochs):
@@ -447,7 +459,9 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
             dist.all_reduce(stats)
             epoch_loss = stats[0].item() / max(stats[1].item(), 1.0)
             if not math.isfinite(epoch_loss):
-                raise TrainError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; try a lower --lr")
+                raise TrainError(
+                    f"the training loss became {epoch_loss} in epoch {epoch + 1}; try a lower --lr"
+                )
             epoch_losses.append(epoch_loss)
             samples_seen += int(stats[1].item())
             if show:

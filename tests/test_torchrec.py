@@ -1,6 +1,7 @@
 """DIN on TorchRec: same predictions as din_fused.model.DIN, and a 2-process row-wise sharded run
 that trains like the 1-process run with the same global batch."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip(
-    "torchrec",
-    reason="torchrec is an optional extra: pip install '.[torchrec]' && pip install --no-deps torchrec==1.8.0",
-)
-TR = pytest.importorskip("din_fused.torchrec_din", reason="torchrec installed but unusable (see the import error)")
-
+if importlib.util.find_spec("torchrec") is None:
+    pytest.skip("torchrec is not installed (an optional extra: pip install '.[torchrec]' && "
+                "pip install --no-deps torchrec==1.8.0)", allow_module_level=True)
+# Installed but broken (e.g. an fbgemm-gpu that does not match torch) is an error, not a skip.
 from din_fused import data as D  # noqa: E402
+from din_fused import torchrec_din as TR  # noqa: E402
 from din_fused.model import DIN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,8 +124,8 @@ def test_initial_rows_do_not_depend_on_the_sharding():
 def _train(tmp_path, nproc, batch, name):
     out = tmp_path / f"{name}.json"
     args = ["-m", "din_fused.train", "--engine", "torchrec", "--synthetic-users", "160", "--max-len", "20",
-            "--embedding-dim", "8", "--activation", "prelu", "--epochs", "2", "--no-progress", "--device", "cpu",
-            "--batch-size", str(batch), "--metrics-out", str(out)]
+            "--embedding-dim", "8", "--activation", "prelu", "--epochs", "2", "--no-progress",
+            "--device", "cpu", "--batch-size", str(batch), "--metrics-out", str(out)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(29_500 + os.getpid() % 1000), *args]
@@ -169,3 +169,12 @@ def test_two_sharded_processes_train_like_one_with_the_same_global_batch(tmp_pat
         assert local == [planned[0], planned[1]]
         assert sum(local) == v and max(local) <= (v + 1) // 2
         assert one["local_table_rows"][0][table] == v
+
+
+@pytest.mark.parametrize("flags, match", [(["--model", "base"], "--model din only"),
+                                          (["--mba-lambda", "0.1"], "--mba-lambda is not supported")])
+def test_unsupported_flags_exit_2(flags, match, capsys):
+    from din_fused import train as T
+
+    assert T.main(["--engine", "torchrec", "--no-progress", *flags]) == 2
+    assert match in capsys.readouterr().err
