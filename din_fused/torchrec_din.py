@@ -59,6 +59,8 @@ __all__ = [
     "batch_to_kjt",
     "feature_names",
     "run_torchrec",
+    "shard_model",
+    "train_step",
     "EMBEDDING_LR",
     "SHARDING_TYPE",
 ]
@@ -326,6 +328,13 @@ def _plan_to_json(plan) -> dict:
     return out
 
 
+def check_shardable(embedding_dim: int) -> None:
+    """fbgemm's table-batched kernels, which every sharded table runs on, need E % 4 == 0."""
+    if embedding_dim % 4:
+        raise ValueError(f"sharded TorchRec tables need an embedding dim that is a multiple of 4, "
+                         f"got {embedding_dim}")
+
+
 def shard_model(model: TorchRecDIN, device: torch.device, sharding: str = SHARDING_TYPE, *,
                 embedding_lr: float = EMBEDDING_LR, embedding_optimizer=torch.optim.Adagrad):
     """Wrap ``model`` (tables on meta) in DistributedModelParallel; returns (dmp, plan).
@@ -334,10 +343,15 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: str = SHARDI
     ``embedding_optimizer`` (exact Adagrad; on CPU fbgemm also has SGD); DMP wraps the dense part in DDP.
     """
     from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.comm_ops import get_gradient_division
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+    check_shardable(model.embedding_dim)
+    if not get_gradient_division():
+        raise RuntimeError("torchrec.distributed.comm_ops gradient division is off; train_step relies on "
+                           "it to average the table gradients over ranks as DDP does for the dense ones")
     apply_optimizer_in_backward(embedding_optimizer, model.ec.parameters(), {"lr": embedding_lr})
     world_size = dist.get_world_size()
     constraints = {t: ParameterConstraints(sharding_types=[sharding]) for t in model.table_names()}
@@ -368,6 +382,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def train_step(dmp: nn.Module, opt: torch.optim.Optimizer, dense: Sequence[Tensor], kjt: KeyedJaggedTensor,
+               label: Tensor) -> Tensor:
+    """One step on this rank's share of a global batch; returns this rank's mean loss (detached).
+
+    The tables are updated inside the backward, the ``dense`` parameters by ``opt``.
+    """
+    loss = F.binary_cross_entropy_with_logits(dmp(kjt), label)
+    opt.zero_grad(set_to_none=True)
+    # No rescaling: DDP averages the dense gradients over the W ranks, and TorchRec's all-to-all
+    # backward divides the table gradients by W (comm_ops gradient division, on by default), so
+    # both see the gradient of the global batch mean, as one process with the whole batch would.
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, sharding: str = SHARDING_TYPE,
                  max_steps: int | None = None) -> dict:
     """Train and evaluate TorchRecDIN as configured by the parsed ``din_fused.train`` flags.
@@ -392,6 +422,10 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
         raise ConfigError("--engine torchrec trains --model din only")
     if args.mba_lambda > 0:
         raise ConfigError("--engine torchrec: --mba-lambda is not supported (the tables use Adagrad)")
+    try:
+        check_shardable(args.embedding_dim)
+    except ValueError as e:
+        raise ConfigError(f"--engine torchrec: --embedding-dim: {e}") from None
     own_group = not (dist.is_available() and dist.is_initialized())
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -437,19 +471,7 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
             for i, b in enumerate(batches):
                 if max_steps is not None and i >= max_steps:
                     break
-                kjt = batch_to_kjt(b, *names).to(device)
-                logits = dmp(kjt)
-                loss = F.binary_cross_entropy_with_logits(logits, b.label.to(device))
-                opt.zero_grad(set_to_none=True)
-                # The sharded tables sum the gradients that come back from all ranks, so each rank's
-                # mean loss is divided by W: the tables then see the gradient of the global batch
-                # mean.  DDP averages the dense gradients, which makes those 1/W too small: scale back.
-                (loss / world_size).backward()
-                if world_size > 1:
-                    for p in dense:
-                        if p.grad is not None:
-                            p.grad.mul_(world_size)
-                opt.step()
+                loss = train_step(dmp, opt, dense, batch_to_kjt(b, *names).to(device), b.label.to(device))
                 loss_sum += loss.detach().double().cpu() * b.label.numel()
                 n_seen += b.label.numel()
             if device.type == "cuda":
