@@ -398,14 +398,12 @@ def train_step(dmp: nn.Module, opt: torch.optim.Optimizer, dense: Sequence[Tenso
     return loss.detach()
 
 
-def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, sharding: str = SHARDING_TYPE,
-                 max_steps: int | None = None) -> dict:
+def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
     """Train and evaluate TorchRecDIN as configured by the parsed ``din_fused.train`` flags.
 
-    In one process it makes a one-rank gloo group, so that one and several processes run the same
-    sharded code and the same fused optimizer.  ``dataset`` replaces the one the flags describe
-    (benchmarks use a larger vocabulary); ``max_steps`` stops each epoch early (benchmarks).
-    Returns the metrics dict of ``din_fused.train.run`` plus the sharding plan and local table rows.
+    In one process it makes a one-rank group (gloo, or nccl on CUDA), so that one and several
+    processes run the same sharded code and the same fused optimizer.  Returns the metrics dict of
+    ``din_fused.train.run`` plus the sharding plan and the local table rows of every rank.
     """
     from . import metrics as M
     from .train import (
@@ -426,19 +424,18 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
         check_shardable(args.embedding_dim)
     except ValueError as e:
         raise ConfigError(f"--engine torchrec: --embedding-dim: {e}") from None
+    device = _resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     own_group = not (dist.is_available() and dist.is_initialized())
     if own_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = _resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-        if device.type == "cuda" and dist.get_backend() != "nccl":
-            raise ConfigError("--engine torchrec on CUDA needs the nccl backend (run it under torchrun)")
         metrics_path = _check_metrics_out(args.metrics_out)
         show = rank == 0 and not args.no_progress
 
         t_data = time.perf_counter()
-        full = dataset if dataset is not None else load_dataset(args)
+        full = load_dataset(args)
         train_ds, test_ds = data_mod.split_by_user(full, args.test_frac, args.seed)
         data_seconds = time.perf_counter() - t_data
 
@@ -468,9 +465,7 @@ def run_torchrec(args, dataset: data_mod.SequenceDataset | None = None, *, shard
             batches = data_mod.iterate_batches(train_ds, args.batch_size, shuffle=True,
                                                seed=args.seed * 100_003 + epoch, rank=rank,
                                                world_size=world_size)
-            for i, b in enumerate(batches):
-                if max_steps is not None and i >= max_steps:
-                    break
+            for b in batches:
                 loss = train_step(dmp, opt, dense, batch_to_kjt(b, *names).to(device), b.label.to(device))
                 loss_sum += loss.detach().double().cpu() * b.label.numel()
                 n_seen += b.label.numel()
