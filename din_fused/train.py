@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         "up to float rounding)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument(
+        "--engine",
+        choices=("native", "torchrec"),
+        default="native",
+        help="native: nn.Embedding tables, replicated by DDP; torchrec: TorchRec tables sharded row-wise "
+        "(needs the torchrec extra, see docs/torchrec.md)",
+    )
     return p
 
 
@@ -587,7 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         want_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
     try:
-        result = run(args)
+        if args.engine == "torchrec":
+            try:
+                from .torchrec_din import run_torchrec  # torchrec is an optional extra
+            except ImportError as e:
+                raise ConfigError(str(e)) from e
+            result = run_torchrec(args)
+        else:
+            result = run(args)
     except (data_mod.DataError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
