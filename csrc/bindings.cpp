@@ -9,10 +9,6 @@
 
 #include "din_params.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace py = pybind11;
 using namespace din;
 
@@ -139,12 +135,9 @@ py::dict build_info() {
   info["nvcc_version"] = std::string("");
 #endif
   info["cxx_compiler"] = std::string(DIN_CXX_COMPILER);
-#ifdef _OPENMP
-  info["threading"] = std::string("openmp");
-  info["openmp_version"] = static_cast<int>(_OPENMP);
-#else
-  info["threading"] = std::string("none");
-#endif
+  // The CPU kernels' own thread pool (blocking waits), sized per call by
+  // torch.get_num_threads().
+  info["threading"] = std::string("pool");
   info["max_layers"] = kMaxLayers;
   info["max_width"] = kMaxWidth;
   return info;

@@ -29,10 +29,19 @@
 //     times: AVX-512 (64-byte vectors), AVX2+FMA (32) and baseline x86-64 (16),
 //     picked at run time (__builtin_cpu_supports; DIN_FUSED_CPU_ISA=avx512|avx2|
 //     generic forces a lower one).  The package never needs -march=native.
+//   * Threads come from our own small pool (Pool below), whose idle threads
+//     block after a brief spin: on a machine shared with busy processes they do
+//     not burn time slices the way spinning OpenMP waits do.
 //   * Scratch is allocated once per thread per call, never per row.  The forward
 //     schedules rows dynamically because lengths vary; passes that reduce across
 //     rows (statistics, backward) hand rows out round-robin, statically, so their
 //     results are bitwise reproducible for a given thread count.
+//   * Fewer rows than threads (one user, a 100k history): rows are cut into parts
+//     over positions (Plan); the parts' online-softmax partials (max, sum, pooled
+//     sum) merge exactly, per row and in part order, forward and backward.
+//   * Accuracy at any T: the pooled sum and the softmax denominator are summed per
+//     tile, tile sums accumulate in double; the Dice statistics are (count, mean,
+//     M2) merged with Chan's formula, never E[z^2] - E[z]^2.
 //
 // Napkin math (fp32, D=36, H=(80,40), 51k valid positions = B 1024 x mean len 50):
 //   forward FLOPs/position = 2(D*H1 + H1*H2 + H2 + D) = 12.3k  -> 0.63 GFLOP/call;
@@ -46,9 +55,15 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -72,13 +87,118 @@ constexpr int kTile = 32;  // valid keys per tile (multiple of every vector widt
 #define DIN_X86 0
 #endif
 
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
+inline void cpu_relax() {
+#if DIN_X86
+  __builtin_ia32_pause();
 #endif
 }
+
+// ---------------------------------------------------------------------------
+// Our own small, persistent thread pool (instead of OpenMP).  Why: waiting
+// threads spin only briefly (~tens of microseconds) and then block on a
+// condition variable, so on a machine shared with other busy processes a thread
+// that has finished its share gives its core to the straggler instead of
+// burning its time slice (libgomp's default policy spins for much longer), and
+// the kernels never compete with torch's OpenMP threads for a runtime.
+// One job runs at a time: concurrent callers (Python threads, the GIL is
+// released) queue on job_mu_, so every call gets the thread count it asked for
+// and stays bitwise reproducible.
+// ---------------------------------------------------------------------------
+class Pool {
+ public:
+  // body(tid) for tid in [0, nt); the caller runs tid 0.  Returns when all are
+  // done; rethrows the first exception a body threw.
+  static void run(int nt, const std::function<void(int)>& body) {
+    if (nt <= 1) {
+      body(0);
+      return;
+    }
+    instance().run_job(nt, body);
+  }
+
+ private:
+  static constexpr int kSpin = 2000;  // pause iterations before blocking (~20-60 us)
+
+  static Pool& instance() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      // A forked child has none of the parent's workers: it starts a fresh pool
+      // (the parent's object is abandoned; its mutexes may be held by threads
+      // that do not exist in the child).
+      pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); });
+      current() = new Pool();
+    });
+    return *current();
+  }
+  static Pool*& current() {
+    static Pool* p = nullptr;
+    return p;
+  }
+
+  void run_job(int nt, const std::function<void(int)>& body) {
+    std::lock_guard<std::mutex> job(job_mu_);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      while (static_cast<int>(workers_.size()) < nt - 1) {
+        const int idx = static_cast<int>(workers_.size()) + 1;
+        const uint64_t seen = gen_.load(std::memory_order_relaxed);
+        workers_.emplace_back([this, idx, seen] { worker(idx, seen); });
+        workers_.back().detach();  // the pool lives until the process exits
+      }
+      body_ = &body;
+      active_ = nt;
+      error_ = nullptr;
+      pending_.store(nt - 1, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    try {
+      body(0);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    body_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  void worker(int idx, uint64_t seen) {
+    while (true) {
+      for (int i = 0; i < kSpin && gen_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
+      // gen_, active_ and body_ are read together under the lock, so a worker
+      // that was idle in one job can never see the next job's body with a stale
+      // generation.
+      seen = gen_.load(std::memory_order_relaxed);
+      if (idx >= active_) continue;
+      const std::function<void(int)>* body = body_;
+      lk.unlock();
+      try {
+        (*body)(idx);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> g(mu_);  // no lost wake-up: the waiter checks under mu_
+        done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::mutex job_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  int active_ = 0;
+  const std::function<void(int)>* body_ = nullptr;
+  std::exception_ptr error_;
+};
 
 // Padding unit of every packed row: 64 bytes, a multiple of every vector width.
 template <typename T>
@@ -267,13 +387,18 @@ struct Scratch {
   ABuf<T> MT, c, M, qp, dp, ktile, acc, GT, e, g1, g2, s, ds;
   ABuf<T> Z[kMaxLayers], Hb[kMaxLayers];
   int64_t pos[kTile] = {};
+  const T* qrow = nullptr;  // query of the current row (set by fold)
   // current tile: n keys, key i at A + i * sa
   int n = 0;
   const T* A = nullptr;
   int64_t sa = 0;
   T* gp = nullptr;       // parameter-gradient partials
   T* dk = nullptr;       // where this thread adds dk: p.dk, or its own partial when rows share keys
-  double* rp = nullptr;  // Dice reduction / statistics partials [2][Hp]
+  double* rp = nullptr;  // Dice reduction partials [2][Hp]; statistics: mean, M2 [2][Hp]
+  double count = 0.0;    // statistics: positions merged into rp so far
+  // Pooled sum and softmax denominator of the current row (part) in double:
+  // tiles are summed in T, tile sums in double, so the error does not grow with T.
+  ABuf<double> racc;
 
   Scratch(const Model<T>& m, bool backward) {
     const int D = m.D, Dp = m.Dp, H1p = m.Hp[0];
@@ -283,6 +408,7 @@ struct Scratch {
     dp.reset(Dp);
     ktile.reset(static_cast<size_t>(kTile) * D + Dp);
     acc.reset(Dp);
+    racc.reset(Dp);
     s.reset(kTile);
     ds.reset(kTile);
     for (int l = 0; l < m.L; ++l) {
@@ -304,6 +430,18 @@ struct Row {
   int64_t s, len;
 };
 
+// A row's positions [t0, t1) (the whole row, or one part of a long row).
+struct Span {
+  int64_t r, t0, t1;
+};
+
+// Online-softmax partial of one part of a row: running max, denominator and the
+// pooled sum (scaled by exp(-mx)); without softmax mx stays -inf and den 0.
+struct FwdPart {
+  double mx, den;
+  double* acc;  // [D]
+};
+
 inline Row row_of(const DinParams& p, int64_t r) {
   const int64_t s = p.row_seq ? p.row_seq[r] : r;
   // Python validates lengths; clamping keeps a bad value from reading out of bounds.
@@ -312,11 +450,20 @@ inline Row row_of(const DinParams& p, int64_t r) {
 }
 
 // Row functions of one ISA.
+//   fwd:   out/scores of span (part == nullptr: the whole row, finished in place;
+//          else the part's partial, its scores left as scaled logits).
+//   norm:  softmax weights of a part from the merged row max and 1/den.
+//   stats: merge the span's pre-activations into sc.rp/sc.count (Chan).
+//   wdw:   sum_t w_t dL/dw_t over the span (the softmax backward's row term).
+//   bwd:   backward of the span; wdw = nullptr computes it inline (whole row);
+//          dq receives the span's share of dq (nullptr when reducing).
 template <typename T>
 struct RowFns {
-  void (*fwd)(const Ctx<T>&, Scratch<T>&, int64_t);
-  void (*stats)(const Ctx<T>&, Scratch<T>&, int64_t);
-  void (*bwd)(const Ctx<T>&, Scratch<T>&, int64_t);
+  void (*fwd)(const Ctx<T>&, Scratch<T>&, const Span&, FwdPart*);
+  void (*norm)(const Ctx<T>&, const Span&, T mx, T inv);
+  void (*stats)(const Ctx<T>&, Scratch<T>&, const Span&);
+  double (*wdw)(const Ctx<T>&, const Span&);
+  void (*bwd)(const Ctx<T>&, Scratch<T>&, const Span&, const double* wdw, T* dq);
 };
 
 }  // namespace
@@ -390,10 +537,55 @@ RowFns<T> row_fns() {
   return k128::row_fns<T>();
 }
 
-int threads_of(const DinParams& p) {
-  // No more threads than rows; at least one.
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, std::max<int64_t>(p.rows, 1))));
-}
+// ---------------------------------------------------------------------------
+// Work plan.  Rows are the unit of work while there are at least as many rows
+// as threads.  With fewer rows (one user with a 100k-long history), every row of
+// at least 2 * kMinPart positions is cut into up to nt parts of whole tiles, so
+// that all threads get work; the parts' partials are merged per row, in part
+// order.  The cuts depend only on the row length and the thread count, so the
+// results are bitwise reproducible for a given thread count.
+// ---------------------------------------------------------------------------
+constexpr int64_t kMinPart = 256;
+
+struct Plan {
+  int nt = 1;                  // threads to use
+  bool split = false;
+  std::vector<Span> spans;     // split: the parts, rows in order, parts in order
+  std::vector<int64_t> first;  // split: the parts of row r are [first[r], first[r + 1])
+
+  explicit Plan(const DinParams& p) {
+    const int req = std::max(1, p.num_threads);
+    split = p.rows > 0 && p.rows < req;
+    if (!split) {
+      nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(req, p.rows)));
+      return;
+    }
+    first.resize(static_cast<size_t>(p.rows) + 1);
+    for (int64_t r = 0; r < p.rows; ++r) {
+      first[r] = static_cast<int64_t>(spans.size());
+      const int64_t len = row_of(p, r).len;
+      const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(req, len / kMinPart));
+      const int64_t chunk = ((len + parts - 1) / parts + kTile - 1) / kTile * kTile;
+      for (int64_t t0 = 0;; t0 += chunk) {
+        spans.push_back({r, t0, std::min(len, t0 + chunk)});
+        if (t0 + chunk >= len) break;
+      }
+    }
+    first[p.rows] = static_cast<int64_t>(spans.size());
+    nt = static_cast<int>(std::min<int64_t>(req, static_cast<int64_t>(spans.size())));
+  }
+  int64_t size(const DinParams& p) const { return split ? static_cast<int64_t>(spans.size()) : p.rows; }
+  Span span(const DinParams& p, int64_t i) const { return split ? spans[i] : Span{i, 0, row_of(p, i).len}; }
+  // f(i, span) for this thread's items.  Static round-robin in blocks (whole
+  // rows: 4, parts: 1): each thread always gets the same items, so per-thread
+  // partial sums are reproducible.
+  template <class F>
+  void for_static(const DinParams& p, int tid, F&& f) const {
+    const int64_t n = size(p), c = split ? 1 : 4;
+    for (int64_t b = tid * c; b < n; b += static_cast<int64_t>(nt) * c)
+      for (int64_t i = b; i < std::min(n, b + c); ++i) f(i, span(p, i));
+  }
+};
 
 // Per-thread partials laid out [nt][2][Hp] (two sums per channel, padded
 // width Hp) -> out [2][Hl], summed in thread order so the result is fixed.
@@ -430,13 +622,55 @@ void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
   const Model<T> m(p, false);
   const Ctx<T> cx(p, m);
-  const auto fn = row_fns<T>().fwd;
-#pragma omp parallel num_threads(threads_of(p))
-  {
-    Scratch<T> sc(m, false);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
+  const RowFns<T> fn = row_fns<T>();
+  const Plan plan(p);
+  if (!plan.split) {
+    // Rows handed out dynamically, 4 at a time: lengths vary, and the forward
+    // has no cross-row reduction, so the order does not change any result.
+    std::atomic<int64_t> next{0};
+    Pool::run(plan.nt, [&](int) {
+      Scratch<T> sc(m, false);
+      for (int64_t r0; (r0 = next.fetch_add(4, std::memory_order_relaxed)) < p.rows;)
+        for (int64_t r = r0; r < std::min(p.rows, r0 + 4); ++r) fn.fwd(cx, sc, plan.span(p, r), nullptr);
+    });
+    return;
   }
+  const int64_t n = static_cast<int64_t>(plan.spans.size()), D = m.D;
+  std::vector<double> accs(static_cast<size_t>(n * D), 0.0);
+  std::vector<FwdPart> parts(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) parts[i] = {-INFINITY, 0.0, accs.data() + i * D};
+  Pool::run(plan.nt, [&](int tid) {
+    Scratch<T> sc(m, false);
+    plan.for_static(p, tid, [&](int64_t i, const Span& sp) { fn.fwd(cx, sc, sp, &parts[i]); });
+  });
+  // Merge each row's parts in order: rescale to the row max (online softmax).
+  std::vector<T> rmx(static_cast<size_t>(p.rows)), rinv(static_cast<size_t>(p.rows));
+  std::vector<double> acc(static_cast<size_t>(D));
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t i0 = plan.first[r], i1 = plan.first[r + 1];
+    double mx = -INFINITY, den = 0.0;
+    if (cx.softmax)
+      for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, parts[i].mx);
+    std::fill(acc.begin(), acc.end(), 0.0);
+    const bool any = mx > -INFINITY;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (cx.softmax && !(parts[i].mx > -INFINITY)) continue;  // a part without valid positions
+      const double f = cx.softmax ? std::exp(parts[i].mx - mx) : 1.0;
+      den += f * parts[i].den;
+      for (int64_t d = 0; d < D; ++d) acc[d] += f * parts[i].acc[d];
+    }
+    const double inv = cx.softmax ? (any ? 1.0 / den : 0.0) : 1.0;
+    T* out = static_cast<T*>(p.out) + r * p.ldo;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inv);
+    rmx[r] = static_cast<T>(mx);
+    rinv[r] = static_cast<T>(inv);
+  }
+  if (!cx.softmax) return;
+  Pool::run(plan.nt, [&](int tid) {
+    plan.for_static(p, tid, [&](int64_t, const Span& sp) {
+      if (rmx[sp.r] > -INFINITY) fn.norm(cx, sp, rmx[sp.r], rinv[sp.r]);
+    });
+  });
 }
 
 template <typename T>
@@ -446,19 +680,32 @@ void stats_impl(const DinParams& p) {
   if (l < 0 || l >= m.L || !p.stats_out) throw std::invalid_argument("stats: bad stats_layer");
   const Ctx<T> cx(p, m);
   const int Hl = m.H[l], Hp = m.Hp[l];
-  const int nt = threads_of(p);
-  std::vector<double> part(static_cast<size_t>(nt) * 2 * Hp, 0.0);
+  const Plan plan(p);
+  const int nt = plan.nt;
+  std::vector<double> part(static_cast<size_t>(nt) * 2 * Hp, 0.0), count(nt, 0.0);
   const auto fn = row_fns<T>().stats;
-#pragma omp parallel num_threads(nt)
-  {
+  Pool::run(nt, [&](int tid) {
     Scratch<T> sc(m, false);
-    sc.rp = part.data() + static_cast<size_t>(thread_id()) * 2 * Hp;
-    // Static round-robin: each thread always gets the same rows, so the partial
-    // sums (and the results) are bitwise reproducible for a given thread count.
-#pragma omp for schedule(static, 4)
-    for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
+    sc.rp = part.data() + static_cast<size_t>(tid) * 2 * Hp;
+    plan.for_static(p, tid, [&](int64_t, const Span& sp) { fn(cx, sc, sp); });
+    count[tid] = sc.count;
+  });
+  // Chan's merge of the per-thread (count, mean, M2), in thread order.
+  for (int j = 0; j < Hl; ++j) {
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (int t = 0; t < nt; ++t) {
+      const double nb = count[t];
+      if (nb == 0.0) continue;
+      const double mb = part[static_cast<size_t>(t) * 2 * Hp + j];
+      const double m2b = part[static_cast<size_t>(t) * 2 * Hp + Hp + j];
+      const double tot = n + nb, delta = mb - mean;
+      mean += delta * (nb / tot);
+      m2 += m2b + delta * delta * (n * nb / tot);
+      n = tot;
+    }
+    p.stats_out[j] = mean;
+    p.stats_out[Hl + j] = m2;
   }
-  sum_thread_pairs(part.data(), nt, Hp, Hl, p.stats_out);
 }
 
 template <typename T>
@@ -477,28 +724,40 @@ void backward_impl(const DinParams& p) {
   const int Hr = reducing ? m.Hp[red] : 0;
   std::vector<double> red_part(reducing ? static_cast<size_t>(nt) * 2 * Hr : 0, 0.0);
   T* ws = static_cast<T*>(p.workspace);
-  const auto fn = row_fns<T>().bwd;
-  const int used = threads_of(p);
+  const RowFns<T> fn = row_fns<T>();
+  const Plan plan(p);
+  const int used = plan.nt;
+  const int64_t n = plan.size(p);
   T* dk_part = ws + static_cast<int64_t>(nt) * lay.total;  // [used][dk_extent] when rows share keys
 
   if (!reducing) {
     for (int t = 0; t < nt; ++t) std::fill(ws + static_cast<int64_t>(t) * lay.total, ws + (t + 1) * lay.total, T(0));
     std::fill(dk_part, dk_part + static_cast<int64_t>(used) * dk_extent, T(0));
   }
+  // Split rows with softmax: sum_t w_t dL/dw_t of each row first (parts merged in order).
+  std::vector<double> wdw;
+  if (plan.split && cx.softmax) {
+    std::vector<double> wp(static_cast<size_t>(n), 0.0);
+    Pool::run(used, [&](int tid) {
+      plan.for_static(p, tid, [&](int64_t i, const Span& sp) { wp[i] = fn.wdw(cx, sp); });
+    });
+    wdw.assign(static_cast<size_t>(p.rows), 0.0);
+    for (int64_t i = 0; i < n; ++i) wdw[plan.spans[i].r] += wp[i];
+  }
+  std::vector<T> dq_part(plan.split && !reducing ? static_cast<size_t>(n) * D : 0);
   if (p.rows > 0) {
-#pragma omp parallel num_threads(used)
-    {
-      const int tid = thread_id();
+    Pool::run(used, [&](int tid) {
       Scratch<T> sc(m, true);
       sc.gp = reducing ? nullptr : ws + static_cast<int64_t>(tid) * lay.total;
       sc.rp = reducing ? red_part.data() + static_cast<size_t>(tid) * 2 * Hr : nullptr;
       sc.dk = dk_extent > 0 ? dk_part + static_cast<int64_t>(tid) * dk_extent : static_cast<T*>(p.dk);
-      // Static round-robin keeps the per-thread partials, and so the gradients,
-      // bitwise reproducible for a given thread count (the forward has no
-      // cross-row reduction and keeps dynamic scheduling).
-#pragma omp for schedule(static, 4)
-      for (int64_t r = 0; r < p.rows; ++r) fn(cx, sc, r);
-    }
+      plan.for_static(p, tid, [&](int64_t i, const Span& sp) {
+        T* dq = nullptr;
+        if (!reducing)
+          dq = plan.split ? dq_part.data() + i * D : static_cast<T*>(p.dq) + sp.r * p.lddq;
+        fn.bwd(cx, sc, sp, wdw.empty() ? nullptr : &wdw[sp.r], dq);
+      });
+    });
   }
 
   if (reducing) {
@@ -506,12 +765,26 @@ void backward_impl(const DinParams& p) {
     return;
   }
   if (dk_extent > 0) {
+    // Each thread sums a contiguous block of dk over the partials in thread order.
     T* dk = static_cast<T*>(p.dk);
-#pragma omp parallel for num_threads(used) schedule(static)
-    for (int64_t i = 0; i < dk_extent; ++i) {
-      T acc = dk[i];
-      for (int t = 0; t < used; ++t) acc += dk_part[static_cast<int64_t>(t) * dk_extent + i];
-      dk[i] = acc;
+    const int64_t block = (dk_extent + used - 1) / used;
+    Pool::run(used, [&](int tid) {
+      const int64_t i1 = std::min(dk_extent, (tid + 1) * block);
+      for (int64_t i = tid * block; i < i1; ++i) {
+        T acc = dk[i];
+        for (int t = 0; t < used; ++t) acc += dk_part[static_cast<int64_t>(t) * dk_extent + i];
+        dk[i] = acc;
+      }
+    });
+  }
+  if (plan.split) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      T* dq = static_cast<T*>(p.dq) + r * p.lddq;
+      for (int d = 0; d < D; ++d) {
+        T s = T(0);
+        for (int64_t i = plan.first[r]; i < plan.first[r + 1]; ++i) s += dq_part[i * D + d];
+        dq[d] = s;
+      }
     }
   }
   // Sum the per-thread partials into thread 0's slot, then scatter to outputs.
@@ -553,7 +826,9 @@ void check_common(const DinParams& p) {
     throw std::invalid_argument("num_layers must be 1..4");
   if (p.rows > 0 && (!p.q || !p.k || !p.seq_start || !p.seq_len))
     throw std::invalid_argument("missing q, k, seq_start or seq_len pointer");
-  if (p.dim < 1) throw std::invalid_argument("dim must be >= 1");
+  // Feature-dim products (tile x D, H x D) are formed in int: bound D so that
+  // none can overflow.  Lengths, offsets and positions are int64 throughout.
+  if (p.dim < 1 || p.dim > (int64_t{1} << 20)) throw std::invalid_argument("dim must be in 1..2^20");
 }
 
 template <typename F32, typename F64>
@@ -795,15 +1070,15 @@ struct Kernel {
   using v = typename X::v;
   static constexpr int W = X::W;
 
-  // Valid positions of a row in tiles of up to kTile keys; f(n) sees sc.n,
-  // sc.A/sc.sa (the keys) and sc.pos.
+  // Valid positions t0 <= t < t1 of a row in tiles of up to kTile keys; f(n)
+  // sees sc.n, sc.A/sc.sa (the keys) and sc.pos.
   template <class F>
   static DIN_INLINE void for_tiles(const DinParams& p, const Model<T>& m, Scratch<T>& sc, const Row& row,
-                                   F&& f) {
+                                   int64_t t_begin, int64_t t_end, F&& f) {
     const T* kb = static_cast<const T*>(p.k) + p.seq_start[row.s];
     if (!p.mask) {
-      for (int64_t t0 = 0; t0 < row.len; t0 += kTile) {
-        const int n = static_cast<int>(std::min<int64_t>(kTile, row.len - t0));
+      for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+        const int n = static_cast<int>(std::min<int64_t>(kTile, t_end - t0));
         for (int i = 0; i < n; ++i) sc.pos[i] = t0 + i;
         sc.n = n;
         sc.A = kb + t0 * p.ldk;
@@ -816,7 +1091,7 @@ struct Kernel {
     int n = 0;
     sc.A = sc.ktile.data();
     sc.sa = m.D;
-    for (int64_t t = 0; t < row.len; ++t) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
       if (!mk[t]) continue;
       sc.pos[n] = t;
       std::memcpy(sc.ktile.data() + static_cast<size_t>(n) * m.D, kb + t * p.ldk, sizeof(T) * m.D);
@@ -852,6 +1127,7 @@ struct Kernel {
   // the backward M = (Wk-Wd) + Wm diag(q) laid out [H1][Dp].
   static DIN_INLINE void fold(const Model<T>& m, const T* q, Scratch<T>& sc, bool need_M) {
     const int D = m.D, H1p = m.Hp[0], nv = H1p / W;
+    sc.qrow = q;
     T* c = sc.c.data();
     for (int j = 0; j < nv; ++j) X::store(c + j * W, X::load(m.bias[0].data() + j * W));
     for (int d = 0; d < D; ++d) {
@@ -892,7 +1168,7 @@ struct Kernel {
         if constexpr (A == Act::Sigmoid) {
           h = X::sigmoid(z);
         } else if constexpr (A == Act::ReLU) {
-          h = z > v{} ? z : v{};
+          h = z < v{} ? v{} : z;  // like torch.relu: NaN stays NaN
         } else if constexpr (A == Act::PReLU) {
           h = z > v{} ? z : X::load(m.alpha[l].data() + j * W) * z;
         } else {  // Dice
@@ -914,6 +1190,41 @@ struct Kernel {
     }
   }
 
+  // The fold computes z1 - c = (Wk - Wd + Wm diag(q)) k.  With Inf/NaN in a key
+  // (or in q or W1) the reference's sum of the four input blocks q, k, q-k, q*k
+  // gives NaN (inf - inf) where the folded product may give +-Inf, so rows with a
+  // non-finite value are recomputed unfolded, as the reference does.  The check
+  // is a few vector ORs per tile; the slow path runs only on non-finite input.
+  static DIN_INLINE void z1_nonfinite_fixup(const Model<T>& m, const Scratch<T>& sc, int n, T* Z) {
+    const int H1p = m.Hp[0], nv = H1p / W;
+    using mask_t = decltype(v{} != v{});
+    mask_t bad{};
+    for (int i = 0; i < n * nv; ++i) {
+      const v z = X::load(Z + static_cast<size_t>(i) * W);
+      bad |= (z - z) != v{};  // NaN exactly when z is Inf or NaN
+    }
+    bool any = false;
+    for (int k = 0; k < W; ++k) any |= bad[k] != 0;
+    if (__builtin_expect(!any, 1)) return;
+    const int D = m.D, H1 = m.H[0];
+    const T* q = sc.qrow;
+    for (int i = 0; i < n; ++i) {
+      T* zr = Z + static_cast<size_t>(i) * H1p;
+      bool row_bad = false;
+      for (int j = 0; j < H1; ++j) row_bad |= !std::isfinite(zr[j]);
+      if (!row_bad) continue;
+      const T* k = sc.A + i * sc.sa;
+      for (int j = 0; j < H1; ++j) {
+        const T* w = m.W0 + static_cast<int64_t>(j) * 4 * D;
+        T acc = m.bias[0][j];
+        for (int d = 0; d < D; ++d)
+          acc += w[d] * q[d] + w[D + d] * k[d] + w[2 * D + d] * (q[d] - k[d]) + w[3 * D + d] * (q[d] * k[d]);
+        zr[j] = acc - sc.c[j];  // the activation adds c back
+      }
+      for (int j = H1; j < H1p; ++j) zr[j] = T(0);  // padding lanes: 0 * Inf must not leak into the scores
+    }
+  }
+
   // Hidden layers 0..last of the current tile; layer `last` is activated when
   // activate_last, otherwise left as the pre-activation (plus bias) in Z[last].
   static DIN_INLINE void hidden(const Model<T>& m, Scratch<T>& sc, int n, int last, bool activate_last,
@@ -921,9 +1232,10 @@ struct Kernel {
     for (int l = 0; l <= last; ++l) {
       T* Z = sc.Z[l].data();
       const int nv = m.Hp[l] / W;
-      if (l == 0)
+      if (l == 0) {
         Gemm<T>::template run<false>(n, nv, m.D, sc.A, sc.sa, 1, sc.MT.data(), m.Hp[0], Z, m.Hp[0]);
-      else
+        z1_nonfinite_fixup(m, sc, n, Z);
+      } else
         Gemm<T>::template run<false>(n, nv, m.H[l - 1], sc.Hb[l - 1].data(), m.Hp[l - 1], 1, m.WT[l].data(),
                                m.Hp[l], Z, m.Hp[l]);
       const T* bias = l == 0 ? sc.c.data() : m.bias[l].data();
@@ -951,9 +1263,9 @@ struct Kernel {
   }
 
   // x[0..n) = exp(x - sub) * mul
-  static DIN_INLINE void exp_scaled(T* x, int n, T sub, T mul) {
+  static DIN_INLINE void exp_scaled(T* x, int64_t n, T sub, T mul) {
     const v vs = X::set1(sub), vm = X::set1(mul);
-    int i = 0;
+    int64_t i = 0;
     for (; i + W <= n; i += W) X::store(x + i, X::exp(X::load(x + i) - vs) * vm);
     if (i < n) {
       T tmp[W];
@@ -963,87 +1275,124 @@ struct Kernel {
     }
   }
 
-  static void forward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+  // Softmax weights of positions [t0, t1) from the row's logits (scaled scores
+  // parked in the scores row), its max mx and 1/den; masked positions -> 0.
+  static void normalise(const Ctx<T>& cx, const Span& sp, T mx, T inv) {
+    const DinParams& p = *cx.p;
+    const Row row = row_of(p, sp.r);
+    T* sr = static_cast<T*>(p.scores) + sp.r * p.ld_scores;
+    exp_scaled(sr + sp.t0, sp.t1 - sp.t0, mx, inv);
+    if (p.mask) {
+      const uint8_t* mk = p.mask + row.s * p.ld_mask;
+      for (int64_t t = sp.t0; t < sp.t1; ++t)
+        if (!mk[t]) sr[t] = T(0);
+    }
+  }
+
+  // Forward of positions [t0, t1) of row r.  part == nullptr: the whole row,
+  // written to out and scores.  Otherwise the part's online-softmax state goes
+  // to *part and its scores stay logits until normalise().
+  static void forward_span(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp, FwdPart* part) {
     const DinParams& p = *cx.p;
     const Model<T>& m = *cx.m;
     const int D = m.D;
+    const int64_t r = sp.r;
     const Row row = row_of(p, r);
     const T* q = static_cast<const T*>(p.q) + r * p.ldq;
-    T* out = static_cast<T*>(p.out) + r * p.ldo;
     T* sr = static_cast<T*>(p.scores) + r * p.ld_scores;
-    std::fill(sr, sr + p.max_len, T(0));
-    T* acc = sc.acc.data();
-    std::fill(acc, acc + m.Dp, T(0));
-    if (row.len > 0) {
+    // Scores: this span, plus the tail beyond the row's length for its last span.
+    std::fill(sr + sp.t0, sr + (sp.t1 >= row.len ? p.max_len : sp.t1), T(0));
+    T* acc = sc.acc.data();    // pooled sum of the current tile
+    double* racc = sc.racc.data();  // of the span, in double
+    std::fill(racc, racc + D, 0.0);
+    // Online softmax: running max mx and normaliser den; racc is scaled by
+    // exp(-mx).  Logits are parked in the scores row and normalised at the end.
+    T mx = -INFINITY;
+    double den = 0.0;
+    bool any = false;
+    if (sp.t1 > sp.t0) {
       fold(m, q, sc, false);
-      // Online softmax: running max mx and normaliser den; acc is scaled by
-      // exp(-mx).  Logits are parked in the scores row and normalised at the end.
-      T mx = -INFINITY, den = T(0);
-      bool any = false;
-      for_tiles(p, m, sc, row, [&](int n) {
+      for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false);
         scores(m, sc, n);
         T* s = sc.s.data();
         any = true;
+        std::fill(acc, acc + D, T(0));
         if (!cx.softmax) {
           for (int i = 0; i < n; ++i) {
             sr[sc.pos[i]] = s[i];
             axpy(D, s[i], sc.A + i * sc.sa, acc);
           }
-          return;
-        }
-        T tmx = mx;
-        for (int i = 0; i < n; ++i) {
-          s[i] *= cx.scale;
-          sr[sc.pos[i]] = s[i];
-          tmx = std::max(tmx, s[i]);
-        }
-        if (tmx > mx) {
-          const T f = std::exp(mx - tmx);  // exp(-inf) = 0 on the first tile
-          den *= f;
-          for (int d = 0; d < D; ++d) acc[d] *= f;
-          mx = tmx;
-        }
-        exp_scaled(s, n, mx, T(1));
-        for (int i = 0; i < n; ++i) {
-          den += s[i];
-          axpy(D, s[i], sc.A + i * sc.sa, acc);
-        }
-      });
-      if (cx.softmax && any) {
-        const T inv = T(1) / den;
-        for (int d = 0; d < D; ++d) acc[d] *= inv;
-        if (!p.mask) {
-          exp_scaled(sr, static_cast<int>(row.len), mx, inv);
         } else {
-          const uint8_t* mk = p.mask + row.s * p.ld_mask;
-          exp_scaled(sr, static_cast<int>(row.len), mx, inv);
-          for (int64_t t = 0; t < row.len; ++t)
-            if (!mk[t]) sr[t] = T(0);
+          T tmx = mx;
+          for (int i = 0; i < n; ++i) {
+            s[i] *= cx.scale;
+            sr[sc.pos[i]] = s[i];
+            tmx = std::max(tmx, s[i]);
+          }
+          if (tmx > mx) {
+            const double f = std::exp(static_cast<double>(mx) - static_cast<double>(tmx));  // 0 on the first tile
+            den *= f;
+            for (int d = 0; d < D; ++d) racc[d] *= f;
+            mx = tmx;
+          }
+          exp_scaled(s, n, mx, T(1));
+          T tden = T(0);
+          for (int i = 0; i < n; ++i) {
+            tden += s[i];
+            axpy(D, s[i], sc.A + i * sc.sa, acc);
+          }
+          den += static_cast<double>(tden);
         }
-      }
+        for (int d = 0; d < D; ++d) racc[d] += static_cast<double>(acc[d]);
+      });
     }
-    for (int d = 0; d < D; ++d) out[d] = acc[d];
+    if (part) {
+      part->mx = cx.softmax && any ? static_cast<double>(mx) : -INFINITY;
+      part->den = den;
+      std::copy(racc, racc + D, part->acc);
+      return;
+    }
+    T* out = static_cast<T*>(p.out) + r * p.ldo;
+    if (cx.softmax && any) {
+      const double inv = 1.0 / den;
+      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d] * inv);
+      normalise(cx, sp, mx, static_cast<T>(inv));
+    } else {
+      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d]);
+    }
   }
 
-  static void stats_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+  // Pre-activations of layer stats_layer over [t0, t1), merged tile by tile
+  // into the thread's (count, mean, M2) with Chan's formula: no E[z^2] - E[z]^2,
+  // so nothing cancels however large the mean is against the spread.
+  static void stats_span(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp) {
     const DinParams& p = *cx.p;
     const Model<T>& m = *cx.m;
-    const Row row = row_of(p, r);
-    if (row.len <= 0) return;
+    const Row row = row_of(p, sp.r);
+    if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
-    fold(m, static_cast<const T*>(p.q) + r * p.ldq, sc, false);
-    double* sum = sc.rp;
-    double* sq = sc.rp + Hp;
-    for_tiles(p, m, sc, row, [&](int n) {
+    fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, false);
+    double* mean = sc.rp;
+    double* m2 = sc.rp + Hp;
+    for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
       hidden(m, sc, n, l, false, false);  // layers < l use the batch statistics already known
       const T* z = sc.Z[l].data();
-      for (int i = 0; i < n; ++i)
-        for (int j = 0; j < Hl; ++j) {
-          const double x = z[static_cast<size_t>(i) * Hp + j];
-          sum[j] += x;
-          sq[j] += x * x;
+      const double na = sc.count, nb = n, tot = na + nb;
+      for (int j = 0; j < Hl; ++j) {
+        double s = 0.0;
+        for (int i = 0; i < n; ++i) s += static_cast<double>(z[static_cast<size_t>(i) * Hp + j]);
+        const double mb = s / nb;
+        double m2b = 0.0;
+        for (int i = 0; i < n; ++i) {
+          const double d = static_cast<double>(z[static_cast<size_t>(i) * Hp + j]) - mb;
+          m2b += d * d;
         }
+        const double delta = mb - mean[j];
+        mean[j] += delta * (nb / tot);
+        m2[j] += m2b + delta * delta * (na * nb / tot);
+      }
+      sc.count = tot;
     });
   }
 
@@ -1083,10 +1432,10 @@ struct Kernel {
           const v h = X::load(Hh + ix);
           gz = g * h * (one - h);
         } else if constexpr (A == Act::ReLU) {
-          gz = X::load(Hh + ix) > v{} ? g : v{};
+          gz = X::load(Hh + ix) <= v{} ? v{} : g;  // torch's threshold_backward: NaN h passes g
         } else if constexpr (A == Act::PReLU) {
           const v z = X::load(Z + ix);
-          s1 += z <= v{} ? g * z : v{};
+          s1 += z > v{} ? v{} : g * z;  // NaN z contributes (NaN), as in torch
           gz = z > v{} ? g : a * g;
         } else {  // Dice
           const v z = X::load(Z + ix);
@@ -1134,42 +1483,55 @@ struct Kernel {
     }
   }
 
-  static void backward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+  // sum_t w_t dL/dw_t over the valid positions in [t0, t1), dL/dw_t = dout . k_t
+  // + dscores_t (double: a sum over the whole row).
+  static double wdw_span(const Ctx<T>& cx, const Span& sp) {
+    const DinParams& p = *cx.p;
+    const int D = cx.m->D;
+    const Row row = row_of(p, sp.r);
+    const T* go = static_cast<const T*>(p.dout) + sp.r * p.ld_dout;
+    const T* wr = static_cast<const T*>(p.scores) + sp.r * p.ld_scores;
+    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + sp.r * p.ld_dscores : nullptr;
+    const T* kbase = static_cast<const T*>(p.k) + p.seq_start[row.s];
+    const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
+    double s = 0.0;
+    for (int64_t t = sp.t0; t < sp.t1; ++t)
+      if (!mk || mk[t]) s += static_cast<double>(wr[t] * (dot(D, go, kbase + t * p.ldk) + (gsr ? gsr[t] : T(0))));
+    return s;
+  }
+
+  static void backward_span(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp, const double* wdw_row, T* dq) {
     const DinParams& p = *cx.p;
     const Model<T>& m = *cx.m;
     const GradLayout& lay = cx.lay;
     const int D = m.D, L = m.L, H1p = m.Hp[0];
     const int red = cx.red;
     const bool reducing = red >= 0;
+    const int64_t r = sp.r;
     const Row row = row_of(p, r);
     const T* q = static_cast<const T*>(p.q) + r * p.ldq;
-    T* dq = reducing ? nullptr : static_cast<T*>(p.dq) + r * p.lddq;
-    if (row.len <= 0) {
+    if (sp.t1 <= sp.t0) {
       if (dq) std::fill(dq, dq + D, T(0));
       return;
     }
     const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
     const T* wr = static_cast<const T*>(p.scores) + r * p.ld_scores;
     const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + r * p.ld_dscores : nullptr;
-    const T* kbase = static_cast<const T*>(p.k) + p.seq_start[row.s];
     T* dkbase = reducing ? nullptr : sc.dk + p.seq_start[row.s];
     T* gp = sc.gp;
     const T scale = cx.scale;
 
-    // dL/dw_t = dout . k_t + dscores_t; softmax needs sum_u w_u dL/dw_u first.
+    // Softmax needs sum_u w_u dL/dw_u of the whole row: given for a part of a
+    // split row, computed here for a whole row.
     T wdw = T(0);
-    if (cx.softmax) {
-      const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
-      for (int64_t t = 0; t < row.len; ++t)
-        if (!mk || mk[t]) wdw += wr[t] * (dot(D, go, kbase + t * p.ldk) + (gsr ? gsr[t] : T(0)));
-    }
+    if (cx.softmax) wdw = static_cast<T>(wdw_row ? *wdw_row : wdw_span(cx, sp));
     fold(m, q, sc, !reducing);
     if (!reducing) {
       std::fill(sc.GT.data(), sc.GT.data() + static_cast<size_t>(D) * H1p, T(0));
       std::fill(sc.e.data(), sc.e.data() + H1p, T(0));
     }
 
-    for_tiles(p, m, sc, row, [&](int n) {
+    for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
       hidden(m, sc, n, L - 1, true, m.keep_z);
       const int HLp = m.Hp[L - 1], nvL = HLp / W;
       T* gh = sc.g1.data();  // dL/dh of the current layer [n, Hp_l]
@@ -1254,7 +1616,8 @@ struct Kernel {
 
 template <typename T>
 RowFns<T> row_fns() {
-  return {&Kernel<T>::forward_row, &Kernel<T>::stats_row, &Kernel<T>::backward_row};
+  return {&Kernel<T>::forward_span, &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
+          &Kernel<T>::backward_span};
 }
 
 }  // namespace DIN_NS

@@ -368,7 +368,9 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
 }
 
 // ---------------------------------------------------------------------------
-// Stats kernel (training-mode Dice): per-CTA sums of z and z^2 of layer l
+// Stats kernel (training-mode Dice): per-CTA count, mean and M2 (sum of squared
+// deviations) of the pre-activation z of layer l, merged tile by tile with
+// Chan's formula, so the variance never cancels as E[z^2] - E[z]^2 would.
 // ---------------------------------------------------------------------------
 template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads) din_stats_kernel(const DinParams p, const Net<T> m,
@@ -386,9 +388,9 @@ __global__ void __launch_bounds__(kThreads) din_stats_kernel(const DinParams p, 
 
   const int l = p.stats_layer;
   const int Hl = m.H[l];
-  double* part = y.stats_part + blockIdx.x * int64_t(2 * Hl);
-  // Thread j owns channels j, j + 256, ...: at most one for widths <= 256.
-  double s1 = 0.0, s2 = 0.0;
+  double* part = y.stats_part + blockIdx.x * int64_t(3 * Hl);
+  // Thread j owns channel j (widths <= 256 = kThreads).
+  double cnt = 0.0, mean = 0.0, m2 = 0.0;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const RowInfo ri = row_info(p, r);
     const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
@@ -404,19 +406,47 @@ __global__ void __launch_bounds__(kThreads) din_stats_kernel(const DinParams p, 
       const T* z = forward_layers(m, y, n, X, c_s, MT, HA, HB, l, false);
       if (static_cast<int>(threadIdx.x) < Hl) {
         const int j = threadIdx.x;
+        double s = 0.0;
+        for (int t = 0; t < n; ++t) s += static_cast<double>(z[t * Hl + j]);
+        const double nb = n, mb = s / nb, tot = cnt + nb;
+        double m2b = 0.0;
         for (int t = 0; t < n; ++t) {
-          const double v = static_cast<double>(z[t * Hl + j]);
-          s1 += v;
-          s2 += v * v;
+          const double d = static_cast<double>(z[t * Hl + j]) - mb;
+          m2b += d * d;
         }
+        const double delta = mb - mean;
+        mean += delta * (nb / tot);
+        m2 += m2b + delta * delta * (cnt * nb / tot);
+        cnt = tot;
       }
       __syncthreads();
       if (n < y.TT) break;
     }
   }
   if (static_cast<int>(threadIdx.x) < Hl) {
-    part[threadIdx.x] = s1;
-    part[Hl + threadIdx.x] = s2;
+    part[threadIdx.x] = cnt;
+    part[Hl + threadIdx.x] = mean;
+    part[2 * Hl + threadIdx.x] = m2;
+  }
+}
+
+// Per-CTA (count, mean, M2) [n_cta][3][H] -> out [2][H] = mean, M2, merged with
+// Chan's formula in CTA order (deterministic).
+__global__ void __launch_bounds__(kThreads) din_chan_merge_kernel(const double* part, int64_t n_cta, int64_t H,
+                                                                  double* out) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < H; j += int64_t(gridDim.x) * blockDim.x) {
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (int64_t c = 0; c < n_cta; ++c) {
+      const double* pc = part + c * 3 * H;
+      const double nb = pc[j];
+      if (nb == 0.0) continue;
+      const double tot = n + nb, delta = pc[H + j] - mean;
+      mean += delta * (nb / tot);
+      m2 += pc[2 * H + j] + delta * delta * (n * nb / tot);
+      n = tot;
+    }
+    out[j] = mean;
+    out[H + j] = m2;
   }
 }
 
@@ -843,7 +873,7 @@ FwdWs fwd_ws(const DinParams& p) {
   FwdWs w;
   int64_t o = 0;
   w.model = o; o += align256(model_elems<double>(p) * acc_size(p.dtype));
-  w.stats = o; o += align256(stats_ctas(p) * 2 * Hmax * 8);
+  w.stats = o; o += align256(stats_ctas(p) * 3 * Hmax * 8);
   w.counter = o; o += 256;
   w.total = o;
   return w;
@@ -967,9 +997,8 @@ void run_forward(const DinParams& p, bool stats) {
   DIN_LAUNCH(static_cast<unsigned>(y.n_cta), kThreads, y.smem, st, din_stats_kernel<S, T>)(p, m, y);
   check_launch("din_stats_kernel");
   const int64_t Hl = p.hidden[l];
-  DIN_LAUNCH(grid_for(2 * Hl), kThreads, 0, st, din_sum_double_kernel)(y.stats_part, y.n_cta, 2 * Hl, 2 * Hl,
-                                                              p.stats_out);
-  check_launch("din_sum_double_kernel(stats)");
+  DIN_LAUNCH(grid_for(Hl), kThreads, 0, st, din_chan_merge_kernel)(y.stats_part, y.n_cta, Hl, p.stats_out);
+  check_launch("din_chan_merge_kernel(stats)");
 }
 
 template <typename S, typename T>

@@ -84,9 +84,10 @@ struct DinParams {
   double* reduce_out = nullptr;
 
   // ---- forward statistics pass (training-mode Dice) ------------------------
-  // stats_layer = l: accumulate sum(s) and sum(s*s) of the pre-activation of
-  // layer l over valid positions into stats_out [2, H_l] (double).  Layers < l
-  // use bn_mean/bn_invstd, which must already be the batch statistics.
+  // stats_layer = l: the mean and M2 = sum((s - mean)^2) of the pre-activation
+  // s of layer l over valid positions, into stats_out [2, H_l] (double), merged
+  // with Chan's formula (no E[s^2] - E[s]^2 cancellation).  Layers < l use
+  // bn_mean/bn_invstd, which must already be the batch statistics.
   int32_t stats_layer = -1;
   double* stats_out = nullptr;
 

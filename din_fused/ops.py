@@ -298,10 +298,12 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
     prep.workspace("stats")
     for l in range(L):
         h = prep.hidden[l]
-        sums = torch.empty(2, h, dtype=torch.float64, device=prep.k.device)
-        _C.stats({**prep.cfg, "stats_layer": l, "stats_out": sums.data_ptr()})
-        mean = sums[0] / nf
-        var = (sums[1] / nf - mean * mean).clamp_min(0.0)
+        # The kernels return the mean and M2 = sum((z - mean)^2), merged with Chan's
+        # formula: no E[z^2] - E[z]^2, which cancels when |mean| >> std.
+        mean_m2 = torch.empty(2, h, dtype=torch.float64, device=prep.k.device)
+        _C.stats({**prep.cfg, "stats_layer": l, "stats_out": mean_m2.data_ptr()})
+        mean = mean_m2[0]
+        var = mean_m2[1] / nf
         stats[l, 0, :h] = mean.to(prep.acc)
         stats[l, 1, :h] = torch.rsqrt(var + eps).to(prep.acc)
         stats[l, 2, :h] = (var * nf / (nf - 1).clamp_min(1.0)).to(prep.acc)

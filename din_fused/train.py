@@ -618,5 +618,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _reexec_with_passive_openmp() -> None:
+    """Re-run this command with OMP_WAIT_POLICY=passive unless the user chose a policy.
+
+    torch's OpenMP threads spin after each of its parallel ops; on a machine shared with
+    busy processes that made the main job ~7x slower (bench/loaded.py, docs/performance.md).
+    OpenMP reads the variable when torch loads, before this module runs: hence the re-exec."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: running with OMP_WAIT_POLICY=passive (set OMP_WAIT_POLICY to override)",
+              file=sys.stderr, flush=True)
+    os.execv(sys.executable, sys.orig_argv)
+
+
 if __name__ == "__main__":
+    _reexec_with_passive_openmp()
     sys.exit(main())
