@@ -31,7 +31,7 @@ def emu_module(emu_c):
 
 
 ACTS = ["sigmoid", "relu", "prelu", "dice", "dice-train"]
-LONG_T = 1 << 16
+LONG_T = 1 << 14
 
 
 @pytest.mark.parametrize("validity", ["lengths", "mask", "both"])
