@@ -307,10 +307,12 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
     if (threadIdx.x == 0) *cursor = 0;
     setup_row<S, T>(p, m, y, r, q_s, c_s, MT);  // ends with __syncthreads
 
-    // Blocked accumulation: each tile (<= 64 keys) is summed in T, the tiles'
-    // sums (softmax denominator, pooled keys) are carried in double, so the
-    // fp32 error stays that of a 64-term sum at any T (a plain fp32 running
-    // sum over 10^6 keys is ~100x less accurate than the reference's bmm).
+    // The softmax denominator and the pooled keys are summed in double (per
+    // tile, and carried across tiles), so for fp32 their error stays that of
+    // the rounded terms at any T and any spread of weights (a plain fp32
+    // running sum over 10^6 keys is ~100x less accurate than the reference,
+    // and one dominant weight swallows the small ones).  Per tile that is
+    // TT x D double FMAs against the MLP's TT x D x H1 in T.
     T mx = -INFINITY;
     double den = 0.0;
     int64_t total = 0;
@@ -341,20 +343,20 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
         const double f = (total == 0) ? 0.0 : exp(static_cast<double>(mx) - static_cast<double>(nmx));
         for (int t = threadIdx.x; t < n; t += kThreads) e_s[t] = ex(s_s[t] - nmx);
         __syncthreads();
-        T es = T(0);
-        for (int t = 0; t < n; ++t) es += e_s[t];
-        den = den * f + static_cast<double>(es);
+        double es = 0.0;
+        for (int t = 0; t < n; ++t) es += static_cast<double>(e_s[t]);
+        den = den * f + es;
         mx = nmx;
         for (int d = threadIdx.x; d < D; d += kThreads) {
-          T a = T(0);
-          for (int t = 0; t < n; ++t) a += e_s[t] * X[t * y.ldx + d];
-          acc[d] = acc[d] * f + static_cast<double>(a);
+          double a = 0.0;
+          for (int t = 0; t < n; ++t) a += static_cast<double>(e_s[t]) * static_cast<double>(X[t * y.ldx + d]);
+          acc[d] = acc[d] * f + a;
         }
       } else {
         for (int d = threadIdx.x; d < D; d += kThreads) {
-          T a = T(0);
-          for (int t = 0; t < n; ++t) a += s_s[t] * X[t * y.ldx + d];
-          acc[d] += static_cast<double>(a);
+          double a = 0.0;
+          for (int t = 0; t < n; ++t) a += static_cast<double>(s_s[t]) * static_cast<double>(X[t * y.ldx + d]);
+          acc[d] += a;
         }
       }
       total += n;

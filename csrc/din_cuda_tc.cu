@@ -391,9 +391,9 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
   float* C = reinterpret_cast<float*>(sm + g.oC);
   float* q_s = reinterpret_cast<float*>(sm + g.oq);
   float* c_s = reinterpret_cast<float*>(sm + g.oc);
-  // Blocked accumulation: a segment (<= TM keys) is summed in fp32, the
-  // running softmax denominator and pooled keys of a row are carried in
-  // double, so the error stays that of a TM-term sum at any T.
+  // The softmax denominator and the pooled keys of a row are summed in double
+  // (per segment, and carried across tiles): the error stays that of the
+  // rounded terms at any T and any spread of weights.
   double* acc = reinterpret_cast<double*>(sm + g.oacc);
   float* mx = reinterpret_cast<float*>(sm + g.omx);
   double* den = reinterpret_cast<double*>(sm + g.oden);
@@ -500,15 +500,16 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
           const int sg = idx / D, d = idx - sg * D;
           const int rr = ts.segrow[sg];
-          float a = 0.0f;
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) a += e_s[t] * ldv(X + t * g.ldX + d);
-          acc[rr * D + d] = acc[rr * D + d] * segf[sg] + static_cast<double>(a);
+          double a = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
+            a += static_cast<double>(e_s[t]) * static_cast<double>(ldv(X + t * g.ldX + d));
+          acc[rr * D + d] = acc[rr * D + d] * segf[sg] + a;
         }
         for (int sg = threadIdx.x; sg < nseg; sg += kThreads) {
           const int rr = ts.segrow[sg];
-          float es = 0.0f;
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) es += e_s[t];
-          den[rr] = den[rr] * segf[sg] + static_cast<double>(es);
+          double es = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) es += static_cast<double>(e_s[t]);
+          den[rr] = den[rr] * segf[sg] + es;
           mx[rr] = segm[sg];
           cnt[rr] += ts.seg[sg + 1] - ts.seg[sg];
         }
@@ -516,9 +517,10 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
           const int sg = idx / D, d = idx - sg * D;
           const int rr = ts.segrow[sg];
-          float a = 0.0f;
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) a += s_s[t] * ldv(X + t * g.ldX + d);
-          acc[rr * D + d] += static_cast<double>(a);
+          double a = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
+            a += static_cast<double>(s_s[t]) * static_cast<double>(ldv(X + t * g.ldX + d));
+          acc[rr * D + d] += a;
         }
         for (int sg = threadIdx.x; sg < nseg; sg += kThreads)
           cnt[ts.segrow[sg]] += ts.seg[sg + 1] - ts.seg[sg];

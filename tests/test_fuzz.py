@@ -23,7 +23,9 @@ CUDA thread) get smaller problems.
 
 Left out of the domain while other changes fix them (issue 14); re-enable with
 DIN_FUZZ_ENABLE=<comma list>:
-  t0      T = 0 (keys [B, 0, D]) crashed in the op.
+  t0        T = 0 (keys [B, 0, D]) crashed in the op.
+  dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz:
+            the generic-ISA CPU path's dq is ~1e-4 off, see the xfail test at the end).
 Not reachable from this domain anyway: NaN/Inf inputs (ReLU NaN), T > 300
 (long-T fp32 accuracy), |mean|/std >> 1 in Dice layers (float64 variance
 cancellation).
@@ -146,7 +148,10 @@ def make_inputs(c):
     if c["validity"] in ("mask", "both"):
         mask = torch.rand(B, T, generator=gen) < c["density"]
         valid &= mask
-    training = c["training"] and int(valid.sum()) >= 2  # batch statistics need two valid keys
+    # batch statistics need two valid keys; float32 on fewer than 4 is a known
+    # accuracy failure (test_fuzz_found_fp32_dice_training_on_two_valid_keys)
+    few = 4 if c["dtype"] == torch.float32 and "dice_few" not in ENABLED else 2
+    training = c["training"] and int(valid.sum()) >= few
     k[~valid] = float("nan")
     p = random_params(D, c["hidden"], c["act"], gen=gen, requires_grad=False)
     gout = torch.randn(B, D, generator=gen, dtype=torch.float64)
@@ -287,3 +292,21 @@ def test_fuzz_emulated_cuda(emu_install, c):
 @given(c=problems("emu", [torch.float16, torch.bfloat16]))
 def test_fuzz_emulated_cuda_low_precision(emu_install, c):
     emu_install(c)
+
+
+# --------------------------------------------------------------------------------------
+# Failures the fuzz found, kept as named regression tests
+# --------------------------------------------------------------------------------------
+FP32_DICE_TRAIN_FEW_KEYS = {
+    "B": 3, "T": 3, "D": 3, "hidden": (235,), "act": "dice", "training": True, "norm": "none", "scale": 1.0,
+    "validity": "both", "density": 0.3, "return_scores": False, "isa": "generic", "threads": 1,
+    "dtype": torch.float32, "seed": 3,
+}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14, found by the full fuzz run: float32 Dice training on 2 valid "
+                   "keys (ill-conditioned batch statistics): on the generic (SSE2) CPU path the op's dq is 1.4e-4 "
+                   "norm-relative off, 8.5x the reference's own fp32 error (the AVX2 path passes); the CPU "
+                   "kernel is another change's")
+def test_fuzz_found_fp32_dice_training_on_two_valid_keys(monkeypatch):
+    _cpu_case(FP32_DICE_TRAIN_FEW_KEYS, monkeypatch)
