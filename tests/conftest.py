@@ -16,7 +16,7 @@ EMU = ROOT / "tests" / "cuda_emu"
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-full", action="store_true", default=False,
-                     help="run the full property-fuzzing profile (>= 20,000 examples; same as DIN_FUZZ_FULL=1)")
+                     help="run the full property-fuzzing profile (20,000 examples; same as DIN_FUZZ_FULL=1)")
 
 
 def pytest_configure(config):

@@ -6,8 +6,9 @@ warp intrinsics), and din_fused.ops is patched so that CPU tensors take the
 CUDA code path of that module.  Numerics are the kernels' own (fp32/fp64
 accumulation, half/bfloat16 storage), so these are real checks of indexing,
 tiling, online softmax, the backward and the deterministic reductions; not of
-timing, occupancy or memory-model races (compute-sanitizer covers those on a
-GPU, see bench/gpu_check.sh).
+timing, occupancy or the GPU memory model (compute-sanitizer covers those on a
+GPU, see bench/gpu_check.sh).  Races between barriers are what tests/sanitize.sh
+looks for, with this module built under ThreadSanitizer.
 
 Skipped when no C++20 compiler is found.  Set DIN_TEST_CUDA_EMU=0 to skip.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import clone_params, random_params
+from common import clone_params
 from kernel_cases import check_case, check_row_seq, fwd_bwd, make_problem
 
 pytestmark = pytest.mark.slow

@@ -304,9 +304,9 @@ FP32_DICE_TRAIN_FEW_KEYS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, found by the full fuzz run: float32 Dice training on 2 valid "
-                   "keys (ill-conditioned batch statistics): on the generic (SSE2) CPU path the op's dq is 1.4e-4 "
-                   "norm-relative off, 8.5x the reference's own fp32 error (the AVX2 path passes); the CPU "
-                   "kernel is another change's")
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 14, found by the full fuzz run: float32 Dice training on 2 valid keys (ill-conditioned batch "
+    "statistics): on the generic (SSE2) CPU path the op's dq is 1.4e-4 norm-relative off, 8.5x the "
+    "reference's own fp32 error (the AVX2 path passes); the CPU kernel is another change's"))
 def test_fuzz_found_fp32_dice_training_on_two_valid_keys(monkeypatch):
     _cpu_case(FP32_DICE_TRAIN_FEW_KEYS, monkeypatch)
