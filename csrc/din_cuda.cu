@@ -216,7 +216,7 @@ FwdLay make_fwd_lay(const DinParams& p, int TT, bool fold) {
   y.HB = a.take(es * y.TTr * Hmax);
   y.s = a.take(es * TT);
   y.e = a.take(es * TT);
-  y.acc = a.take(es * D);
+  y.acc = a.take(8 * D);  // double: see the forward kernel
   y.pos = a.take(8 * TT);
   y.misc = a.take(16);
   y.smem = (a.off + 15) / 16 * 16;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
   T* HB = reinterpret_cast<T*>(din_smem + y.HB);
   T* s_s = reinterpret_cast<T*>(din_smem + y.s);
   T* e_s = reinterpret_cast<T*>(din_smem + y.e);
-  T* acc = reinterpret_cast<T*>(din_smem + y.acc);
+  double* acc = reinterpret_cast<double*>(din_smem + y.acc);
   int64_t* pos = reinterpret_cast<int64_t*>(din_smem + y.pos);
   int64_t* cursor = reinterpret_cast<int64_t*>(din_smem + y.misc);
   int* count = reinterpret_cast<int*>(din_smem + y.misc + 8);
@@ -303,11 +303,18 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
     const RowInfo ri = row_info(p, r);
     const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
     T* sr = static_cast<T*>(p.scores) + r * p.ld_scores;
-    for (int d = threadIdx.x; d < D; d += kThreads) acc[d] = T(0);
+    for (int d = threadIdx.x; d < D; d += kThreads) acc[d] = 0.0;
     if (threadIdx.x == 0) *cursor = 0;
     setup_row<S, T>(p, m, y, r, q_s, c_s, MT);  // ends with __syncthreads
 
-    T mx = -INFINITY, den = T(0);
+    // The softmax denominator and the pooled keys are summed in double (per
+    // tile, and carried across tiles), so for fp32 their error stays that of
+    // the rounded terms at any T and any spread of weights (a plain fp32
+    // running sum over 10^6 keys is ~100x less accurate than the reference,
+    // and one dominant weight swallows the small ones).  Per tile that is
+    // TT x D double FMAs against the MLP's TT x D x H1 in T.
+    T mx = -INFINITY;
+    double den = 0.0;
     int64_t total = 0;
     while (true) {
       next_tile<T>(p, ri, y.TT, pos, count, cursor, sr);
@@ -333,35 +340,37 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
         T tm = s_s[0];
         for (int t = 1; t < n; ++t) tm = max(tm, s_s[t]);
         const T nmx = max(mx, tm);
-        const T f = (total == 0) ? T(0) : ex(mx - nmx);
+        const double f = (total == 0) ? 0.0 : exp(static_cast<double>(mx) - static_cast<double>(nmx));
         for (int t = threadIdx.x; t < n; t += kThreads) e_s[t] = ex(s_s[t] - nmx);
         __syncthreads();
-        T es = T(0);
-        for (int t = 0; t < n; ++t) es += e_s[t];
+        double es = 0.0;
+        for (int t = 0; t < n; ++t) es += static_cast<double>(e_s[t]);
         den = den * f + es;
         mx = nmx;
         for (int d = threadIdx.x; d < D; d += kThreads) {
-          T a = acc[d] * f;
-          for (int t = 0; t < n; ++t) a += e_s[t] * X[t * y.ldx + d];
-          acc[d] = a;
+          double a = 0.0;
+          for (int t = 0; t < n; ++t) a += static_cast<double>(e_s[t]) * static_cast<double>(X[t * y.ldx + d]);
+          acc[d] = acc[d] * f + a;
         }
       } else {
         for (int d = threadIdx.x; d < D; d += kThreads) {
-          T a = acc[d];
-          for (int t = 0; t < n; ++t) a += s_s[t] * X[t * y.ldx + d];
-          acc[d] = a;
+          double a = 0.0;
+          for (int t = 0; t < n; ++t) a += static_cast<double>(s_s[t]) * static_cast<double>(X[t * y.ldx + d]);
+          acc[d] += a;
         }
       }
       total += n;
       __syncthreads();
       if (n < y.TT) break;
     }
-    const T inv = (softmax && total > 0) ? T(1) / den : T(1);
+    const double inv = (softmax && total > 0) ? 1.0 / den : 1.0;
     S* out = static_cast<S*>(p.out) + r * p.ldo;
-    for (int d = threadIdx.x; d < D; d += kThreads) stv(out + d, acc[d] * inv);
-    if (softmax && total > 0)
+    for (int d = threadIdx.x; d < D; d += kThreads) stv(out + d, static_cast<T>(acc[d] * inv));
+    if (softmax && total > 0) {
+      const T invT = static_cast<T>(inv);
       for (int64_t t = threadIdx.x; t < ri.len; t += kThreads)
-        if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - mx) * inv;
+        if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - mx) * invT;
+    }
     for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = T(0);
     __syncthreads();
   }
@@ -577,10 +586,11 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
       for (int d = 0; d < D; ++d) c += m.WqdT[int64_t(d) * H1 + j] * q_s[d];
       c_s[j] = c;
     }
-    // Softmax: wdw = sum_t w_t (dout . k_t + dscores_t) over valid t.
+    // Softmax: wdw = sum_t w_t (dout . k_t + dscores_t) over valid t; each
+    // warp's running sum over ~T/8 keys is kept in double (long sequences).
     T wdw = T(0);
     if (softmax) {
-      T part_w = T(0);
+      double part_w = 0.0;
       for (int64_t t = warp; t < ri.len; t += kWarps) {
         if (!is_valid(p, ri, t)) continue;
         const S* kt = kbase + t * p.ldk;
@@ -588,19 +598,21 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
         for (int d = lane; d < D; d += 32) v += dout_s[d] * static_cast<T>(ldv(kt + d));
         v = warp_sum(v);
         if (gsr) v += gsr[t];
-        part_w += wr[t] * v;
+        part_w += static_cast<double>(wr[t] * v);
       }
-      if (lane == 0) red_s[warp] = part_w;
+      if (lane == 0) red_s[warp] = static_cast<T>(part_w);
       __syncthreads();
       for (int w = 0; w < kWarps; ++w) wdw += red_s[w];
     }
     __syncthreads();
 
+    bool seen = false;  // any valid key in the row
     while (true) {
       next_tile<T>(p, ri, y.TT, pos, count, cursor, static_cast<T*>(nullptr));
       __syncthreads();
       const int n = *count;
       if (n == 0) break;
+      seen = true;
       load_tile<S, T>(kbase, p.ldk, pos, n, D, q_s, true, X, D2);
       __syncthreads();
       // ---- recompute: z_l and h_l for every layer ----
@@ -674,10 +686,10 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
                 break;
               }
               case Act::ReLU:
-                gz = zv > T(0) ? g : T(0);
+                gz = zv <= T(0) ? T(0) : g;  // NaN z passes g, as torch.relu's backward
                 break;
               case Act::PReLU:
-                if (zv <= T(0)) sa += g * zv;
+                if (!(zv > T(0))) sa += g * zv;  // NaN z counts, as torch.where's backward
                 gz = zv > T(0) ? g : m.alpha[l][j] * g;
                 break;
               default: {  // Dice
@@ -772,7 +784,13 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
       __syncthreads();
       if (n < y.TT) break;
     }
-    if (!reducing) {
+    if (!reducing && !seen) {
+      // A row without valid keys takes no part in the op (as in the reference):
+      // dq = 0, and neither its query nor 0 * (Wq + Wd) reaches any gradient,
+      // so a NaN/Inf there does not leak.
+      S* dq = static_cast<S*>(p.dq) + r * p.lddq;
+      for (int d = threadIdx.x; d < D; d += kThreads) stv(dq + d, T(0));
+    } else if (!reducing) {
       // dq = (Wq + Wd)^T e + sum_t k_t * u_t ; E q^T and e into the partials.
       S* dq = static_cast<S*>(p.dq) + r * p.lddq;
       for (int d = threadIdx.x; d < D; d += kThreads) {
@@ -842,6 +860,12 @@ void check_common(const DinParams& p) {
     if (p.hidden[l] < 1 || p.hidden[l] > kMaxWidth)
       throw std::invalid_argument("din_fused cuda: hidden widths must be 1..256");
   if (p.dim < 1) throw std::invalid_argument("din_fused cuda: dim must be >= 1");
+  // The kernels keep D, and the smem offsets and leading dimensions derived
+  // from it, in 32-bit ints; any D this large fails the shared-memory plans
+  // anyway, but it must fail before a narrowed copy of it is used.
+  if (p.dim > kMaxDim)
+    throw std::invalid_argument("din_fused cuda: dim " + std::to_string(p.dim) + " exceeds the CUDA kernels' limit " +
+                                std::to_string(kMaxDim));
   if (p.rows > 0 && (!p.q || !p.k || !p.seq_start || !p.seq_len))
     throw std::invalid_argument("din_fused cuda: missing q, k, seq_start or seq_len pointer");
   if (p.rows < 0 || p.max_len < 0) throw std::invalid_argument("din_fused cuda: negative sizes");
@@ -971,8 +995,8 @@ void run_forward(const DinParams& p, bool stats) {
   if constexpr (sizeof(S) == 2) {
     TcFwdPlan plan;
     if (!stats && tc_enabled() && tc_forward_plan(p, di, &plan)) {
-      int* counter = reinterpret_cast<int*>(ws + w.counter);
-      check(cudaMemsetAsync(counter, 0, sizeof(int), st), "cudaMemsetAsync(chunk counter)");
+      auto* counter = reinterpret_cast<unsigned long long*>(ws + w.counter);  // chunks may exceed 2^31
+      check(cudaMemsetAsync(counter, 0, sizeof(*counter), st), "cudaMemsetAsync(chunk counter)");
       tc_forward(p, m, plan, counter, st);
       return;
     }

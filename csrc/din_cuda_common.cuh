@@ -22,6 +22,10 @@ constexpr int kThreads = 256;            // every kernel uses 256-thread CTAs
 constexpr int kWarps = kThreads / 32;
 constexpr int kRT = 4;                   // keys per thread in the small dense products
 constexpr int64_t kMaxGrid = 1 << 30;    // grid-stride beyond this many rows
+// Largest D the kernels accept.  D (and 3D, tile sizes and smem offsets
+// derived from it) is held in int; lengths, positions, rows and element
+// offsets into q/k/out/scores are int64 everywhere.
+constexpr int64_t kMaxDim = 1 << 20;
 
 // Hooks that let tests/cuda_emu compile this file as plain C++ (kernels run on
 // CPU threads there); with nvcc they are the ordinary CUDA constructs.
@@ -151,8 +155,10 @@ __device__ __forceinline__ T act_fwd(const Net<T>& m, int l, int j, T z) {
   switch (m.act) {
     case Act::Sigmoid:
       return sigm(z);
+    // Written so that a NaN pre-activation stays NaN, as in torch.relu /
+    // torch.where(z > 0, z, a z): a diverged model must not look healthy.
     case Act::ReLU:
-      return z > T(0) ? z : T(0);
+      return z < T(0) ? T(0) : z;
     case Act::PReLU:
       return z > T(0) ? z : m.alpha[l][j] * z;
     default: {  // Dice
@@ -309,7 +315,8 @@ struct TcFwdPlan {
   int64_t smem = 0, n_chunks = 0, grid = 0;
 };
 bool tc_forward_plan(const DinParams& p, const DevInfo& di, TcFwdPlan* plan);
-void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, int* counter, cudaStream_t st);
+void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, unsigned long long* counter,
+                cudaStream_t st);
 
 struct TcBwdPlan {
   int TM = 64, R = 1, device = 0;

@@ -130,7 +130,8 @@ struct TcGeo {
   // shared-memory byte offsets
   int oWo[kMaxLayers] = {}, oX = 0, oHb = 0, oZ[kMaxLayers] = {}, oH[kMaxLayers] = {};
   int oG = 0, oC = 0;
-  int oq = 0, oc = 0, oacc = 0, omx = 0, oden = 0, ocnt = 0, odout = 0, odq = 0, oe = 0, owdw = 0, owred = 0;
+  int oq = 0, oc = 0, oacc = 0, omx = 0, oden = 0, ocnt = 0, odout = 0, odq = 0, oe = 0, owdw = 0, owred = 0,
+      oseen = 0;
   int opos = 0, orid = 0, osid = 0, oseg = 0, osegrow = 0, os = 0, oe2 = 0, osegf = 0, osegm = 0, ow = 0,
       odsv = 0, omisc = 0;
   int64_t smem = 0;
@@ -187,7 +188,7 @@ void tile_arrays(TcGeo& g, Alloc128& a, bool backward) {
   } else {
     g.os = a.take(4 * TM);
     g.oe2 = a.take(4 * TM);
-    g.osegf = a.take(4 * TM);
+    g.osegf = a.take(8 * TM);
     g.osegm = a.take(4 * TM);
   }
   g.omisc = a.take(64);
@@ -203,10 +204,10 @@ TcGeo fwd_geo(const DinParams& p, int TM, int R) {
   g.oC = a.take(4 * int64_t(TM) * g.ldC);
   g.oq = a.take(4 * int64_t(R) * g.D);
   g.oc = a.take(4 * int64_t(R) * g.H[0]);
-  g.oacc = a.take(4 * int64_t(R) * g.D);
+  g.oacc = a.take(8 * int64_t(R) * g.D);  // double, see the forward kernel
   g.omx = a.take(4 * R);
-  g.oden = a.take(4 * R);
-  g.ocnt = a.take(4 * R);
+  g.oden = a.take(8 * R);
+  g.ocnt = a.take(8 * R);
   tile_arrays(g, a, false);
   g.smem = (a.off + 127) / 128 * 128;
   return g;
@@ -230,6 +231,7 @@ TcGeo bwd_geo(const DinParams& p, int TM, int R) {
   g.oe = a.take(4 * int64_t(R) * g.H[0]);
   g.owdw = a.take(4 * R);
   g.owred = a.take(4 * int64_t(R) * kWarps);
+  g.oseen = a.take(4 * int64_t(R));
   tile_arrays(g, a, true);
   g.smem = (a.off + 127) / 128 * 128;
   return g;
@@ -255,8 +257,9 @@ struct TileState {  // views into shared memory
   int* sid;
   int* seg;      // [TM + 1] segment starts
   int* segrow;   // [TM] chunk-local row of each segment
-  int* misc;     // [0] n, [1] nseg, [2] cur_row, [3] chunk; cur_t at misc + 4 (int64)
+  int* misc;     // [0] n, [1] nseg, [2] cur_row; cur_t at misc + 4, chunk at misc + 6 (int64)
   __device__ int64_t* cur_t() const { return reinterpret_cast<int64_t*>(misc + 4); }
+  __device__ int64_t* chunk() const { return reinterpret_cast<int64_t*>(misc + 6); }
 };
 
 // Warp 0: the next (up to TM) valid (row, position) pairs of the chunk
@@ -380,20 +383,24 @@ __device__ void tc_stage_weights(const Net<float>& m, const TcGeo& g, unsigned c
 // ---------------------------------------------------------------------------
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinParams p, const Net<float> m,
-                                                                     const TcGeo g, int* counter) {
+                                                                     const TcGeo g,
+                                                                     unsigned long long* counter) {
   unsigned char* const sm = DIN_SMEM;
   S* X = reinterpret_cast<S*>(sm + g.oX);
   S* Hb = reinterpret_cast<S*>(sm + g.oHb);
   float* C = reinterpret_cast<float*>(sm + g.oC);
   float* q_s = reinterpret_cast<float*>(sm + g.oq);
   float* c_s = reinterpret_cast<float*>(sm + g.oc);
-  float* acc = reinterpret_cast<float*>(sm + g.oacc);
+  // The softmax denominator and the pooled keys of a row are summed in double
+  // (per segment, and carried across tiles): the error stays that of the
+  // rounded terms at any T and any spread of weights.
+  double* acc = reinterpret_cast<double*>(sm + g.oacc);
   float* mx = reinterpret_cast<float*>(sm + g.omx);
-  float* den = reinterpret_cast<float*>(sm + g.oden);
-  int* cnt = reinterpret_cast<int*>(sm + g.ocnt);
+  double* den = reinterpret_cast<double*>(sm + g.oden);
+  int64_t* cnt = reinterpret_cast<int64_t*>(sm + g.ocnt);  // valid keys of a row: may exceed 2^31
   float* s_s = reinterpret_cast<float*>(sm + g.os);
   float* e_s = reinterpret_cast<float*>(sm + g.oe2);
-  float* segf = reinterpret_cast<float*>(sm + g.osegf);
+  double* segf = reinterpret_cast<double*>(sm + g.osegf);
   float* segm = reinterpret_cast<float*>(sm + g.osegm);
   const TileState ts{reinterpret_cast<int64_t*>(sm + g.opos), reinterpret_cast<int*>(sm + g.orid),
                      reinterpret_cast<int*>(sm + g.osid),     reinterpret_cast<int*>(sm + g.oseg),
@@ -409,9 +416,9 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
   tc_stage_weights<S>(m, g, sm);
 
   while (true) {
-    if (threadIdx.x == 0) ts.misc[3] = atomicAdd(counter, 1);
+    if (threadIdx.x == 0) *ts.chunk() = static_cast<int64_t>(atomicAdd(counter, 1ull));
     __syncthreads();  // also orders the weight staging before the first GEMM
-    const int64_t chunk = ts.misc[3];
+    const int64_t chunk = *ts.chunk();
     if (chunk >= g.n_chunks) break;
     const int64_t r0 = chunk * g.R;
     const int64_t rem = p.rows - r0;
@@ -419,11 +426,11 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
     for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
       const int rr = idx / D, d = idx - rr * D;
       q_s[idx] = ldv(static_cast<const S*>(p.q) + (r0 + rr) * p.ldq + d);
-      acc[idx] = 0.0f;
+      acc[idx] = 0.0;
     }
     for (int rr = threadIdx.x; rr < nr; rr += kThreads) {
       mx[rr] = -INFINITY;
-      den[rr] = 0.0f;
+      den[rr] = 0.0;
       cnt[rr] = 0;
     }
     if (threadIdx.x == 0) {
@@ -485,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
           for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) mseg = max(mseg, s_s[t]);
           const float nm = max(mx[rr], mseg);
           segm[sg] = nm;
-          segf[sg] = cnt[rr] == 0 ? 0.0f : ex(mx[rr] - nm);
+          segf[sg] = cnt[rr] == 0 ? 0.0 : exp(static_cast<double>(mx[rr]) - static_cast<double>(nm));
         }
         __syncthreads();
         for (int t = threadIdx.x; t < n; t += kThreads) e_s[t] = ex(s_s[t] - segm[ts.sid[t]]);
@@ -493,14 +500,15 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
           const int sg = idx / D, d = idx - sg * D;
           const int rr = ts.segrow[sg];
-          float a = acc[rr * D + d] * segf[sg];
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) a += e_s[t] * ldv(X + t * g.ldX + d);
-          acc[rr * D + d] = a;
+          double a = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
+            a += static_cast<double>(e_s[t]) * static_cast<double>(ldv(X + t * g.ldX + d));
+          acc[rr * D + d] = acc[rr * D + d] * segf[sg] + a;
         }
         for (int sg = threadIdx.x; sg < nseg; sg += kThreads) {
           const int rr = ts.segrow[sg];
-          float es = 0.0f;
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) es += e_s[t];
+          double es = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) es += static_cast<double>(e_s[t]);
           den[rr] = den[rr] * segf[sg] + es;
           mx[rr] = segm[sg];
           cnt[rr] += ts.seg[sg + 1] - ts.seg[sg];
@@ -509,9 +517,10 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
           const int sg = idx / D, d = idx - sg * D;
           const int rr = ts.segrow[sg];
-          float a = acc[rr * D + d];
-          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t) a += s_s[t] * ldv(X + t * g.ldX + d);
-          acc[rr * D + d] = a;
+          double a = 0.0;
+          for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
+            a += static_cast<double>(s_s[t]) * static_cast<double>(ldv(X + t * g.ldX + d));
+          acc[rr * D + d] += a;
         }
         for (int sg = threadIdx.x; sg < nseg; sg += kThreads)
           cnt[ts.segrow[sg]] += ts.seg[sg + 1] - ts.seg[sg];
@@ -522,14 +531,15 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
     // finish the chunk's rows: outputs, normalised scores, zero padding
     for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
       const int rr = idx / D, d = idx - rr * D;
-      const float inv = softmax && cnt[rr] > 0 ? 1.0f / den[rr] : 1.0f;
-      stv(static_cast<S*>(p.out) + (r0 + rr) * p.ldo + d, cnt[rr] > 0 ? acc[idx] * inv : 0.0f);
+      const double inv = softmax && cnt[rr] > 0 ? 1.0 / den[rr] : 1.0;
+      const float v = cnt[rr] > 0 ? static_cast<float>(acc[idx] * inv) : 0.0f;
+      stv(static_cast<S*>(p.out) + (r0 + rr) * p.ldo + d, v);
     }
     for (int rr = 0; rr < nr; ++rr) {
       const RowInfo ri = row_info(p, r0 + rr);
       float* sr = static_cast<float*>(p.scores) + (r0 + rr) * p.ld_scores;
       if (softmax && cnt[rr] > 0) {
-        const float inv = 1.0f / den[rr], m0 = mx[rr];
+        const float inv = static_cast<float>(1.0 / den[rr]), m0 = mx[rr];
         for (int64_t t = threadIdx.x; t < ri.len; t += kThreads)
           if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - m0) * inv;
       }
@@ -557,6 +567,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
   float* e_s = reinterpret_cast<float*>(sm + g.oe);
   float* wdw_s = reinterpret_cast<float*>(sm + g.owdw);
   float* wred = reinterpret_cast<float*>(sm + g.owred);
+  int* seen = reinterpret_cast<int*>(sm + g.oseen);  // row of the chunk had a valid key
   float* w_s = reinterpret_cast<float*>(sm + g.ow);
   float* dsv_s = reinterpret_cast<float*>(sm + g.odsv);
   const TileState ts{reinterpret_cast<int64_t*>(sm + g.opos), reinterpret_cast<int*>(sm + g.orid),
@@ -586,6 +597,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
       dq_s[idx] = 0.0f;
     }
     for (int idx = threadIdx.x; idx < nr * H1; idx += kThreads) e_s[idx] = 0.0f;
+    for (int rr = threadIdx.x; rr < nr; rr += kThreads) seen[rr] = 0;
     if (threadIdx.x == 0) {
       ts.misc[2] = 0;
       *ts.cur_t() = 0;
@@ -599,16 +611,16 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         const S* kb = static_cast<const S*>(p.k) + p.seq_start[ri.s];
         const float* wr = static_cast<const float*>(p.scores) + (r0 + rr) * p.ld_scores;
         const float* gsr = p.dscores ? static_cast<const float*>(p.dscores) + (r0 + rr) * p.ld_dscores : nullptr;
-        float tot = 0.0f;
+        double tot = 0.0;  // ~T/8 keys per warp: double for long sequences
         for (int64_t t = warp; t < ri.len; t += kWarps) {
           if (!is_valid(p, ri, t)) continue;
           float v = 0.0f;
           for (int d = lane; d < D; d += 32) v += dout_s[rr * D + d] * ldv(kb + t * p.ldk + d);
           v = warp_sum(v);
           if (gsr) v += gsr[t];
-          tot += wr[t] * v;
+          tot += static_cast<double>(wr[t] * v);
         }
-        if (lane == 0) wred[rr * kWarps + warp] = tot;
+        if (lane == 0) wred[rr * kWarps + warp] = static_cast<float>(tot);
       }
       __syncthreads();
       for (int rr = threadIdx.x; rr < nr; rr += kThreads) {
@@ -624,6 +636,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
       __syncthreads();
       const int n = ts.misc[0], nseg = ts.misc[1];
       if (n == 0) break;
+      for (int sg = threadIdx.x; sg < nseg; sg += kThreads) seen[ts.segrow[sg]] = 1;  // one segment per row
       const int Mt = (n + 15) / 16;
       tc_load_x<S>(p, g, r0, n, Mt, ts, q_s, X);
       __syncthreads();
@@ -706,10 +719,10 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
                 break;
               }
               case Act::ReLU:
-                gz = zv > 0.0f ? gh : 0.0f;
+                gz = zv <= 0.0f ? 0.0f : gh;  // NaN z passes gh, as torch.relu's backward
                 break;
               case Act::PReLU:
-                if (zv <= 0.0f) sa += gh * zv;
+                if (!(zv > 0.0f)) sa += gh * zv;  // NaN z counts, as torch.where's backward
                 gz = zv > 0.0f ? gh : m.alpha[l][j] * gh;
                 break;
               default: {  // Dice
@@ -781,18 +794,24 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
       }
       if (n < g.TM) break;
     }
-    // per row: dq = dq_s + Wq^T e ; dWq += E q^T and db1 += e into the partials
+    // per row: dq = dq_s + Wq^T e ; dWq += E q^T and db1 += e into the partials.
+    // A row without valid keys takes no part (as in the reference): dq = 0 and
+    // neither its query nor 0 * Wq reaches a gradient, so NaN/Inf there cannot leak.
     for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
       const int rr = idx / D, d = idx - rr * D;
-      float v = dq_s[idx];
-      const float* wq = m.W[0] + d;
-      for (int j = 0; j < H1; ++j) v += wq[int64_t(j) * 4 * D] * e_s[rr * H1 + j];
+      float v = 0.0f;
+      if (seen[rr]) {
+        v = dq_s[idx];
+        const float* wq = m.W[0] + d;
+        for (int j = 0; j < H1; ++j) v += wq[int64_t(j) * 4 * D] * e_s[rr * H1 + j];
+      }
       stv(static_cast<S*>(p.dq) + (r0 + rr) * p.lddq + d, v);
     }
     for (int idx = threadIdx.x; idx < H1 * D; idx += kThreads) {
       const int j = idx / D, d = idx - j * D;
       float v = 0.0f;
-      for (int rr = 0; rr < nr; ++rr) v += e_s[rr * H1 + j] * q_s[rr * D + d];
+      for (int rr = 0; rr < nr; ++rr)
+        if (seen[rr]) v += e_s[rr * H1 + j] * q_s[rr * D + d];
       part[pl.Wqd + idx] += v;
     }
     for (int j = threadIdx.x; j < H1; j += kThreads) {
@@ -815,7 +834,7 @@ int blocks_per_sm(const DevInfo& di, int64_t smem) {
 // ---------------------------------------------------------------------------
 bool tc_forward_plan(const DinParams& p, const DevInfo& di, TcFwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
-  const int64_t per_row = 4 * (2 * p.dim + p.hidden[0] + 3);  // q, acc, c, mx, den, cnt
+  const int64_t per_row = 4 * p.dim + 8 * p.dim + 4 * p.hidden[0] + 4 + 8 + 8;  // q, acc, c, mx, den, cnt
   const int R = pick_R(p, di, per_row);
   for (int TM = 64; TM >= 16; TM /= 2) {
     const TcGeo g = fwd_geo(p, TM, R);
@@ -831,7 +850,8 @@ bool tc_forward_plan(const DinParams& p, const DevInfo& di, TcFwdPlan* plan) {
   return false;
 }
 
-void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, int* counter, cudaStream_t st) {
+void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, unsigned long long* counter,
+                cudaStream_t st) {
   const TcGeo g = fwd_geo(p, plan.TM, plan.R);
   if (p.dtype == DType::F16) {
     set_smem(reinterpret_cast<const void*>(&din_tc_forward_kernel<__half>), g.smem, plan.device,
@@ -849,7 +869,7 @@ void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, 
 
 bool tc_backward_plan(const DinParams& p, const DevInfo& di, TcBwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
-  const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0] + 1 + kWarps);
+  const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0] + 2 + kWarps);  // q, dout, dq, c, e, wdw, seen, wred
   const int R = pick_R(p, di, per_row);
   // Prefer a tile with which two CTAs share an SM; else the largest that fits.
   for (int pass = 0; pass < 2; ++pass)

@@ -60,11 +60,13 @@ def load(path):
     return mod
 
 
-def install(path):
-    """Patch din_fused.ops to use the emulated module; returns an undo function."""
+def install(path_or_module):
+    """Patch din_fused.ops to use the emulated module (a path to it, or the module
+    loaded with load()); returns an undo function."""
     import din_fused.ops as ops
 
-    emu = EmulatedC(load(path))
+    mod = load(path_or_module) if isinstance(path_or_module, str) else path_or_module
+    emu = EmulatedC(mod)
     old_c, old_cd = ops._C, ops._compute_dtype
 
     def compute_dtype(t):

@@ -3,6 +3,15 @@
 // them).  Loads check the real API's alignment rules (pointer 256-bit aligned,
 // ldm a multiple of 16 bytes) and abort on a violation; stores are done by lane
 // 0 followed by a warp barrier.  Products are accumulated in float.
+//
+// The *_sync operations are warp-collective: no lane leaves one before every
+// lane of the warp has entered it.  Here every lane reads the whole tile, so a
+// load ends with a warp barrier: without it lane 0 could already be storing
+// into the tile it just loaded (tc_gemm_tn_acc: load C, mma, store C) while
+// another lane is still reading it, a race of the emulation alone that
+// ThreadSanitizer reports.  There is no barrier on entry, so an ordinary
+// access by one lane racing with a collective of the warp (a real race on a
+// GPU, whatever the fragment layout) is still reported.
 #pragma once
 #include <cstdio>
 #include <cstdlib>
@@ -46,6 +55,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, uns
   constexpr bool row = std::is_same<L, row_major>::value;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = emu_tof(row ? p[r * ldm + c] : p[c * ldm + r]);
+  __syncwarp();
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
@@ -53,6 +63,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
   emu_check(p, ldm, 4, "load_matrix_sync(accumulator)");
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  __syncwarp();
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,

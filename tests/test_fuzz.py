@@ -1,0 +1,312 @@
+"""Property fuzzing: the fused op against din_fused.reference (issue 14).
+
+hypothesis draws the problem (sizes, layers, activation, Dice train/eval,
+normalisation and scale, lengths/mask/both, return_scores, the CPU ISA path or
+the emulated CUDA kernels, the dtype) and a seed for the values; keys at
+invalid positions are NaN, so any leak of padding shows.  Checked: the output,
+the scores and every gradient (query, keys, every parameter) and the Dice
+running statistics.
+  float64: max relative error <= 1e-9 (tests/common.max_rel_err).
+  float32: norm-relative error <= 1e-4, or within 4x the reference's own fp32
+           error where that is larger (tensors that are analytically ~0, such as
+           the output bias gradient under softmax, are pure rounding noise).
+  float16/bfloat16 (emulated CUDA kernels): against the float64 answer for the
+           rounded inputs, within 3x the reference's own error in that precision
+           plus a floor (the rule of tests/kernel_cases.py, on norms).
+
+Profiles: CI runs a fixed-seed (derandomised) profile of 2,000 examples;
+`pytest tests/test_fuzz.py --fuzz-full` (or DIN_FUZZ_FULL=1) runs 10x as many
+with a random seed.  Sizes: B 0..64, T 1..300, D 1..130, 1..4 hidden layers of
+widths 1..256 for the CPU kernels, capped by a work budget per example (big D
+and widths come with few keys); the emulated CUDA kernels (one CPU thread per
+CUDA thread) get smaller problems.
+
+Left out of the domain while other changes fix them (issue 14); re-enable with
+DIN_FUZZ_ENABLE=<comma list>:
+  t0        T = 0 (keys [B, 0, D]) crashed in the op.
+  dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz:
+            the generic-ISA CPU path's dq is ~1e-4 off, see the xfail test at the end).
+Not reachable from this domain anyway: NaN/Inf inputs (ReLU NaN), T > 300
+(long-T fp32 accuracy), |mean|/std >> 1 in Dice layers (float64 variance
+cancellation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from common import clone_params, max_rel_err, param_tensors, random_params
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import din_fused
+from din_fused.reference import din_attention_ref
+
+FULL = os.environ.get("DIN_FUZZ_FULL", "0") not in ("", "0")
+ENABLED = set(filter(None, os.environ.get("DIN_FUZZ_ENABLE", "").split(",")))
+T_MIN = 0 if "t0" in ENABLED else 1
+
+# Examples per test in the CI profile; --fuzz-full multiplies by 10.
+CI_EXAMPLES = {"cpu64": 1090, "cpu32": 750, "emu": 100, "emu_lowp": 60}
+
+
+def _settings(name):
+    # DIN_FUZZ_SCALE scales the CI profile (tests/sanitize.sh runs a slice of it)
+    scale = 10.0 if FULL else float(os.environ.get("DIN_FUZZ_SCALE", "1"))
+    n = max(1, round(CI_EXAMPLES[name] * scale))
+    return settings(max_examples=n, deadline=None, derandomize=not FULL, database=None,
+                    suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+def _cpu_isas():
+    """The CPU kernel's ISA paths this machine can run (DIN_FUSED_CPU_ISA values)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    fl = set(flags.split())
+    isas = ["generic"]
+    if {"avx2", "fma"} <= fl:
+        isas.append("avx2")
+    if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= fl:
+        isas.append("avx512")
+    return isas
+
+
+CPU_ISAS = _cpu_isas()
+
+
+def test_every_cpu_isa_path_is_fuzzed():
+    """The fuzz draws from the ISA paths this CPU has; say so when one is missing."""
+    if "avx512" not in CPU_ISAS:
+        pytest.skip("this CPU has no AVX-512: the AVX-512 kernel path is not fuzzed here")
+    assert CPU_ISAS == ["generic", "avx2", "avx512"]
+
+
+# --------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------
+# Work budget per example: multiply-adds of one forward over the keys, and (the
+# emulation's cost is its barriers, ~ rows x tiles) B * T for the emulated kernels.
+BUDGET = {"cpu": 3e6, "emu": 3e5}
+MAX_KEYS = {"cpu": 64 * 300, "emu": 64}
+LIMITS = {  # (B, T, D, width) upper bounds: "small" draws most of the time, "full" sometimes
+    "cpu": {"small": (8, 24, 24, 32), "full": (64, 300, 130, 256)},
+    "emu": {"small": (3, 12, 8, 16), "full": (6, 70, 130, 256)},
+}
+
+
+@st.composite
+def problems(draw, backend, dtypes):
+    size = draw(st.sampled_from(["small", "small", "full"]))
+    Bm, Tm, Dm, Hm = LIMITS[backend][size]
+    L = draw(st.integers(1, 4))
+    hidden = [draw(st.integers(1, Hm)) for _ in range(L)]
+    D = draw(st.integers(1, Dm))
+    B = draw(st.integers(0, Bm))
+    T = draw(st.integers(T_MIN, Tm))
+    per_key = 4 * D * hidden[0] + sum(a * b for a, b in zip(hidden, hidden[1:])) + hidden[-1]
+    max_keys = max(1, min(MAX_KEYS[backend], int(BUDGET[backend] // per_key)))
+    if B * T > max_keys:  # keep the drawn D and widths, shrink the keys
+        T = max(T_MIN, min(T, max_keys // max(B, 1)))
+        B = min(B, max(1, max_keys // max(T, 1)))
+    act = draw(st.sampled_from(["sigmoid", "relu", "prelu", "dice"]))
+    return {
+        "B": B, "T": T, "D": D, "hidden": tuple(hidden), "act": act,
+        "training": act == "dice" and draw(st.booleans()),
+        "norm": draw(st.sampled_from(["none", "softmax"])),
+        "scale": draw(st.sampled_from([1.0, 0.5, 50.0]) | st.floats(0.01, 50.0)),
+        "validity": draw(st.sampled_from(["lengths", "mask", "both"])),
+        "density": draw(st.sampled_from([0.0, 0.3, 0.8, 1.0])),
+        "return_scores": draw(st.booleans()),
+        "isa": draw(st.sampled_from(CPU_ISAS)) if backend == "cpu" else None,
+        # kernel threads (the op uses torch.get_num_threads()); mostly 1, which keeps an
+        # example cheap on a busy machine, sometimes 2 (per-thread partial sums)
+        "threads": draw(st.sampled_from([1, 1, 1, 2])) if backend == "cpu" else 1,
+        "dtype": draw(st.sampled_from(dtypes)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def make_inputs(c):
+    """float64 tensors of one drawn problem; keys at invalid positions are NaN."""
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, T, D = c["B"], c["T"], c["D"]
+    q = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    lengths = mask = None
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if c["validity"] in ("lengths", "both"):
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        if c["density"] == 1.0:
+            lengths.fill_(T)
+        valid &= torch.arange(T)[None] < lengths[:, None]
+    if c["validity"] in ("mask", "both"):
+        mask = torch.rand(B, T, generator=gen) < c["density"]
+        valid &= mask
+    # batch statistics need two valid keys; float32 on fewer than 4 is a known
+    # accuracy failure (test_fuzz_found_fp32_dice_training_on_two_valid_keys)
+    few = 4 if c["dtype"] == torch.float32 and "dice_few" not in ENABLED else 2
+    training = c["training"] and int(valid.sum()) >= few
+    k[~valid] = float("nan")
+    p = random_params(D, c["hidden"], c["act"], gen=gen, requires_grad=False)
+    gout = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    gsc = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    return q, k, lengths, mask, p, gout, gsc, training
+
+
+def run(fn, c, q, k, lengths, mask, p, gout, gsc, training, dtype):
+    """Forward + backward in dtype: [out, (scores), dq, dk, dparams..., running stats...]."""
+    p = clone_params(p, dtype)
+    qq = q.to(dtype).requires_grad_()
+    kk = k.to(dtype).requires_grad_()
+    res = fn(qq, kk, lengths, mask, **p, training=training, normalization=c["norm"], scale=c["scale"],
+             return_scores=c["return_scores"])
+    out, w = res if c["return_scores"] else (res, None)
+    loss = (out.double() * gout).sum()
+    if w is not None:
+        loss = loss + (w.double() * gsc).sum()
+    inputs = [qq, kk, *param_tensors(p)]
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, inputs)
+    else:  # B = 0 (or nothing valid and no parameter on the graph)
+        grads = [torch.zeros_like(t) for t in inputs]
+    running = p.get("running_means", []) + p.get("running_vars", []) if training else []
+    return [out] + ([w] if w is not None else []) + list(grads) + running
+
+
+def _names(c, n):
+    head = ["out"] + (["scores"] if c["return_scores"] else []) + ["dq", "dk"]
+    return head + [f"t{i}" for i in range(n - len(head))]
+
+
+def norm_errs(got, want, base):
+    """(||got - want||, ||base - want||, ||want||, sqrt(numel)) in float64."""
+    g, w, r = got.double(), want.double(), base.double()
+    return (g - w).norm().item(), (r - w).norm().item(), w.norm().item(), w.numel() ** 0.5
+
+
+FUZZ_LOG = os.environ.get("DIN_FUZZ_LOG")  # append one line per example (counts of long runs)
+
+
+def check(c, fused_fn):
+    """Fused vs reference for one drawn problem; AssertionError names the tensor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(c["threads"])
+    try:
+        _check(c, fused_fn)
+    finally:
+        torch.set_num_threads(threads)
+    if FUZZ_LOG:
+        with open(FUZZ_LOG, "a") as f:
+            f.write(f"{c['dtype']} {c['isa']} B={c['B']} T={c['T']} D={c['D']} H={c['hidden']} {c['act']}\n")
+
+
+def _check(c, fused_fn):
+    q, k, lengths, mask, p, gout, gsc, training = make_inputs(c)
+    dtype = c["dtype"]
+    got = run(fused_fn, c, q, k, lengths, mask, p, gout, gsc, training, dtype)
+    names = _names(c, len(got))
+    if dtype == torch.float64:
+        want = run(din_attention_ref, c, q, k, lengths, mask, p, gout, gsc, training, torch.float64)
+        for name, g, w in zip(names, got, want):
+            err = max_rel_err(g, w)
+            assert err <= 1e-9, (name, err)
+        return
+    if dtype == torch.float32:
+        want = run(din_attention_ref, c, q, k, lengths, mask, p, gout, gsc, training, torch.float64)
+        base = run(din_attention_ref, c, q, k, lengths, mask, p, gout, gsc, training, torch.float32)
+        # Tensors that are analytically ~0 (the output bias gradient under softmax)
+        # hold rounding noise of terms as large as the other gradients: their floor
+        # is 1e-6 of the largest tensor of the example.
+        noise = 1e-6 * max(w.double().norm().item() for w in want)
+        for name, g, w, r in zip(names, got, want, base):
+            err, ref_err, size, root_n = norm_errs(g, w, r)
+            # norm-relative 1e-4; or within 4x the reference's own fp32 error
+            assert err <= max(1e-4 * size, 4 * ref_err, 1e-6 * root_n, noise), (name, err, ref_err, size)
+        return
+    # fp16/bf16: the exact answer for the rounded inputs, and the reference's own error
+    pr = clone_params(clone_params(p, dtype), torch.float64)
+    rq, rk, rg, rs = (t.to(dtype).double() for t in (q, k, gout, gsc))
+    want = run(din_attention_ref, c, rq, rk, lengths, mask, pr, rg, rs, training, torch.float64)
+    base = run(din_attention_ref, c, q, k, lengths, mask, p, gout, gsc, training, dtype)
+    floor = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, g, w, r in zip(names, got, want, base):
+        err, ref_err, size, root_n = norm_errs(g, w, r)
+        assert err <= 3 * ref_err + floor * max(size, root_n), (name, err, ref_err, size)
+
+
+def _cpu_case(c, monkeypatch):
+    monkeypatch.setenv("DIN_FUSED_CPU_ISA", c["isa"])
+    check(c, din_fused.din_attention)
+
+
+# --------------------------------------------------------------------------------------
+# The fuzz tests
+# --------------------------------------------------------------------------------------
+@pytest.mark.slow
+@_settings("cpu64")
+@given(c=problems("cpu", [torch.float64]))
+def test_fuzz_cpu_float64(c):
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_case(c, mp)
+
+
+@pytest.mark.slow
+@_settings("cpu32")
+@given(c=problems("cpu", [torch.float32]))
+def test_fuzz_cpu_float32(c):
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_case(c, mp)
+
+
+@pytest.fixture(scope="module")
+def emu_install(emu_c):
+    """Installs the emulated CUDA kernels for one example at a time (the CPU fuzz
+    tests in this module must see the real CPU kernels)."""
+    emu, mod = emu_c
+
+    def case(c):
+        undo = emu.install(mod)
+        try:
+            check(c, din_fused.din_attention)
+        finally:
+            undo()
+
+    return case
+
+
+@pytest.mark.slow
+@_settings("emu")
+@given(c=problems("emu", [torch.float64, torch.float32]))
+def test_fuzz_emulated_cuda(emu_install, c):
+    emu_install(c)
+
+
+@pytest.mark.slow
+@_settings("emu_lowp")
+@given(c=problems("emu", [torch.float16, torch.bfloat16]))
+def test_fuzz_emulated_cuda_low_precision(emu_install, c):
+    emu_install(c)
+
+
+# --------------------------------------------------------------------------------------
+# Failures the fuzz found, kept as named regression tests
+# --------------------------------------------------------------------------------------
+FP32_DICE_TRAIN_FEW_KEYS = {
+    "B": 3, "T": 3, "D": 3, "hidden": (235,), "act": "dice", "training": True, "norm": "none", "scale": 1.0,
+    "validity": "both", "density": 0.3, "return_scores": False, "isa": "generic", "threads": 1,
+    "dtype": torch.float32, "seed": 3,
+}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 14, found by the full fuzz run: float32 Dice training on 2 valid keys (ill-conditioned batch "
+    "statistics): on the generic (SSE2) CPU path the op's dq is 1.4e-4 norm-relative off, 8.5x the "
+    "reference's own fp32 error (the AVX2 path passes); the CPU kernel is another change's"))
+def test_fuzz_found_fp32_dice_training_on_two_valid_keys(monkeypatch):
+    _cpu_case(FP32_DICE_TRAIN_FEW_KEYS, monkeypatch)
