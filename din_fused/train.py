@@ -630,7 +630,8 @@ def _reexec_with_passive_openmp() -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: running with OMP_WAIT_POLICY=passive (set OMP_WAIT_POLICY to override)",
               file=sys.stderr, flush=True)
-    os.execv(sys.executable, sys.orig_argv)
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, "-m", "din_fused.train", *sys.argv[1:]]
+    os.execv(sys.executable, argv)  # sys.orig_argv (Python >= 3.10) keeps interpreter flags
 
 
 if __name__ == "__main__":
