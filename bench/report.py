@@ -519,7 +519,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the headline session")
     ap.add_argument("--out", default=str(HERE / "results" / "local"),
-                    help="folder for the report, its JSON and plot (default bench/results/local, not tracked)")
+                    help="folder for the report, its JSON and plot (default: bench/results/local, untracked)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile providers")
     ap.add_argument("--skip-mem", action="store_true")
     ap.add_argument("--skip-gemm", action="store_true")

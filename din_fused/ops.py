@@ -28,6 +28,7 @@ from torch import Tensor
 from . import _C
 from .params import MLPParams, check_params
 from .reference import ACTIVATIONS, NORMALIZATIONS
+
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 _NORM_CODE = {name: i for i, name in enumerate(NORMALIZATIONS)}
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}

@@ -73,7 +73,7 @@ MODEL_CONFIGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_model(config: str) -> DIN:
     # Trained once per session; the tests only run it in eval mode, which changes nothing.
     return train_din(**MODEL_CONFIGS[config])

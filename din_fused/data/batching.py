@@ -12,9 +12,12 @@ Two layouts of the same samples:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:  # protocol imports this module, so only for annotations
+    from .protocol import SequenceDataset
 
 __all__ = ["Batch", "JaggedBatch", "gather_padded", "gather_jagged", "iterate_batches", "num_train_steps"]
 
