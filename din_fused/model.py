@@ -34,16 +34,15 @@ table, so "this movie" means the same vector on both sides of the attention.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._atomic import atomic_write
 from .data import Batch, JaggedBatch, Vocab
 from .modules import Dice, FusedDINAttention
 
@@ -558,20 +557,8 @@ def save(
         "attr_names": list(attr_names),
         "context_names": list(context_names),
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "wb") as fh:
+        torch.save(blob, fh)
 
 
 def _plain(obj):

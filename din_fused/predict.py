@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ._atomic import atomic_write
 from .model import Checkpoint, load_checkpoint
 
 __all__ = ["RequestError", "Scorer", "main"]
@@ -205,25 +204,15 @@ def run(
                         raise
                     skipped += 1
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
         n_req = n_cand = 0
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fout:
+            with atomic_write(output_path, "w", encoding="utf-8") as fout:
                 for chunk in _chunks(requests(), batch_size):
                     reqs = [r for _, r in chunk]
                     for req, scores in zip(reqs, scorer.score(reqs)):
                         fout.write(json.dumps({**req, "scores": scores}) + "\n")
                         n_req += 1
                         n_cand += len(scores)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, output_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
         finally:
             bar.close()
     return {

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import metrics as M
+from ._atomic import atomic_write
 from .model import MiniBatchAwareL2, build_model, save
 
 __all__ = ["EarlyStopping", "build_parser", "main", "run"]
@@ -243,22 +243,9 @@ def _check_metrics_out(path: str | None) -> Path | None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write ``obj`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
-    )
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def _model_name(args) -> str:
