@@ -1,0 +1,206 @@
+"""Jagged and shared-history layouts against padding and tiling (issue 9), side by side.
+
+1. Skewed lengths: B=1024, lengths lognormal with mean ~50, capped at 2,000. The fused
+   jagged path, the fused padded path (padded to the batch maximum) and DeepCTR-Torch
+   (padded).
+2. Shared history: one user with T behaviours scored against C candidates. The fused
+   shared path (row_seq, the history stored once), the fused path on keys tiled C times,
+   and DeepCTR-Torch on the tiled keys (left out where its [C, T, 4D] input would pass
+   --deepctr-max-elems; the table says so).
+
+fp32, D=36, H=(80, 40), sigmoid, forward in eval mode under no_grad; every provider has the
+same weights. Time: median of interleaved rounds in one process. Peak memory: a fresh
+process per provider: the bytes of its inputs plus the peak RSS above them during a call, since
+the padded or tiled input is itself what those layouts cost (glibc's mmap threshold pinned so
+freed buffers leave RSS, as in report.py).
+
+    python bench/layouts.py [--rounds 5] [--out bench/results/local/layouts.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases) and the checkout (din_fused)
+import cases  # noqa: E402
+
+from din_fused import FusedDINAttention  # noqa: E402
+
+D, HIDDEN = 36, (80, 40)
+SKEWED = {"B": 1024, "mean": 50.0, "cap": 2000}
+SHARED = [(T, C) for T in (200, 1000) for C in (100, 1000, 10000)]
+
+
+def make_modules() -> dict:
+    """fused (FusedDINAttention) and deepctr (DeepCTR-Torch, when installed), same weights."""
+    torch.manual_seed(0)
+    mods = {}
+    if cases.deepctr_available():
+        layer = cases._import_deepctr()(att_hidden_units=HIDDEN, att_activation="sigmoid",
+                                        weight_normalization=False, embedding_dim=D)
+        mods["deepctr"] = layer.eval()
+        mods["fused"] = FusedDINAttention.from_deepctr(layer).eval()
+    else:
+        mods["fused"] = FusedDINAttention(D, HIDDEN, "sigmoid").eval()
+    return mods
+
+
+def skewed_lengths() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    sigma = 1.0  # lognormal mean = exp(mu + sigma^2 / 2) = SKEWED["mean"]
+    mu = math.log(SKEWED["mean"]) - sigma ** 2 / 2
+    n = torch.empty(SKEWED["B"], dtype=torch.float64).log_normal_(mu, sigma, generator=g)
+    return n.round().clamp(1, SKEWED["cap"]).to(torch.int64)
+
+
+def build_case(kind: str, provider: str, T: int = 0, C: int = 0):
+    """-> (callable running one forward, description of its input, bytes of its inputs)."""
+    mods = make_modules()
+    g = torch.Generator().manual_seed(2)
+    if kind == "skewed":
+        lengths = skewed_lengths()
+        B, Tmax = lengths.numel(), int(lengths.max())
+        q = torch.randn(B, 1, D, generator=g)
+        if provider == "jagged":
+            offsets = torch.zeros(B + 1, dtype=torch.int64)
+            offsets[1:] = lengths.cumsum(0)
+            values = torch.randn(int(offsets[-1]), D, generator=g)
+            return ((lambda: mods["fused"](q, values, offsets=offsets)), f"values [{values.shape[0]}, {D}]",
+                    _nbytes(q, values, offsets))
+        keys = torch.randn(B, Tmax, D, generator=g)
+        mod = mods["fused" if provider == "padded" else "deepctr"]
+        return (lambda: mod(q, keys, lengths[:, None])), f"keys [{B}, {Tmax}, {D}]", _nbytes(q, keys, lengths)
+    hist = torch.randn(T, D, generator=g)
+    q = torch.randn(C, 1, D, generator=g)
+    if provider == "shared":
+        offsets = torch.tensor([0, T])
+        row_seq = torch.zeros(C, dtype=torch.int64)
+        return ((lambda: mods["fused"](q, hist, offsets=offsets, row_seq=row_seq)), f"values [{T}, {D}]",
+                _nbytes(q, hist, offsets, row_seq))
+    keys = hist.expand(C, T, D).contiguous()  # what a padded API forces the caller to build
+    lengths = torch.full((C, 1), T, dtype=torch.int64)
+    mod = mods["fused" if provider == "tiled" else "deepctr"]
+    return (lambda: mod(q, keys, lengths)), f"keys [{C}, {T}, {D}]", _nbytes(q, keys, lengths)
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def child(spec: dict) -> dict:
+    """In a fresh process: the bytes of the inputs plus the peak RSS above them during a
+    forward (after two warm-up calls). The inputs count: a padded or tiled tensor is memory
+    the layout costs."""
+    import gc
+
+    fn, _, input_bytes = build_case(**spec)
+    with torch.no_grad():
+        fn()
+        fn()
+        gc.collect()
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        fn()
+    return {"peak_bytes": (_status_kb("VmHWM") - base) * 1024 + input_bytes}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory(spec: dict) -> int | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                         text=True, env=env, timeout=1800)
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_bytes"]
+    print(res.stderr[-2000:], file=sys.stderr)
+    return None
+
+
+def timed(fns: dict, rounds: int) -> dict:
+    """name -> median seconds over interleaved rounds (one warm-up call each)."""
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            f()
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> None:
+    built = {k: build_case(**s) for k, s in specs.items()}
+    t = timed({k: b[0] for k, b in built.items()}, rounds)
+    mem = {k: peak_memory(s) for k, s in specs.items()}
+    lines += [f"#### {title}", "",
+              "| provider | input | forward ms | vs fused | peak memory MB (inputs included) | vs fused |",
+              "|---|---|---:|---:|---:|---:|"]
+    for k, (_, desc, _) in built.items():
+        m = mem[k]
+        mt = "n/a" if m is None else f"{m / 2**20:.1f}"
+        mr = "n/a" if m is None or not mem[base] else f"{m / mem[base]:.1f}x"
+        lines.append(f"| {k} | {desc} | {t[k] * 1e3:.2f} | {t[k] / t[base]:.1f}x | {mt} | {mr} |")
+    lines.append("")
+    print("\n".join(lines[-len(built) - 4:]), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--deepctr-max-elems", type=float, default=1.2e8,
+                    help="skip DeepCTR-Torch where C*T*4D exceeds this (its input alone is 4 bytes each)")
+    ap.add_argument("--only", choices=("skewed", "shared"))
+    ap.add_argument("--out", default=str(HERE / "results" / "local" / "layouts.md"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return 0
+    deepctr = cases.deepctr_available()
+    lines = [f"### Layouts: fp32, D={D}, H={HIDDEN}, sigmoid, forward (eval, no_grad), "
+             f"{torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds", ""]
+    if a.only != "shared":
+        lens = skewed_lengths()
+        specs = {p: {"kind": "skewed", "provider": p} for p in ("jagged", "padded", "deepctr")
+                 if p != "deepctr" or deepctr}
+        section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
+                f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
+                a.rounds, lines)
+    if a.only != "skewed":
+        for T, C in SHARED:
+            specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
+            if deepctr and C * T * 4 * D <= a.deepctr_max_elems:
+                specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
+            section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
+                    " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
+                    "shared", specs, a.rounds, lines)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"[layouts] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
