@@ -74,6 +74,12 @@ class _LocalActivationUnit(nn.Module):
         self.dense = nn.Linear(hidden_units[-1], 1)
 
 
+def _is_torchrec_jagged(x) -> bool:
+    # By name, so that din_fused never imports torchrec (an optional extra).
+    t = type(x)
+    return t.__name__ == "JaggedTensor" and t.__module__.startswith("torchrec")
+
+
 class FusedDINAttention(nn.Module):
     """DIN attention pooling, a drop-in for DeepCTR-Torch's AttentionSequencePoolingLayer.
 
@@ -205,6 +211,9 @@ class FusedDINAttention(nn.Module):
         (keys_length and mask not given) -> the same output as for its padded form; with
         return_score the weights as a nested jagged tensor [B, j].
 
+        TorchRec: keys a torchrec.JaggedTensor (values [N, E], one sequence per row, or S
+        sequences with row_seq) is the explicit call with its values() and offsets().
+
         Explicit jagged/shared: keys = values [N, E], offsets [S+1], row_seq [R] or None
         (see din_attention_jagged), query [R, 1, E] (or [R, E]) -> [R, 1, E] (or [R, E]);
         with return_score (w, row_offsets): w [row_offsets[R]], row r's weights at
@@ -215,6 +224,10 @@ class FusedDINAttention(nn.Module):
             if query.shape[1] != 1:
                 raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
             query = query[:, 0]
+        if _is_torchrec_jagged(keys):
+            if offsets is not None:
+                raise ValueError("a torchrec JaggedTensor carries its offsets: do not pass offsets")
+            keys, offsets = keys.values(), keys.offsets()
         if keys.shape[-1] != self.embedding_dim:
             raise ValueError(f"keys have embedding dim {keys.shape[-1]} but the module was built "
                              f"with embedding_dim={self.embedding_dim}")

@@ -50,7 +50,6 @@ except (ImportError, OSError) as _e:  # OSError: an fbgemm-gpu build that does n
     ) from _e
 
 from . import data as data_mod
-from .functional import din_attention_jagged
 from .model import _activation
 from .modules import FusedDINAttention
 
@@ -115,29 +114,6 @@ def batch_to_kjt(
     return KeyedJaggedTensor.from_lengths_sync(
         keys=feature_names(attr_names, context_names), values=torch.cat(values), lengths=torch.cat(lens)
     )
-
-
-def _jagged_attention(att: FusedDINAttention, query: Tensor, values: Tensor, offsets: Tensor) -> Tensor:
-    """query [R, D], values [N, D] (row r: values[offsets[r]:offsets[r+1]]), offsets [R+1] -> [R, D].
-
-    The fused op takes the collection's jagged output as it is.  The module's padded forward is
-    bypassed, so its Dice bookkeeping (BatchNorm momentum/eps, num_batches_tracked) is done here.
-    """
-    if att.impl == "reference":
-        # The pure-PyTorch oracle has no jagged form: pad to this batch's longest sequence.
-        lengths = offsets[1:] - offsets[:-1]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        keys = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max(longest, 1)], 0.0)
-        return att(query, keys, lengths)
-    p = att._params()
-    momentum, eps = p.pop("momentum", 0.1), p.pop("eps", 1e-8)
-    training = att.training and att.activation == "dice"
-    out = din_attention_jagged(query, values, offsets, normalization=att.normalization, scale=att.scale,
-                               training=training, momentum=momentum, eps=eps, **p)
-    if training:
-        for a in att.local_att.dnn.activation_layers:
-            a.bn.num_batches_tracked.add_(1)
-    return out
 
 
 def _table_name(feature: str) -> str:
@@ -255,9 +231,9 @@ class TorchRecDIN(nn.Module):
             elif not torch.equal(offsets, h.offsets()):
                 raise ValueError("every <attr>_hist feature must have the same lengths")
         if self.attention == "separate":
-            pooled = [_jagged_attention(att, q, k, offsets) for att, q, k in zip(self.att, queries, keys)]
+            pooled = [att(q, k, offsets=offsets) for att, q, k in zip(self.att, queries, keys)]
         else:
-            pooled = [_jagged_attention(self.att[0], torch.cat(queries, 1), torch.cat(keys, 1), offsets)]
+            pooled = [self.att[0](torch.cat(queries, 1), torch.cat(keys, 1), offsets=offsets)]
         ctx = [emb[n].values() for n in self.context_names]
         x = torch.cat([*ctx, *queries, *pooled], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
@@ -436,7 +412,9 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
 
         t_data = time.perf_counter()
         full = load_dataset(args)
-        train_ds, test_ds = data_mod.split_by_user(full, args.test_frac, args.seed)
+        # The same users as the native engine's split; this engine trains for --epochs
+        # without early stopping, so the validation users are left out.
+        train_ds, _val, test_ds = data_mod.split_by_user(full, args.val_frac, args.test_frac, args.seed)
         data_seconds = time.perf_counter() - t_data
 
         torch.manual_seed(args.seed)  # the dense part: identical on every rank and run

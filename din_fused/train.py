@@ -549,16 +549,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_results(r: dict) -> str:
-    """The end-of-run table printed by the CLI."""
+    """The end-of-run table printed by the CLI (the TorchRec engine has no validation part)."""
+    val = "val_auc" in r
     title = (
         f"{r['name']} on {r['dataset']}"
         + (f", {r['attention']} attention, {r['attention_impl']} op" if r["model"] == "din" else "")
-        + f": {r['n_train']:,} train / {r['n_val']:,} validation / {r['n_test']:,} test samples, "
-        f"{r['n_test_users']:,} test users"
+        + f": {r['n_train']:,} train / " + (f"{r['n_val']:,} validation / " if val else "")
+        + f"{r['n_test']:,} test samples, {r['n_test_users']:,} test users"
     )
     rows = [
         ("best epoch (validation AUC) / epochs run", f"{r['best_epoch']} / {r['epochs_run']}"),
         ("validation AUC", f"{r['val_auc']:.4f}"),
+    ] if val else []
+    rows += [
         ("test AUC", f"{r['test_auc']:.4f}"),
         ("test GAUC (impression-weighted)", f"{r['test_gauc']:.4f}"),
         ("test per-user AUC (unweighted)", f"{r['test_gauc_unweighted']:.4f}"),

@@ -197,3 +197,23 @@ def test_unsupported_flags_exit_2(flags, match, capsys):
 
     assert T.main(["--engine", "torchrec", "--no-progress", *flags]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_module_takes_a_torchrec_jagged_tensor():
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from din_fused import FusedDINAttention
+
+    torch.manual_seed(0)
+    att = FusedDINAttention(8, (6, 4), "dice").double().eval()
+    lengths = torch.tensor([3, 0, 5, 1])
+    values = torch.randn(int(lengths.sum()), 8, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(4, 8, dtype=torch.float64)
+    jt = JaggedTensor(values=values, lengths=lengths)
+    out = att(query, jt)
+    expected = att(query, values, offsets=jt.offsets())
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert values.grad is not None and values.grad[3:3].numel() == 0
+    with pytest.raises(ValueError, match="carries its offsets"):
+        att(query, jt, offsets=jt.offsets())
