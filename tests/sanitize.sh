@@ -66,7 +66,9 @@ run_asan() {
   [ -n "$emu_k" ] && k=(-k "$emu_k")
   (
     cd "$dir/tree"
-    export LD_PRELOAD="$libasan"
+    # libstdc++ too: python does not link it, and ASan's __cxa_throw interceptor
+    # must find the real one at start-up (else "CHECK failed ... real___cxa_throw")
+    export LD_PRELOAD="$libasan $("$CXX" -print-file-name=libstdc++.so.6)"
     export ASAN_OPTIONS="detect_leaks=0:log_path=$dir/logs/asan:halt_on_error=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0"
     export UBSAN_OPTIONS="print_stacktrace=1:log_path=$dir/logs/ubsan"
     export DIN_TEST_CUDA_EMU_SO="$(ls "$dir"/lib/_C*.so)"
