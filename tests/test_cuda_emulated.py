@@ -139,9 +139,10 @@ def test_workspace_checked(emu_module):
 def test_nan_propagates_like_torch(emu_module, act, norm, where):
     """A NaN pre-activation stays NaN through ReLU (torch.relu), and PReLU's dalpha
     sums it (torch.where's backward): a diverged model must not look finite."""
+    from kernel_cases import names_of, run
+
     import din_fused
     from din_fused.reference import din_attention_ref
-    from kernel_cases import names_of, run
 
     q, k, lengths, mask, p, gout, gsc = make_problem(5, 9, 6, (7, 5), act, "lengths", "cpu", seed=11)
     if where == "weight":
