@@ -24,8 +24,8 @@ CUDA thread) get smaller problems.
 Left out of the domain while other changes fix them (issue 14); re-enable with
 DIN_FUZZ_ENABLE=<comma list>:
   t0        T = 0 (keys [B, 0, D]) crashed in the op.
-  dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz:
-            the generic-ISA CPU path's dq is ~1e-4 off, see the xfail test at the end).
+  dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz: the
+            generic-ISA CPU path's dq can be off by more than the bound, see the xfail test at the end).
   lowp_sharp  fp16/bf16 with softmax scale > 4 (found by this fuzz: BF16_SHARP_SOFTMAX_RELU).
 Not reachable from this domain anyway: NaN/Inf inputs (ReLU NaN), T > 300
 (long-T fp32 accuracy), |mean|/std >> 1 in Dice layers (float64 variance
@@ -309,10 +309,11 @@ FP32_DICE_TRAIN_FEW_KEYS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
     "issue 14, found by the full fuzz run: float32 Dice training on 2 valid keys (ill-conditioned batch "
-    "statistics): on the generic (SSE2) CPU path the op's dq is 1.4e-4 norm-relative off, 8.5x the "
-    "reference's own fp32 error (the AVX2 path passes); the CPU kernel is another change's"))
+    "statistics): on the generic (SSE2) CPU path dq was 8.5x the reference's own fp32 error; with the "
+    "Chan-merged statistics it is ~1.4x over the bound in one build and within it in another (CI's), "
+    "so not strict until the generic path's accumulation is settled"))
 def test_fuzz_found_fp32_dice_training_on_two_valid_keys(monkeypatch):
     _cpu_case(FP32_DICE_TRAIN_FEW_KEYS, monkeypatch)
 
