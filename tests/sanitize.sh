@@ -95,7 +95,7 @@ run_tsan() {
   (
     cd "$root"
     export LD_PRELOAD="$libtsan"
-    export TSAN_OPTIONS="log_path=$dir/logs/tsan:halt_on_error=0:report_signal_unsafe=0"
+    export TSAN_OPTIONS="log_path=$dir/logs/tsan:halt_on_error=0:report_signal_unsafe=0:suppressions=$root/tests/tsan.supp"
     export DIN_TEST_CUDA_EMU_SO="$(ls "$dir"/lib/_C*.so)"
     export DIN_FUZZ_SCALE="$fuzz_scale"
     rc=0
