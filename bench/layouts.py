@@ -7,6 +7,8 @@
    shared path (row_seq, the history stored once), the fused path on keys tiled C times,
    and DeepCTR-Torch on the tiled keys (left out where its [C, T, 4D] input would pass
    --deepctr-max-elems; the table says so).
+3. Linearity: the jagged path on the skewed batch with every length scaled by 0.5, 1, 2 and 4;
+   time per valid position should not depend on the sum of lengths (within 10%).
 
 fp32, D=36, H=(80, 40), sigmoid, forward in eval mode under no_grad; every provider has the
 same weights. Time: median of interleaved rounds in one process. Peak memory: a fresh
@@ -64,12 +66,12 @@ def skewed_lengths() -> torch.Tensor:
     return n.round().clamp(1, SKEWED["cap"]).to(torch.int64)
 
 
-def build_case(kind: str, provider: str, T: int = 0, C: int = 0):
+def build_case(kind: str, provider: str, T: int = 0, C: int = 0, factor: float = 1.0):
     """-> (callable running one forward, description of its input, bytes of its inputs)."""
     mods = make_modules()
     g = torch.Generator().manual_seed(2)
     if kind == "skewed":
-        lengths = skewed_lengths()
+        lengths = (skewed_lengths().double() * factor).round().clamp_min(1).to(torch.int64)
         B, Tmax = lengths.numel(), int(lengths.max())
         q = torch.randn(B, 1, D, generator=g)
         if provider == "jagged":
@@ -135,8 +137,9 @@ def peak_memory(spec: dict) -> int | None:
     return None
 
 
-def timed(fns: dict, rounds: int) -> dict:
-    """name -> median seconds over interleaved rounds (one warm-up call each)."""
+def timed(fns: dict, rounds: int, calls: int = 3) -> dict:
+    """name -> median over interleaved rounds of the mean seconds of `calls` calls (one
+    warm-up call each)."""
     times = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():
@@ -144,9 +147,30 @@ def timed(fns: dict, rounds: int) -> dict:
         for _ in range(rounds):
             for k, f in fns.items():
                 t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+                for _ in range(calls):
+                    f()
+                times[k].append((time.perf_counter() - t0) / calls)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def linearity(rounds: int, lines: list) -> None:
+    """Jagged forward time against the sum of lengths: every length of the skewed batch
+    scaled by 0.5, 1, 2, 4 (the same distribution's shape, 4x the work per step)."""
+    factors = (0.5, 1.0, 2.0, 4.0)
+    built = {f: build_case("skewed", "jagged", factor=f) for f in factors}
+    sums = {f: int((skewed_lengths().double() * f).round().clamp_min(1).sum()) for f in factors}
+    t = timed({f: b[0] for f, b in built.items()}, rounds)
+    per = {f: t[f] / sums[f] * 1e9 for f in factors}  # ns per valid position
+    mid = statistics.median(per.values())
+    lines += ["#### Linearity: jagged forward, skewed lengths scaled", "",
+              "| length factor | sum of lengths | forward ms | ns per position | vs median |",
+              "|---:|---:|---:|---:|---:|"]
+    for f in factors:
+        lines.append(f"| {f:g} | {sums[f]} | {t[f] * 1e3:.2f} | {per[f]:.1f} | {per[f] / mid:.2f} |")
+    dev = max(abs(v / mid - 1) for v in per.values())
+    lines += ["", f"Largest deviation of time per position from the median: {dev * 100:.1f}% "
+              "(target: within 10%).", ""]
+    print("\n".join(lines[-len(factors) - 6:]), flush=True)
 
 
 def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> None:
@@ -170,7 +194,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--deepctr-max-elems", type=float, default=1.2e8,
                     help="skip DeepCTR-Torch where C*T*4D exceeds this (its input alone is 4 bytes each)")
-    ap.add_argument("--only", choices=("skewed", "shared"))
+    ap.add_argument("--only", choices=("skewed", "shared", "linear"))
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "layouts.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -180,14 +204,16 @@ def main() -> int:
     deepctr = cases.deepctr_available()
     lines = [f"### Layouts: fp32, D={D}, H={HIDDEN}, sigmoid, forward (eval, no_grad), "
              f"{torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds", ""]
-    if a.only != "shared":
+    if a.only in (None, "skewed"):
         lens = skewed_lengths()
         specs = {p: {"kind": "skewed", "provider": p} for p in ("jagged", "padded", "deepctr")
                  if p != "deepctr" or deepctr}
         section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
                 f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
                 a.rounds, lines)
-    if a.only != "skewed":
+    if a.only in (None, "linear"):
+        linearity(a.rounds, lines)
+    if a.only in (None, "shared"):
         for T, C in SHARED:
             specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
             if deepctr and C * T * 4 * D <= a.deepctr_max_elems:

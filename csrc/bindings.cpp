@@ -71,6 +71,7 @@ DinParams from_dict(const py::dict& d) {
 
   p.out = ptr<void*>(d, "out");                  p.ldo = get<int64_t>(d, "ldo", 0);
   p.scores = ptr<void*>(d, "scores");            p.ld_scores = get<int64_t>(d, "ld_scores", 0);
+  p.score_start = ptr<const int64_t*>(d, "score_start");
 
   p.dout = ptr<const void*>(d, "dout");          p.ld_dout = get<int64_t>(d, "ld_dout", 0);
   p.dscores = ptr<const void*>(d, "dscores");    p.ld_dscores = get<int64_t>(d, "ld_dscores", 0);

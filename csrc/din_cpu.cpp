@@ -1280,7 +1280,7 @@ struct Kernel {
   static void normalise(const Ctx<T>& cx, const Span& sp, T mx, T inv) {
     const DinParams& p = *cx.p;
     const Row row = row_of(p, sp.r);
-    T* sr = static_cast<T*>(p.scores) + sp.r * p.ld_scores;
+    T* sr = static_cast<T*>(p.scores) + score_row(p, sp.r, p.ld_scores);
     exp_scaled(sr + sp.t0, sp.t1 - sp.t0, mx, inv);
     if (p.mask) {
       const uint8_t* mk = p.mask + row.s * p.ld_mask;
@@ -1299,9 +1299,9 @@ struct Kernel {
     const int64_t r = sp.r;
     const Row row = row_of(p, r);
     const T* q = static_cast<const T*>(p.q) + r * p.ldq;
-    T* sr = static_cast<T*>(p.scores) + r * p.ld_scores;
+    T* sr = static_cast<T*>(p.scores) + score_row(p, r, p.ld_scores);
     // Scores: this span, plus the tail beyond the row's length for its last span.
-    std::fill(sr + sp.t0, sr + (sp.t1 >= row.len ? p.max_len : sp.t1), T(0));
+    std::fill(sr + sp.t0, sr + (sp.t1 >= row.len && !p.score_start ? p.max_len : sp.t1), T(0));
     T* acc = sc.acc.data();    // pooled sum of the current tile
     double* racc = sc.racc.data();  // of the span, in double
     std::fill(racc, racc + D, 0.0);
@@ -1490,8 +1490,8 @@ struct Kernel {
     const int D = cx.m->D;
     const Row row = row_of(p, sp.r);
     const T* go = static_cast<const T*>(p.dout) + sp.r * p.ld_dout;
-    const T* wr = static_cast<const T*>(p.scores) + sp.r * p.ld_scores;
-    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + sp.r * p.ld_dscores : nullptr;
+    const T* wr = static_cast<const T*>(p.scores) + score_row(p, sp.r, p.ld_scores);
+    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, sp.r, p.ld_dscores) : nullptr;
     const T* kbase = static_cast<const T*>(p.k) + p.seq_start[row.s];
     const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
     double s = 0.0;
@@ -1515,8 +1515,8 @@ struct Kernel {
       return;
     }
     const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
-    const T* wr = static_cast<const T*>(p.scores) + r * p.ld_scores;
-    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + r * p.ld_dscores : nullptr;
+    const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
+    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, r, p.ld_dscores) : nullptr;
     T* dkbase = reducing ? nullptr : sc.dk + p.seq_start[row.s];
     T* gp = sc.gp;
     const T scale = cx.scale;

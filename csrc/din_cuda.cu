@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const RowInfo ri = row_info(p, r);
     const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
-    T* sr = static_cast<T*>(p.scores) + r * p.ld_scores;
+    T* sr = static_cast<T*>(p.scores) + score_row(p, r, p.ld_scores);
     for (int d = threadIdx.x; d < D; d += kThreads) acc[d] = 0.0;
     if (threadIdx.x == 0) *cursor = 0;
     setup_row<S, T>(p, m, y, r, q_s, c_s, MT);  // ends with __syncthreads
@@ -371,7 +371,8 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
       for (int64_t t = threadIdx.x; t < ri.len; t += kThreads)
         if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - mx) * invT;
     }
-    for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = T(0);
+    if (!p.score_start)
+      for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = T(0);
     __syncthreads();
   }
 }
@@ -570,8 +571,8 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
     S* dkbase = reducing ? nullptr : static_cast<S*>(p.dk) + p.seq_start[ri.s];
     const S* q = static_cast<const S*>(p.q) + r * p.ldq;
     const S* go = static_cast<const S*>(p.dout) + r * p.ld_dout;
-    const T* wr = static_cast<const T*>(p.scores) + r * p.ld_scores;
-    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + r * p.ld_dscores : nullptr;
+    const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
+    const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, r, p.ld_dscores) : nullptr;
 
     for (int d = threadIdx.x; d < D; d += kThreads) {
       q_s[d] = static_cast<T>(ldv(q + d));

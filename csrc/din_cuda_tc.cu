@@ -284,7 +284,7 @@ __device__ void tc_next_tile(const DinParams& p, int64_t r0, int nr, int TM, con
     const int64_t t = ct + lane;
     const bool in = t < ri.len;
     const bool v = in && (!mrow || mrow[t] != 0);
-    if (zero_scores && in && !v) static_cast<float*>(p.scores)[(r0 + crow) * p.ld_scores + t] = 0.0f;
+    if (zero_scores && in && !v) static_cast<float*>(p.scores)[score_row(p, r0 + crow, p.ld_scores) + t] = 0.0f;
     const unsigned bal = __ballot_sync(0xffffffffu, v);
     const int before = __popc(bal & ((1u << lane) - 1u));
     const int cnt = __popc(bal);
@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         if (lane == 0) {
           const float x = softmax ? scale * v : v;
           s_s[t] = x;
-          static_cast<float*>(p.scores)[(r0 + ts.rid[t]) * p.ld_scores + ts.pos[t]] = x;
+          static_cast<float*>(p.scores)[score_row(p, r0 + ts.rid[t], p.ld_scores) + ts.pos[t]] = x;
         }
       }
       __syncthreads();
@@ -537,13 +537,14 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
     }
     for (int rr = 0; rr < nr; ++rr) {
       const RowInfo ri = row_info(p, r0 + rr);
-      float* sr = static_cast<float*>(p.scores) + (r0 + rr) * p.ld_scores;
+      float* sr = static_cast<float*>(p.scores) + score_row(p, r0 + rr, p.ld_scores);
       if (softmax && cnt[rr] > 0) {
         const float inv = static_cast<float>(1.0 / den[rr]), m0 = mx[rr];
         for (int64_t t = threadIdx.x; t < ri.len; t += kThreads)
           if (is_valid(p, ri, t)) sr[t] = ex(sr[t] - m0) * inv;
       }
-      for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = 0.0f;
+      if (!p.score_start)
+        for (int64_t t = ri.len + threadIdx.x; t < p.max_len; t += kThreads) sr[t] = 0.0f;
     }
     __syncthreads();
   }
@@ -609,8 +610,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
       for (int rr = 0; rr < nr; ++rr) {
         const RowInfo ri = row_info(p, r0 + rr);
         const S* kb = static_cast<const S*>(p.k) + p.seq_start[ri.s];
-        const float* wr = static_cast<const float*>(p.scores) + (r0 + rr) * p.ld_scores;
-        const float* gsr = p.dscores ? static_cast<const float*>(p.dscores) + (r0 + rr) * p.ld_dscores : nullptr;
+        const float* wr = static_cast<const float*>(p.scores) + score_row(p, r0 + rr, p.ld_scores);
+        const float* gsr = p.dscores ? static_cast<const float*>(p.dscores) + score_row(p, r0 + rr, p.ld_dscores) : nullptr;
         double tot = 0.0;  // ~T/8 keys per warp: double for long sequences
         for (int64_t t = warp; t < ri.len; t += kWarps) {
           if (!is_valid(p, ri, t)) continue;
@@ -677,8 +678,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         for (int d = lane; d < D; d += 32) v += dout_s[rr * D + d] * ldv(X + t * g.ldX + d);
         v = warp_sum(v);
         if (lane == 0) {
-          if (p.dscores) v += static_cast<const float*>(p.dscores)[(r0 + rr) * p.ld_dscores + pt];
-          const float wt = static_cast<const float*>(p.scores)[(r0 + rr) * p.ld_scores + pt];
+          if (p.dscores) v += static_cast<const float*>(p.dscores)[score_row(p, r0 + rr, p.ld_dscores) + pt];
+          const float wt = static_cast<const float*>(p.scores)[score_row(p, r0 + rr, p.ld_scores) + pt];
           w_s[t] = wt;
           dsv_s[t] = softmax ? scale * wt * (v - wdw_s[rr]) : v;
         }

@@ -57,8 +57,13 @@ struct DinParams {
   // ---- forward outputs -----------------------------------------------------
   void* out = nullptr; int64_t ldo = 0;        // [rows, D] dtype
   void* scores = nullptr; int64_t ld_scores = 0;  // [rows, T] acc type; weights w_t.
-                                               // Written for t < len (0 where masked).
-                                               // Backward reads it back (saved weights).
+                                               // Written for t < T (0 where masked or
+                                               // t >= len).  Backward reads it back.
+  // Jagged weights: row r's weights start at element score_start[r] of scores
+  // (and of dscores) and hold exactly its len positions, no tail; ld_scores and
+  // ld_dscores are then unused.  A shared sequence's rows need no [rows, T]
+  // buffer, only the sum of their lengths.  nullptr: rows of width T.
+  const int64_t* score_start = nullptr;           // [rows] or nullptr
 
   // ---- backward ------------------------------------------------------------
   const void* dout = nullptr; int64_t ld_dout = 0;        // [rows, D] dtype
@@ -99,6 +104,17 @@ struct DinParams {
   int32_t device = -1;
   void* stream = nullptr;  // cudaStream_t of the caller's current stream
 };
+
+#if defined(__CUDACC__)
+#define DIN_HOST_DEVICE __host__ __device__
+#else
+#define DIN_HOST_DEVICE
+#endif
+
+// Element offset of row r's weights in scores (ld = ld_scores) or dscores (ld_dscores).
+DIN_HOST_DEVICE inline int64_t score_row(const DinParams& p, int64_t r, int64_t ld) {
+  return p.score_start ? p.score_start[r] : r * ld;
+}
 
 inline int64_t acc_size(DType t) { return t == DType::F64 ? 8 : 4; }
 inline int64_t elem_size(DType t) {

@@ -217,6 +217,7 @@ class _Prepared:
         if seq_start is None:
             seq_start = torch.arange(R, device=dev, dtype=torch.int64) * (T * D)
         self.seq_start = seq_start.contiguous()
+        self.score_start = None
         self.cfg = {
             "rows": R, "dim": D, "max_len": T, "hidden": hidden,
             "act": _ACT_CODE[activation], "norm": _NORM_CODE[normalization], "scale": float(scale),
@@ -264,17 +265,17 @@ class _Prepared:
             valid = valid & (self.mask if self.row_seq is None else self.mask[self.row_seq])
         return valid
 
-    def valid_index(self) -> Tensor:
-        """[n] int64: the flat positions r * T + t of valid_mask(), row by row. Without a mask
-        the valid positions of a row are a prefix, so this is index arithmetic; a boolean
-        gather (nonzero over all R x T pairs) cost about half of a shared-history call."""
-        if self.mask is not None:
-            return self.valid_mask().reshape(-1).nonzero().squeeze(1)
+    def use_jagged_scores(self) -> None:
+        """Weights row by row, each row exactly its length (the jagged layout has no mask):
+        row r's at score_start[r] = the sum of the lengths before it.  The kernels write
+        them in place, so no [R, T] buffer exists (T is the longest row, and a skewed or
+        shared batch's R x T is many times its sum of lengths)."""
+        assert self.mask is None
         lens = self.row_lengths()
-        n = int(lens.sum())
-        dev = lens.device
-        shift = torch.arange(lens.numel(), device=dev) * self.T - (torch.cumsum(lens, 0) - lens)
-        return torch.arange(n, device=dev) + torch.repeat_interleave(shift, lens, output_size=n)
+        ends = torch.cumsum(lens, 0)
+        self.score_start = (ends - lens).contiguous()
+        self.n_scores = int(ends[-1]) if lens.numel() else 0
+        self.cfg["score_start"] = self.score_start.data_ptr()
 
     def valid_count(self) -> Tensor:
         # Every valid (row, position) pair counts, also when rows share a sequence:
@@ -327,17 +328,19 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
 # The kernel calls shared by the padded and the jagged op
 # --------------------------------------------------------------------------------------
 def _forward(prep: _Prepared, activation, running_means, running_vars, training, eps):
-    """out [R, D] (compute dtype), scores [R, T] (acc dtype, zero where invalid), stats."""
+    """out [R, D] (compute dtype), scores (acc dtype): [R, T], zero where invalid, or the
+    jagged weights [sum of row lengths] after prep.use_jagged_scores(); stats."""
     dev = prep.k.device
     if activation == "dice":
         stats = _bn_stats(prep, running_means, running_vars, training, eps)
     else:
         stats = torch.zeros(prep.L, 3, max(prep.hidden), dtype=prep.acc, device=dev)
+    shape = (prep.B, prep.T) if prep.score_start is None else (prep.n_scores,)
     if prep.empty:
         return (torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev),
-                torch.zeros(prep.B, prep.T, dtype=prep.acc, device=dev), stats)
+                torch.zeros(shape, dtype=prep.acc, device=dev), stats)
     out = torch.empty(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
-    scores = torch.empty(prep.B, prep.T, dtype=prep.acc, device=dev)
+    scores = torch.empty(shape, dtype=prep.acc, device=dev)
     prep.workspace("forward")
     _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": prep.D, "scores": scores.data_ptr(),
                 "ld_scores": prep.T})
@@ -481,8 +484,10 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None):
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale) -> _Prepared:
     seq_start, seq_len, rs, T = _jagged_layout(values, offsets, row_seq)
-    return _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
+    prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
+    prep.use_jagged_scores()
+    return prep
 
 
 def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None,
@@ -496,7 +501,7 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
                             bn_biases, activation, normalization, scale)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
-    return out.to(query.dtype), scores.reshape(-1)[prep.valid_index()], stats
+    return out.to(query.dtype), scores, stats
 
 
 din_jagged_fwd = torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())(_din_jagged_fwd_impl)
@@ -520,14 +525,8 @@ def din_jagged_bwd(grad_out: Tensor, grad_weights: Tensor | None, query: Tensor,
     rows' gradients) and the parameter gradients as din_bwd."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
                             bn_biases, activation, normalization, scale)
-    valid = prep.valid_index()
-    scores = torch.zeros(prep.B, prep.T, dtype=prep.acc, device=values.device)
-    scores.view(-1)[valid] = flat_weights.to(prep.acc)
-    gs = None
-    if grad_weights is not None:
-        gs = torch.zeros_like(scores)
-        gs.view(-1)[valid] = grad_weights.to(prep.acc)
-    dq, dk, kgrads = _backward(prep, grad_out, gs, stats, scores, activation, training)
+    dq, dk, kgrads = _backward(prep, grad_out, grad_weights, stats, flat_weights.to(prep.acc), activation,
+                               training)
     grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
     return dq.to(query.dtype), dk.to(values.dtype), grads
 
