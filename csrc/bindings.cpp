@@ -6,6 +6,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
 
 #include "din_params.h"
 
@@ -14,85 +17,86 @@ using namespace din;
 
 namespace {
 
-template <typename T>
-T get(const py::dict& d, const char* key, T dflt) {
-  return d.contains(key) ? d[key].cast<T>() : dflt;
-}
-
+// The params dict is parsed in one pass over its items, each key looked up in a
+// table of setters: a small call's whole kernel is a few microseconds, and two
+// dict lookups per possible key (contains, then getitem) cost more than it.
 template <typename P>
-P ptr(const py::dict& d, const char* key) {
-  return reinterpret_cast<P>(static_cast<uintptr_t>(get<uint64_t>(d, key, 0)));
+P as_ptr(py::handle v) {
+  return v.is_none() ? nullptr : reinterpret_cast<P>(static_cast<uintptr_t>(v.cast<uint64_t>()));
 }
 
 // Lists of addresses, one per layer (0 / None meaning absent).
 template <typename P, size_t N>
-void ptrs(const py::dict& d, const char* key, P (&dst)[N]) {
-  if (!d.contains(key)) return;
-  auto lst = d[key].cast<py::list>();
+void as_ptrs(py::handle v, const char* key, P (&dst)[N]) {
+  auto lst = v.cast<py::list>();
   if (lst.size() > N) throw std::invalid_argument(std::string(key) + ": too many entries");
-  for (size_t i = 0; i < lst.size(); ++i)
-    dst[i] = lst[i].is_none() ? nullptr
-                              : reinterpret_cast<P>(static_cast<uintptr_t>(lst[i].cast<uint64_t>()));
+  for (size_t i = 0; i < lst.size(); ++i) dst[i] = as_ptr<P>(lst[i]);
 }
+
+using Setter = void (*)(DinParams&, py::handle);
+#define DIN_INT(field, T) [](DinParams& p, py::handle v) { p.field = static_cast<T>(v.cast<int64_t>()); }
+#define DIN_PTR(field) [](DinParams& p, py::handle v) { p.field = as_ptr<decltype(p.field)>(v); }
+#define DIN_PTRS(field) [](DinParams& p, py::handle v) { as_ptrs(v, #field, p.field); }
+
+const std::unordered_map<std::string_view, Setter>& setters() {
+  static const std::unordered_map<std::string_view, Setter> table = {
+      {"rows", DIN_INT(rows, int64_t)}, {"dim", DIN_INT(dim, int64_t)},
+      {"max_len", DIN_INT(max_len, int64_t)},
+      {"hidden", [](DinParams& p, py::handle v) {
+         auto hidden = v.cast<std::vector<int>>();
+         if (hidden.empty() || hidden.size() > static_cast<size_t>(kMaxLayers))
+           throw std::invalid_argument("hidden: expected 1..4 layer widths");
+         p.num_layers = static_cast<int32_t>(hidden.size());
+         for (size_t i = 0; i < hidden.size(); ++i) {
+           if (hidden[i] < 1 || hidden[i] > kMaxWidth) throw std::invalid_argument("hidden: widths must be in 1..256");
+           p.hidden[i] = hidden[i];
+         }
+       }},
+      {"act", DIN_INT(act, Act)}, {"norm", DIN_INT(norm, Norm)},
+      {"scale", [](DinParams& p, py::handle v) { p.scale = v.cast<double>(); }},
+      {"dtype", DIN_INT(dtype, DType)}, {"num_threads", DIN_INT(num_threads, int32_t)},
+      {"deterministic", [](DinParams& p, py::handle v) { p.deterministic = v.cast<bool>(); }},
+      {"check_lengths", [](DinParams& p, py::handle v) { p.check_lengths = v.cast<bool>(); }},
+      {"q", DIN_PTR(q)}, {"ldq", DIN_INT(ldq, int64_t)}, {"k", DIN_PTR(k)}, {"ldk", DIN_INT(ldk, int64_t)},
+      {"seq_start", DIN_PTR(seq_start)}, {"seq_stride", DIN_INT(seq_stride, int64_t)}, {"seq_len", DIN_PTR(seq_len)}, {"row_seq", DIN_PTR(row_seq)},
+      {"mask", DIN_PTR(mask)}, {"ld_mask", DIN_INT(ld_mask, int64_t)},
+      {"W", DIN_PTRS(W)}, {"b", DIN_PTRS(b)}, {"alpha", DIN_PTRS(alpha)}, {"bn_gamma", DIN_PTRS(bn_gamma)},
+      {"bn_beta", DIN_PTRS(bn_beta)}, {"bn_mean", DIN_PTRS(bn_mean)}, {"bn_invstd", DIN_PTRS(bn_invstd)},
+      {"out", DIN_PTR(out)}, {"ldo", DIN_INT(ldo, int64_t)},
+      {"scores", DIN_PTR(scores)}, {"ld_scores", DIN_INT(ld_scores, int64_t)},
+      {"score_start", DIN_PTR(score_start)},
+      {"dout", DIN_PTR(dout)}, {"ld_dout", DIN_INT(ld_dout, int64_t)},
+      {"dscores", DIN_PTR(dscores)}, {"ld_dscores", DIN_INT(ld_dscores, int64_t)},
+      {"dq", DIN_PTR(dq)}, {"lddq", DIN_INT(lddq, int64_t)}, {"dk", DIN_PTR(dk)},
+      {"dW", DIN_PTRS(dW)}, {"db", DIN_PTRS(db)}, {"dalpha", DIN_PTRS(dalpha)}, {"dgamma", DIN_PTRS(dgamma)},
+      {"dbeta", DIN_PTRS(dbeta)}, {"bn_corr_a", DIN_PTRS(bn_corr_a)}, {"bn_corr_c", DIN_PTRS(bn_corr_c)},
+      {"reduce_layer", DIN_INT(reduce_layer, int32_t)}, {"reduce_out", DIN_PTR(reduce_out)},
+      {"stats_layer", DIN_INT(stats_layer, int32_t)}, {"stats_out", DIN_PTR(stats_out)},
+      {"workspace", DIN_PTR(workspace)}, {"workspace_bytes", DIN_INT(workspace_bytes, int64_t)},
+      {"is_cuda", [](DinParams& p, py::handle v) { p.is_cuda = v.cast<bool>(); }},
+      {"device", DIN_INT(device, int32_t)}, {"stream", DIN_PTR(stream)},
+  };
+  return table;
+}
+#undef DIN_INT
+#undef DIN_PTR
+#undef DIN_PTRS
 
 DinParams from_dict(const py::dict& d) {
   DinParams p;
-  p.rows = get<int64_t>(d, "rows", 0);
-  p.dim = get<int64_t>(d, "dim", 0);
-  p.max_len = get<int64_t>(d, "max_len", 0);
-  auto hidden = get<std::vector<int>>(d, "hidden", {});
-  if (hidden.empty() || hidden.size() > static_cast<size_t>(kMaxLayers))
-    throw std::invalid_argument("hidden: expected 1..4 layer widths");
-  p.num_layers = static_cast<int32_t>(hidden.size());
-  for (size_t i = 0; i < hidden.size(); ++i) {
-    if (hidden[i] < 1 || hidden[i] > kMaxWidth)
-      throw std::invalid_argument("hidden: widths must be in 1..256");
-    p.hidden[i] = hidden[i];
+  const auto& table = setters();
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(d.ptr(), &pos, &key, &value)) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &n) : nullptr;
+    if (!s) throw std::invalid_argument("params: keys must be strings");
+    auto it = table.find(std::string_view(s, static_cast<size_t>(n)));
+    // An unknown key is a Python/C++ mismatch that would otherwise be ignored silently.
+    if (it == table.end()) throw std::invalid_argument("params: unknown key '" + std::string(s, n) + "'");
+    it->second(p, value);
   }
-  p.act = static_cast<Act>(get<int>(d, "act", 0));
-  p.norm = static_cast<Norm>(get<int>(d, "norm", 0));
-  p.scale = get<double>(d, "scale", 1.0);
-  p.dtype = static_cast<DType>(get<int>(d, "dtype", 0));
-  p.num_threads = get<int>(d, "num_threads", 1);
-  p.deterministic = get<bool>(d, "deterministic", true);
-
-  p.q = ptr<const void*>(d, "q");                p.ldq = get<int64_t>(d, "ldq", 0);
-  p.k = ptr<const void*>(d, "k");                p.ldk = get<int64_t>(d, "ldk", 0);
-  p.seq_start = ptr<const int64_t*>(d, "seq_start");
-  p.seq_len = ptr<const int64_t*>(d, "seq_len");
-  p.row_seq = ptr<const int64_t*>(d, "row_seq");
-  p.mask = ptr<const uint8_t*>(d, "mask");       p.ld_mask = get<int64_t>(d, "ld_mask", 0);
-
-  ptrs(d, "W", p.W);           ptrs(d, "b", p.b);
-  ptrs(d, "alpha", p.alpha);   ptrs(d, "bn_gamma", p.bn_gamma);
-  ptrs(d, "bn_beta", p.bn_beta);
-  ptrs(d, "bn_mean", p.bn_mean);
-  ptrs(d, "bn_invstd", p.bn_invstd);
-
-  p.out = ptr<void*>(d, "out");                  p.ldo = get<int64_t>(d, "ldo", 0);
-  p.scores = ptr<void*>(d, "scores");            p.ld_scores = get<int64_t>(d, "ld_scores", 0);
-  p.score_start = ptr<const int64_t*>(d, "score_start");
-
-  p.dout = ptr<const void*>(d, "dout");          p.ld_dout = get<int64_t>(d, "ld_dout", 0);
-  p.dscores = ptr<const void*>(d, "dscores");    p.ld_dscores = get<int64_t>(d, "ld_dscores", 0);
-  p.dq = ptr<void*>(d, "dq");                    p.lddq = get<int64_t>(d, "lddq", 0);
-  p.dk = ptr<void*>(d, "dk");
-  ptrs(d, "dW", p.dW);         ptrs(d, "db", p.db);
-  ptrs(d, "dalpha", p.dalpha); ptrs(d, "dgamma", p.dgamma);
-  ptrs(d, "dbeta", p.dbeta);
-  ptrs(d, "bn_corr_a", p.bn_corr_a);
-  ptrs(d, "bn_corr_c", p.bn_corr_c);
-  p.reduce_layer = get<int>(d, "reduce_layer", -1);
-  p.reduce_out = ptr<double*>(d, "reduce_out");
-  p.stats_layer = get<int>(d, "stats_layer", -1);
-  p.stats_out = ptr<double*>(d, "stats_out");
-
-  p.workspace = ptr<void*>(d, "workspace");
-  p.workspace_bytes = get<int64_t>(d, "workspace_bytes", 0);
-
-  p.is_cuda = get<bool>(d, "is_cuda", false);
-  p.device = get<int>(d, "device", -1);
-  p.stream = ptr<void*>(d, "stream");
+  if (p.num_layers == 0) throw std::invalid_argument("hidden: expected 1..4 layer widths");
   return p;
 }
 

@@ -612,7 +612,7 @@ int64_t shared_dk_extent(const DinParams& p) {
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t s = p.row_seq[r];
     const int64_t len = std::min<int64_t>(std::max<int64_t>(p.seq_len[s], 0), p.max_len);
-    if (len > 0) extent = std::max(extent, p.seq_start[s] + (len - 1) * p.ldk + p.dim);
+    if (len > 0) extent = std::max(extent, seq_off(p, s) + (len - 1) * p.ldk + p.dim);
   }
   return extent;
 }
@@ -824,8 +824,8 @@ void backward_impl(const DinParams& p) {
 void check_common(const DinParams& p) {
   if (p.num_layers < 1 || p.num_layers > kMaxLayers)
     throw std::invalid_argument("num_layers must be 1..4");
-  if (p.rows > 0 && (!p.q || !p.k || !p.seq_start || !p.seq_len))
-    throw std::invalid_argument("missing q, k, seq_start or seq_len pointer");
+  if (p.rows > 0 && (!p.q || !p.k || !p.seq_len))
+    throw std::invalid_argument("missing q, k or seq_len pointer");
   // Feature-dim products (tile x D, H x D) are formed in int: bound D so that
   // none can overflow.  Lengths, offsets and positions are int64 throughout.
   if (p.dim < 1 || p.dim > (int64_t{1} << 20)) throw std::invalid_argument("dim must be in 1..2^20");
@@ -843,6 +843,15 @@ void by_dtype(const DinParams& p, F32 f32, F64 f64) {
 
 void forward_cpu(const DinParams& p) {
   if (p.rows > 0 && (!p.out || !p.scores)) throw std::invalid_argument("forward: missing out/scores");
+  if (p.check_lengths && p.rows > 0) {
+    if (!p.seq_len) throw std::invalid_argument("forward: missing seq_len");
+    for (int64_t s = 0; s < p.rows; ++s) {
+      const int64_t n = p.seq_len[s];
+      if (n < 0 || n > p.max_len)
+        throw std::invalid_argument("lengths must lie in [0, T] = [0, " + std::to_string(p.max_len) +
+                                    "], got lengths[" + std::to_string(s) + "] = " + std::to_string(n));
+    }
+  }
   by_dtype(p, forward_impl<float>, forward_impl<double>);
 }
 
@@ -1075,7 +1084,7 @@ struct Kernel {
   template <class F>
   static DIN_INLINE void for_tiles(const DinParams& p, const Model<T>& m, Scratch<T>& sc, const Row& row,
                                    int64_t t_begin, int64_t t_end, F&& f) {
-    const T* kb = static_cast<const T*>(p.k) + p.seq_start[row.s];
+    const T* kb = static_cast<const T*>(p.k) + seq_off(p, row.s);
     if (!p.mask) {
       for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
         const int n = static_cast<int>(std::min<int64_t>(kTile, t_end - t0));
@@ -1492,7 +1501,7 @@ struct Kernel {
     const T* go = static_cast<const T*>(p.dout) + sp.r * p.ld_dout;
     const T* wr = static_cast<const T*>(p.scores) + score_row(p, sp.r, p.ld_scores);
     const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, sp.r, p.ld_dscores) : nullptr;
-    const T* kbase = static_cast<const T*>(p.k) + p.seq_start[row.s];
+    const T* kbase = static_cast<const T*>(p.k) + seq_off(p, row.s);
     const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
     double s = 0.0;
     for (int64_t t = sp.t0; t < sp.t1; ++t)
@@ -1517,7 +1526,7 @@ struct Kernel {
     const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
     const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
     const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, r, p.ld_dscores) : nullptr;
-    T* dkbase = reducing ? nullptr : sc.dk + p.seq_start[row.s];
+    T* dkbase = reducing ? nullptr : sc.dk + seq_off(p, row.s);
     T* gp = sc.gp;
     const T scale = cx.scale;
 

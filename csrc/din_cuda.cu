@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) din_forward_kernel(const DinParams p
 
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const RowInfo ri = row_info(p, r);
-    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+    const S* kbase = static_cast<const S*>(p.k) + seq_off(p, ri.s);
     T* sr = static_cast<T*>(p.scores) + score_row(p, r, p.ld_scores);
     for (int d = threadIdx.x; d < D; d += kThreads) acc[d] = 0.0;
     if (threadIdx.x == 0) *cursor = 0;
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) din_stats_kernel(const DinParams p, 
   double cnt = 0.0, mean = 0.0, m2 = 0.0;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const RowInfo ri = row_info(p, r);
-    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+    const S* kbase = static_cast<const S*>(p.k) + seq_off(p, ri.s);
     if (threadIdx.x == 0) *cursor = 0;
     setup_row<S, T>(p, m, y, r, q_s, c_s, MT);
     while (true) {
@@ -567,8 +567,8 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
 
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const RowInfo ri = row_info(p, r);
-    const S* kbase = static_cast<const S*>(p.k) + p.seq_start[ri.s];
-    S* dkbase = reducing ? nullptr : static_cast<S*>(p.dk) + p.seq_start[ri.s];
+    const S* kbase = static_cast<const S*>(p.k) + seq_off(p, ri.s);
+    S* dkbase = reducing ? nullptr : static_cast<S*>(p.dk) + seq_off(p, ri.s);
     const S* q = static_cast<const S*>(p.q) + r * p.ldq;
     const S* go = static_cast<const S*>(p.dout) + r * p.ld_dout;
     const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
@@ -867,8 +867,8 @@ void check_common(const DinParams& p) {
   if (p.dim > kMaxDim)
     throw std::invalid_argument("din_fused cuda: dim " + std::to_string(p.dim) + " exceeds the CUDA kernels' limit " +
                                 std::to_string(kMaxDim));
-  if (p.rows > 0 && (!p.q || !p.k || !p.seq_start || !p.seq_len))
-    throw std::invalid_argument("din_fused cuda: missing q, k, seq_start or seq_len pointer");
+  if (p.rows > 0 && (!p.q || !p.k || !p.seq_len))
+    throw std::invalid_argument("din_fused cuda: missing q, k or seq_len pointer");
   if (p.rows < 0 || p.max_len < 0) throw std::invalid_argument("din_fused cuda: negative sizes");
 }
 

@@ -329,7 +329,7 @@ __device__ __forceinline__ void tc_load_x(const DinParams& p, const TcGeo& g, in
     const int t = idx / D, d = idx - t * D;
     const int rr = ts.rid[t];
     const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
-    const S kv = kb[p.seq_start[s] + ts.pos[t] * p.ldk + d];
+    const S kv = kb[seq_off(p, s) + ts.pos[t] * p.ldk + d];
     const float kf = ldv(&kv), qf = q_s[rr * D + d];
     S* x = X + t * g.ldX;
     x[d] = kv;
@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
     if (softmax) {
       for (int rr = 0; rr < nr; ++rr) {
         const RowInfo ri = row_info(p, r0 + rr);
-        const S* kb = static_cast<const S*>(p.k) + p.seq_start[ri.s];
+        const S* kb = static_cast<const S*>(p.k) + seq_off(p, ri.s);
         const float* wr = static_cast<const float*>(p.scores) + score_row(p, r0 + rr, p.ld_scores);
         const float* gsr = p.dscores ? static_cast<const float*>(p.dscores) + score_row(p, r0 + rr, p.ld_dscores) : nullptr;
         double tot = 0.0;  // ~T/8 keys per warp: double for long sequences
@@ -778,7 +778,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
             const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
             const float* cr = C + t * g.ldC;
             const float v = cr[d] - cr[D + d] + q_s[rr * D + d] * cr[2 * D + d] + w_s[t] * dout_s[rr * D + d];
-            S* dst = dkb + p.seq_start[s] + ts.pos[t] * p.ldk + d;
+            S* dst = dkb + seq_off(p, s) + ts.pos[t] * p.ldk + d;
             if (shared_seq) atomic_addv(dst, v);
             else stv(dst, ldv(dst) + v);
           }

@@ -6,6 +6,7 @@
 // jagged [N,D] input and many candidates sharing one sequence are the same
 // kernel:
 //     key(row r, position t) = k + seq_start[s] + t * ldk,  s = row_seq ? row_seq[r] : r
+//     (seq_start[s] = s * seq_stride when seq_start is nullptr: the padded layout)
 //     valid(r, t)            = t < seq_len[s] && (!mask || mask[s * ld_mask + t])
 #pragma once
 #include <cstdint>
@@ -33,12 +34,17 @@ struct DinParams {
   double scale = 1.0;      // softmax temperature: softmax(scale * score)
   DType dtype = DType::F32;
   int32_t num_threads = 1; // CPU only
+  // CPU forward: throw std::invalid_argument when a seq_len of rows 0..rows-1 lies
+  // outside [0, max_len] (the padded op's range check, without a separate pass in
+  // Python; a CUDA caller checks on the device instead).
+  bool check_lengths = false;
   bool deterministic = true;  // CUDA only: false allows atomics for parameter grads
 
   // ---- sequence addressing (int64, on the same device as k) ----------------
   const void* q = nullptr; int64_t ldq = 0;       // [rows, D]
   const void* k = nullptr; int64_t ldk = 0;       // see header comment
-  const int64_t* seq_start = nullptr;             // [S] element offset into k (and dk)
+  const int64_t* seq_start = nullptr;             // [S] element offset into k (and dk),
+  int64_t seq_stride = 0;                         // or nullptr: sequence s at s * seq_stride
   const int64_t* seq_len = nullptr;               // [S]
   const int64_t* row_seq = nullptr;               // [rows] or nullptr (identity)
   const uint8_t* mask = nullptr; int64_t ld_mask = 0;  // [S, T] or nullptr
@@ -110,6 +116,11 @@ struct DinParams {
 #else
 #define DIN_HOST_DEVICE
 #endif
+
+// Element offset of sequence s in k (and dk).
+DIN_HOST_DEVICE inline int64_t seq_off(const DinParams& p, int64_t s) {
+  return p.seq_start ? p.seq_start[s] : s * p.seq_stride;
+}
 
 // Element offset of row r's weights in scores (ld = ld_scores) or dscores (ld_dscores).
 DIN_HOST_DEVICE inline int64_t score_row(const DinParams& p, int64_t r, int64_t ld) {

@@ -74,6 +74,20 @@ class _LocalActivationUnit(nn.Module):
         self.dense = nn.Linear(hidden_units[-1], 1)
 
 
+# Bumped whenever any nn.Module registers a parameter, buffer or submodule: the
+# modules' cached parameter bundles are then rebuilt (FusedDINAttention._params).
+_GENERATION = [0]
+
+
+def _bump_generation(*_args):
+    _GENERATION[0] += 1
+
+
+for _hook in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
+              "register_module_module_registration_hook"):
+    getattr(torch.nn.modules.module, _hook)(_bump_generation)
+
+
 def _is_torchrec_jagged(x) -> bool:
     # By name, so that din_fused never imports torchrec (an optional extra).
     t = type(x)
@@ -162,7 +176,40 @@ class FusedDINAttention(nn.Module):
     def _params(self) -> MLPParams:
         """The parameters as one bundle.  Training-mode Dice with BatchNorm momentum None
         (a cumulative average, as nn.BatchNorm1d) uses 1/num_batches_tracked, so call it
-        after counting the batch."""
+        after counting the batch.
+
+        The bundle holds the Parameter and buffer objects themselves, so in-place updates,
+        optimizer steps and ``.to()`` (which swaps ``.data``) show through it; it is rebuilt
+        after any module anywhere registers a parameter, buffer or submodule (assignment,
+        ``load_state_dict(assign=True)``, swapping a layer), which bumps _GENERATION, and
+        whenever a slot no longer holds its tensor (torch.func.functional_call and non-strict
+        torch.export swap ``_parameters`` entries without registering)."""
+        cached = self.__dict__.get("_bundle")
+        if cached is None or cached[0] != _GENERATION[0] or any(d.get(n) is not t for d, n, t in cached[2]):
+            slots = self._param_slots()
+            cached = (_GENERATION[0], self._build_params(), slots)
+            self.__dict__["_bundle"] = cached
+        p = cached[1]
+        if p.activation == "dice":
+            bn = self.local_att.dnn.activation_layers[0].bn
+            p.eps = bn.eps
+            p.momentum = bn.momentum
+            if bn.momentum is None:
+                p.momentum = 1.0 / max(int(bn.num_batches_tracked), 1)
+        return p
+
+    def _param_slots(self) -> list:
+        """(owner's _parameters or _buffers dict, name, tensor) for every tensor of the bundle."""
+        dnn = self.local_att.dnn
+        mods = [(lin, n) for lin in [*dnn.linears, self.local_att.dense] for n in ("weight", "bias")]
+        if self.activation == "prelu":
+            mods += [(a, "weight") for a in dnn.activation_layers]
+        if self.activation == "dice":
+            for a in dnn.activation_layers:
+                mods += [(a, "alpha")] + [(a.bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
+        return [(m._parameters if n in m._parameters else m._buffers, n, getattr(m, n)) for m, n in mods]
+
+    def _build_params(self) -> MLPParams:
         dnn, act = self.local_att.dnn, self.activation
         p = MLPParams([lin.weight for lin in dnn.linears] + [self.local_att.dense.weight],
                       [lin.bias for lin in dnn.linears] + [self.local_att.dense.bias], act)
@@ -170,16 +217,11 @@ class FusedDINAttention(nn.Module):
             p.alphas = [a.weight for a in dnn.activation_layers]
         if act == "dice":
             layers = list(dnn.activation_layers)
-            bn = layers[0].bn
             p.alphas = [a.alpha for a in layers]
             p.bn_weights = [a.bn.weight for a in layers]
             p.bn_biases = [a.bn.bias for a in layers]
             p.running_means = [a.bn.running_mean for a in layers]
             p.running_vars = [a.bn.running_var for a in layers]
-            p.eps = bn.eps
-            p.momentum = bn.momentum
-            if bn.momentum is None:
-                p.momentum = 1.0 / max(int(bn.num_batches_tracked), 1)
         return p
 
     def _lengths(self, keys_length, T: int) -> Tensor:
@@ -190,7 +232,7 @@ class FusedDINAttention(nn.Module):
             raise TypeError(f"keys_length must be a torch.Tensor of shape [B] or [B, 1], "
                             f"got {type(keys_length).__name__}")
         if keys_length.dim() == 2 and keys_length.shape[1] == 1:
-            keys_length = keys_length[:, 0]
+            keys_length = keys_length.squeeze(1)
         if keys_length.is_floating_point():
             if not torch.compiler.is_compiling() and not bool((keys_length == keys_length.round()).all()):
                 raise TypeError("keys_length is a float tensor with fractional values; lengths must be "
@@ -223,7 +265,7 @@ class FusedDINAttention(nn.Module):
         if squeeze:
             if query.shape[1] != 1:
                 raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
-            query = query[:, 0]
+            query = query.squeeze(1)
         if _is_torchrec_jagged(keys):
             if offsets is not None:
                 raise ValueError("a torchrec JaggedTensor carries its offsets: do not pass offsets")
@@ -255,7 +297,7 @@ class FusedDINAttention(nn.Module):
                                        scale=self.scale, training=self.training, return_scores=True,
                                        **_ref_kwargs(p))
         res = w if self.return_score else out
-        return res[:, None, :] if squeeze else res
+        return res.unsqueeze(1) if squeeze else res
 
     def _forward_jagged(self, query, keys, offsets, row_seq, keys_length, mask, squeeze, nested):
         if keys_length is not None or mask is not None:
@@ -274,7 +316,7 @@ class FusedDINAttention(nn.Module):
                 query, values, offsets, row_seq, params=p, normalization=self.normalization, scale=self.scale,
                 training=self._dice_training(), return_scores=self.return_score)
             if not self.return_score:
-                return res[:, None, :] if squeeze else res
+                return res.unsqueeze(1) if squeeze else res
             out, w, row_offsets = res
         else:
             kp, lengths = tile_jagged(values, offsets, row_seq)
@@ -284,7 +326,7 @@ class FusedDINAttention(nn.Module):
             w = wp[torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]]
             row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         if not self.return_score:
-            return out[:, None, :] if squeeze else out
+            return out.unsqueeze(1) if squeeze else out
         if nested:
             return torch.nested.nested_tensor_from_jagged(w, row_offsets)
         return w, row_offsets

@@ -175,12 +175,20 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, contiguous: t itself when it already is (the common case costs two
+    attribute reads, not the views and copies of detach().to().contiguous())."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.detach().to(dtype).contiguous()
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
 def _ptrs(ts) -> list:
-    return [None if t is None else t.data_ptr() for t in ts]
+    return [t.data_ptr() for t in ts]
 
 
 class _Prepared:
@@ -199,33 +207,30 @@ class _Prepared:
         self.out_dtype = query.dtype
         cdt = _compute_dtype(keys)
         self.acc = acc = _acc_dtype(cdt)
-        self.q = query.to(cdt).contiguous()
-        self.k = keys.to(cdt).contiguous()
-        self.lengths = lengths.to(torch.int64).contiguous()
-        self.row_seq = None if row_seq is None else row_seq.to(torch.int64).contiguous()
+        self.q = _as(query, cdt)
+        self.k = _as(keys, cdt)
+        self.lengths = _as(lengths, torch.int64)
+        self.row_seq = None if row_seq is None else _as(row_seq, torch.int64)
         self.mask = None if mask is None else mask.contiguous()
-        self.weights = [w.detach().to(acc).contiguous() for w in weights]
-        self.biases = [b.detach().to(acc).contiguous() for b in biases]
+        self.weights = [_as(w, acc) for w in weights]
+        self.biases = [_as(b, acc) for b in biases]
         hidden = [w.shape[0] for w in weights[:-1]]
         self.hidden = hidden
         # PReLU's single alpha is broadcast per channel; the backward sums it back.
-        self.alphas = [a.detach().to(acc).reshape(-1).expand(h).contiguous()
-                       for a, h in zip(alphas, hidden)] if alphas else []
-        self.gammas = [g.detach().to(acc).reshape(-1).contiguous() for g in bn_weights] if bn_weights else []
-        self.betas = [b.detach().to(acc).reshape(-1).contiguous() for b in bn_biases] if bn_biases else []
+        self.alphas = [_as(a.detach().reshape(-1).expand(h), acc) if a.numel() != h else _as(a, acc)
+                       for a, h in zip(alphas, hidden)]
+        self.gammas = [_as(g, acc) for g in bn_weights]
+        self.betas = [_as(b, acc) for b in bn_biases]
         dev = keys.device
-        if seq_start is None:
-            seq_start = torch.arange(R, device=dev, dtype=torch.int64) * (T * D)
-        self.seq_start = seq_start.contiguous()
+        self.seq_start = None if seq_start is None else seq_start.contiguous()  # None: row r at r*T*D
         self.score_start = None
         self.cfg = {
             "rows": R, "dim": D, "max_len": T, "hidden": hidden,
             "act": _ACT_CODE[activation], "norm": _NORM_CODE[normalization], "scale": float(scale),
             "dtype": _DTYPE_CODE[cdt], "num_threads": torch.get_num_threads(),
-            "deterministic": True,
-            "q": _ptr(self.q), "ldq": D, "k": _ptr(self.k), "ldk": D,
-            "seq_start": _ptr(self.seq_start), "seq_len": _ptr(self.lengths), "row_seq": _ptr(self.row_seq),
-            "mask": _ptr(self.mask), "ld_mask": T,
+            "q": self.q.data_ptr(), "ldq": D, "k": self.k.data_ptr(), "ldk": D,
+            "seq_start": _ptr(self.seq_start), "seq_stride": T * D, "seq_len": self.lengths.data_ptr(),
+            "row_seq": _ptr(self.row_seq), "mask": _ptr(self.mask), "ld_mask": T,
             "W": _ptrs(self.weights), "b": _ptrs(self.biases),
             "alpha": _ptrs(self.alphas), "bn_gamma": _ptrs(self.gammas), "bn_beta": _ptrs(self.betas),
             "is_cuda": keys.is_cuda,
@@ -240,8 +245,10 @@ class _Prepared:
         # (an empty tensor's data_ptr is 0, which _C rejects as a missing pointer).
         return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
-    def workspace(self, phase: str) -> Tensor:
+    def workspace(self, phase: str) -> Tensor | None:
         nbytes = _C.workspace_bytes(self.cfg, phase)
+        if nbytes == 0 and not self.k.is_cuda:
+            return None  # the CPU forward and statistics passes take no scratch
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.k.device)
         self.cfg["workspace"] = ws.data_ptr()
         self.cfg["workspace_bytes"] = nbytes
@@ -416,11 +423,22 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
             running_vars: list[Tensor], activation: str, normalization: str, scale: float,
             training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     B, T, D = keys.shape
-    _check_lengths_values(lengths, T)
+    # The CPU forward kernel checks the lengths itself before it reads a key (a separate
+    # aminmax pass and two host reads cost more than a small call's kernel).  Python checks
+    # them where that cannot hold: CUDA, a mask (its lengths are first reduced with the
+    # mask), the Dice statistics pass that runs before the forward, no kernel call at all.
+    in_kernel = mask is None and not keys.is_cuda and not (training and activation == "dice")
+    if not in_kernel:
+        _check_lengths_values(lengths, T)
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale)
+    if in_kernel:
+        if prep.empty:
+            _check_lengths_values(lengths, T)
+        else:
+            prep.cfg["check_lengths"] = True
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return out.to(query.dtype), scores, stats
 

@@ -325,3 +325,59 @@ def test_jit_trace_goes_through_the_op(monkeypatch):
         q2, k2 = torch.randn_like(q), torch.randn_like(k)
         assert torch.equal(traced(q2, k2), din_attention(q2, k2, lengths, **p))
     assert len(calls) == 1  # only the untraced eager call
+
+
+@pytest.mark.parametrize("route", ["cpu kernel", "grad", "mask", "dice training", "T=0", "every row"])
+@pytest.mark.parametrize("bad", [-1, 7, 2**40, -(2**40)])
+def test_every_route_of_the_lengths_check_catches_bad_lengths(route, bad):
+    """The padded op checks lengths in the CPU forward kernel (no grad, no mask, not
+    training Dice) and in Python elsewhere: every route rejects every bad value, at any row."""
+    act = "dice" if route == "dice training" else "sigmoid"
+    q, k, lengths, p = problem(act=act, T=0 if route == "T=0" else 6)
+    lengths = lengths.clone().clamp(max=k.shape[1])
+    rows = range(lengths.numel()) if route == "every row" else [2]
+    for r in rows:
+        bad_lengths = lengths.clone()
+        bad_lengths[r] = bad
+        kwargs = dict(p)
+        if route == "mask":
+            kwargs["mask"] = torch.ones(k.shape[:2], dtype=torch.bool)
+        qq = q.clone().requires_grad_(route == "grad")
+        with torch.set_grad_enabled(route == "grad"), pytest.raises(ValueError, match="lengths must lie in"):
+            din_attention(qq, k, bad_lengths, training=route == "dice training", **kwargs)
+
+
+def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
+    """FusedDINAttention caches its parameter bundle between calls; it must follow every
+    way a parameter can change: in place, .data, reassignment, load_state_dict(assign=True),
+    a swapped layer and torch.func.functional_call."""
+    q, k, lengths, _ = problem(act="prelu")
+    D = k.shape[-1]
+    mod = FusedDINAttention(embedding_dim=D, att_hidden_units=(7, 3), att_activation="prelu").double().eval()
+    ref = FusedDINAttention(embedding_dim=D, att_hidden_units=(7, 3), att_activation="prelu",
+                            impl="reference").double().eval()
+
+    def agree():
+        ref.load_state_dict(mod.state_dict())
+        with torch.no_grad():
+            assert max_rel_err(mod(q, k, lengths), ref(q, k, lengths)) < TOL64
+
+    agree()
+    dense = mod.local_att.dense
+    with torch.no_grad():
+        dense.weight.mul_(-2.0)
+    agree()
+    dense.weight.data = torch.randn_like(dense.weight)
+    agree()
+    dense.weight = torch.nn.Parameter(torch.randn_like(dense.weight))
+    agree()
+    mod.load_state_dict({n: torch.randn_like(t) if t.is_floating_point() else t
+                         for n, t in mod.state_dict().items()}, assign=True)
+    agree()
+    mod.local_att.dnn.linears[1] = torch.nn.Linear(7, 3).double()
+    agree()
+    swapped = {n: torch.randn_like(t) for n, t in mod.named_parameters()}
+    with torch.no_grad():
+        got = torch.func.functional_call(mod, swapped, (q, k, lengths))
+        ref.load_state_dict(swapped, strict=False)
+        assert max_rel_err(got, ref(q, k, lengths)) < TOL64

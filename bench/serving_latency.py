@@ -1,0 +1,151 @@
+"""Serving-sized calls (issue 10), side by side in one process: eval mode, forward only, no_grad.
+
+1. Small call: B=1, T=1, D=8, H=(80, 40), sigmoid; the best of 500 calls per provider
+   (fused module, eager reference module, DeepCTR-Torch), interleaved in rounds. Beside it,
+   the floors the fused call cannot go below: the custom op through the dispatcher
+   (``torch.ops.din_fused.din_fwd``, what an autograd-enabled or traced call pays), an empty
+   custom op through the dispatcher, and the raw kernel call into ``_C``.
+2. Inference latency: one user with T=50 behaviours scored against C=100 candidates, D=36,
+   H=(80, 40), sigmoid. DeepCTR-Torch and the fused op on the history tiled C times (what a
+   padded API makes the caller build, tiling included in the timed call), and the fused shared
+   path (the history stored once, ``row_seq``). Median of interleaved rounds.
+
+    python bench/serving_latency.py [--rounds 7] [--out bench/results/local/serving.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases) and the checkout (din_fused)
+import cases  # noqa: E402
+
+from din_fused import ops  # noqa: E402
+
+SMALL = cases.Case(B=1, T=1, D=8, lengths="full")
+USER = {"T": 50, "C": 100, "D": 36}
+
+
+def best_of(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.library.custom_op("din_fused_bench::noop", mutates_args=())
+def _noop(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@_noop.register_fake
+def _(x):
+    return x.new_empty(0)
+
+
+def small_call(rounds: int, calls: int) -> dict:
+    """provider -> best seconds of a B=1, T=1, D=8 forward."""
+    mods = cases.ProviderSet(SMALL)
+    inp = cases.make_inputs(SMALL)
+    q, k, L = inp["query"], inp["keys"], inp["lengths"]
+    fns = {}
+    for name in ("fused", "reference", "deepctr"):
+        mod = mods.get(name)
+        if mod is not None:
+            mod.eval()
+            fns[name] = (lambda m: lambda: m(q, k, L))(mod)
+    fused = mods.get("fused")
+    p = fused._params()
+    args = (q[:, 0], k, L[:, 0], None, *p.op_args(), "sigmoid", "none", 1.0, False, 1e-8)
+    fns["floor: din_fwd through the dispatcher"] = lambda: torch.ops.din_fused.din_fwd(*args)
+    fns["floor: empty custom op through the dispatcher"] = lambda: torch.ops.din_fused_bench.noop(q)
+    prep = ops._Prepared(q[:, 0], k, L[:, 0], None, *p.op_args()[:5], "sigmoid", "none", 1.0)
+    out, scores = torch.empty(1, SMALL.D), torch.empty(1, 1)
+    cfg = {**prep.cfg, "out": out.data_ptr(), "ldo": SMALL.D, "scores": scores.data_ptr(), "ld_scores": 1}
+    fns["floor: the _C kernel call alone"] = lambda: ops._C.forward(cfg)
+    best = {k: float("inf") for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                best[name] = min(best[name], best_of(fn, calls))
+    return best
+
+
+def user_latency(rounds: int, calls: int) -> dict:
+    """provider -> median seconds of scoring C candidates against one T-long history."""
+    T, C, D = USER["T"], USER["C"], USER["D"]
+    case = cases.Case(B=C, T=T, D=D, lengths="full")
+    mods = cases.ProviderSet(case)
+    g = torch.Generator().manual_seed(3)
+    hist = torch.randn(T, D, generator=g)
+    cand = torch.randn(C, 1, D, generator=g)
+    offsets = torch.tensor([0, T])
+    row_seq = torch.zeros(C, dtype=torch.int64)
+    lengths = torch.full((C, 1), T, dtype=torch.int64)
+    fns = {}
+    fused = mods.get("fused").eval()
+    fns["fused shared (history once)"] = lambda: fused(cand, hist, offsets=offsets, row_seq=row_seq)
+    fns["fused padded (tiled keys)"] = lambda: fused(cand, hist.expand(C, T, D).contiguous(), lengths)
+    ref = mods.get("reference").eval()
+    fns["eager reference (tiled keys)"] = lambda: ref(cand, hist.expand(C, T, D).contiguous(), lengths)
+    deepctr = mods.get("deepctr")
+    if deepctr is not None:
+        deepctr.eval()
+        fns["DeepCTR-Torch (tiled keys)"] = lambda: deepctr(cand, hist.expand(C, T, D).contiguous(), lengths)
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        base = fns["fused shared (history once)"]()
+        tiled = fns["fused padded (tiled keys)"]()
+        assert torch.allclose(base, tiled, rtol=1e-5, atol=1e-6), "shared and tiled paths disagree"
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=str(HERE / "results" / "local" / "serving.md"))
+    a = ap.parse_args()
+    small = small_call(a.rounds, 500 // a.rounds + 1)
+    user = user_latency(a.rounds, 20)
+    f = small["fused"]
+    lines = [f"### Serving-sized calls: fp32, eval, no_grad, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}", "",
+             "#### Small call: B=1, T=1, D=8, H=(80, 40), sigmoid (best of 500 calls)", "",
+             "| provider | us per call | vs fused |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v * 1e6:.1f} | {v / f:.2f}x |" for k, v in small.items()]
+    s = user["fused shared (history once)"]
+    lines += ["", f"#### One user, T={USER['T']}, against C={USER['C']} candidates, D={USER['D']}, "
+              f"H=(80, 40), sigmoid (median of {a.rounds} rounds of 20 calls)", "",
+              "| provider | ms per call | vs fused shared |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v * 1e3:.3f} | {v / s:.1f}x |" for k, v in user.items()]
+    dc = user.get("DeepCTR-Torch (tiled keys)")
+    if dc is not None:
+        tiled = user["fused padded (tiled keys)"]
+        lines += ["", f"DeepCTR-Torch / fused: shared path {dc / s:.1f}x, padded path on tiled keys "
+                  f"{dc / tiled:.1f}x (target >= 5x)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[serving] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
