@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases) and the checkout (din_fused)
 import cases  # noqa: E402
+import peakmem  # noqa: E402
 
 from din_fused import FusedDINAttention  # noqa: E402
 
@@ -104,37 +103,16 @@ def child(spec: dict) -> dict:
     """In a fresh process: the bytes of the inputs plus the peak RSS above them during a
     forward (after two warm-up calls). The inputs count: a padded or tiled tensor is memory
     the layout costs."""
-    import gc
-
     fn, _, input_bytes = build_case(**spec)
     with torch.no_grad():
         fn()
         fn()
-        gc.collect()
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        fn()
-    return {"peak_bytes": (_status_kb("VmHWM") - base) * 1024 + input_bytes}
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
+        return {"peak_bytes": peakmem.peak_rss_above(fn) + input_bytes}
 
 
 def peak_memory(spec: dict) -> int | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                         text=True, env=env, timeout=1800)
-    for line in reversed(res.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)["peak_bytes"]
-    print(res.stderr[-2000:], file=sys.stderr)
-    return None
+    res = peakmem.run_child(__file__, spec)
+    return None if res is None else res["peak_bytes"]
 
 
 def timed(fns: dict, rounds: int, calls: int = 3) -> dict:

@@ -3,13 +3,18 @@
 Each case is timed for every provider in two groups, forward ("fwd") and
 forward+backward ("fwd+bwd"); see conftest.py for the options and cases.py for
 the shapes and providers.  The CUDA timings synchronise inside the timed call.
+The "train step" groups time one whole DIN training step of the models in
+train_step.py (CPU only; ``--bench-providers`` does not apply to them).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import cases
 import pytest
 import torch
+import train_step
 
 _INPUTS: dict = {}
 _PROVIDERS: dict = {}  # one case's providers at a time
@@ -54,3 +59,20 @@ def test_fwd(benchmark, case, provider, device, rounds):
 
 def test_fwdbwd(benchmark, case, provider, device, rounds):
     _run(benchmark, case, provider, device, rounds, "fwdbwd")
+
+
+@pytest.mark.parametrize("attention", train_step.ATTENTIONS)
+@pytest.mark.parametrize("provider", train_step.PROVIDERS)
+def test_train_step(benchmark, provider, attention, device, rounds):
+    """One whole DIN training step per call (train_step.py's providers and shape), CPU only."""
+    if device != "cpu":
+        pytest.skip("the training-step group is CPU only")
+    if provider not in train_step.available_providers():
+        pytest.skip(f"provider {provider} unavailable")
+    shape = train_step.Shape()
+    step = train_step.build(provider, attention, shape).step
+    step()  # warm-up (Adam's state)
+    benchmark.group = f"train step {attention} attention {shape.id}"
+    benchmark.extra_info.update(provider=provider, attention=attention, shape=asdict(shape),
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
