@@ -16,14 +16,13 @@ running statistics.
 
 Profiles: CI runs a fixed-seed (derandomised) profile of 2,000 examples;
 `pytest tests/test_fuzz.py --fuzz-full` (or DIN_FUZZ_FULL=1) runs 10x as many
-with a random seed.  Sizes: B 0..64, T 1..300, D 1..130, 1..4 hidden layers of
+with a random seed.  Sizes: B 0..64, T 0..300, D 1..130, 1..4 hidden layers of
 widths 1..256 for the CPU kernels, capped by a work budget per example (big D
 and widths come with few keys); the emulated CUDA kernels (one CPU thread per
 CUDA thread) get smaller problems.
 
 Left out of the domain while other changes fix them (issue 14); re-enable with
 DIN_FUZZ_ENABLE=<comma list>:
-  t0        T = 0 (keys [B, 0, D]) crashed in the op.
   dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz: the
             generic-ISA CPU path's dq can be off by more than the bound, see the xfail test at the end).
   lowp_sharp  fp16/bf16 with softmax scale > 4 (found by this fuzz: BF16_SHARP_SOFTMAX_RELU).
@@ -47,7 +46,7 @@ from din_fused.reference import din_attention_ref
 
 FULL = os.environ.get("DIN_FUZZ_FULL", "0") not in ("", "0")
 ENABLED = set(filter(None, os.environ.get("DIN_FUZZ_ENABLE", "").split(",")))
-T_MIN = 0 if "t0" in ENABLED else 1
+T_MIN = 0  # T = 0 (keys [B, 0, D]) crashed in the op before issue 14; it is in the domain since
 
 # Examples per test in the CI profile; --fuzz-full multiplies by 10.
 CI_EXAMPLES = {"cpu64": 1090, "cpu32": 750, "emu": 100, "emu_lowp": 60}
