@@ -56,6 +56,7 @@
 #include <vector>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -117,7 +118,20 @@ class Pool {
   }
 
  private:
-  static constexpr int kSpin = 2000;  // pause iterations before blocking (~20-60 us)
+  // An idle worker spins this long before it blocks.  Long enough to span the
+  // Python between two calls of a training or serving loop (~100 us), so a
+  // follow-up call does not pay a futex wake-up (~50-100 us on a VM, more than a
+  // B=128, T=10 kernel); short enough that a finished job leaves the cores to
+  // other processes almost at once (libgomp's default spin is ~1,000x longer).
+  static constexpr int64_t kSpinNs = 200000;
+  template <class Done>
+  static void spin(Done&& done) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNs);
+    for (int i = 1; !done(); ++i) {
+      cpu_relax();
+      if ((i & 63) == 0 && std::chrono::steady_clock::now() > until) return;
+    }
+  }
 
   static Pool& instance() {
     static std::once_flag once;
@@ -158,7 +172,7 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       if (!error_) error_ = std::current_exception();
     }
-    for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+    spin([this] { return pending_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lk(mu_);
     done_cv_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     body_ = nullptr;
@@ -167,7 +181,7 @@ class Pool {
 
   void worker(int idx, uint64_t seen) {
     while (true) {
-      for (int i = 0; i < kSpin && gen_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
+      spin([&] { return gen_.load(std::memory_order_acquire) != seen; });
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
       // gen_, active_ and body_ are read together under the lock, so a worker

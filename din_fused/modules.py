@@ -206,7 +206,8 @@ class FusedDINAttention(nn.Module):
             mods += [(a, "weight") for a in dnn.activation_layers]
         if self.activation == "dice":
             for a in dnn.activation_layers:
-                mods += [(a, "alpha")] + [(a.bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
+                mods += [(a, "alpha")]
+                mods += [(a.bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
         return [(m._parameters if n in m._parameters else m._buffers, n, getattr(m, n)) for m, n in mods]
 
     def _build_params(self) -> MLPParams:

@@ -221,7 +221,6 @@ class _Prepared:
                        for a, h in zip(alphas, hidden)]
         self.gammas = [_as(g, acc) for g in bn_weights]
         self.betas = [_as(b, acc) for b in bn_biases]
-        dev = keys.device
         self.seq_start = None if seq_start is None else seq_start.contiguous()  # None: row r at r*T*D
         self.score_start = None
         self.cfg = {
