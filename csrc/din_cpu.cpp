@@ -569,7 +569,10 @@ struct Plan {
 
   explicit Plan(const DinParams& p) {
     const int req = std::max(1, p.num_threads);
-    split = p.rows > 0 && p.rows < req;
+    // Split rows into parts when there are too few to share out whole: rows go out
+    // 4 at a time (forward) or in blocks of 4 (backward), so with fewer than 4 per
+    // thread one thread could take them all (B=4 on 2 threads ran on one).
+    split = p.rows > 0 && p.rows < 4 * static_cast<int64_t>(req);
     if (!split) {
       nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(req, p.rows)));
       return;
@@ -662,13 +665,16 @@ void forward_impl(const DinParams& p) {
   std::vector<double> acc(static_cast<size_t>(D));
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t i0 = plan.first[r], i1 = plan.first[r + 1];
+    // A part without valid positions has mx == -inf; a NaN score makes its part's
+    // mx NaN, which must reach the whole row as in the reference (std::max would drop it).
     double mx = -INFINITY, den = 0.0;
     if (cx.softmax)
-      for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, parts[i].mx);
+      for (int64_t i = i0; i < i1; ++i)
+        mx = std::isnan(parts[i].mx) || std::isnan(mx) ? NAN : std::max(mx, parts[i].mx);
     std::fill(acc.begin(), acc.end(), 0.0);
-    const bool any = mx > -INFINITY;
+    const bool any = mx != -INFINITY;
     for (int64_t i = i0; i < i1; ++i) {
-      if (cx.softmax && !(parts[i].mx > -INFINITY)) continue;  // a part without valid positions
+      if (cx.softmax && parts[i].mx == -INFINITY) continue;  // a part without valid positions
       const double f = cx.softmax ? std::exp(parts[i].mx - mx) : 1.0;
       den += f * parts[i].den;
       for (int64_t d = 0; d < D; ++d) acc[d] += f * parts[i].acc[d];
@@ -682,7 +688,7 @@ void forward_impl(const DinParams& p) {
   if (!cx.softmax) return;
   Pool::run(plan.nt, [&](int tid) {
     plan.for_static(p, tid, [&](int64_t, const Span& sp) {
-      if (rmx[sp.r] > -INFINITY) fn.norm(cx, sp, rmx[sp.r], rinv[sp.r]);
+      if (rmx[sp.r] != -INFINITY) fn.norm(cx, sp, rmx[sp.r], rinv[sp.r]);
     });
   });
 }
@@ -1371,7 +1377,9 @@ struct Kernel {
       });
     }
     if (part) {
-      part->mx = cx.softmax && any ? static_cast<double>(mx) : -INFINITY;
+      // mx stays -inf when every score is NaN (std::max drops NaN), which the merge
+      // would read as "no valid positions": a NaN sum marks the part NaN instead.
+      part->mx = !(cx.softmax && any) ? -INFINITY : (std::isnan(den) ? NAN : static_cast<double>(mx));
       part->den = den;
       std::copy(racc, racc + D, part->acc);
       return;
