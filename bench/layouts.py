@@ -7,8 +7,9 @@
    shared path (row_seq, the history stored once), the fused path on keys tiled C times,
    and DeepCTR-Torch on the tiled keys (left out where its [C, T, 4D] input would pass
    --deepctr-max-elems; the table says so).
-3. Linearity: the jagged path on the skewed batch with every length scaled by 0.5, 1, 2 and 4;
-   time per valid position should not depend on the sum of lengths (within 10%).
+3. Linearity: the jagged path on skewed batches of B = 512..4096 rows, and on the B=1024 batch
+   with every length scaled by 0.5..4; time per valid position should not depend on the sum of
+   lengths (within 10%).
 
 fp32, D=36, H=(80, 40), sigmoid, forward in eval mode under no_grad; every provider has the
 same weights. Time: median of interleaved rounds in one process. Peak memory: a fresh
@@ -57,20 +58,25 @@ def make_modules() -> dict:
     return mods
 
 
-def skewed_lengths() -> torch.Tensor:
+def skewed_lengths(batch: int = 0) -> torch.Tensor:
+    """[batch or SKEWED["B"]] lognormal lengths, mean ~50, capped."""
     g = torch.Generator().manual_seed(1)
     sigma = 1.0  # lognormal mean = exp(mu + sigma^2 / 2) = SKEWED["mean"]
     mu = math.log(SKEWED["mean"]) - sigma ** 2 / 2
-    n = torch.empty(SKEWED["B"], dtype=torch.float64).log_normal_(mu, sigma, generator=g)
+    n = torch.empty(batch or SKEWED["B"], dtype=torch.float64).log_normal_(mu, sigma, generator=g)
     return n.round().clamp(1, SKEWED["cap"]).to(torch.int64)
 
 
-def build_case(kind: str, provider: str, T: int = 0, C: int = 0, factor: float = 1.0):
+def scaled_lengths(factor: float = 1.0, batch: int = 0) -> torch.Tensor:
+    return (skewed_lengths(batch).double() * factor).round().clamp_min(1).to(torch.int64)
+
+
+def build_case(kind: str, provider: str, T: int = 0, C: int = 0, factor: float = 1.0, batch: int = 0):
     """-> (callable running one forward, description of its input, bytes of its inputs)."""
     mods = make_modules()
     g = torch.Generator().manual_seed(2)
     if kind == "skewed":
-        lengths = (skewed_lengths().double() * factor).round().clamp_min(1).to(torch.int64)
+        lengths = scaled_lengths(factor, batch)
         B, Tmax = lengths.numel(), int(lengths.max())
         q = torch.randn(B, 1, D, generator=g)
         if provider == "jagged":
@@ -132,23 +138,27 @@ def timed(fns: dict, rounds: int, calls: int = 3) -> dict:
 
 
 def linearity(rounds: int, lines: list) -> None:
-    """Jagged forward time against the sum of lengths: every length of the skewed batch
-    scaled by 0.5, 1, 2, 4 (the same distribution's shape, 4x the work per step)."""
-    factors = (0.5, 1.0, 2.0, 4.0)
-    built = {f: build_case("skewed", "jagged", factor=f) for f in factors}
-    sums = {f: int((skewed_lengths().double() * f).round().clamp_min(1).sum()) for f in factors}
-    t = timed({f: b[0] for f, b in built.items()}, rounds)
-    per = {f: t[f] / sums[f] * 1e9 for f in factors}  # ns per valid position
-    mid = statistics.median(per.values())
-    lines += ["#### Linearity: jagged forward, skewed lengths scaled", "",
-              "| length factor | sum of lengths | forward ms | ns per position | vs median |",
-              "|---:|---:|---:|---:|---:|"]
-    for f in factors:
-        lines.append(f"| {f:g} | {sums[f]} | {t[f] * 1e3:.2f} | {per[f]:.1f} | {per[f] / mid:.2f} |")
-    dev = max(abs(v / mid - 1) for v in per.values())
-    lines += ["", f"Largest deviation of time per position from the median: {dev * 100:.1f}% "
-              "(target: within 10%).", ""]
-    print("\n".join(lines[-len(factors) - 6:]), flush=True)
+    """Jagged forward time against the sum of lengths, two ways: more rows of the same
+    length distribution (B = 512..4096), and every length of the B=1024 batch scaled by
+    0.5..4 (which also moves the per-row share of the work: the fold of the query into
+    the first layer and the last, partial tile of each row)."""
+    variants = {f"B={b}": (1.0, b) for b in (512, 1024, 2048, 4096)}
+    variants.update({f"lengths x{f:g}": (f, 0) for f in (0.5, 2.0, 4.0)})
+    built = {k: build_case("skewed", "jagged", factor=f, batch=b)[0] for k, (f, b) in variants.items()}
+    sums = {k: int(scaled_lengths(f, b).sum()) for k, (f, b) in variants.items()}
+    t = timed(built, rounds)
+    per = {k: t[k] / sums[k] * 1e9 for k in variants}  # ns per valid position
+    lines += ["#### Linearity: jagged forward against the sum of lengths", "",
+              "| batch | sum of lengths | forward ms | ns per position | vs B=1024 |",
+              "|---|---:|---:|---:|---:|"]
+    base = per["B=1024"]
+    for k in variants:
+        lines.append(f"| {k} | {sums[k]} | {t[k] * 1e3:.2f} | {per[k]:.1f} | {per[k] / base:.2f} |")
+    rows = max(abs(per[k] / base - 1) for k in variants if k.startswith("B="))
+    lens = max(abs(per[k] / base - 1) for k in variants)
+    lines += ["", f"Largest deviation of time per position from B=1024: {rows * 100:.1f}% over batch sizes, "
+              f"{lens * 100:.1f}% including scaled lengths (target: within 10%).", ""]
+    print("\n".join(lines[-len(variants) - 6:]), flush=True)
 
 
 def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> None:

@@ -106,7 +106,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
     out, scores = _run(din_fwd, query, keys, lengths, mask, params, training, normalization, scale)
     if return_scores:
-        return out, scores.to(query.dtype)
+        return out, scores if scores.dtype == query.dtype else scores.to(query.dtype)
     return out
 
 

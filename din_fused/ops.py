@@ -61,13 +61,16 @@ def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape:
 def _check_index(name: str, t, shape: tuple, device) -> None:
     """An int32/int64 index tensor (lengths, offsets, row_seq) of the given shape
     (None in shape: any size) on ``device``."""
-    want = "[" + ", ".join("N" if n is None else str(n) for n in shape) + "]"
+    def want() -> str:  # built only for an error message
+        return "[" + ", ".join("N" if n is None else str(n) for n in shape) + "]"
+
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be an int32/int64 torch.Tensor of shape {want}, got {type(t).__name__}")
+        raise TypeError(f"{name} must be an int32/int64 torch.Tensor of shape {want()}, "
+                        f"got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {want()}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
 
@@ -183,6 +186,10 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype).contiguous()
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -245,9 +252,9 @@ class _Prepared:
         return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
     def workspace(self, phase: str) -> Tensor | None:
-        nbytes = _C.workspace_bytes(self.cfg, phase)
-        if nbytes == 0 and not self.k.is_cuda:
+        if phase != "backward" and not self.k.is_cuda and not getattr(_C, "emulates_cuda", False):
             return None  # the CPU forward and statistics passes take no scratch
+        nbytes = _C.workspace_bytes(self.cfg, phase)
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.k.device)
         self.cfg["workspace"] = ws.data_ptr()
         self.cfg["workspace_bytes"] = nbytes
@@ -439,7 +446,7 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
         else:
             prep.cfg["check_lengths"] = True
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
-    return out.to(query.dtype), scores, stats
+    return _to(out, query.dtype), scores, stats
 
 
 din_fwd = torch.library.custom_op("din_fused::din_fwd", mutates_args=())(_din_fwd_impl)
@@ -518,7 +525,7 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
                             bn_biases, activation, normalization, scale)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
-    return out.to(query.dtype), scores, stats
+    return _to(out, query.dtype), scores, stats
 
 
 din_jagged_fwd = torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())(_din_jagged_fwd_impl)

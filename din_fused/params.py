@@ -92,23 +92,26 @@ def check_params(p: MLPParams, dim: int, device: torch.device) -> None:
     if len(biases) != L + 1:
         raise ValueError(f"biases must have {L + 1} entries (one per Linear), got {len(biases)}")
     fan_in = 4 * dim
+    on_cpu = device.type == "cpu"  # t.is_cpu is much cheaper than building t.device
     for l, (w, b) in enumerate(zip(weights, biases)):
-        for name, t in ((f"weights[{l}]", w), (f"biases[{l}]", b)):
+        # Argument names are formatted only for an error: this runs on every call.
+        for kind, t in (("weights", w), ("biases", b)):
             if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        out = 1 if l == L else (w.shape[0] if w.dim() == 2 else -1)
+                raise TypeError(f"{kind}[{l}] must be a torch.Tensor, got {type(t).__name__}")
+        wshape = w.shape
+        out = 1 if l == L else (wshape[0] if len(wshape) == 2 else -1)
         if l < L and not 1 <= out <= MAX_WIDTH:
             raise ValueError(f"hidden layer {l} width must be in 1..{MAX_WIDTH}, got weights[{l}] "
-                             f"of shape {tuple(w.shape)}")
-        if tuple(w.shape) != (out, fan_in):
-            raise ValueError(f"weights[{l}] must have shape [{out}, {fan_in}], got {tuple(w.shape)}")
-        if tuple(b.shape) != (out,):
+                             f"of shape {tuple(wshape)}")
+        if wshape != (out, fan_in):
+            raise ValueError(f"weights[{l}] must have shape [{out}, {fan_in}], got {tuple(wshape)}")
+        if b.shape != (out,):
             raise ValueError(f"biases[{l}] must have shape [{out}], got {tuple(b.shape)}")
-        for name, t in ((f"weights[{l}]", w), (f"biases[{l}]", b)):
+        for kind, t in (("weights", w), ("biases", b)):
             if not t.is_floating_point():
-                raise TypeError(f"{name} must be floating point, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
+                raise TypeError(f"{kind}[{l}] must be floating point, got {t.dtype}")
+            if not (t.is_cpu if on_cpu else t.device == device):
+                raise ValueError(f"{kind}[{l}] is on {t.device} but the inputs are on {device}")
         fan_in = out
     hidden = p.hidden
     per_layer = []
@@ -132,5 +135,5 @@ def check_params(p: MLPParams, dim: int, device: torch.device) -> None:
                 raise ValueError(f"{name}[{l}] must be a float tensor with {hidden[l]} elements"
                                  f"{' (or 1 for prelu)' if name == 'alphas' else ''}, "
                                  f"got shape {tuple(t.shape)} dtype {t.dtype}")
-            if t.device != device:
+            if not (t.is_cpu if on_cpu else t.device == device):
                 raise ValueError(f"{name}[{l}] is on {t.device} but the inputs are on {device}")

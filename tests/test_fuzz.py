@@ -26,6 +26,8 @@ DIN_FUZZ_ENABLE=<comma list>:
   dice_few  float32 Dice training on fewer than 4 valid keys (found by this fuzz: the
             generic-ISA CPU path's dq can be off by more than the bound, see the xfail test at the end).
   lowp_sharp  fp16/bf16 with softmax scale > 4 (found by this fuzz: BF16_SHARP_SOFTMAX_RELU).
+  lowp_narrow fp16/bf16 ReLU/PReLU with a hidden layer narrower than 4 (found by the full
+            run: FP16_WIDTH1_RELU_KINK).
 Not reachable from this domain anyway: NaN/Inf inputs (ReLU NaN), T > 300
 (long-T fp32 accuracy), |mean|/std >> 1 in Dice layers (float64 variance
 cancellation).
@@ -115,6 +117,9 @@ def problems(draw, backend, dtypes):
         T = max(T_MIN, min(T, max_keys // max(B, 1)))
         B = min(B, max(1, max_keys // max(T, 1)))
     act = draw(st.sampled_from(["sigmoid", "relu", "prelu", "dice"]))
+    if set(dtypes) & {torch.float16, torch.bfloat16} and act in ("relu", "prelu") \
+            and "lowp_narrow" not in ENABLED:
+        hidden = [max(h, 4) for h in hidden]  # see FP16_WIDTH1_RELU_KINK below
     return {
         "B": B, "T": T, "D": D, "hidden": tuple(hidden), "act": act,
         "training": act == "dice" and draw(st.booleans()),
@@ -329,3 +334,40 @@ BF16_SHARP_SOFTMAX_RELU = {
     "scale": 50.0, "validity": "mask", "density": 0.3, "return_scores": False, "isa": None, "threads": 1,
     "dtype": torch.bfloat16, "seed": 1,
 }
+
+
+# Found by the full run (emulated CUDA kernels, fp16): the bias gradient of a width-1 ReLU
+# layer 12x the reference's own fp16 error.  One unit decides alone whether a key passes
+# the kink: a pre-activation within fp16 rounding of 0 flips in one computation and not in
+# the other, and a flip adds or drops a whole term of the sum.  The function is not
+# continuous there, so no error rule relative to the reference's own rounding can hold; the
+# low-precision domain keeps ReLU/PReLU layers at width >= 4 (DIN_FUZZ_ENABLE=lowp_narrow),
+# where one flip is diluted by the other units.
+FP16_WIDTH1_RELU_KINK = {
+    "B": 3, "T": 13, "D": 49, "hidden": (1, 1, 146), "act": "relu", "training": False, "norm": "none",
+    "scale": 1.0, "validity": "lengths", "density": 0.0, "return_scores": False, "isa": None, "threads": 1,
+    "dtype": torch.float16, "seed": 218,
+}
+
+
+@pytest.mark.xfail(strict=False, reason="issue 14, full fuzz run: fp16 width-1 ReLU kink flips (see above)")
+def test_fuzz_found_fp16_width1_relu_kink(emu_install):
+    emu_install(FP16_WIDTH1_RELU_KINK)
+
+
+# Found by the full run (CPU, generic ISA, fp32): the output layer's weight gradient 4.2x
+# the reference's own fp32 error, against the rule's 4x.  Softmax at scale 50 over a
+# single feature (D=1) multiplies every logit's rounding by 50 before the exp; the fused
+# fold and the reference's concatenated Linear round the logits differently, and the
+# ratio of two such errors has no hard bound.  The domain keeps scale 50 for fp32
+# (the issue asks for it); this example stays as a known edge of the 4x rule.
+FP32_SHARP_SOFTMAX_D1 = {
+    "B": 45, "T": 58, "D": 1, "hidden": (227,), "act": "prelu", "training": False, "norm": "softmax",
+    "scale": 50.0, "validity": "lengths", "density": 0.0, "return_scores": True, "isa": "generic",
+    "threads": 1, "dtype": torch.float32, "seed": 191,
+}
+
+
+@pytest.mark.xfail(strict=False, reason="issue 14, full fuzz run: fp32 softmax at scale 50, D=1 (see above)")
+def test_fuzz_found_fp32_sharp_softmax_d1(monkeypatch):
+    _cpu_case(FP32_SHARP_SOFTMAX_D1, monkeypatch)
