@@ -634,6 +634,24 @@ int64_t shared_dk_extent(const DinParams& p) {
   return extent;
 }
 
+// Rows by decreasing length when the longest row is over 4x the mean (else empty:
+// the natural order balances well enough and sorting would only cost).
+inline std::vector<int64_t> longest_first(const DinParams& p) {
+  int64_t mx = 0, sum = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t len = row_of(p, r).len;
+    mx = std::max(mx, len);
+    sum += len;
+  }
+  if (mx * p.rows <= 4 * sum) return {};
+  std::vector<std::pair<int64_t, int64_t>> by_len(static_cast<size_t>(p.rows));
+  for (int64_t r = 0; r < p.rows; ++r) by_len[r] = {-row_of(p, r).len, r};
+  std::sort(by_len.begin(), by_len.end());
+  std::vector<int64_t> order(static_cast<size_t>(p.rows));
+  for (int64_t i = 0; i < p.rows; ++i) order[i] = by_len[i].second;
+  return order;
+}
+
 template <typename T>
 void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
@@ -643,12 +661,16 @@ void forward_impl(const DinParams& p) {
   const Plan plan(p);
   if (!plan.split) {
     // Rows handed out dynamically, 4 at a time: lengths vary, and the forward
-    // has no cross-row reduction, so the order does not change any result.
+    // has no cross-row reduction, so the order does not change any result.  With
+    // skewed lengths the longest rows go first, so that no thread is left with a
+    // long row while the others idle at the end.
+    const std::vector<int64_t> order = plan.nt > 1 ? longest_first(p) : std::vector<int64_t>();
     std::atomic<int64_t> next{0};
     Pool::run(plan.nt, [&](int) {
       Scratch<T> sc(m, false);
       for (int64_t r0; (r0 = next.fetch_add(4, std::memory_order_relaxed)) < p.rows;)
-        for (int64_t r = r0; r < std::min(p.rows, r0 + 4); ++r) fn.fwd(cx, sc, plan.span(p, r), nullptr);
+        for (int64_t i = r0; i < std::min(p.rows, r0 + 4); ++i)
+          fn.fwd(cx, sc, plan.span(p, order.empty() ? i : order[i]), nullptr);
     });
     return;
   }
