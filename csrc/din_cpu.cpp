@@ -887,11 +887,13 @@ void forward_cpu(const DinParams& p) {
   if (p.rows > 0 && (!p.out || !p.scores)) throw std::invalid_argument("forward: missing out/scores");
   if (p.check_lengths && p.rows > 0) {
     if (!p.seq_len) throw std::invalid_argument("forward: missing seq_len");
+    const bool above_ok = p.check_lengths == 2;
     for (int64_t s = 0; s < p.rows; ++s) {
       const int64_t n = p.seq_len[s];
-      if (n < 0 || n > p.max_len)
-        throw std::invalid_argument("lengths must lie in [0, T] = [0, " + std::to_string(p.max_len) +
-                                    "], got lengths[" + std::to_string(s) + "] = " + std::to_string(n));
+      if (n < 0 || (n > p.max_len && !above_ok))
+        throw std::invalid_argument("lengths must lie in [0, T] = [0, " + std::to_string(p.max_len) + "]" +
+                                    (above_ok ? " (above T meaning T)" : "") + ", got lengths[" +
+                                    std::to_string(s) + "] = " + std::to_string(n));
     }
   }
   by_dtype(p, forward_impl<float>, forward_impl<double>);

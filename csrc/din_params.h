@@ -34,10 +34,12 @@ struct DinParams {
   double scale = 1.0;      // softmax temperature: softmax(scale * score)
   DType dtype = DType::F32;
   int32_t num_threads = 1; // CPU only
-  // CPU forward: throw std::invalid_argument when a seq_len of rows 0..rows-1 lies
-  // outside [0, max_len] (the padded op's range check, without a separate pass in
-  // Python; a CUDA caller checks on the device instead).
-  bool check_lengths = false;
+  // CPU forward: throw std::invalid_argument when a seq_len of rows 0..rows-1 is
+  // out of range (the padded op's range check, without a separate pass in Python;
+  // a CUDA caller checks on the device instead).  1: [0, max_len];  2: >= 0, a
+  // length above max_len meaning max_len (DeepCTR-Torch's keys_length; the kernels
+  // clamp every length to max_len anyway).  0: no check.
+  int32_t check_lengths = 0;
   bool deterministic = true;  // CUDA only: false allows atomics for parameter grads
 
   // ---- sequence addressing (int64, on the same device as k) ----------------

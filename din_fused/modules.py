@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .functional import din_attention_jagged_p, din_attention_p
 from .params import MLPParams
 from .reference import ACTIVATIONS, din_attention_ref, tile_jagged
@@ -262,6 +263,10 @@ class FusedDINAttention(nn.Module):
         with return_score (w, row_offsets): w [row_offsets[R]], row r's weights at
         w[row_offsets[r]:row_offsets[r+1]].
         """
+        if keys_length is not None and mask is None and offsets is None and row_seq is None:
+            fast = self._small_inference(query, keys, keys_length)
+            if fast is not None:
+                return fast
         squeeze = query.dim() == 3
         if squeeze:
             if query.shape[1] != 1:
@@ -299,6 +304,43 @@ class FusedDINAttention(nn.Module):
                                        **_ref_kwargs(p))
         res = w if self.return_score else out
         return res.unsqueeze(1) if squeeze else res
+
+    def _small_inference(self, query, keys, keys_length):
+        """The padded forward of an eager inference call (no_grad, eval, CPU, plain contiguous
+        tensors, int64 lengths, not Dice) through a cached ops.PaddedPlan: the same kernel
+        call with the parameter checks and the params dict built once, for serving-sized
+        calls whose Python would otherwise cost more than the kernel.  None when any of
+        that does not hold: the general path then runs, with every check and its errors."""
+        if torch.is_grad_enabled() or self.training or self.impl != "fused" or self.supports_masking \
+                or self.activation == "dice" or getattr(ops._C, "emulates_cuda", False):
+            return None
+        if type(query) is not Tensor or type(keys) is not Tensor or type(keys_length) is not Tensor \
+                or not ops.plain_eager():
+            return None
+        qd = query.dim()
+        if keys.dim() != 3 or not (qd == 2 or (qd == 3 and query.shape[1] == 1)):
+            return None
+        B, T, D = keys.shape
+        if B == 0 or T == 0 or D != self.embedding_dim or query.shape[0] != B or query.shape[-1] != D \
+                or keys_length.dtype != torch.int64 or keys_length.numel() != B \
+                or not (keys_length.dim() == 1 or (keys_length.dim() == 2 and keys_length.shape[1] == 1)):
+            return None
+        dtype = keys.dtype
+        if query.dtype != dtype or not (keys.is_cpu and query.is_cpu and keys_length.is_cpu) \
+                or not (keys.is_contiguous() and query.is_contiguous() and keys_length.is_contiguous()):
+            return None
+        params = self._params()
+        plan = self.__dict__.get("_plan")
+        key = (D, dtype, self.normalization, self.scale)
+        if plan is None or plan[0] is not params or plan[1].key != key or not plan[1].valid():
+            plan = (params, ops.PaddedPlan(params, D, dtype, self.normalization, self.scale))
+            self.__dict__["_plan"] = plan
+        if not plan[1].ok:
+            return None
+        out, w = plan[1].forward(query, keys, keys_length)
+        if self.return_score:
+            return w.unsqueeze(1) if qd == 3 else w
+        return out
 
     def _forward_jagged(self, query, keys, offsets, row_seq, keys_length, mask, squeeze, nested):
         if keys_length is not None or mask is not None:

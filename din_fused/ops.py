@@ -444,7 +444,7 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
         if prep.empty:
             _check_lengths_values(lengths, T)
         else:
-            prep.cfg["check_lengths"] = True
+            prep.cfg["check_lengths"] = 1
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return _to(out, query.dtype), scores, stats
 
@@ -577,11 +577,68 @@ def _dispatcher_adds_nothing(tensors) -> bool:
     small forward's kernel."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._is_torch_function_mode_enabled() or _functorch.peek_interpreter_stack() is not None \
-            or torch._C._get_tracing_state() is not None:
-        return False
-    return all(type(t) in _PLAIN for t in tensors)
+    return plain_eager() and all(type(t) in _PLAIN for t in tensors)
+
+
+def plain_eager() -> bool:
+    """No torch.compile/export tracing, jit tracing, dispatch or torch-function mode or
+    functorch transform is active (see _dispatcher_adds_nothing)."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or _functorch.peek_interpreter_stack() is not None
+                or torch._C._get_tracing_state() is not None)
+
+
+class PaddedPlan:
+    """The padded forward of one parameter bundle for small eager inference calls on CPU.
+
+    Built once: the bundle is checked (check_params) and the static part of the kernels'
+    params dict is kept.  Only bundles the kernels read in place qualify (every tensor
+    contiguous, on the CPU, in the compute dtype, no PReLU alpha to broadcast), so
+    in-place updates show through.  ``valid()`` re-checks per call that every tensor still
+    has the same storage and shape (a ``.data`` swap changes them).  Everything else,
+    including the range check of the lengths, is done per call by ``forward``.
+    """
+
+    def __init__(self, params: MLPParams, dim: int, dtype: torch.dtype, normalization: str, scale: float):
+        check_params(params, dim, torch.device("cpu"))
+        weights, biases, alphas, gammas, betas = params.op_args()[:5]
+        hidden = [w.shape[0] for w in weights[:-1]]
+        tensors = [*weights, *biases, *alphas, *gammas, *betas]
+        self.ok = dtype in (torch.float32, torch.float64) and params.activation != "dice" \
+            and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
+        self.key = (dim, dtype, normalization, scale)
+        # (tensor, storage, shape, version): the version only where the kernels read a copy
+        # (PReLU's single alpha broadcast per channel), whose source may change in place.
+        self.slots = [(t, t.data_ptr(), t.shape, None) for t in [*weights, *biases]]
+        self.alphas = []
+        for a, h in zip(alphas, hidden):
+            self.slots.append((a, a.data_ptr(), a.shape, None if a.numel() == h else a._version))
+            self.alphas.append(a if a.numel() == h else a.detach().reshape(-1).expand(h).contiguous())
+        self.cfg = {
+            "dim": dim, "hidden": hidden, "act": _ACT_CODE[params.activation],
+            "norm": _NORM_CODE[normalization], "scale": float(scale), "dtype": _DTYPE_CODE[dtype],
+            "ldq": dim, "ldk": dim, "ldo": dim,
+            "W": _ptrs(weights), "b": _ptrs(biases), "alpha": _ptrs(self.alphas), "is_cuda": False,
+        }
+
+    def valid(self) -> bool:
+        return all(t.data_ptr() == ptr and t.shape == shape and (v is None or t._version == v)
+                   for t, ptr, shape, v in self.slots)
+
+    def forward(self, query: Tensor, keys: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """query [B, D] or [B, 1, D], keys [B, T, D] (contiguous, CPU, the plan's dtype),
+        lengths int64 [B] or [B, 1], contiguous, values above T meaning T (checked >= 0 in
+        the kernel) -> (out shaped like query, weights [B, T])."""
+        B, T, D = keys.shape
+        out = torch.empty_like(query)
+        scores = torch.empty(B, T, dtype=keys.dtype)
+        cfg = self.cfg.copy()
+        cfg.update({"rows": B, "max_len": T, "num_threads": torch.get_num_threads(), "q": query.data_ptr(),
+                    "k": keys.data_ptr(), "seq_stride": T * D, "seq_len": lengths.data_ptr(),
+                    "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T, "check_lengths": 2})
+        _C.forward(cfg)
+        return out, scores
 
 
 def call_forward(op, *args):

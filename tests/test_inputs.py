@@ -101,9 +101,12 @@ def test_dice_training_needs_two_positions():
 
 
 def test_cuda_tensor_without_cuda_build_says_how_to_rebuild():
-    if din_fused.build_info()["cuda"]:
-        # CUDA compiled in: the device query must agree with torch.
-        assert din_fused.build_info()["cuda_devices"] == torch.cuda.device_count()
+    info = din_fused.build_info()
+    if info["cuda"]:
+        # CUDA compiled in: the device query must agree with torch (the CPU emulation of
+        # the CUDA kernels, which tests/sanitize.sh installs as _C, reports its own device).
+        if info["cuda_archs"] != "emulated":
+            assert info["cuda_devices"] == torch.cuda.device_count()
         return
     with pytest.raises(RuntimeError, match="DIN_FUSED_CUDA=1"):
         din_fused._C.forward({"rows": 1, "dim": 1, "hidden": [1], "is_cuda": True})
@@ -301,8 +304,9 @@ def test_no_grad_eager_call_skips_the_dispatcher_with_the_same_results(monkeypat
         din_attention(q, k, lengths, **p)
     assert len(calls) == 1
     mod = FusedDINAttention(embedding_dim=k.shape[-1], att_hidden_units=(7, 3)).double().eval()
+    monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
     with torch.no_grad():
-        mod(q, k, lengths)  # nn.Parameter inputs qualify
+        mod(q, k, lengths)  # nn.Parameter inputs qualify (the module's general path)
     assert len(calls) == 2
 
 
@@ -381,3 +385,113 @@ def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
         got = torch.func.functional_call(mod, swapped, (q, k, lengths))
         ref.load_state_dict(swapped, strict=False)
         assert max_rel_err(got, ref(q, k, lengths)) < TOL64
+
+
+def _general_path(monkeypatch):
+    monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu"])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_inference_path_equals_the_general_path_bitwise(act, norm, dtype, threads, monkeypatch):
+    """Eager no_grad eval calls of FusedDINAttention take a cached-plan path (the same kernel
+    call, parameters checked once): it must give bitwise the general path's results, for
+    query [B, E] and [B, 1, E], lengths [B] and [B, 1], lengths above T (meaning T), T = 1."""
+    gen = torch.Generator().manual_seed(5)
+    mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act,
+                            weight_normalization=norm).to(dtype).eval()
+    plan_calls = []
+    real = din_fused.ops.PaddedPlan.forward
+    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
+                        lambda self, *a: plan_calls.append(1) or real(self, *a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shapes = [(5, 7, True, True), (3, 1, False, False), (9, 30, True, False), (1, 4, False, True)]
+        for B, T, q3, l2 in shapes:
+            q = torch.randn(B, 1, 37, generator=gen, dtype=dtype)
+            q = q if q3 else q[:, 0].contiguous()
+            k = torch.randn(B, T, 37, generator=gen, dtype=dtype)
+            lengths = torch.randint(0, T + 3, (B, 1) if l2 else (B,), generator=gen)  # some above T
+            with torch.no_grad():
+                fast = mod(q, k, lengths)
+                mod.return_score = True
+                fast_w = mod(q, k, lengths)
+                mod.return_score = False
+            with monkeypatch.context() as m:
+                _general_path(m)
+                with torch.no_grad():
+                    slow = mod(q, k, lengths)
+                    mod.return_score = True
+                    slow_w = mod(q, k, lengths)
+                    mod.return_score = False
+            assert fast.shape == slow.shape and fast_w.shape == slow_w.shape
+            assert torch.equal(fast, slow) and torch.equal(fast_w, slow_w)
+    finally:
+        torch.set_num_threads(old)
+    assert len(plan_calls) == 8
+
+
+def test_small_inference_path_is_only_taken_where_it_applies(monkeypatch):
+    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
+    calls = []
+    real = din_fused.ops.PaddedPlan.forward
+    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    q, k = torch.randn(3, 1, 6), torch.randn(3, 5, 6)
+    lengths = torch.tensor([1, 5, 0])
+    with torch.no_grad():
+        mod(q, k, lengths)
+    assert len(calls) == 1
+    mod(q, k, lengths)  # grad enabled
+    with torch.no_grad():
+        mod(q, k.transpose(0, 1).contiguous().transpose(0, 1), lengths)  # non-contiguous keys
+        mod(q, k, lengths.int())  # int32 lengths
+        mod(q, k, lengths.float())  # DeepCTR's float lengths
+        mod(q, k, lengths, mask=torch.ones(3, 5, dtype=torch.bool))
+        mod.train()
+        mod(q, k, lengths)
+    assert len(calls) == 1
+    dice = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,), att_activation="dice").eval()
+    with torch.no_grad():
+        dice(q, k, lengths)
+    assert len(calls) == 1
+    with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
+        mod.eval()(q, k, torch.tensor([1, -1, 2]))
+    assert len(calls) == 2
+
+
+def test_small_inference_path_follows_parameter_changes():
+    q, k = torch.randn(4, 1, 6, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64)
+    lengths = torch.tensor([[1], [5], [0], [3]])
+    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4, 3), att_activation="prelu").double().eval()
+    ref = FusedDINAttention(embedding_dim=6, att_hidden_units=(4, 3), att_activation="prelu",
+                            impl="reference").double().eval()
+
+    def agree():
+        ref.load_state_dict(mod.state_dict())
+        with torch.no_grad():
+            assert max_rel_err(mod(q, k, lengths), ref(q, k, lengths)) < TOL64
+
+    agree()
+    lin = mod.local_att.dnn.linears[0]
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    agree()
+    lin.weight.data = torch.randn_like(lin.weight)
+    agree()
+    lin.weight.data = torch.randn(2, 24, dtype=torch.float64)  # a different shape: the plan is rebuilt
+    with torch.no_grad(), pytest.raises(ValueError, match=r"biases\[0\] must have shape \[2\]"):
+        mod(q, k, lengths)
+    lin.weight.data = torch.randn(4, 24, dtype=torch.float64)
+    agree()
+    with torch.no_grad():
+        # PReLU's single alpha, broadcast into a copy by the plan
+        mod.local_att.dnn.activation_layers[0].weight.fill_(0.7)
+    agree()
+    mod.scale = 2.0
+    mod.normalization = "softmax"
+    ref.scale, ref.normalization = 2.0, "softmax"
+    agree()
