@@ -495,3 +495,16 @@ def test_small_inference_path_follows_parameter_changes():
     mod.normalization = "softmax"
     ref.scale, ref.normalization = 2.0, "softmax"
     agree()
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**40)])
+def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
+    """The module's cached-plan path checks lengths inside the kernel (values above T mean T,
+    as in DeepCTR-Torch): a negative length at any row is an error, never a silent zero."""
+    mod = FusedDINAttention(embedding_dim=5, att_hidden_units=(7, 3)).double().eval()
+    q, k, lengths, _ = problem()
+    for r in range(lengths.numel()):
+        bad_lengths = lengths.clone()
+        bad_lengths[r] = bad
+        with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
+            mod(q, k, bad_lengths)
