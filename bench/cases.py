@@ -284,3 +284,13 @@ def call_for(mode: str):
     if mode == "fwdbwd":
         return fwdbwd_call
     raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
+
+
+def write_markdown(text: str, out, tag: str) -> None:
+    """Write a benchmark's markdown to ``out`` (parents created) and say where."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[{tag}] wrote {out}")

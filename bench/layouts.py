@@ -209,10 +209,7 @@ def main() -> int:
             section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
                     " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
                     "shared", specs, a.rounds, lines)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"[layouts] wrote {out}")
+    cases.write_markdown("\n".join(lines) + "\n", a.out, "layouts")
     return 0
 
 

@@ -140,10 +140,7 @@ def main() -> int:
                   f"{dc / tiled:.1f}x (target >= 5x)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"[serving] wrote {out}")
+    cases.write_markdown(text, a.out, "serving")
     return 0
 
 

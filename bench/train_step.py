@@ -327,10 +327,7 @@ def main() -> int:
     print("\n".join(lines), flush=True)
     for att in [a.attention] if a.attention else ATTENTIONS:
         section(att, shape, a, lines)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"[train_step] wrote {out}")
+    cases.write_markdown("\n".join(lines) + "\n", a.out, "train_step")
     return 0
 
 

@@ -211,7 +211,6 @@ class _Prepared:
         R, D = query.shape
         T = keys.shape[1] if seq_start is None else max_len
         self.B, self.T, self.D, self.L = R, T, D, len(weights) - 1
-        self.out_dtype = query.dtype
         cdt = _compute_dtype(keys)
         self.acc = acc = _acc_dtype(cdt)
         self.q = _as(query, cdt)

@@ -351,21 +351,27 @@ def test_every_route_of_the_lengths_check_catches_bad_lengths(route, bad):
             din_attention(qq, k, bad_lengths, training=route == "dice training", **kwargs)
 
 
-def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
-    """FusedDINAttention caches its parameter bundle between calls; it must follow every
-    way a parameter can change: in place, .data, reassignment, load_state_dict(assign=True),
-    a swapped layer and torch.func.functional_call."""
-    q, k, lengths, _ = problem(act="prelu")
-    D = k.shape[-1]
-    mod = FusedDINAttention(embedding_dim=D, att_hidden_units=(7, 3), att_activation="prelu").double().eval()
-    ref = FusedDINAttention(embedding_dim=D, att_hidden_units=(7, 3), att_activation="prelu",
-                            impl="reference").double().eval()
+def _fused_and_reference(q, k, lengths, hidden):
+    """A float64 PReLU FusedDINAttention, its impl="reference" twin, and agree(): copies the
+    fused module's current state into the twin and compares their outputs on (q, k, lengths)."""
+    kw = dict(embedding_dim=k.shape[-1], att_hidden_units=hidden, att_activation="prelu")
+    mod = FusedDINAttention(**kw).double().eval()
+    ref = FusedDINAttention(**kw, impl="reference").double().eval()
 
     def agree():
         ref.load_state_dict(mod.state_dict())
         with torch.no_grad():
             assert max_rel_err(mod(q, k, lengths), ref(q, k, lengths)) < TOL64
 
+    return mod, ref, agree
+
+
+def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
+    """FusedDINAttention caches its parameter bundle between calls; it must follow every
+    way a parameter can change: in place, .data, reassignment, load_state_dict(assign=True),
+    a swapped layer and torch.func.functional_call."""
+    q, k, lengths, _ = problem(act="prelu")
+    mod, ref, agree = _fused_and_reference(q, k, lengths, (7, 3))
     agree()
     dense = mod.local_att.dense
     with torch.no_grad():
@@ -466,15 +472,7 @@ def test_small_inference_path_is_only_taken_where_it_applies(monkeypatch):
 def test_small_inference_path_follows_parameter_changes():
     q, k = torch.randn(4, 1, 6, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64)
     lengths = torch.tensor([[1], [5], [0], [3]])
-    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4, 3), att_activation="prelu").double().eval()
-    ref = FusedDINAttention(embedding_dim=6, att_hidden_units=(4, 3), att_activation="prelu",
-                            impl="reference").double().eval()
-
-    def agree():
-        ref.load_state_dict(mod.state_dict())
-        with torch.no_grad():
-            assert max_rel_err(mod(q, k, lengths), ref(q, k, lengths)) < TOL64
-
+    mod, ref, agree = _fused_and_reference(q, k, lengths, (4, 3))
     agree()
     lin = mod.local_att.dnn.linears[0]
     with torch.no_grad():
