@@ -140,9 +140,9 @@ py::dict build_info() {
   info["nvcc_version"] = std::string("");
 #endif
   info["cxx_compiler"] = std::string(DIN_CXX_COMPILER);
-  // The CPU kernels' own thread pool (blocking waits), sized per call by
-  // torch.get_num_threads().
-  info["threading"] = std::string("pool");
+  // The CPU kernels' threads: torch's OpenMP team when the process has one, else
+  // their own pool; sized per call by torch.get_num_threads().
+  info["threading"] = std::string(cpu_threading());
   info["max_layers"] = kMaxLayers;
   info["max_width"] = kMaxWidth;
   return info;

@@ -63,6 +63,7 @@
 #include <mutex>
 #include <thread>
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -95,12 +96,94 @@ inline void cpu_relax() {
 }
 
 // ---------------------------------------------------------------------------
-// Our own small, persistent thread pool (instead of OpenMP).  Why: waiting
-// threads spin only briefly (~tens of microseconds) and then block on a
-// condition variable, so on a machine shared with other busy processes a thread
-// that has finished its share gives its core to the straggler instead of
-// burning its time slice (libgomp's default policy spins for much longer), and
-// the kernels never compete with torch's OpenMP threads for a runtime.
+// Torch's own OpenMP team, when the process has one (libgomp, or any OpenMP
+// runtime that exports the GOMP entry points, such as LLVM's libomp).  Why:
+// after every parallel torch op its OpenMP workers spin for milliseconds,
+// waiting for the next region.  A kernel on a second set of threads then shares
+// the cores with those spinners: the headline forward ran 1.33x slower right
+// after a DeepCTR-Torch call than after a pause (docs/performance.md).  Run as
+// the next OpenMP region instead, the same workers pick the kernel up at once,
+// as they would an ATen op.  The entry points are found with dlsym, so _C links
+// no OpenMP runtime and never loads a second one.
+//   DIN_FUSED_CPU_THREADS=pool (read on every call) uses the Pool below instead;
+// the ThreadSanitizer runs need it, since libgomp's synchronisation is invisible
+// to TSan.  A forked child always uses the Pool: the parent's OpenMP workers do
+// not exist there, and libgomp would wait for them.
+// ---------------------------------------------------------------------------
+class OmpTeam {
+ public:
+  static const OmpTeam* get() {
+    static const OmpTeam* found = find();
+    if (!found || forked()) return nullptr;
+    const char* e = std::getenv("DIN_FUSED_CPU_THREADS");
+    if (e && std::strcmp(e, "pool") == 0) return nullptr;
+    return found;
+  }
+
+  // body(tid) for tid in [0, nt) on an OpenMP team of up to nt threads (the
+  // caller is thread 0).  A smaller team (a nested region, OMP_THREAD_LIMIT)
+  // runs several ids per thread, so every result still depends on nt alone.
+  void run(int nt, const std::function<void(int)>& body) const {
+    Job job{&body, nt, this, {}, nullptr};
+    parallel_(&OmpTeam::member, &job, static_cast<unsigned>(nt), 0);
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
+  // Set in a forked child (registered when _C loads, before any fork can matter).
+  static bool& forked() {
+    static bool f = false;
+    return f;
+  }
+
+ private:
+  using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+  using IntFn = int (*)();
+  struct Job {
+    const std::function<void(int)>* body;
+    int nt;
+    const OmpTeam* team;
+    std::mutex mu;
+    std::exception_ptr error;  // an exception must not leave an OpenMP region
+  };
+
+  OmpTeam(ParallelFn par, IntFn num, IntFn count) : parallel_(par), thread_num_(num), num_threads_(count) {}
+
+  static const OmpTeam* find() {
+    const auto par = reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    const auto num = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    const auto count = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
+    if (!par || !num || !count) return nullptr;
+    return new OmpTeam(par, num, count);  // lives until the process exits
+  }
+
+  static void member(void* data) {
+    Job& job = *static_cast<Job*>(data);
+    const int size = std::max(1, job.team->num_threads_());
+    for (int tid = job.team->thread_num_(); tid < job.nt; tid += size) {
+      try {
+        (*job.body)(tid);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(job.mu);
+        if (!job.error) job.error = std::current_exception();
+      }
+    }
+  }
+
+  ParallelFn parallel_;
+  IntFn thread_num_, num_threads_;
+};
+
+struct OmpForkGuard {
+  OmpForkGuard() { pthread_atfork(nullptr, nullptr, [] { OmpTeam::forked() = true; }); }
+};
+const OmpForkGuard omp_fork_guard;
+
+// ---------------------------------------------------------------------------
+// Our own small, persistent thread pool, for a process without an OpenMP team
+// (or DIN_FUSED_CPU_THREADS=pool).  Waiting threads spin only briefly (~200 us)
+// and then block on a condition variable, so on a machine shared with other
+// busy processes a thread that has finished its share gives its core to the
+// straggler instead of burning its time slice.
 // One job runs at a time: concurrent callers (Python threads, the GIL is
 // released) queue on job_mu_, so every call gets the thread count it asked for
 // and stays bitwise reproducible.
@@ -112,6 +195,10 @@ class Pool {
   static void run(int nt, const std::function<void(int)>& body) {
     if (nt <= 1) {
       body(0);
+      return;
+    }
+    if (const OmpTeam* team = OmpTeam::get()) {
+      team->run(nt, body);
       return;
     }
     instance().run_job(nt, body);
@@ -882,6 +969,8 @@ void by_dtype(const DinParams& p, F32 f32, F64 f64) {
 }
 
 }  // namespace
+
+const char* cpu_threading() { return OmpTeam::get() ? "openmp" : "pool"; }
 
 void forward_cpu(const DinParams& p) {
   if (p.rows > 0 && (!p.out || !p.scores)) throw std::invalid_argument("forward: missing out/scores");

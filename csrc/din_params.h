@@ -141,6 +141,9 @@ void forward_cpu(const DinParams& p);      // out, scores
 void stats_cpu(const DinParams& p);        // stats_out for stats_layer
 void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
 int64_t backward_workspace_bytes_cpu(const DinParams& p);
+// "openmp" (torch's OpenMP team) or "pool" (the kernels' own threads): what the
+// next multi-threaded CPU call will run on.
+const char* cpu_threading();
 
 #ifdef DIN_WITH_CUDA
 void forward_cuda(const DinParams& p);

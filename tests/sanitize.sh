@@ -98,6 +98,8 @@ run_tsan() {
     export TSAN_OPTIONS="log_path=$dir/logs/tsan:halt_on_error=0:report_signal_unsafe=0:suppressions=$root/tests/tsan.supp"
     export DIN_TEST_CUDA_EMU_SO="$(ls "$dir"/lib/_C*.so)"
     export DIN_FUZZ_SCALE="$fuzz_scale"
+    # CPU kernels on their own pool, whose synchronisation TSan sees (not libgomp's).
+    export DIN_FUSED_CPU_THREADS=pool
     rc=0
     "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py "${k[@]}" || rc=1
     "$py" -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k emulated || rc=1

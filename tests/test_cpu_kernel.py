@@ -210,8 +210,17 @@ def test_dice_training_variance_without_cancellation(shift):
 
 
 # ---------------------------------------------------------------------------------------
-# The thread pool: concurrent callers and fork
+# The threads: torch's OpenMP team or the kernels' own pool; concurrent callers and fork
 # ---------------------------------------------------------------------------------------
+@pytest.fixture(params=["openmp", "pool"])
+def runtime(request, monkeypatch):
+    """Each thread runtime of the CPU kernels (DIN_FUSED_CPU_THREADS is read per call)."""
+    monkeypatch.setenv("DIN_FUSED_CPU_THREADS", request.param)
+    if din_fused.build_info()["threading"] != request.param:
+        pytest.skip(f"torch in this process has no OpenMP runtime: {request.param} cannot run")
+    return request.param
+
+
 def _fwd_bwd(seed):
     q, k, lengths, mask, p, gout, gsc = _long_problem(17, 40, "sigmoid", "lengths", seed=seed)
     out, w, grads, _ = run(din_fused.din_attention, q.float(), k.float(), lengths, mask, p, torch.float32,
@@ -219,7 +228,7 @@ def _fwd_bwd(seed):
     return [out, w, *grads]
 
 
-def test_concurrent_python_threads_get_serial_results():
+def test_concurrent_python_threads_get_serial_results(runtime):
     serial = [_fwd_bwd(s) for s in range(4)]
     results = [None] * 4
 
@@ -242,8 +251,8 @@ def _child(queue):
     queue.put(float(_fwd_bwd(0)[0].detach().sum()))
 
 
-def test_kernel_works_in_a_forked_child():
-    # The parent's pool workers do not exist in a fork; the child must start its own.
+def test_kernel_works_in_a_forked_child(runtime):
+    # The parent's workers (pool or OpenMP) do not exist in a fork; the child must not wait for them.
     want = float(_fwd_bwd(0)[0].detach().sum())
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -257,7 +266,24 @@ def test_kernel_works_in_a_forked_child():
     assert queue.get(timeout=10) == want
 
 
-def test_build_info_names_the_pool():
+def test_both_runtimes_give_bitwise_equal_results(monkeypatch):
+    # The work split depends on the thread count alone, not on which threads run it.
+    with _threads(2):
+        monkeypatch.setenv("DIN_FUSED_CPU_THREADS", "pool")
+        pool = [_fwd_bwd(s) for s in range(2)]
+        monkeypatch.delenv("DIN_FUSED_CPU_THREADS")
+        default = [_fwd_bwd(s) for s in range(2)]
+    for want, got in zip(pool, default):
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+
+
+def test_build_info_names_the_runtime(monkeypatch):
+    # torch's wheels run ATen on OpenMP; the kernels join that team unless told not to.
+    want = "openmp" if "OpenMP" in torch.__config__.parallel_info() else "pool"
+    monkeypatch.delenv("DIN_FUSED_CPU_THREADS", raising=False)
+    assert din_fused.build_info()["threading"] == want
+    monkeypatch.setenv("DIN_FUSED_CPU_THREADS", "pool")
     assert din_fused.build_info()["threading"] == "pool"
 
 
