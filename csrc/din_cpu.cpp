@@ -20,7 +20,7 @@
 //   * Every dense product of a tile is one call of a register-blocked GEMM
 //     micro-kernel (RB rows x NB vectors of accumulators held in registers,
 //     one broadcast of A and NB loads of B per k).  Weights are packed once per
-//     call with every row zero-padded to 64 bytes, so the micro-kernels only see
+//     call with every row zero-padded to the vector width, so the micro-kernels see
 //     whole vectors; padded lanes carry zeros through every layer.
 //   * Activations, their derivatives and the exp of the softmax are vectorised
 //     (float: a Cephes-style exp with range reduction; double keeps std::exp so
@@ -301,9 +301,12 @@ class Pool {
   std::exception_ptr error_;
 };
 
-// Padding unit of every packed row: 64 bytes, a multiple of every vector width.
-template <typename T>
-constexpr int kPad = static_cast<int>(64 / sizeof(T));
+// Every packed row is zero-padded to a whole number of the call's vector width
+// (isa_bytes()), so the micro-kernels only see whole vectors and no lane is
+// wasted: with AVX2, H=40 stays 40 wide (padding to 64 bytes made it 48, and the
+// second layer's GEMM 20% longer).  The workspace size is queried before the
+// ISA is known, so it assumes the widest padding, kMaxPadBytes.
+constexpr int kMaxPadBytes = 64;
 inline int padded(int n, int u) { return (n + u - 1) / u * u; }
 
 // Zero-initialised, 64-byte aligned buffer.
@@ -336,7 +339,7 @@ class ABuf {
 // ---------------------------------------------------------------------------
 template <typename T>
 struct Model {
-  static constexpr int U = kPad<T>;
+  int pad_bytes = kMaxPadBytes, U = 0;  // padding unit in bytes and in elements
   int L = 0, D = 0, Dp = 0, Hmaxp = 0;
   int H[kMaxLayers] = {}, Hp[kMaxLayers] = {};
   Act act = Act::Sigmoid;
@@ -353,7 +356,7 @@ struct Model {
   bool has_corr[kMaxLayers] = {};
   const T* W0 = nullptr;
 
-  Model(const DinParams& p, bool backward) {
+  Model(const DinParams& p, bool backward, int pad) : pad_bytes(pad), U(pad / static_cast<int>(sizeof(T))) {
     L = p.num_layers;
     D = static_cast<int>(p.dim);
     Dp = padded(D, U);
@@ -439,8 +442,9 @@ struct GradLayout {
   int64_t GT = 0, GqT = 0, EqT = 0, e = 0, W[kMaxLayers + 1] = {}, b[kMaxLayers + 1] = {};
   int64_t alpha[kMaxLayers] = {}, gamma[kMaxLayers] = {}, beta[kMaxLayers] = {};
   int64_t total = 0;
-  explicit GradLayout(const DinParams& p) {
-    const int u = static_cast<int>(64 / acc_size(p.dtype));
+  // pad_bytes: the Model's; kMaxPadBytes gives an upper bound for any ISA.
+  explicit GradLayout(const DinParams& p, int pad_bytes = kMaxPadBytes) {
+    const int u = static_cast<int>(pad_bytes / acc_size(p.dtype));
     const int L = p.num_layers;
     const int64_t D = p.dim;
     int64_t Hp[kMaxLayers] = {};
@@ -474,7 +478,7 @@ struct Ctx {
   int red = -1;             // backward reduction layer, or -1
   int stats_layer = -1;
   GradLayout lay;
-  Ctx(const DinParams& pp, const Model<T>& mm) : p(&pp), m(&mm), lay(pp) {
+  Ctx(const DinParams& pp, const Model<T>& mm) : p(&pp), m(&mm), lay(pp, mm.pad_bytes) {
     softmax = pp.norm == Norm::Softmax;
     scale = static_cast<T>(pp.scale);
     red = pp.reduce_layer;
@@ -629,9 +633,8 @@ int isa_bytes() {
 }
 
 template <typename T>
-RowFns<T> row_fns() {
+RowFns<T> row_fns(int vb) {
 #if DIN_X86
-  const int vb = isa_bytes();
   if (vb == 64) return k512::row_fns<T>();
   if (vb == 32) return k256::row_fns<T>();
 #endif
@@ -742,9 +745,10 @@ inline std::vector<int64_t> longest_first(const DinParams& p) {
 template <typename T>
 void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
-  const Model<T> m(p, false);
+  const int vb = isa_bytes();
+  const Model<T> m(p, false, vb);
   const Ctx<T> cx(p, m);
-  const RowFns<T> fn = row_fns<T>();
+  const RowFns<T> fn = row_fns<T>(vb);
   const Plan plan(p);
   if (!plan.split) {
     // Rows handed out dynamically, 4 at a time: lengths vary, and the forward
@@ -804,7 +808,8 @@ void forward_impl(const DinParams& p) {
 
 template <typename T>
 void stats_impl(const DinParams& p) {
-  const Model<T> m(p, false);
+  const int vb = isa_bytes();
+  const Model<T> m(p, false, vb);
   const int l = p.stats_layer;
   if (l < 0 || l >= m.L || !p.stats_out) throw std::invalid_argument("stats: bad stats_layer");
   const Ctx<T> cx(p, m);
@@ -812,7 +817,7 @@ void stats_impl(const DinParams& p) {
   const Plan plan(p);
   const int nt = plan.nt;
   std::vector<double> part(static_cast<size_t>(nt) * 2 * Hp, 0.0), count(nt, 0.0);
-  const auto fn = row_fns<T>().stats;
+  const auto fn = row_fns<T>(vb).stats;
   Pool::run(nt, [&](int tid) {
     Scratch<T> sc(m, false);
     sc.rp = part.data() + static_cast<size_t>(tid) * 2 * Hp;
@@ -842,7 +847,8 @@ void backward_impl(const DinParams& p) {
   const int red = p.reduce_layer;
   const bool reducing = red >= 0;
   if (reducing && (red >= p.num_layers || !p.reduce_out)) throw std::invalid_argument("backward: bad reduce_layer");
-  const Model<T> m(p, true);
+  const int vb = isa_bytes();
+  const Model<T> m(p, true, vb);
   const Ctx<T> cx(p, m);
   const int D = m.D, L = m.L, H1 = m.H[0], H1p = m.Hp[0];
   const int nt = std::max(1, p.num_threads);  // the workspace is sized for num_threads
@@ -853,7 +859,7 @@ void backward_impl(const DinParams& p) {
   const int Hr = reducing ? m.Hp[red] : 0;
   std::vector<double> red_part(reducing ? static_cast<size_t>(nt) * 2 * Hr : 0, 0.0);
   T* ws = static_cast<T*>(p.workspace);
-  const RowFns<T> fn = row_fns<T>();
+  const RowFns<T> fn = row_fns<T>(vb);
   const Plan plan(p);
   const int used = plan.nt;
   const int64_t n = plan.size(p);
