@@ -459,8 +459,7 @@ def _(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases
             _fake_stats(query, weights))
 
 
-@torch.library.custom_op("din_fused::din_bwd", mutates_args=())
-def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: Tensor,
+def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: Tensor,
             lengths: Tensor, mask: Tensor | None, weights: list[Tensor], biases: list[Tensor],
             alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
             scores: Tensor, activation: str, normalization: str, scale: float,
@@ -474,6 +473,9 @@ def din_bwd(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, keys: T
     dq, dk, kgrads = _backward(prep, grad_out, grad_scores, stats, scores, activation, training)
     grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
     return dq.to(query.dtype), dk.to(keys.dtype), grads
+
+
+din_bwd = torch.library.custom_op("din_fused::din_bwd", mutates_args=())(_din_bwd_impl)
 
 
 @din_bwd.register_fake
@@ -538,8 +540,7 @@ def _(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_b
             _fake_stats(query, weights))
 
 
-@torch.library.custom_op("din_fused::din_jagged_bwd", mutates_args=())
-def din_jagged_bwd(grad_out: Tensor, grad_weights: Tensor | None, query: Tensor, values: Tensor,
+def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: Tensor, values: Tensor,
                    offsets: Tensor, row_seq: Tensor | None, weights: list[Tensor], biases: list[Tensor],
                    alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
                    flat_weights: Tensor, activation: str, normalization: str, scale: float,
@@ -554,6 +555,9 @@ def din_jagged_bwd(grad_out: Tensor, grad_weights: Tensor | None, query: Tensor,
     return dq.to(query.dtype), dk.to(values.dtype), grads
 
 
+din_jagged_bwd = torch.library.custom_op("din_fused::din_jagged_bwd", mutates_args=())(_din_jagged_bwd_impl)
+
+
 @din_jagged_bwd.register_fake
 def _(grad_out, grad_weights, query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
       bn_biases, stats, flat_weights, activation, normalization, scale, training):
@@ -564,7 +568,8 @@ def _(grad_out, grad_weights, query, values, offsets, row_seq, weights, biases, 
 # --------------------------------------------------------------------------------------
 # Cheap eager calls
 # --------------------------------------------------------------------------------------
-_IMPLS = {din_fwd: _din_fwd_impl, din_jagged_fwd: _din_jagged_fwd_impl}
+_IMPLS = {din_fwd: _din_fwd_impl, din_jagged_fwd: _din_jagged_fwd_impl, din_bwd: _din_bwd_impl,
+          din_jagged_bwd: _din_jagged_bwd_impl}
 _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter adds no dispatch behaviour
 
 
@@ -644,6 +649,10 @@ def call_forward(op, *args):
     """op(*args) for din_fwd / din_jagged_fwd, or the same implementation called directly
     when the dispatcher adds nothing (see _dispatcher_adds_nothing)."""
     tensors = [a for a in args[:4] if a is not None] + [t for lst in args[4:11] for t in lst]
+    return _call(op, tensors, args)
+
+
+def _call(op, tensors, args):
     if _dispatcher_adds_nothing(tensors):
         return _IMPLS[op](*args)
     return op(*args)
@@ -675,9 +684,12 @@ def _make_backward(bwd_op):
         activation, normalization, scale, training = ctx.attrs
         if grad_out is None:
             grad_out = torch.zeros_like(query)
-        dq, dk, grads = bwd_op(grad_out, grad_scores, query, keys, idx1, idx2, list(weights),
-                               list(biases), list(alphas), list(bn_weights), list(bn_biases), stats,
-                               scores, activation, normalization, scale, training)
+        # Like the forward, the backward op bypasses the dispatcher in plain eager mode
+        # (autograd runs it with grad mode off): ~0.5 ms of a B=128, T=10 step.
+        args = (grad_out, grad_scores, query, keys, idx1, idx2, list(weights), list(biases), list(alphas),
+                list(bn_weights), list(bn_biases), stats, scores, activation, normalization, scale, training)
+        tensors = [t for t in (grad_out, grad_scores, query, keys, idx1, idx2, scores) if t is not None]
+        dq, dk, grads = _call(bwd_op, tensors + list(params), args)
         i = 0
         split = []
         for n in (nw, nw, na, nb, nb):
