@@ -1,5 +1,6 @@
 """Bad input, padding that must never leak, and edge shapes."""
 
+import contextlib
 import math
 import subprocess
 from pathlib import Path
@@ -298,16 +299,61 @@ def test_no_grad_eager_call_skips_the_dispatcher_with_the_same_results(monkeypat
     assert len(calls) == 1
     qq = q.clone().requires_grad_()
     slow, ws = din_attention(qq, k, lengths, **p, normalization="softmax", return_scores=True)
-    assert len(calls) == 1  # gradients needed: through the dispatcher and the autograd op
+    assert len(calls) == 2  # gradients needed: the implementation under _EagerGrad
+    assert type(slow.grad_fn).__name__ == "_EagerGradBackward"
     assert torch.equal(fast, slow.detach()) and torch.equal(wf, ws.detach())
     with torch.no_grad(), torch.device("cpu"):  # a torch-function mode: dispatcher again
         din_attention(q, k, lengths, **p)
-    assert len(calls) == 1
+    assert len(calls) == 2
     mod = FusedDINAttention(embedding_dim=k.shape[-1], att_hidden_units=(7, 3)).double().eval()
     monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
     with torch.no_grad():
         mod(q, k, lengths)  # nn.Parameter inputs qualify (the module's general path)
-    assert len(calls) == 2
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("act, norm, training", [("prelu", "softmax", False), ("dice", "none", True),
+                                                 ("sigmoid", "softmax", False)])
+def test_eager_autograd_equals_the_registered_autograd(layout, act, norm, training):
+    # Plain eager calls that need gradients run _EagerGrad; under a torch-function mode the
+    # same call goes through the dispatcher and the op's registered autograd.  Outputs,
+    # weights, every gradient and the running statistics must agree bitwise.
+    def run(mode):
+        q, k, lengths, p = problem(act=act)
+        p = {key: [t.requires_grad_() for t in v] if key in ("weights", "biases", "alphas", "bn_weights",
+                                                               "bn_biases") else v for key, v in p.items()}
+        q.requires_grad_()
+        k.requires_grad_()
+        with mode:
+            if layout == "padded":
+                out, w = din_attention(q, k, lengths, **p, normalization=norm, training=training,
+                                       return_scores=True)
+            else:
+                offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+                values = torch.cat([k[b, :lengths[b]] for b in range(k.shape[0])])
+                out, w, _ = din_fused.din_attention_jagged(q, values, offsets, **p, normalization=norm,
+                                                           training=training, return_scores=True)
+            leaves = [q, values if layout == "jagged" else k] + [t for key in ("weights", "biases", "alphas",
+                      "bn_weights", "bn_biases") for t in p.get(key, [])]
+            grads = torch.autograd.grad((out * out).sum() + (w * w).sum(), leaves, allow_unused=True)
+        name = type(out.grad_fn).__name__
+        return name, [out, w, *grads, *p.get("running_means", [])]
+
+    eager_name, eager = run(contextlib.nullcontext())
+    op_name, op = run(torch.device("cpu"))
+    assert eager_name == "_EagerGradBackward" and op_name != eager_name
+    for a, b in zip(eager, op):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_eager_autograd_refuses_double_backward():
+    q, k, lengths, p = problem()
+    q.requires_grad_()
+    out = din_attention(q, k, lengths, **p)
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        g.sum().backward()
 
 
 @pytest.mark.parametrize("bad", [-1, 7])
