@@ -41,8 +41,10 @@
 //   order (in double) and a third scatters them into dW/db/dalpha/dgamma/dbeta
 //   (dW0 blocks: q: E q^T, k: G, q-k: E q^T - G, q*k: G_q).  Results are
 //   bitwise reproducible run to run.  dk is read-modify-written in place;
-//   when rows share sequences (row_seq) it uses atomicAdd instead (then dk is
-//   not bitwise reproducible, everything else still is).
+//   when rows share sequences (row_seq), each row writes its share to dk_rows
+//   at its weights' offsets and din_shared_dk_kernel adds a sequence's rows in
+//   a fixed order (O(sum of row lengths * D) scratch), so dk is reproducible
+//   too; without dk_rows, atomicAdd.
 //
 // Napkin math (first shape of issue 3: B=8192, T=200, D=64, H=(80,40), bf16,
 // lengths uniform in 1..T, ~100 valid keys per row, 0.82 M valid keys):
@@ -480,6 +482,29 @@ __global__ void __launch_bounds__(kThreads) din_sum_part_kernel(const T* part, i
   }
 }
 
+// dk of each shared sequence s += the sum of its rows' shares in dk_rows, row by
+// row in the order of seq_rows (fixed, so dk is bitwise reproducible; the
+// backward kernels wrote the shares without atomics).  One CTA per sequence.
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads) din_shared_dk_kernel(DinParams p) {
+  const T* rows = static_cast<const T*>(p.dk_rows);
+  const int64_t D = p.dim;
+  for (int64_t s = blockIdx.x; s < p.num_seqs; s += gridDim.x) {
+    const int64_t a = p.seq_rows_start[s], b = p.seq_rows_start[s + 1];
+    if (a == b) continue;
+    int64_t len = p.seq_len[s];
+    len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
+    S* dk = static_cast<S*>(p.dk) + seq_off(p, s);
+    for (int64_t idx = threadIdx.x; idx < len * D; idx += kThreads) {
+      const int64_t t = idx / D, d = idx - t * D;
+      T acc = T(0);
+      for (int64_t i = a; i < b; ++i) acc += rows[(p.score_start[p.seq_rows[i]] + t) * D + d];
+      S* dst = dk + t * p.ldk + d;
+      stv(dst, static_cast<T>(ldv(dst)) + acc);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
@@ -552,6 +577,7 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
   const int red = p.reduce_layer;
   const bool reducing = red >= 0;
   const bool shared_seq = p.row_seq != nullptr;
+  T* const dk_rows = static_cast<T*>(p.dk_rows);  // a shared sequence's rows: each its own share
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* wout = m.W[L];
   const PartLay& pl = y.part;
@@ -772,7 +798,8 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
             const int t = idx / D, d = idx - t * D;
             const T v = oth[t * Gw + d] + q_s[d] * oth[t * Gw + D + d] + w_s[t] * dout_s[d];
             S* dst = dkbase + pos[t] * p.ldk + d;
-            if (shared_seq) atomic_addv(dst, v);
+            if (dk_rows) dk_rows[(p.score_start[r] + pos[t]) * D + d] = v;
+            else if (shared_seq) atomic_addv(dst, v);
             else stv(dst, static_cast<T>(ldv(dst)) + v);
           }
           for (int d = threadIdx.x; d < D; d += kThreads) {
@@ -1026,6 +1053,17 @@ void run_forward(const DinParams& p, bool stats) {
   check_launch("din_chan_merge_kernel(stats)");
 }
 
+// Rows sharing sequences with dk_rows: add each sequence's rows into dk.
+template <typename S, typename T>
+void launch_shared_dk(const DinParams& p, cudaStream_t st) {
+  if (!p.dk_rows || p.rows <= 0 || p.num_seqs <= 0) return;
+  if (!p.row_seq || !p.score_start || !p.seq_rows || !p.seq_rows_start)
+    throw std::invalid_argument("din_fused cuda: dk_rows needs row_seq, score_start, seq_rows and seq_rows_start");
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.num_seqs, kMaxGrid));
+  DIN_LAUNCH(grid, kThreads, 0, st, din_shared_dk_kernel<S, T>)(p);
+  check_launch("din_shared_dk_kernel");
+}
+
 template <typename S, typename T>
 void run_backward(const DinParams& p) {
   const DevInfo di = dev_info(p);
@@ -1061,6 +1099,7 @@ void run_backward(const DinParams& p) {
       DIN_LAUNCH(grid_for(int64_t(p.hidden[0]) * 4 * p.dim), kThreads, 0, st, din_scatter_grads_kernel<float>)(
           p, pl, tot);
       check_launch("din_scatter_grads_kernel");
+      launch_shared_dk<S, float>(p, st);
       return;
     }
   }
@@ -1085,6 +1124,7 @@ void run_backward(const DinParams& p) {
   check_launch("din_sum_part_kernel");
   DIN_LAUNCH(grid_for(int64_t(p.hidden[0]) * 4 * p.dim), kThreads, 0, st, din_scatter_grads_kernel<T>)(p, y.part, tot);
   check_launch("din_scatter_grads_kernel");
+  launch_shared_dk<S, T>(p, st);
 }
 
 template <typename F>

@@ -779,7 +779,9 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
             const float* cr = C + t * g.ldC;
             const float v = cr[d] - cr[D + d] + q_s[rr * D + d] * cr[2 * D + d] + w_s[t] * dout_s[rr * D + d];
             S* dst = dkb + seq_off(p, s) + ts.pos[t] * p.ldk + d;
-            if (shared_seq) atomic_addv(dst, v);
+            if (p.dk_rows)
+              static_cast<float*>(p.dk_rows)[(p.score_start[r0 + rr] + ts.pos[t]) * D + d] = v;
+            else if (shared_seq) atomic_addv(dst, v);
             else stv(dst, ldv(dst) + v);
           }
           for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {

@@ -78,6 +78,18 @@ struct DinParams {
   const void* dscores = nullptr; int64_t ld_dscores = 0;  // [rows, T] acc, or nullptr
   void* dq = nullptr; int64_t lddq = 0;                   // [rows, D] dtype
   void* dk = nullptr;                                     // laid out like k (seq_start, ldk)
+  // Rows sharing a sequence (row_seq), CUDA: the key gradient of a shared sequence
+  // is the sum of its rows' shares.  With dk_rows, each row's share is written to
+  // dk_rows [sum of row lengths, D] (acc type) at its weights' offsets
+  // (score_start), and a second kernel adds each sequence's rows into dk in the
+  // order of seq_rows, so dk is bitwise reproducible.  nullptr: atomics.
+  // seq_rows [rows]: the rows grouped by sequence, ascending within a group;
+  // seq_rows_start [num_seqs + 1]: the groups' bounds.  The CPU ignores these (its
+  // threads keep per-thread partials of dk).
+  void* dk_rows = nullptr;
+  const int64_t* seq_rows = nullptr;
+  const int64_t* seq_rows_start = nullptr;
+  int64_t num_seqs = 0;
   // Parameter gradients, acc type, same shapes as the parameters; overwritten.
   void* dW[kMaxLayers + 1] = {};
   void* db[kMaxLayers + 1] = {};

@@ -251,8 +251,27 @@ class _Prepared:
         # (an empty tensor's data_ptr is 0, which _C rejects as a missing pointer).
         return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
+    @property
+    def cuda_kernels(self) -> bool:
+        """The CUDA kernels run (a CUDA tensor, or their CPU emulation in the tests)."""
+        return self.k.is_cuda or getattr(_C, "emulates_cuda", False)
+
+    def shared_dk_rows(self) -> None:
+        """CUDA, rows sharing a sequence: scratch for each row's share of dk, and the rows
+        grouped by sequence, so that the kernels sum a shared sequence's key gradient in a
+        fixed order (bitwise reproducible) instead of with atomics.  O(sum of row lengths
+        * D) memory; the CPU kernels keep per-thread partials instead."""
+        if self.row_seq is None or not self.cuda_kernels or self.score_start is None:
+            return
+        S, dev = self.lengths.numel(), self.k.device
+        seqs, self._seq_rows = torch.sort(self.row_seq, stable=True)
+        self._seq_rows_start = torch.searchsorted(seqs, torch.arange(S + 1, device=dev))  # no host sync
+        self._dk_rows = torch.empty(max(self.n_scores, 1), self.D, dtype=self.acc, device=self.k.device)
+        self.cfg.update({"dk_rows": self._dk_rows.data_ptr(), "seq_rows": self._seq_rows.data_ptr(),
+                         "seq_rows_start": self._seq_rows_start.data_ptr(), "num_seqs": S})
+
     def workspace(self, phase: str) -> Tensor | None:
-        if phase != "backward" and not self.k.is_cuda and not getattr(_C, "emulates_cuda", False):
+        if phase != "backward" and not self.cuda_kernels:
             return None  # the CPU forward and statistics passes take no scratch
         nbytes = _C.workspace_bytes(self.cfg, phase)
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.k.device)
@@ -394,6 +413,7 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
+        prep.shared_dk_rows()
         _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": prep.D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),
                      "dgamma": _ptrs(dgamma), "dbeta": _ptrs(dbeta)})
