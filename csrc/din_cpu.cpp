@@ -120,16 +120,24 @@ class OmpTeam {
     return found;
   }
 
-  // body(tid) for tid in [0, nt) on an OpenMP team of up to nt threads (the
-  // caller is thread 0).  A smaller team (a nested region, OMP_THREAD_LIMIT)
-  // runs several ids per thread, so every result still depends on nt alone.
+  // body(tid) for tid in [0, nt) on an OpenMP team of up to nt threads.  The
+  // team's threads claim ids from a counter, so each id runs exactly once
+  // whatever the team's size (a nested region or OMP_THREAD_LIMIT give fewer
+  // threads) and without any other OpenMP entry point; every result depends on
+  // the ids alone, i.e. on nt.  Unlike the Pool, concurrent callers are not
+  // queued: each calling thread gets its own team, as with torch's own ops.
   void run(int nt, const std::function<void(int)>& body) const {
-    Job job{&body, nt, this, {}, nullptr};
+    Job job;
+    job.body = &body;
+    job.nt = nt;
     parallel_(&OmpTeam::member, &job, static_cast<unsigned>(nt), 0);
     if (job.error) std::rethrow_exception(job.error);
   }
 
-  // Set in a forked child (registered when _C loads, before any fork can matter).
+  // Set in a forked child.  Registered when _C loads, so a fork after
+  // `import din_fused` is covered; a child that first imports din_fused after
+  // its parent ran OpenMP regions inherits libgomp's broken team, as torch's own
+  // ops in that child do.
   static bool& forked() {
     static bool f = false;
     return f;
@@ -137,29 +145,24 @@ class OmpTeam {
 
  private:
   using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
-  using IntFn = int (*)();
   struct Job {
-    const std::function<void(int)>* body;
-    int nt;
-    const OmpTeam* team;
+    const std::function<void(int)>* body = nullptr;
+    int nt = 0;
+    std::atomic<int> next{0};
     std::mutex mu;
     std::exception_ptr error;  // an exception must not leave an OpenMP region
   };
 
-  OmpTeam(ParallelFn par, IntFn num, IntFn count) : parallel_(par), thread_num_(num), num_threads_(count) {}
+  explicit OmpTeam(ParallelFn par) : parallel_(par) {}
 
   static const OmpTeam* find() {
     const auto par = reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-    const auto num = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-    const auto count = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
-    if (!par || !num || !count) return nullptr;
-    return new OmpTeam(par, num, count);  // lives until the process exits
+    return par ? new OmpTeam(par) : nullptr;  // lives until the process exits
   }
 
   static void member(void* data) {
     Job& job = *static_cast<Job*>(data);
-    const int size = std::max(1, job.team->num_threads_());
-    for (int tid = job.team->thread_num_(); tid < job.nt; tid += size) {
+    for (int tid; (tid = job.next.fetch_add(1, std::memory_order_relaxed)) < job.nt;) {
       try {
         (*job.body)(tid);
       } catch (...) {
@@ -170,7 +173,6 @@ class OmpTeam {
   }
 
   ParallelFn parallel_;
-  IntFn thread_num_, num_threads_;
 };
 
 struct OmpForkGuard {

@@ -484,18 +484,22 @@ __global__ void __launch_bounds__(kThreads) din_sum_part_kernel(const T* part, i
 
 // dk of each shared sequence s += the sum of its rows' shares in dk_rows, row by
 // row in the order of seq_rows (fixed, so dk is bitwise reproducible; the
-// backward kernels wrote the shares without atomics).  One CTA per sequence.
+// backward kernels wrote the shares without atomics).  The grid is seq_ctas x
+// (gridDim.x / seq_ctas): CTAs walk the sequences in one direction and the
+// elements of a sequence in the other (one user's history shared by every
+// candidate is a single sequence: it must not land on one SM).
 template <typename S, typename T>
-__global__ void __launch_bounds__(kThreads) din_shared_dk_kernel(DinParams p) {
+__global__ void __launch_bounds__(kThreads) din_shared_dk_kernel(DinParams p, int64_t seq_ctas) {
   const T* rows = static_cast<const T*>(p.dk_rows);
   const int64_t D = p.dim;
-  for (int64_t s = blockIdx.x; s < p.num_seqs; s += gridDim.x) {
+  const int64_t part = blockIdx.x / seq_ctas, parts = gridDim.x / seq_ctas;
+  for (int64_t s = blockIdx.x % seq_ctas; s < p.num_seqs; s += seq_ctas) {
     const int64_t a = p.seq_rows_start[s], b = p.seq_rows_start[s + 1];
     if (a == b) continue;
     int64_t len = p.seq_len[s];
     len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
     S* dk = static_cast<S*>(p.dk) + seq_off(p, s);
-    for (int64_t idx = threadIdx.x; idx < len * D; idx += kThreads) {
+    for (int64_t idx = part * kThreads + threadIdx.x; idx < len * D; idx += parts * kThreads) {
       const int64_t t = idx / D, d = idx - t * D;
       T acc = T(0);
       for (int64_t i = a; i < b; ++i) acc += rows[(p.score_start[p.seq_rows[i]] + t) * D + d];
@@ -1059,8 +1063,11 @@ void launch_shared_dk(const DinParams& p, cudaStream_t st) {
   if (!p.dk_rows || p.rows <= 0 || p.num_seqs <= 0) return;
   if (!p.row_seq || !p.score_start || !p.seq_rows || !p.seq_rows_start)
     throw std::invalid_argument("din_fused cuda: dk_rows needs row_seq, score_start, seq_rows and seq_rows_start");
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.num_seqs, kMaxGrid));
-  DIN_LAUNCH(grid, kThreads, 0, st, din_shared_dk_kernel<S, T>)(p);
+  // ~4096 CTAs in all: up to 4096 over the sequences, the rest over each one's max_len * D elements.
+  const int64_t seq_ctas = std::min<int64_t>(p.num_seqs, 4096);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((p.max_len * p.dim + kThreads - 1) / kThreads,
+                                                               4096 / seq_ctas));
+  DIN_LAUNCH(static_cast<unsigned>(seq_ctas * parts), kThreads, 0, st, din_shared_dk_kernel<S, T>)(p, seq_ctas);
   check_launch("din_shared_dk_kernel");
 }
 

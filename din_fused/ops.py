@@ -199,6 +199,11 @@ def _ptrs(ts) -> list:
     return [t.data_ptr() for t in ts]
 
 
+# CUDA, rows sharing a sequence: the largest per-row key-gradient scratch used by default
+# (see _Prepared.shared_dk_rows).
+SHARED_DK_ROWS_MAX_BYTES = 1 << 30
+
+
 class _Prepared:
     """Inputs converted to the kernels' layouts, plus the common cfg dict.
 
@@ -259,9 +264,15 @@ class _Prepared:
     def shared_dk_rows(self) -> None:
         """CUDA, rows sharing a sequence: scratch for each row's share of dk, and the rows
         grouped by sequence, so that the kernels sum a shared sequence's key gradient in a
-        fixed order (bitwise reproducible) instead of with atomics.  O(sum of row lengths
-        * D) memory; the CPU kernels keep per-thread partials instead."""
+        fixed order (bitwise reproducible) instead of with atomics.  The scratch is the
+        sum of row lengths x D (the size of the tiled input's gradient, which the shared
+        layout otherwise never holds): above SHARED_DK_ROWS_MAX_BYTES the kernels fall back
+        to atomics, unless torch.use_deterministic_algorithms(True) asks for reproducible
+        results at any size.  The CPU kernels keep per-thread partials instead."""
         if self.row_seq is None or not self.cuda_kernels or self.score_start is None:
+            return
+        nbytes = self.n_scores * self.D * torch.finfo(self.acc).bits // 8
+        if nbytes > SHARED_DK_ROWS_MAX_BYTES and not torch.are_deterministic_algorithms_enabled():
             return
         S, dev = self.lengths.numel(), self.k.device
         seqs, self._seq_rows = torch.sort(self.row_seq, stable=True)

@@ -124,6 +124,31 @@ def test_shared_dk_fixed_order(emu_module, layout, dtype, monkeypatch):
         assert torch.equal(x, y)
 
 
+def test_shared_dk_scratch_cap(emu_module, monkeypatch):
+    # Above the scratch cap the kernels add shared key gradients with atomics (still
+    # correct); torch.use_deterministic_algorithms(True) keeps the fixed order at any size.
+    from din_fused import ops
+    seen = []
+    backward = ops._C.backward
+
+    def spy(d):
+        if d.get("reduce_layer", -1) < 0:
+            seen.append("dk_rows" in d)
+        backward(d)
+    monkeypatch.setattr(ops._C, "backward", spy)
+    monkeypatch.setattr(ops, "SHARED_DK_ROWS_MAX_BYTES", 0)
+    check_jagged("shared-mixed", "prelu", "softmax", torch.float64, "cpu")
+    assert seen and not any(seen)
+    seen.clear()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_jagged("shared-mixed", "prelu", "softmax", torch.float64, "cpu")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen and all(seen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["jagged", "shared-mixed"])
 def test_jagged_low_precision(emu_module, layout, dtype):
