@@ -341,7 +341,7 @@ class ABuf {
 // ---------------------------------------------------------------------------
 template <typename T>
 struct Model {
-  int pad_bytes = kMaxPadBytes, U = 0;  // padding unit in bytes and in elements
+  int pad_bytes, U;  // padding unit of the call (its vector width) in bytes and in elements
   int L = 0, D = 0, Dp = 0, Hmaxp = 0;
   int H[kMaxLayers] = {}, Hp[kMaxLayers] = {};
   Act act = Act::Sigmoid;
@@ -551,9 +551,7 @@ struct FwdPart {
 
 inline Row row_of(const DinParams& p, int64_t r) {
   const int64_t s = p.row_seq ? p.row_seq[r] : r;
-  // Python validates lengths; clamping keeps a bad value from reading out of bounds.
-  const int64_t len = std::min<int64_t>(std::max<int64_t>(p.seq_len[s], 0), p.max_len);
-  return {s, len};
+  return {s, seq_length(p, s)};
 }
 
 // Row functions of one ISA.
@@ -720,7 +718,7 @@ int64_t shared_dk_extent(const DinParams& p) {
   int64_t extent = 0;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t s = p.row_seq[r];
-    const int64_t len = std::min<int64_t>(std::max<int64_t>(p.seq_len[s], 0), p.max_len);
+    const int64_t len = seq_length(p, s);
     if (len > 0) extent = std::max(extent, seq_off(p, s) + (len - 1) * p.ldk + p.dim);
   }
   return extent;

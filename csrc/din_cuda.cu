@@ -496,8 +496,7 @@ __global__ void __launch_bounds__(kThreads) din_shared_dk_kernel(DinParams p, in
   for (int64_t s = blockIdx.x % seq_ctas; s < p.num_seqs; s += seq_ctas) {
     const int64_t a = p.seq_rows_start[s], b = p.seq_rows_start[s + 1];
     if (a == b) continue;
-    int64_t len = p.seq_len[s];
-    len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
+    const int64_t len = seq_length(p, s);
     S* dk = static_cast<S*>(p.dk) + seq_off(p, s);
     for (int64_t idx = part * kThreads + threadIdx.x; idx < len * D; idx += parts * kThreads) {
       const int64_t t = idx / D, d = idx - t * D;

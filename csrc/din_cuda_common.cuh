@@ -176,9 +176,7 @@ struct RowInfo {
 
 __device__ __forceinline__ RowInfo row_info(const DinParams& p, int64_t r) {
   const int64_t s = p.row_seq ? p.row_seq[r] : r;
-  int64_t len = p.seq_len[s];
-  len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);  // Python validates; never trust it
-  return {s, len};
+  return {s, seq_length(p, s)};
 }
 
 __device__ __forceinline__ bool is_valid(const DinParams& p, const RowInfo& ri, int64_t t) {

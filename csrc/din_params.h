@@ -136,6 +136,13 @@ DIN_HOST_DEVICE inline int64_t seq_off(const DinParams& p, int64_t s) {
   return p.seq_start ? p.seq_start[s] : s * p.seq_stride;
 }
 
+// Length of sequence s clamped to [0, max_len]: Python validates the lengths, and the
+// clamp keeps a bad value from ever reading out of bounds.
+DIN_HOST_DEVICE inline int64_t seq_length(const DinParams& p, int64_t s) {
+  const int64_t len = p.seq_len[s];
+  return len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
+}
+
 // Element offset of row r's weights in scores (ld = ld_scores) or dscores (ld_dscores).
 DIN_HOST_DEVICE inline int64_t score_row(const DinParams& p, int64_t r, int64_t ld) {
   return p.score_start ? p.score_start[r] : r * ld;

@@ -9,7 +9,7 @@ import torch._C._functorch as _functorch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-from .ops import call_forward, check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
+from .ops import _to, call_forward, check_inputs, check_jagged_inputs, din_fwd, din_jagged_fwd
 from .params import MLPParams
 
 
@@ -106,7 +106,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
     out, scores = _run(din_fwd, query, keys, lengths, mask, params, training, normalization, scale)
     if return_scores:
-        return out, scores if scores.dtype == query.dtype else scores.to(query.dtype)
+        return out, _to(scores, query.dtype)
     return out
 
 
@@ -170,4 +170,4 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
     if row_seq is not None:
         lens = lens[row_seq]
     row_offsets = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int64)
-    return out, w.to(query.dtype), row_offsets
+    return out, _to(w, query.dtype), row_offsets

@@ -191,12 +191,32 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _split_params(flat, sizes) -> list[list]:
+    """Flat weights, biases, alphas, bn_weights, bn_biases (or their gradients) back into
+    the five lists; sizes = (n weights, n alphas, n bn layers), as _setup_context keeps."""
+    nw, na, nb = sizes
+    out, i = [], 0
+    for n in (nw, nw, na, nb, nb):
+        out.append(list(flat[i:i + n]))
+        i += n
+    return out
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
 def _ptrs(ts) -> list:
     return [t.data_ptr() for t in ts]
+
+
+def _model_cfg(D, hidden, activation, normalization, scale, dtype, weights, biases, alphas, gammas=(),
+               betas=()) -> dict:
+    """The part of the kernels' params dict that describes the activation unit (the parameters
+    in the kernels' layout: contiguous, accumulation dtype, alphas per channel)."""
+    return {"dim": D, "hidden": hidden, "act": _ACT_CODE[activation], "norm": _NORM_CODE[normalization],
+            "scale": float(scale), "dtype": _DTYPE_CODE[dtype], "W": _ptrs(weights), "b": _ptrs(biases),
+            "alpha": _ptrs(alphas), "bn_gamma": _ptrs(gammas), "bn_beta": _ptrs(betas)}
 
 
 # CUDA, rows sharing a sequence: the largest per-row key-gradient scratch used by default
@@ -235,17 +255,14 @@ class _Prepared:
         self.betas = [_as(b, acc) for b in bn_biases]
         self.seq_start = None if seq_start is None else seq_start.contiguous()  # None: row r at r*T*D
         self.score_start = None
-        self.cfg = {
-            "rows": R, "dim": D, "max_len": T, "hidden": hidden,
-            "act": _ACT_CODE[activation], "norm": _NORM_CODE[normalization], "scale": float(scale),
-            "dtype": _DTYPE_CODE[cdt], "num_threads": torch.get_num_threads(),
+        self.cfg = _model_cfg(D, hidden, activation, normalization, scale, cdt, self.weights, self.biases,
+                              self.alphas, self.gammas, self.betas)
+        self.cfg.update({
+            "rows": R, "max_len": T, "num_threads": torch.get_num_threads(),
             "q": self.q.data_ptr(), "ldq": D, "k": self.k.data_ptr(), "ldk": D,
             "seq_start": _ptr(self.seq_start), "seq_stride": T * D, "seq_len": self.lengths.data_ptr(),
-            "row_seq": _ptr(self.row_seq), "mask": _ptr(self.mask), "ld_mask": T,
-            "W": _ptrs(self.weights), "b": _ptrs(self.biases),
-            "alpha": _ptrs(self.alphas), "bn_gamma": _ptrs(self.gammas), "bn_beta": _ptrs(self.betas),
-            "is_cuda": keys.is_cuda,
-        }
+            "row_seq": _ptr(self.row_seq), "mask": _ptr(self.mask), "ld_mask": T, "is_cuda": keys.is_cuda,
+        })
         if keys.is_cuda:
             self.cfg["device"] = keys.device.index
             self.cfg["stream"] = torch.cuda.current_stream(keys.device).cuda_stream
@@ -277,7 +294,7 @@ class _Prepared:
         S, dev = self.lengths.numel(), self.k.device
         seqs, self._seq_rows = torch.sort(self.row_seq, stable=True)
         self._seq_rows_start = torch.searchsorted(seqs, torch.arange(S + 1, device=dev))  # no host sync
-        self._dk_rows = torch.empty(max(self.n_scores, 1), self.D, dtype=self.acc, device=self.k.device)
+        self._dk_rows = torch.empty(max(self.n_scores, 1), self.D, dtype=self.acc, device=dev)
         self.cfg.update({"dk_rows": self._dk_rows.data_ptr(), "seq_rows": self._seq_rows.data_ptr(),
                          "seq_rows_start": self._seq_rows_start.data_ptr(), "num_seqs": S})
 
@@ -643,12 +660,9 @@ class PaddedPlan:
         for a, h in zip(alphas, hidden):
             self.slots.append((a, a.data_ptr(), a.shape, None if a.numel() == h else a._version))
             self.alphas.append(a if a.numel() == h else a.detach().reshape(-1).expand(h).contiguous())
-        self.cfg = {
-            "dim": dim, "hidden": hidden, "act": _ACT_CODE[params.activation],
-            "norm": _NORM_CODE[normalization], "scale": float(scale), "dtype": _DTYPE_CODE[dtype],
-            "ldq": dim, "ldk": dim, "ldo": dim,
-            "W": _ptrs(weights), "b": _ptrs(biases), "alpha": _ptrs(self.alphas), "is_cuda": False,
-        }
+        self.cfg = _model_cfg(dim, hidden, params.activation, normalization, scale, dtype, weights, biases,
+                              self.alphas)
+        self.cfg.update({"ldq": dim, "ldk": dim, "ldo": dim, "is_cuda": False})
 
     def valid(self) -> bool:
         return all(t.data_ptr() == ptr and t.shape == shape and (v is None or t._version == v)
@@ -703,26 +717,18 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_scores, _grad_stats):
         query, keys, idx1, idx2, scores, stats, *params = ctx.saved_tensors
-        nw, na, nb = ctx.sizes
-        weights, biases = params[:nw], params[nw:2 * nw]
-        alphas = params[2 * nw:2 * nw + na]
-        bn_weights = params[2 * nw + na:2 * nw + na + nb]
-        bn_biases = params[2 * nw + na + nb:]
+        weights, biases, alphas, bn_weights, bn_biases = _split_params(params, ctx.sizes)
         activation, normalization, scale, training = ctx.attrs
         if grad_out is None:
             grad_out = torch.zeros_like(query)
         # Like the forward, the backward op bypasses the dispatcher in plain eager mode
         # (autograd runs it with grad mode off): ~0.5 ms of a B=128, T=10 step.
-        args = (grad_out, grad_scores, query, keys, idx1, idx2, list(weights), list(biases), list(alphas),
-                list(bn_weights), list(bn_biases), stats, scores, activation, normalization, scale, training)
+        args = (grad_out, grad_scores, query, keys, idx1, idx2, weights, biases, alphas, bn_weights,
+                bn_biases, stats, scores, activation, normalization, scale, training)
         tensors = [t for t in (grad_out, grad_scores, query, keys, idx1, idx2, scores) if t is not None]
-        dq, dk, grads = _call(bwd_op, tensors + list(params), args)
-        i = 0
-        split = []
-        for n in (nw, nw, na, nb, nb):
-            split.append(grads[i:i + n])
-            i += n
-        no_grad_stats = [None] * nb  # running statistics are buffers
+        dq, dk, grads = _call(bwd_op, tensors + params, args)
+        split = _split_params(grads, ctx.sizes)
+        no_grad_stats = [None] * ctx.sizes[2]  # running statistics are buffers
         return (dq, dk, None, None, *split, no_grad_stats, no_grad_stats, None, None, None, None, None)
     return backward
 
@@ -749,11 +755,7 @@ class _EagerGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, rest, query, keys, idx1, idx2, *flat):
-        (nw, na, nb), lists, i = rest[0], [], 0
-        for n in (nw, nw, na, nb, nb):
-            lists.append(list(flat[i:i + n]))
-            i += n
-        args = (query, keys, idx1, idx2, *lists, *rest[1:])
+        args = (query, keys, idx1, idx2, *_split_params(flat, rest[0]), *rest[1:])
         output = _IMPLS[op](*args)
         _setup_context(ctx, args, output)
         ctx.backward_fn = _BACKWARDS[op]

@@ -104,11 +104,9 @@ def test_jagged_and_shared_layouts(emu_module, layout, act):
     check_jagged(layout, act, "none", torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["shared-one", "shared-mixed"])
-def test_shared_dk_fixed_order(emu_module, layout, dtype, monkeypatch):
-    # Rows sharing a sequence: the full backward hands the kernels per-row scratch and the
-    # rows grouped by sequence (no atomics), and every result is bitwise reproducible.
+def _spy_full_backward(monkeypatch) -> list:
+    """One entry per full (not reduce-pass) backward kernel call: whether it was handed the
+    per-row key-gradient scratch and the rows grouped by sequence."""
     from din_fused import ops
     seen = []
     backward = ops._C.backward
@@ -118,6 +116,15 @@ def test_shared_dk_fixed_order(emu_module, layout, dtype, monkeypatch):
             seen.append("dk_rows" in d and "seq_rows" in d)
         backward(d)
     monkeypatch.setattr(ops._C, "backward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["shared-one", "shared-mixed"])
+def test_shared_dk_fixed_order(emu_module, layout, dtype, monkeypatch):
+    # Rows sharing a sequence: the full backward hands the kernels per-row scratch and the
+    # rows grouped by sequence (no atomics), and every result is bitwise reproducible.
+    seen = _spy_full_backward(monkeypatch)
     runs = [jagged_fwd_bwd(layout, dtype, "cpu") for _ in range(2)]
     assert seen and all(seen)
     for x, y in zip(*runs):
@@ -128,14 +135,7 @@ def test_shared_dk_scratch_cap(emu_module, monkeypatch):
     # Above the scratch cap the kernels add shared key gradients with atomics (still
     # correct); torch.use_deterministic_algorithms(True) keeps the fixed order at any size.
     from din_fused import ops
-    seen = []
-    backward = ops._C.backward
-
-    def spy(d):
-        if d.get("reduce_layer", -1) < 0:
-            seen.append("dk_rows" in d)
-        backward(d)
-    monkeypatch.setattr(ops._C, "backward", spy)
+    seen = _spy_full_backward(monkeypatch)
     monkeypatch.setattr(ops, "SHARED_DK_ROWS_MAX_BYTES", 0)
     check_jagged("shared-mixed", "prelu", "softmax", torch.float64, "cpu")
     assert seen and not any(seen)

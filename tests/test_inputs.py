@@ -291,6 +291,20 @@ def _spy_impls(monkeypatch):
     return calls
 
 
+def _general_path(monkeypatch):
+    """The module's general path: no cached small-inference plan."""
+    monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
+
+
+def _spy_plan(monkeypatch) -> list:
+    """A list that grows by one per call that runs through ops.PaddedPlan.forward."""
+    calls = []
+    real = din_fused.ops.PaddedPlan.forward
+    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
 def test_no_grad_eager_call_skips_the_dispatcher_with_the_same_results(monkeypatch):
     q, k, lengths, p = problem(act="prelu")
     calls = _spy_impls(monkeypatch)
@@ -306,7 +320,7 @@ def test_no_grad_eager_call_skips_the_dispatcher_with_the_same_results(monkeypat
         din_attention(q, k, lengths, **p)
     assert len(calls) == 2
     mod = FusedDINAttention(embedding_dim=k.shape[-1], att_hidden_units=(7, 3)).double().eval()
-    monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
+    _general_path(monkeypatch)
     with torch.no_grad():
         mod(q, k, lengths)  # nn.Parameter inputs qualify (the module's general path)
     assert len(calls) == 3
@@ -439,10 +453,6 @@ def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
         assert max_rel_err(got, ref(q, k, lengths)) < TOL64
 
 
-def _general_path(monkeypatch):
-    monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
-
-
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu"])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -454,10 +464,7 @@ def test_small_inference_path_equals_the_general_path_bitwise(act, norm, dtype, 
     gen = torch.Generator().manual_seed(5)
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act,
                             weight_normalization=norm).to(dtype).eval()
-    plan_calls = []
-    real = din_fused.ops.PaddedPlan.forward
-    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
-                        lambda self, *a: plan_calls.append(1) or real(self, *a))
+    plan_calls = _spy_plan(monkeypatch)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -488,10 +495,7 @@ def test_small_inference_path_equals_the_general_path_bitwise(act, norm, dtype, 
 
 def test_small_inference_path_is_only_taken_where_it_applies(monkeypatch):
     mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
-    calls = []
-    real = din_fused.ops.PaddedPlan.forward
-    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
-                        lambda self, *a: calls.append(1) or real(self, *a))
+    calls = _spy_plan(monkeypatch)
     q, k = torch.randn(3, 1, 6), torch.randn(3, 5, 6)
     lengths = torch.tensor([1, 5, 0])
     with torch.no_grad():
