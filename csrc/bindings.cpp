@@ -74,6 +74,8 @@ const std::unordered_map<std::string_view, Setter>& setters() {
       {"dbeta", DIN_PTRS(dbeta)}, {"bn_corr_a", DIN_PTRS(bn_corr_a)}, {"bn_corr_c", DIN_PTRS(bn_corr_c)},
       {"reduce_layer", DIN_INT(reduce_layer, int32_t)}, {"reduce_out", DIN_PTR(reduce_out)},
       {"stats_layer", DIN_INT(stats_layer, int32_t)}, {"stats_out", DIN_PTR(stats_out)},
+      {"zcache", DIN_PTR(zcache)}, {"zcache_bytes", DIN_INT(zcache_bytes, int64_t)},
+      {"zcache_have", DIN_INT(zcache_have, int32_t)},
       {"workspace", DIN_PTR(workspace)}, {"workspace_bytes", DIN_INT(workspace_bytes, int64_t)},
       {"is_cuda", [](DinParams& p, py::handle v) { p.is_cuda = v.cast<bool>(); }},
       {"device", DIN_INT(device, int32_t)}, {"stream", DIN_PTR(stream)},
@@ -163,9 +165,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("backward", [](const py::dict& d) {
     dispatch(d, backward_cpu, DIN_CUDA_FN(backward_cuda));
   });
-  // Bytes of caller-provided scratch for a phase ("forward", "stats", "backward").
+  // Bytes of caller-provided scratch for a phase ("forward", "stats", "backward"),
+  // or of the CPU's pre-activation cache ("zcache"; 0 on CUDA, which has none).
   m.def("workspace_bytes", [](const py::dict& d, const std::string& phase) -> int64_t {
     DinParams p = from_dict(d);
+    if (phase == "zcache") return p.is_cuda ? 0 : zcache_bytes_cpu(p);
     if (p.is_cuda) {
 #ifdef DIN_WITH_CUDA
       if (phase == "backward") return backward_workspace_bytes_cuda(p);

@@ -470,6 +470,31 @@ struct GradLayout {
   }
 };
 
+struct Row {
+  int64_t s, len;
+};
+
+inline Row row_of(const DinParams& p, int64_t r) {
+  const int64_t s = p.row_seq ? p.row_seq[r] : r;
+  return {s, seq_length(p, s)};
+}
+
+// Layout of the pre-activation cache (DinParams::zcache): one slot per row
+// position t < len(r), slot(r, t) = base(r) + t with base the prefix sum of the
+// row lengths, holding every hidden layer's pre-activation (bias included) at
+// off[l], padded to the widest vector so that the layout does not depend on the
+// ISA of the call.
+struct ZLayout {
+  int64_t off[kMaxLayers] = {}, stride = 0;
+  explicit ZLayout(const DinParams& p) {
+    const int u = static_cast<int>(kMaxPadBytes / acc_size(p.dtype));
+    for (int l = 0; l < p.num_layers; ++l) {
+      off[l] = stride;
+      stride += padded(p.hidden[l], u);
+    }
+  }
+};
+
 // Per-call, read-only context shared by the threads.
 template <typename T>
 struct Ctx {
@@ -480,11 +505,29 @@ struct Ctx {
   int red = -1;             // backward reduction layer, or -1
   int stats_layer = -1;
   GradLayout lay;
-  Ctx(const DinParams& pp, const Model<T>& mm) : p(&pp), m(&mm), lay(pp, mm.pad_bytes) {
+  // Pre-activation cache: zc (nullptr: none), the layers already in it, and
+  // each row's first slot.
+  T* zc = nullptr;
+  int zhave = 0;
+  ZLayout zl;
+  std::vector<int64_t> zbase;
+  Ctx(const DinParams& pp, const Model<T>& mm) : p(&pp), m(&mm), lay(pp, mm.pad_bytes), zl(pp) {
     softmax = pp.norm == Norm::Softmax;
     scale = static_cast<T>(pp.scale);
     red = pp.reduce_layer;
     stats_layer = pp.stats_layer;
+    if (pp.zcache && pp.rows > 0) {
+      zbase.resize(static_cast<size_t>(pp.rows));
+      int64_t slots = 0;
+      for (int64_t r = 0; r < pp.rows; ++r) {
+        zbase[r] = slots;
+        slots += row_of(pp, r).len;
+      }
+      if (pp.zcache_bytes < slots * zl.stride * static_cast<int64_t>(sizeof(T)))
+        throw std::invalid_argument("zcache too small: query workspace_bytes(params, 'zcache')");
+      zc = static_cast<T*>(pp.zcache);
+      zhave = pp.zcache_have;
+    }
   }
 };
 
@@ -493,6 +536,7 @@ template <typename T>
 struct Scratch {
   ABuf<T> MT, c, M, qp, dp, ktile, acc, GT, e, g1, g2, s, ds;
   ABuf<T> Z[kMaxLayers], Hb[kMaxLayers];
+  ABuf<T> P[kMaxLayers];  // Dice gates of the tile, for the backward and the cache
   int64_t pos[kTile] = {};
   const T* qrow = nullptr;  // query of the current row (set by fold)
   // current tile: n keys, key i at A + i * sa
@@ -503,6 +547,10 @@ struct Scratch {
   T* dk = nullptr;       // where this thread adds dk: p.dk, or its own partial when rows share keys
   double* rp = nullptr;  // Dice reduction partials [2][Hp]; statistics: mean, M2 [2][Hp]
   double count = 0.0;    // statistics: positions merged into rp so far
+  // Pre-activation cache of the current row (zbind): its slot 0, or nullptr.
+  T* zrow = nullptr;
+  int zhave = 0;
+  const ZLayout* zl = nullptr;
   // Pooled sum and softmax denominator of the current row (part) in double:
   // tiles are summed in T, tile sums in double, so the error does not grow with T.
   ABuf<double> racc;
@@ -521,6 +569,7 @@ struct Scratch {
     for (int l = 0; l < m.L; ++l) {
       Z[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
       Hb[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
+      if (m.act == Act::Dice) P[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
     }
     if (backward) {
       M.reset(static_cast<size_t>(m.H[0]) * Dp);
@@ -533,9 +582,6 @@ struct Scratch {
   }
 };
 
-struct Row {
-  int64_t s, len;
-};
 
 // A row's positions [t0, t1) (the whole row, or one part of a long row).
 struct Span {
@@ -549,10 +595,6 @@ struct FwdPart {
   double* acc;  // [D]
 };
 
-inline Row row_of(const DinParams& p, int64_t r) {
-  const int64_t s = p.row_seq ? p.row_seq[r] : r;
-  return {s, seq_length(p, s)};
-}
 
 // Row functions of one ISA.
 //   fwd:   out/scores of span (part == nullptr: the whole row, finished in place;
@@ -1002,6 +1044,13 @@ void backward_cpu(const DinParams& p) {
   by_dtype(p, backward_impl<float>, backward_impl<double>);
 }
 
+int64_t zcache_bytes_cpu(const DinParams& p) {
+  check_common(p);
+  int64_t slots = 0;
+  for (int64_t r = 0; r < p.rows; ++r) slots += row_of(p, r).len;
+  return slots * ZLayout(p).stride * acc_size(p.dtype);
+}
+
 int64_t backward_workspace_bytes_cpu(const DinParams& p) {
   return (GradLayout(p).total + shared_dk_extent(p)) * acc_size(p.dtype) * std::max(1, p.num_threads);
 }
@@ -1302,16 +1351,23 @@ struct Kernel {
     }
   }
 
-  // z (+bias) -> h = act(z) for n rows of layer l; z is written back when kept.
-  template <Act A>
-  static DIN_INLINE void activate_t(const Model<T>& m, int l, int n, T* Z, T* Hh, const T* bias, bool keep_z) {
+  // z (+ bias when kBias) -> h = act(z) for n rows of layer l; z + bias is
+  // written back when keep_z.  Dice: the gate p = sigmoid(gamma * xhat + beta)
+  // also goes to P when given, for the backward of the same tile.
+  template <Act A, bool kBias>
+  static DIN_INLINE void activate_t(const Model<T>& m, int l, int n, T* Z, T* Hh, T* P, const T* bias,
+                                    bool keep_z) {
     const int Hp = m.Hp[l], nv = Hp / W;
     for (int i = 0; i < n; ++i) {
       T* zr = Z + static_cast<size_t>(i) * Hp;
       T* hr = Hh + static_cast<size_t>(i) * Hp;
+      T* pr_row = P ? P + static_cast<size_t>(i) * Hp : nullptr;
       for (int j = 0; j < nv; ++j) {
-        const v z = X::load(zr + j * W) + X::load(bias + j * W);
-        if (keep_z) X::store(zr + j * W, z);
+        v z = X::load(zr + j * W);
+        if constexpr (kBias) {
+          z += X::load(bias + j * W);
+          if (keep_z) X::store(zr + j * W, z);
+        }
         v h;
         if constexpr (A == Act::Sigmoid) {
           h = X::sigmoid(z);
@@ -1323,18 +1379,20 @@ struct Kernel {
           const v a = X::load(m.alpha[l].data() + j * W);
           const v xhat = (z - X::load(m.mean[l].data() + j * W)) * X::load(m.invstd[l].data() + j * W);
           const v pr = X::sigmoid(X::load(m.gamma[l].data() + j * W) * xhat + X::load(m.beta[l].data() + j * W));
+          if (pr_row) X::store(pr_row + j * W, pr);
           h = z * (a + (X::set1(T(1)) - a) * pr);
         }
         X::store(hr + j * W, h);
       }
     }
   }
-  static DIN_INLINE void activate(const Model<T>& m, int l, int n, T* Z, T* Hh, const T* bias, bool keep_z) {
+  template <bool kBias>
+  static DIN_INLINE void activate(const Model<T>& m, int l, int n, T* Z, T* Hh, T* P, const T* bias, bool keep_z) {
     switch (m.act) {
-      case Act::Sigmoid: activate_t<Act::Sigmoid>(m, l, n, Z, Hh, bias, keep_z); break;
-      case Act::ReLU: activate_t<Act::ReLU>(m, l, n, Z, Hh, bias, keep_z); break;
-      case Act::PReLU: activate_t<Act::PReLU>(m, l, n, Z, Hh, bias, keep_z); break;
-      default: activate_t<Act::Dice>(m, l, n, Z, Hh, bias, keep_z); break;
+      case Act::Sigmoid: activate_t<Act::Sigmoid, kBias>(m, l, n, Z, Hh, P, bias, keep_z); break;
+      case Act::ReLU: activate_t<Act::ReLU, kBias>(m, l, n, Z, Hh, P, bias, keep_z); break;
+      case Act::PReLU: activate_t<Act::PReLU, kBias>(m, l, n, Z, Hh, P, bias, keep_z); break;
+      default: activate_t<Act::Dice, kBias>(m, l, n, Z, Hh, P, bias, keep_z); break;
     }
   }
 
@@ -1373,29 +1431,67 @@ struct Kernel {
     }
   }
 
-  // Hidden layers 0..last of the current tile; layer `last` is activated when
-  // activate_last, otherwise left as the pre-activation (plus bias) in Z[last].
+  // Point the scratch at row r's slots of the pre-activation cache (if any).
+  static DIN_INLINE void zbind(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+    sc.zrow = cx.zc ? cx.zc + cx.zbase[r] * cx.zl.stride : nullptr;
+    sc.zhave = cx.zhave;
+    sc.zl = &cx.zl;
+  }
+  // The lowest layer a pass up to `last` must touch: with layer l cached, the
+  // layers below it are needed only when all_h (the backward reads every h).
+  static DIN_INLINE int first_layer(const Scratch<T>& sc, int last, bool all_h) {
+    if (!sc.zrow || all_h) return 0;
+    for (int l = last; l > 0; --l)
+      if (sc.zhave >> l & 1) return l;
+    return 0;
+  }
+  // Hp values per key of the tile between buf [n, Hp] and the cache at offset off.
+  static DIN_INLINE void zcopy(const Scratch<T>& sc, int64_t off, int Hp, int n, T* buf, bool load) {
+    for (int i = 0; i < n; ++i) {
+      T* slot = sc.zrow + sc.pos[i] * sc.zl->stride + off;
+      T* bi = buf + static_cast<size_t>(i) * Hp;
+      T* dst = load ? bi : slot;
+      const T* src = load ? slot : bi;
+      for (int j = 0; j < Hp; j += W) X::store(dst + j, X::load(src + j));
+    }
+  }
+
+  // Hidden layers first_layer..last of the current tile; layer `last` is
+  // activated when activate_last, otherwise left as the pre-activation (plus
+  // bias) in Z[last].  all_h: every layer's h is wanted, not only layer last's.
+  // With a cache, a layer found there is loaded (its pre-activation with the
+  // bias) instead of computed, and a computed one is stored.  (Keeping the Dice
+  // gates too was tried: the extra memory traffic cost as much as the exps saved.)
   static DIN_INLINE void hidden(const Model<T>& m, Scratch<T>& sc, int n, int last, bool activate_last,
-                                bool keep_z) {
-    for (int l = 0; l <= last; ++l) {
+                                bool keep_z, bool all_h = false) {
+    for (int l = first_layer(sc, last, all_h); l <= last; ++l) {
       T* Z = sc.Z[l].data();
-      const int nv = m.Hp[l] / W;
+      const int Hp = m.Hp[l], nv = Hp / W;
+      const bool act_l = l < last || activate_last;
+      T* P = m.act == Act::Dice && keep_z ? sc.P[l].data() : nullptr;  // the backward's gates
+      if (sc.zrow && (sc.zhave >> l & 1)) {
+        zcopy(sc, sc.zl->off[l], Hp, n, Z, true);
+        if (act_l) activate<false>(m, l, n, Z, sc.Hb[l].data(), P, nullptr, false);
+        continue;
+      }
       if (l == 0) {
-        Gemm<T>::template run<false>(n, nv, m.D, sc.A, sc.sa, 1, sc.MT.data(), m.Hp[0], Z, m.Hp[0]);
+        Gemm<T>::template run<false>(n, nv, m.D, sc.A, sc.sa, 1, sc.MT.data(), Hp, Z, Hp);
         z1_nonfinite_fixup(m, sc, n, Z);
-      } else
-        Gemm<T>::template run<false>(n, nv, m.H[l - 1], sc.Hb[l - 1].data(), m.Hp[l - 1], 1, m.WT[l].data(),
-                               m.Hp[l], Z, m.Hp[l]);
+      } else {
+        Gemm<T>::template run<false>(n, nv, m.H[l - 1], sc.Hb[l - 1].data(), m.Hp[l - 1], 1, m.WT[l].data(), Hp,
+                                     Z, Hp);
+      }
       const T* bias = l == 0 ? sc.c.data() : m.bias[l].data();
-      if (l < last || activate_last) {
-        activate(m, l, n, Z, sc.Hb[l].data(), bias, keep_z);
+      if (act_l) {
+        activate<true>(m, l, n, Z, sc.Hb[l].data(), P, bias, keep_z || sc.zrow);
       } else {
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < nv; ++j) {
-            T* zp = Z + static_cast<size_t>(i) * m.Hp[l] + j * W;
+            T* zp = Z + static_cast<size_t>(i) * Hp + j * W;
             X::store(zp, X::load(zp) + X::load(bias + j * W));
           }
       }
+      if (sc.zrow) zcopy(sc, sc.zl->off[l], Hp, n, Z, false);
     }
   }
 
@@ -1459,7 +1555,8 @@ struct Kernel {
     double den = 0.0;
     bool any = false;
     if (sp.t1 > sp.t0) {
-      fold(m, q, sc, false);
+      zbind(cx, sc, r);
+      if (first_layer(sc, m.L - 1, false) == 0) fold(m, q, sc, false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false);
         scores(m, sc, n);
@@ -1522,25 +1619,32 @@ struct Kernel {
     const Row row = row_of(p, sp.r);
     if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
-    fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, false);
+    zbind(cx, sc, sp.r);
+    if (first_layer(sc, l, false) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, false);
     double* mean = sc.rp;
     double* m2 = sc.rp + Hp;
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
       hidden(m, sc, n, l, false, false);  // layers < l use the batch statistics already known
       const T* z = sc.Z[l].data();
       const double na = sc.count, nb = n, tot = na + nb;
-      for (int j = 0; j < Hl; ++j) {
-        double s = 0.0;
-        for (int i = 0; i < n; ++i) s += static_cast<double>(z[static_cast<size_t>(i) * Hp + j]);
-        const double mb = s / nb;
-        double m2b = 0.0;
+      // The tile's mean and M2 per channel, vectorised over channels (two passes
+      // over the tile: nothing cancels), then merged into the running double ones.
+      const v inv_n = X::set1(T(1) / static_cast<T>(n));
+      for (int j0 = 0; j0 < Hl; j0 += W) {
+        v sum{};
+        for (int i = 0; i < n; ++i) sum += X::load(z + static_cast<size_t>(i) * Hp + j0);
+        const v mb = sum * inv_n;
+        v m2b{};
         for (int i = 0; i < n; ++i) {
-          const double d = static_cast<double>(z[static_cast<size_t>(i) * Hp + j]) - mb;
+          const v d = X::load(z + static_cast<size_t>(i) * Hp + j0) - mb;
           m2b += d * d;
         }
-        const double delta = mb - mean[j];
-        mean[j] += delta * (nb / tot);
-        m2[j] += m2b + delta * delta * (na * nb / tot);
+        for (int k = 0; k < W && j0 + k < Hl; ++k) {
+          const int j = j0 + k;
+          const double delta = static_cast<double>(mb[k]) - mean[j];
+          mean[j] += delta * (nb / tot);
+          m2[j] += static_cast<double>(m2b[k]) + delta * delta * (na * nb / tot);
+        }
       }
       sc.count = tot;
     });
@@ -1556,24 +1660,23 @@ struct Kernel {
     const int Hp = m.Hp[l], nv = Hp / W;
     const T* Z = sc.Z[l].data();
     const T* Hh = sc.Hb[l].data();
+    const T* Pg = sc.P[l].data();
     const v one = X::set1(T(1));
     for (int j = 0; j < nv; ++j) {
       v sb = v{}, s1 = v{}, s2 = v{}, s3 = v{};
-      v a{}, gam{}, inv{}, mu{}, bet{}, ca{}, cc{};
+      v a{}, gam{}, inv{}, mu{}, ca{}, cc{};
       if constexpr (A == Act::PReLU || A == Act::Dice) a = X::load(m.alpha[l].data() + j * W);
       if constexpr (A == Act::Dice) {
         gam = X::load(m.gamma[l].data() + j * W);
         inv = X::load(m.invstd[l].data() + j * W);
         mu = X::load(m.mean[l].data() + j * W);
-        bet = X::load(m.beta[l].data() + j * W);
         if (m.has_corr[l]) {
           ca = X::load(m.corr_a[l].data() + j * W);
           cc = X::load(m.corr_c[l].data() + j * W);
         }
       }
       const bool red_here = reducing && l == red;
-      double* rsum = red_here ? sc.rp + j * W : nullptr;
-      double* rsq = red_here ? sc.rp + Hp + j * W : nullptr;
+      v rs{}, rq{};  // the tile's sum(dxhat) and sum(dxhat * xhat); the row sums are in double
       for (int i = 0; i < n; ++i) {
         const size_t ix = static_cast<size_t>(i) * Hp + j * W;
         const v g = X::load(gh + ix);
@@ -1590,14 +1693,12 @@ struct Kernel {
         } else {  // Dice
           const v z = X::load(Z + ix);
           const v xhat = (z - mu) * inv;
-          const v pr = X::sigmoid(gam * xhat + bet);
+          const v pr = X::load(Pg + ix);  // the gate the activation computed (or the cache had)
           const v dy = g * z * (one - a) * pr * (one - pr);
           const v dxhat = dy * gam;
           if (red_here) {
-            for (int k = 0; k < W; ++k) {
-              rsum[k] += static_cast<double>(dxhat[k]);
-              rsq[k] += static_cast<double>(dxhat[k] * xhat[k]);
-            }
+            rs += dxhat;
+            rq += dxhat * xhat;
           }
           s1 += g * z * (one - pr);
           s2 += dy * xhat;
@@ -1609,6 +1710,14 @@ struct Kernel {
         sb += gz;
       }
       if (bacc) X::store(bacc + j * W, X::load(bacc + j * W) + sb);
+      if (red_here) {
+        double* rsum = sc.rp + j * W;
+        double* rsq = sc.rp + Hp + j * W;
+        for (int k = 0; k < W; ++k) {
+          rsum[k] += static_cast<double>(rs[k]);
+          rsq[k] += static_cast<double>(rq[k]);
+        }
+      }
       if (!reducing) {
         if constexpr (A == Act::PReLU || A == Act::Dice) {
           T* da = gp + lay.alpha[l] + j * W;
@@ -1676,13 +1785,14 @@ struct Kernel {
     T wdw = T(0);
     if (cx.softmax) wdw = static_cast<T>(wdw_row ? *wdw_row : wdw_span(cx, sp));
     fold(m, q, sc, !reducing);
+    zbind(cx, sc, r);
     if (!reducing) {
       std::fill(sc.GT.data(), sc.GT.data() + static_cast<size_t>(D) * H1p, T(0));
       std::fill(sc.e.data(), sc.e.data() + H1p, T(0));
     }
 
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
-      hidden(m, sc, n, L - 1, true, m.keep_z);
+      hidden(m, sc, n, L - 1, true, m.keep_z, true);
       const int HLp = m.Hp[L - 1], nvL = HLp / W;
       T* gh = sc.g1.data();  // dL/dh of the current layer [n, Hp_l]
       T* other = sc.g2.data();

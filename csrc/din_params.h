@@ -116,6 +116,18 @@ struct DinParams {
   int32_t stats_layer = -1;
   double* stats_out = nullptr;
 
+  // ---- CPU, training-mode Dice: pre-activations shared by the passes of a call --
+  // The statistics passes and the forward (and the reductions and the backward)
+  // each need the hidden layers' pre-activations.  With zcache, every pass
+  // writes the pre-activations it computes (each layer's GEMM output, before the
+  // bias) there, and finds the layers named in zcache_have (bit l: layer l)
+  // there instead of recomputing them, bitwise the same values: each layer's
+  // GEMM runs once per forward and once per backward, not once per pass.  Size
+  // and layout are the kernels' (zcache_bytes_cpu); nothing outlives one call of
+  // the op, so the backward still recomputes instead of storing.  CUDA ignores it.
+  void* zcache = nullptr; int64_t zcache_bytes = 0;
+  int32_t zcache_have = 0;
+
   // ---- scratch provided by the caller (CUDA: per-CTA partials) -------------
   void* workspace = nullptr; int64_t workspace_bytes = 0;
 
@@ -160,6 +172,7 @@ void forward_cpu(const DinParams& p);      // out, scores
 void stats_cpu(const DinParams& p);        // stats_out for stats_layer
 void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
 int64_t backward_workspace_bytes_cpu(const DinParams& p);
+int64_t zcache_bytes_cpu(const DinParams& p);  // bytes of zcache for these rows
 // "openmp" (torch's OpenMP team) or "pool" (the kernels' own threads): what the
 // next multi-threaded CPU call will run on.
 const char* cpu_threading();

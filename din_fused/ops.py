@@ -21,6 +21,8 @@ Op signatures (all tensors are on one device; the parameter lists are MLPParams.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch._C._functorch as _functorch
 from torch import Tensor
@@ -222,6 +224,33 @@ def _model_cfg(D, hidden, activation, normalization, scale, dtype, weights, bias
 # CUDA, rows sharing a sequence: the largest per-row key-gradient scratch used by default
 # (see _Prepared.shared_dk_rows).
 SHARED_DK_ROWS_MAX_BYTES = 1 << 30
+# CPU, training-mode Dice: the largest pre-activation cache (see _Prepared.zcache).
+ZCACHE_MAX_BYTES = 256 << 20
+
+
+class _ThreadScratch(threading.local):
+    buf: Tensor | None = None
+
+
+_scratch = _ThreadScratch()
+
+
+def _cpu_scratch(nbytes: int) -> Tensor:
+    """A CPU buffer of at least nbytes, kept per thread from call to call.  A fresh
+    tensor of tens of MB is new pages from the OS on every call (glibc maps them above
+    32 MB and unmaps them on free), and touching them cost as much as the cache saves;
+    the buffer is only ever grown, to at most ZCACHE_MAX_BYTES.  release_scratch()
+    gives it back."""
+    buf = _scratch.buf
+    if buf is None or buf.numel() < nbytes:
+        _scratch.buf = None  # free the old one before the new one is allocated
+        _scratch.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's kept CPU scratch (the training-mode Dice pre-activation cache)."""
+    _scratch.buf = None
 
 
 class _Prepared:
@@ -298,6 +327,24 @@ class _Prepared:
         self.cfg.update({"dk_rows": self._dk_rows.data_ptr(), "seq_rows": self._seq_rows.data_ptr(),
                          "seq_rows_start": self._seq_rows_start.data_ptr(), "num_seqs": S})
 
+    def zcache(self) -> bool:
+        """CPU, training-mode Dice: scratch for the hidden pre-activations of every valid
+        position (the sum of row lengths x the hidden widths, padded to 64 bytes), which
+        the statistics passes and the forward, or the reductions and the backward, share
+        instead of each recomputing the layers below: every layer's GEMM then runs once per
+        call instead of once per pass, with bitwise the same results.  Its contents live
+        for one call (nothing is kept for the backward); the buffer is _cpu_scratch's.
+        Above ZCACHE_MAX_BYTES the passes recompute.  Returns whether the cache is in use;
+        zcache_have then names the layers an earlier pass has written (bit l: layer l)."""
+        if self.cuda_kernels or self.empty:
+            return False
+        nbytes = _C.workspace_bytes(self.cfg, "zcache")
+        if nbytes == 0 or nbytes > ZCACHE_MAX_BYTES:
+            return False
+        buf = _cpu_scratch(nbytes)
+        self.cfg.update({"zcache": buf.data_ptr(), "zcache_bytes": nbytes, "zcache_have": 0})
+        return True
+
     def workspace(self, phase: str) -> Tensor | None:
         if phase != "backward" and not self.cuda_kernels:
             return None  # the CPU forward and statistics passes take no scratch
@@ -370,11 +417,14 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
                          f"BatchNorm statistics, got {int(n)}")
     prep.set_stats(stats)
     prep.workspace("stats")
+    cached = prep.zcache()
     for l in range(L):
         h = prep.hidden[l]
         # The kernels return the mean and M2 = sum((z - mean)^2), merged with Chan's
         # formula: no E[z^2] - E[z]^2, which cancels when |mean| >> std.
         mean_m2 = torch.empty(2, h, dtype=torch.float64, device=prep.k.device)
+        if cached:
+            prep.cfg["zcache_have"] = (1 << l) - 1  # the passes before wrote layers < l
         _C.stats({**prep.cfg, "stats_layer": l, "stats_out": mean_m2.data_ptr()})
         mean = mean_m2[0]
         var = mean_m2[1] / nf
@@ -402,6 +452,8 @@ def _forward(prep: _Prepared, activation, running_means, running_vars, training,
     out = torch.empty(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
     scores = torch.empty(shape, dtype=prep.acc, device=dev)
     prep.workspace("forward")
+    if prep.cfg.get("zcache"):
+        prep.cfg["zcache_have"] = (1 << prep.L) - 1  # the statistics passes wrote every layer
     _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": prep.D, "scores": scores.data_ptr(),
                 "ld_scores": prep.T})
     return out, scores, stats
@@ -436,11 +488,14 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
             corr = torch.zeros(L, 2, max(prep.hidden), dtype=acc, device=dev)
             prep.cfg["bn_corr_a"] = [corr[l, 0].data_ptr() for l in range(L)]
             prep.cfg["bn_corr_c"] = [corr[l, 1].data_ptr() for l in range(L)]
+            prep.zcache()  # the first reduction writes every layer, the later passes read
             for l in reversed(range(L)):
                 h = prep.hidden[l]
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
+                if prep.cfg.get("zcache"):
+                    prep.cfg["zcache_have"] = (1 << L) - 1
         prep.shared_dk_rows()
         _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": prep.D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),

@@ -210,6 +210,107 @@ def test_dice_training_variance_without_cancellation(shift):
 
 
 # ---------------------------------------------------------------------------------------
+# Issue 12: training-mode Dice passes share the pre-activations through a cache
+# ---------------------------------------------------------------------------------------
+def _spy_zcache(monkeypatch):
+    """Record (call, zcache_have or None) for every kernel call of the op."""
+    from din_fused import ops
+    seen, real = [], ops._C
+
+    class Spy:
+        def __getattr__(self, name):
+            f = getattr(real, name)
+            if name not in ("stats", "forward", "backward"):
+                return f
+
+            def call(d):
+                seen.append((name, d["zcache_have"] if d.get("zcache") else None))
+                return f(d)
+            return call
+
+    monkeypatch.setattr(ops, "_C", Spy())
+    return seen
+
+
+_CACHE_CASES = {
+    # name -> (B, T, D, hidden, validity, threads)
+    "padded-mask": (7, 9, 37, (12, 7), "both", 2),
+    "three-layers": (6, 33, 5, (8, 6, 3), "lengths", 3),   # tiles of 32 and a partial one
+    "split-row": (1, 1500, 6, (8, 4), "lengths", 2),       # one row cut into parts over threads
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(_CACHE_CASES))
+def test_dice_training_cache_is_bitwise_the_recomputation(case, dtype, monkeypatch):
+    from din_fused import ops
+    B, T, D, hidden, validity, threads = _CACHE_CASES[case]
+    q, k, lengths, mask, p, gout, gsc = _long_problem(B, T, "dice", validity, seed=5, D=D, hidden=hidden)
+    args = (q.to(dtype), k.to(dtype), lengths, mask, p, dtype, True, "softmax", True, gout, gsc)
+    seen = _spy_zcache(monkeypatch)
+    with _threads(threads):
+        cached = _all(run(din_fused.din_attention, *args))
+        L, full = len(hidden), (1 << len(hidden)) - 1
+        # Statistics pass l finds layers < l; the forward all; the first reduction none, the rest all.
+        assert seen == ([("stats", (1 << l) - 1) for l in range(L)] + [("forward", full), ("backward", 0)]
+                        + [("backward", full)] * L)
+        monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
+        seen.clear()
+        recomputed = _all(run(din_fused.din_attention, *args))
+        assert seen and all(have is None for _, have in seen)
+    for i, (a, b) in enumerate(zip(cached, recomputed)):
+        assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("layout", ["jagged", "shared-mixed", "long-tiles"])
+def test_dice_training_cache_jagged_layouts(layout, monkeypatch):
+    from jagged_cases import check_jagged, jagged_fwd_bwd
+
+    from din_fused import ops
+    seen = _spy_zcache(monkeypatch)
+    check_jagged(layout, "dice-train", "softmax", torch.float64, "cpu")
+    assert any(have for _, have in seen if have is not None)
+    cached = jagged_fwd_bwd(layout, torch.float32, "cpu")
+    monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
+    for a, b in zip(cached, jagged_fwd_bwd(layout, torch.float32, "cpu")):
+        assert torch.equal(a, b)
+
+
+def test_dice_training_cache_is_kept_per_thread_and_released():
+    from din_fused import ops
+    q, k, lengths, mask, p, gout, gsc = _long_problem(5, 20, "dice", "lengths", seed=6)
+    args = (q, k, lengths, mask, p, torch.float64, True, "none", False, gout, gsc)
+    ops.release_scratch()
+    run(din_fused.din_attention, *args)
+    buf = ops._scratch.buf
+    assert buf is not None and buf.numel() > 0
+    run(din_fused.din_attention, *args)
+    assert ops._scratch.buf is buf  # reused, not reallocated
+    other = []
+    t = threading.Thread(target=lambda: other.append(ops._scratch.buf))
+    t.start()
+    t.join()
+    assert other == [None]  # another thread has its own (none yet)
+    ops.release_scratch()
+    assert ops._scratch.buf is None
+
+
+def test_dice_training_cache_size_is_checked():
+    from din_fused import ops
+    q, k, lengths, mask, p, gout, gsc = _long_problem(3, 8, "dice", "lengths", seed=7)
+    prep = ops._Prepared(q, k, lengths, None, p["weights"], p["biases"], p["alphas"], p["bn_weights"],
+                         p["bn_biases"], "dice", "none", 1.0)
+    prep.set_stats(torch.ones(2, 3, 6, dtype=torch.float64))
+    need = ops._C.workspace_bytes(prep.cfg, "zcache")
+    assert need == int(lengths.clamp(0, 8).sum()) * (8 + 8) * 8  # widths 6 and 3, padded to 64 bytes of f64
+    buf = torch.empty(need, dtype=torch.uint8)
+    out = torch.empty(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="zcache too small"):
+        ops._C.stats({**prep.cfg, "stats_layer": 0, "stats_out": out.data_ptr(), "zcache": buf.data_ptr(),
+                      "zcache_bytes": need - 1})
+
+
+# ---------------------------------------------------------------------------------------
 # The threads: torch's OpenMP team or the kernels' own pool; concurrent callers and fork
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(params=["openmp", "pool"])
