@@ -210,6 +210,33 @@ def test_dice_training_variance_without_cancellation(shift):
 
 
 # ---------------------------------------------------------------------------------------
+# Issue 12: the float sigmoid (1 / (1 + 2^t) with its own polynomial) against float64
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["sigmoid", "dice"])
+def test_float_sigmoid_within_a_few_ulp(act, isa):
+    # One hidden unit that passes the key through: z = k, weight = act(z).  Dice in eval
+    # mode with mean 0, var 1 - eps, gamma 1, beta 0, alpha 0 gives z * sigmoid(z).
+    z = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([-87.0, -80.0, 80.0, 88.0, 0.0, -0.0])])
+    keys = z.reshape(1, -1, 1)
+    w1 = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    p = {"weights": [w1, torch.ones(1, 1)], "biases": [torch.zeros(1), torch.zeros(1)], "activation": act}
+    if act == "dice":
+        eps = 1e-8
+        p.update(alphas=[torch.zeros(1)], bn_weights=[torch.ones(1)], bn_biases=[torch.zeros(1)],
+                 running_means=[torch.zeros(1)], running_vars=[torch.ones(1) - eps], eps=eps)
+    _, w = din_fused.din_attention(torch.zeros(1, 1), keys, **p, return_scores=True)
+    z64 = z.double()
+    want = torch.sigmoid(z64) * (z64 if act == "dice" else 1.0)
+    got = w[0].double()
+    ulp = 2.0 ** -23
+    near = z.abs() <= 80  # beyond, sigmoid is below 2^-115 or 1 - 2^-115: compare absolutely
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-300))[near & (z != 0)]
+    assert rel.max() <= 4 * ulp, float(rel.max())
+    assert (got - want)[~near].abs().max() <= 1e-30 * max(1.0, float(z.abs().max()))
+    assert got[z == 0].abs().max() <= (0.0 if act == "dice" else 0.5 + 1e-7)
+
+
+# ---------------------------------------------------------------------------------------
 # Issue 12: training-mode Dice passes share the pre-activations through a cache
 # ---------------------------------------------------------------------------------------
 def _spy_zcache(monkeypatch):
