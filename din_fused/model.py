@@ -61,6 +61,41 @@ __all__ = [
 MLP_ACTIVATIONS = ("dice", "prelu")
 
 
+class _LookupIndexAdd(torch.autograd.Function):
+    """F.embedding whose table gradient is one index_add_ instead of
+    embedding_dense_backward, which sorts the indices first: 4-5x faster on CPU for
+    batch-sized index sets (2.0 -> 0.46 ms for 26k lookups of a 10k x 16 table, 2 threads),
+    a quarter of din_fused.model.DIN's non-attention step time.  The same sums up to their
+    order; padding_idx's row gets no gradient, as with nn.Embedding."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, idx: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
+        return F.embedding(idx, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gw = torch.zeros(ctx.rows, g.shape[1], dtype=g.dtype, device=g.device)
+        gw.index_add_(0, idx.reshape(-1), g)
+        if ctx.padding_idx is not None:
+            gw[ctx.padding_idx] = 0
+        return gw, None, None
+
+
+def _lookup(emb: nn.Embedding, idx: Tensor) -> Tensor:
+    """emb(idx), with the faster table gradient on CPU in eager training.  CUDA keeps
+    nn.Embedding (index_add_ there adds with atomics, in no fixed order), and so do
+    compiled and exported graphs, which should see the plain aten op."""
+    w = emb.weight
+    if (w.is_cuda or not (torch.is_grad_enabled() and w.requires_grad) or emb.max_norm is not None
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return emb(idx)
+    return _LookupIndexAdd.apply(w, idx, emb.padding_idx)
+
+
 def _activation(name: str, width: int) -> nn.Module:
     if name == "dice":
         return Dice(width, dim=2)
@@ -120,8 +155,8 @@ class _EmbeddingMLP(nn.Module):
     # -- pieces ------------------------------------------------------------ #
     def embed(self, target: Tensor, history: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per attribute a: query [B, E] and keys [B, T, E] from the same table."""
-        queries = [emb(target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
-        keys = [emb(history[:, :, a]) for a, emb in enumerate(self.attr_embeddings)]
+        queries = [_lookup(emb, target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        keys = [_lookup(emb, history[:, :, a]) for a, emb in enumerate(self.attr_embeddings)]
         return queries, keys
 
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
@@ -166,7 +201,7 @@ class _EmbeddingMLP(nn.Module):
         return self._head(queries, interest, context)
 
     def _head(self, queries: list[Tensor], interest: Tensor, context: Tensor | None) -> Tensor:
-        parts = [emb(context[:, f]) for f, emb in enumerate(self.context_embeddings)]
+        parts = [_lookup(emb, context[:, f]) for f, emb in enumerate(self.context_embeddings)]
         x = torch.cat([*parts, *queries, interest], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
 
@@ -189,7 +224,7 @@ class _EmbeddingMLP(nn.Module):
         Each behaviour is embedded once, however many rows share its history.
         """
         self._check_jagged(target, values, offsets, context, row_seq)
-        queries = [emb(target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        queries = [_lookup(emb, target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
         interest = self.pool_jagged(queries, values, offsets, row_seq)  # [R, A*E]
         return self._head(queries, interest, context)
 
@@ -347,7 +382,7 @@ class DIN(_EmbeddingMLP):
     ) -> Tensor:
         """Attention pooling of unpadded histories: every behaviour is embedded once ([N, E] per
         attribute), however many rows share its history -> [R, A*E]."""
-        keys = [emb(values[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        keys = [_lookup(emb, values[:, a]) for a, emb in enumerate(self.attr_embeddings)]
         if self.attention == "concat":
             queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
         return torch.cat(

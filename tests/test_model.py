@@ -360,3 +360,42 @@ def test_din_jagged_path_never_pads(monkeypatch):
         m.forward_jagged(target, values, offsets, context).sum().backward()
         shared = torch.tensor([0, 3])  # one history of 3 behaviours for all 5 candidates
         m.eval().score_shared(target, values[:3], shared, torch.zeros(5, dtype=torch.int64), context)
+
+
+@pytest.mark.parametrize("jagged", [False, True])
+def test_table_gradients_by_index_add_equal_nn_embedding(jagged, monkeypatch):
+    """Eager CPU training looks rows up with a table gradient from index_add_ (issue 12):
+    the same gradients as nn.Embedding's own backward, float64, up to summation order, and
+    nothing at the padding row."""
+    import din_fused.model as M
+
+    target, history, lengths, context = make_batch(b=9, t=6, seed=7)
+    values = torch.cat([history[i, : lengths[i]] for i in range(9)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    m0 = models(att_impl="fused")["din-separate"].double()
+    grads = []
+    for lookup in (M._lookup, lambda emb, idx: emb(idx)):
+        monkeypatch.setattr(M, "_lookup", lookup)
+        m = copy.deepcopy(m0).train()
+        if jagged:
+            out = m.forward_jagged(target, values, offsets, context)
+        else:
+            out = m(target, history, lengths, context)
+        (out * torch.linspace(-1, 1, 9, dtype=torch.float64)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-12, atol=1e-14, msg=n)
+        if "embeddings" in n:
+            assert g.abs().sum() > 0 and torch.equal(g[0], torch.zeros_like(g[0])), n
+
+
+def test_index_add_lookup_only_where_it_applies():
+    import din_fused.model as M
+
+    emb = torch.nn.Embedding(5, 3, padding_idx=0)
+    idx = torch.tensor([0, 2, 2])
+    assert M._lookup(emb, idx).grad_fn.name().endswith("_LookupIndexAddBackward")
+    with torch.no_grad():
+        assert M._lookup(emb, idx).grad_fn is None
+    emb.weight.requires_grad_(False)
+    assert M._lookup(emb, idx).grad_fn is None
