@@ -28,9 +28,10 @@ Not quite the same model, which does not matter for timing:
 
 One step = forward, loss (binary cross-entropy, mean over the batch where DeepCTR's ``fit`` sums;
 DeepCTR's model ends in a sigmoid, din_fused's returns logits), backward, ``Adam.step`` (lr 1e-3,
-PyTorch's default implementation), ``zero_grad``. DeepCTR's ``fit`` is not used (its DataLoader
-and metrics would be timed too); its forward gets the [B, 2T+3] float tensor that ``fit`` builds
-from the feature dict in the model's ``feature_index`` order, prepared once.
+fused, as ``din_fused.train.adam`` builds it for the main job, for every provider), ``zero_grad``.
+DeepCTR's ``fit`` is not used (its DataLoader and metrics would be timed too); its forward gets the
+[B, 2T+3] float tensor that ``fit`` builds from the feature dict in the model's ``feature_index``
+order, prepared once.
 
 Time: warm-up steps, then ``--rounds`` rounds; each round runs ``--steps`` steps of every provider
 in turn (the order rotates), and the table shows the median over rounds of ms per step. Peak
@@ -75,6 +76,7 @@ import peakmem  # noqa: E402
 from din_fused import FusedDINAttention  # noqa: E402
 from din_fused.data.batching import Batch, JaggedBatch, gather_jagged, gather_padded  # noqa: E402
 from din_fused.model import DIN  # noqa: E402
+from din_fused.train import adam  # noqa: E402
 
 PROVIDERS = ("deepctr", "deepctr_swapped", "din_fused")
 ATTENTIONS = ("dice", "sigmoid")
@@ -218,7 +220,7 @@ def build(provider: str, attention: str, shape: Shape | None = None) -> Provider
 
         input_bytes = _nbytes(*batch)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=shape.lr)
+    opt = adam(model.parameters(), shape.lr)  # the main job's Adam (fused), for every provider
 
     def step():
         loss = loss_fn()

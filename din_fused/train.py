@@ -248,6 +248,17 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         fh.write("\n")
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused (one kernel over every tensor) where torch has it for the parameters'
+    device: the same update up to rounding, 2.4 -> 0.5 ms a step for DIN's ~30 tensors on
+    2 CPU threads (issue 12).  Falls back to the default implementation elsewhere."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _model_name(args) -> str:
     act = {"dice": "Dice", "prelu": "PReLU"}[args.activation]
     if args.model == "base":
@@ -399,7 +410,7 @@ def run(args: argparse.Namespace) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = adam(model.parameters(), args.lr)
 
     steps = data_mod.num_train_steps(len(train_ds), args.batch_size, world_size)
     if steps == 0:
