@@ -486,11 +486,13 @@ inline Row row_of(const DinParams& p, int64_t r) {
 // ISA of the call.
 struct ZLayout {
   int64_t off[kMaxLayers] = {}, stride = 0;
+  int width[kMaxLayers] = {};
   explicit ZLayout(const DinParams& p) {
     const int u = static_cast<int>(kMaxPadBytes / acc_size(p.dtype));
     for (int l = 0; l < p.num_layers; ++l) {
       off[l] = stride;
-      stride += padded(p.hidden[l], u);
+      width[l] = padded(p.hidden[l], u);
+      stride += width[l];
     }
   }
 };
@@ -1073,6 +1075,7 @@ struct Vec {
   static constexpr int W = VB / static_cast<int>(sizeof(T));
   typedef T v __attribute__((vector_size(VB)));
   typedef int32_t vi __attribute__((vector_size(VB)));
+  typedef uint32_t vu32 __attribute__((vector_size(VB)));
 
   // Unaligned, aliasing vector accesses.  (memcpy said the same, but let GCC
   // turn a micro-kernel's stores of its accumulator array into a spill to the
@@ -1177,8 +1180,8 @@ struct Vec {
   // error: 1e-7 evaluated in float), and 2^n is built from the rounding sum
   // itself, whose low mantissa bits hold n + 127.  ~17 vector operations and a
   // divide against ~22 for 1 + exp(-x): the exp was ~23% of the AVX2 forward.
-  // |x| <= 86 keeps 2^n and the result normal (sigmoid(-inf) gives ~2^-124, not
-  // 0); NaN stays NaN.
+  // |x| <= 86 keeps 2^n and the result normal; below -88.5 the result is 0 (the
+  // true value is a denormal there); NaN stays NaN.
   static DIN_INLINE v sigmoid(const v& x) {
 #if DIN_VB != 64
     if constexpr (sizeof(T) == 4) {
@@ -1196,15 +1199,20 @@ struct Vec {
       p = p * r + set1(4.999999403953552e-1f);
       p = p * r + set1(1.0f);
       p = p * r + set1(1.0f);
-      vi bits;
+      vu32 bits;
       std::memcpy(&bits, &tm, sizeof(bits));
       bits <<= 23;
       v scale;
       std::memcpy(&scale, &bits, sizeof(scale));
-      return set1(1.0f) / (set1(1.0f) + p * scale);
+      const v s = set1(1.0f) / (set1(1.0f) + p * scale);
+      // Exactly 0 below the float range, as torch: sigmoid(-inf) must be 0 so that
+      // -inf * sigmoid(-inf) (Dice with alpha 0) is NaN there too, not -inf.
+      return x < set1(-88.5f) ? v{} : s;
     }
 #endif
-    return recip(set1(T(1)) + exp<false>(-x));
+    const v s = recip(set1(T(1)) + exp<false>(-x));
+    if constexpr (sizeof(T) == 4) return x < set1(T(-88.5)) ? v{} : s;  // as above (exp clamps at 88)
+    return s;
   }
 };
 
@@ -1480,14 +1488,21 @@ struct Kernel {
       if (sc.zhave >> l & 1) return l;
     return 0;
   }
-  // Hp values per key of the tile between buf [n, Hp] and the cache at offset off.
-  static DIN_INLINE void zcopy(const Scratch<T>& sc, int64_t off, int Hp, int n, T* buf, bool load) {
+  // Layer l's Hp values per key of the tile between buf [n, Hp] and the cache.  A
+  // store zero-fills the slot up to its widest padding, so a pass on a wider ISA
+  // (DIN_FUSED_CPU_ISA is read per call) never reads unwritten lanes.
+  static DIN_INLINE void zcopy(const Scratch<T>& sc, int l, int Hp, int n, T* buf, bool load) {
+    const int64_t off = sc.zl->off[l];
+    const int width = sc.zl->width[l];
     for (int i = 0; i < n; ++i) {
       T* slot = sc.zrow + sc.pos[i] * sc.zl->stride + off;
       T* bi = buf + static_cast<size_t>(i) * Hp;
-      T* dst = load ? bi : slot;
-      const T* src = load ? slot : bi;
-      for (int j = 0; j < Hp; j += W) X::store(dst + j, X::load(src + j));
+      if (load) {
+        for (int j = 0; j < Hp; j += W) X::store(bi + j, X::load(slot + j));
+      } else {
+        for (int j = 0; j < Hp; j += W) X::store(slot + j, X::load(bi + j));
+        for (int j = Hp; j < width; ++j) slot[j] = T(0);
+      }
     }
   }
 
@@ -1505,7 +1520,7 @@ struct Kernel {
       const bool act_l = l < last || activate_last;
       T* P = m.act == Act::Dice && keep_z ? sc.P[l].data() : nullptr;  // the backward's gates
       if (sc.zrow && (sc.zhave >> l & 1)) {
-        zcopy(sc, sc.zl->off[l], Hp, n, Z, true);
+        zcopy(sc, l, Hp, n, Z, true);
         if (act_l) activate<false>(m, l, n, Z, sc.Hb[l].data(), P, nullptr, false);
         continue;
       }
@@ -1526,7 +1541,7 @@ struct Kernel {
             X::store(zp, X::load(zp) + X::load(bias + j * W));
           }
       }
-      if (sc.zrow) zcopy(sc, sc.zl->off[l], Hp, n, Z, false);
+      if (sc.zrow) zcopy(sc, l, Hp, n, Z, false);
     }
   }
 
@@ -1662,21 +1677,27 @@ struct Kernel {
       hidden(m, sc, n, l, false, false);  // layers < l use the batch statistics already known
       const T* z = sc.Z[l].data();
       const double na = sc.count, nb = n, tot = na + nb;
-      // The tile's mean and M2 per channel, vectorised over channels (two passes
-      // over the tile: nothing cancels), then merged into the running double ones.
+      // The tile's mean and M2 per channel, vectorised over channels, then merged
+      // into the running double ones (Chan).  The sums are of z - shift, the shift
+      // being the running mean (or the tile's first key), so that in float they
+      // are of values the size of the spread, not of the mean; and M2 takes a
+      // second pass over the tile: nothing cancels.
       const v inv_n = X::set1(T(1) / static_cast<T>(n));
       for (int j0 = 0; j0 < Hl; j0 += W) {
+        v shift = X::load(z + j0);
+        if (na > 0)
+          for (int k = 0; k < W; ++k) shift[k] = j0 + k < Hl ? static_cast<T>(mean[j0 + k]) : T(0);
         v sum{};
-        for (int i = 0; i < n; ++i) sum += X::load(z + static_cast<size_t>(i) * Hp + j0);
+        for (int i = 0; i < n; ++i) sum += X::load(z + static_cast<size_t>(i) * Hp + j0) - shift;
         const v mb = sum * inv_n;
         v m2b{};
         for (int i = 0; i < n; ++i) {
-          const v d = X::load(z + static_cast<size_t>(i) * Hp + j0) - mb;
+          const v d = (X::load(z + static_cast<size_t>(i) * Hp + j0) - shift) - mb;
           m2b += d * d;
         }
         for (int k = 0; k < W && j0 + k < Hl; ++k) {
           const int j = j0 + k;
-          const double delta = static_cast<double>(mb[k]) - mean[j];
+          const double delta = static_cast<double>(shift[k]) + static_cast<double>(mb[k]) - mean[j];
           mean[j] += delta * (nb / tot);
           m2[j] += static_cast<double>(m2b[k]) + delta * delta * (na * nb / tot);
         }

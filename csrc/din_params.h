@@ -119,7 +119,7 @@ struct DinParams {
   // ---- CPU, training-mode Dice: pre-activations shared by the passes of a call --
   // The statistics passes and the forward (and the reductions and the backward)
   // each need the hidden layers' pre-activations.  With zcache, every pass
-  // writes the pre-activations it computes (each layer's GEMM output, before the
+  // writes the pre-activations it computes (each layer's GEMM output plus its
   // bias) there, and finds the layers named in zcache_have (bit l: layer l)
   // there instead of recomputing them, bitwise the same values: each layer's
   // GEMM runs once per forward and once per backward, not once per pass.  Size

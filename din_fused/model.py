@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from ._atomic import atomic_write
 from .data import Batch, JaggedBatch, Vocab
 from .modules import Dice, FusedDINAttention
@@ -86,12 +87,13 @@ class _LookupIndexAdd(torch.autograd.Function):
 
 
 def _lookup(emb: nn.Embedding, idx: Tensor) -> Tensor:
-    """emb(idx), with the faster table gradient on CPU in eager training.  CUDA keeps
-    nn.Embedding (index_add_ there adds with atomics, in no fixed order), and so do
-    compiled and exported graphs, which should see the plain aten op."""
+    """emb(idx), with the faster table gradient on CPU in plain eager training.  Other
+    devices keep nn.Embedding (CUDA's index_add_ adds with atomics, in no fixed order), and
+    so do compiled, exported, traced and functorch calls, which should see the plain aten op,
+    and tables with sparse gradients, max_norm or scale_grad_by_freq."""
     w = emb.weight
-    if (w.is_cuda or not (torch.is_grad_enabled() and w.requires_grad) or emb.max_norm is not None
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or emb.sparse
+            or emb.max_norm is not None or emb.scale_grad_by_freq or not ops.plain_eager()):
         return emb(idx)
     return _LookupIndexAdd.apply(w, idx, emb.padding_idx)
 

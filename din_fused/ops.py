@@ -341,7 +341,7 @@ class _Prepared:
         nbytes = _C.workspace_bytes(self.cfg, "zcache")
         if nbytes == 0 or nbytes > ZCACHE_MAX_BYTES:
             return False
-        buf = _cpu_scratch(nbytes)
+        self._zbuf = buf = _cpu_scratch(nbytes)  # held by this call too, whatever the thread-local does
         self.cfg.update({"zcache": buf.data_ptr(), "zcache_bytes": nbytes, "zcache_have": 0})
         return True
 
