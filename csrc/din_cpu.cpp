@@ -1423,7 +1423,9 @@ struct Kernel {
           const v xhat = (z - X::load(m.mean[l].data() + j * W)) * X::load(m.invstd[l].data() + j * W);
           const v pr = X::sigmoid(X::load(m.gamma[l].data() + j * W) * xhat + X::load(m.beta[l].data() + j * W));
           if (pr_row) X::store(pr_row + j * W, pr);
-          h = z * (a + (X::set1(T(1)) - a) * pr);
+          // The reference's p z + (1 - p) alpha z, not z (alpha + (1 - alpha) p): at an
+          // infinite z one of the two terms is 0 * inf, so the result is NaN, as in torch.
+          h = pr * z + ((X::set1(T(1)) - pr) * a) * z;
         }
         X::store(hr + j * W, h);
       }

@@ -165,7 +165,7 @@ __device__ __forceinline__ T act_fwd(const Net<T>& m, int l, int j, T z) {
       const T a = m.alpha[l][j];
       const T xh = (z - m.mean[l][j]) * m.invstd[l][j];
       const T pj = sigm(m.gamma[l][j] * xh + m.beta[l][j]);
-      return z * (a + (T(1) - a) * pj);
+      return pj * z + ((T(1) - pj) * a) * z;  // the reference's form: NaN at an infinite z, as torch
     }
   }
 }

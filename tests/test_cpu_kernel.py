@@ -237,11 +237,13 @@ def test_float_sigmoid_within_a_few_ulp(act, isa):
         assert torch.equal(got[z == 0], torch.zeros_like(got[z == 0]))
     else:
         assert ((got[z == 0] - 0.5).abs() <= 1e-7).all()
-    # Infinite pre-activations (an infinite bias): sigmoid gives exactly 0 and 1, and Dice with
-    # alpha 0 at -inf gives -inf * 0 = NaN, as torch does.  (Dice at +inf gives inf where the
-    # reference's p*z + (1-p)*alpha*z gives NaN: a separate, older difference.)
-    for bias in (float("-inf"), float("inf")) if act == "sigmoid" else (float("-inf"),):
+    # Infinite pre-activations (an infinite bias): sigmoid gives exactly 0 and 1, and Dice's
+    # p*z + (1-p)*alpha*z is NaN at either infinity (one term is 0 * inf), as in torch.
+    inf = float("inf")
+    for bias, alpha in ((-inf, 0.0), (inf, 0.0), (-inf, 0.25), (inf, 0.25)):
         pb = {**p, "biases": [torch.tensor([bias]), torch.zeros(1)]}
+        if act == "dice":
+            pb["alphas"] = [torch.full((1,), alpha)]
         _, w = din_fused.din_attention(torch.zeros(1, 1), keys[:, :5], **pb, return_scores=True)
         p64 = {key: [t.double() for t in v] if isinstance(v, list) else v for key, v in pb.items()}
         _, w_ref = din_attention_ref(torch.zeros(1, 1, dtype=torch.float64), keys[:, :5].double(), **p64,
