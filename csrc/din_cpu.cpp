@@ -1102,10 +1102,10 @@ struct Vec {
   static DIN_INLINE v vmax(const v& a, const v& b) { return a > b ? a : b; }
   static DIN_INLINE v vmin(const v& a, const v& b) { return a < b ? a : b; }
 
-  // exp: float gets a vectorised Cephes expf (about 1 ulp on [-87.3, 88]; the
-  // input is clamped to 88, so the result is always finite, and below -87.3
-  // it is 0 when kFlushUnder, else exp(-87.3)); NaN propagates.  double calls
-  // std::exp per lane to keep full precision.
+  // exp: float is vectorised (about 1 ulp on [-87.3, 88]; the input is clamped
+  // to 88, so the result is always finite, and below -87.3 it is 0 when
+  // kFlushUnder, else exp(-87.3)); NaN propagates.  double calls std::exp per
+  // lane to keep full precision.
   template <bool kFlushUnder = true>
   static DIN_INLINE v exp(const v& x) {
 #if DIN_VB == 64
@@ -1134,22 +1134,33 @@ struct Vec {
     }
 #endif
     if constexpr (sizeof(T) == 4) {
+      // 2^n e^r with n = round(x log2 e) and r = x - n ln2 in [-ln2/2, ln2/2]
+      // (Cody-Waite: ln2 split so that n * ln2_hi is exact, hence r is accurate to
+      // an ulp at any x); e^r is a degree-6 polynomial (coefficients fitted here
+      // for minimax relative error, 1e-7 evaluated in float), and 2^n comes from
+      // the rounding sum itself, whose low mantissa bits hold n + 127.  ~14
+      // vector operations against ~19 for the Cephes form with a conversion.
       const v lo = set1(-87.33654f), hi = set1(88.0f);
       v xc = x < lo ? lo : x;  // written so that a NaN lane stays NaN
       xc = xc > hi ? hi : xc;
-      const v magic = set1(12582912.0f);  // 1.5 * 2^23: round to nearest
-      const v n = (xc * set1(1.44269504088896341f) + magic) - magic;
+      const v magic = set1(12582912.0f + 127.0f);  // 1.5 * 2^23 (+ the exponent bias)
+      const v tm = xc * set1(1.44269504088896341f) + magic;
+      const v n = tm - magic;
       v r = xc - n * set1(0.693359375f);
       r = r - n * set1(-2.12194440e-4f);
-      v y = set1(1.9875691500E-4f);
-      y = y * r + set1(1.3981999507E-3f);
-      y = y * r + set1(8.3334519073E-3f);
-      y = y * r + set1(4.1665795894E-2f);
-      y = y * r + set1(1.6666665459E-1f);
-      y = y * r + set1(5.0000001201E-1f);
-      y = y * (r * r) + r + set1(1.0f);
-      const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-      const v res = y * (v)bits;
+      v p = set1(1.3846145011484623e-3f);
+      p = p * r + set1(8.37411917746067e-3f);
+      p = p * r + set1(4.1667960584163666e-2f);
+      p = p * r + set1(1.6666431725025177e-1f);
+      p = p * r + set1(4.999999403953552e-1f);
+      p = p * r + set1(1.0f);
+      p = p * r + set1(1.0f);
+      vu32 bits;
+      std::memcpy(&bits, &tm, sizeof(bits));
+      bits <<= 23;
+      v scale;
+      std::memcpy(&scale, &bits, sizeof(scale));
+      const v res = p * scale;
       if constexpr (kFlushUnder) return x < lo ? v{} : res;
       return res;
     } else {
@@ -1173,45 +1184,12 @@ struct Vec {
 #endif
     return set1(T(1)) / d;
   }
-  // sigmoid(x) = 1 / (1 + e^-x).  float without AVX-512: e^-x = 2^n e^r with
-  // n = round(-x log2 e) and r = -x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite: ln2
-  // split so that n * ln2_hi is exact, hence r is accurate to an ulp at any x);
-  // e^r is a degree-6 polynomial (coefficients fitted here for minimax relative
-  // error: 1e-7 evaluated in float), and 2^n is built from the rounding sum
-  // itself, whose low mantissa bits hold n + 127.  ~17 vector operations and a
-  // divide against ~22 for 1 + exp(-x): the exp was ~23% of the AVX2 forward.
-  // |x| <= 86 keeps 2^n and the result normal; below -88.5 the result is 0 (the
-  // true value is a denormal there); NaN stays NaN.
+  // sigmoid(x) = 1 / (1 + e^-x), exactly 0 below -88.5 in float (the true value
+  // is a denormal there), as torch: sigmoid(-inf) must be 0 so that -inf *
+  // sigmoid(-inf) (Dice with alpha 0) is NaN, not -inf.  NaN stays NaN.
   static DIN_INLINE v sigmoid(const v& x) {
-#if DIN_VB != 64
-    if constexpr (sizeof(T) == 4) {
-      v xc = x < set1(-86.0f) ? set1(-86.0f) : x;  // written so that a NaN lane stays NaN
-      xc = xc > set1(86.0f) ? set1(86.0f) : xc;
-      const v magic = set1(12582912.0f + 127.0f);  // 1.5 * 2^23 (+ the exponent bias)
-      const v tm = xc * set1(-1.44269504088896341f) + magic;
-      const v n = tm - magic;
-      v r = -xc - n * set1(0.693359375f);
-      r = r - n * set1(-2.12194440e-4f);
-      v p = set1(1.3846145011484623e-3f);
-      p = p * r + set1(8.37411917746067e-3f);
-      p = p * r + set1(4.1667960584163666e-2f);
-      p = p * r + set1(1.6666431725025177e-1f);
-      p = p * r + set1(4.999999403953552e-1f);
-      p = p * r + set1(1.0f);
-      p = p * r + set1(1.0f);
-      vu32 bits;
-      std::memcpy(&bits, &tm, sizeof(bits));
-      bits <<= 23;
-      v scale;
-      std::memcpy(&scale, &bits, sizeof(scale));
-      const v s = set1(1.0f) / (set1(1.0f) + p * scale);
-      // Exactly 0 below the float range, as torch: sigmoid(-inf) must be 0 so that
-      // -inf * sigmoid(-inf) (Dice with alpha 0) is NaN there too, not -inf.
-      return x < set1(-88.5f) ? v{} : s;
-    }
-#endif
     const v s = recip(set1(T(1)) + exp<false>(-x));
-    if constexpr (sizeof(T) == 4) return x < set1(T(-88.5)) ? v{} : s;  // as above (exp clamps at 88)
+    if constexpr (sizeof(T) == 4) return x < set1(T(-88.5)) ? v{} : s;
     return s;
   }
 };
