@@ -327,23 +327,27 @@ class _Prepared:
         self.cfg.update({"dk_rows": self._dk_rows.data_ptr(), "seq_rows": self._seq_rows.data_ptr(),
                          "seq_rows_start": self._seq_rows_start.data_ptr(), "num_seqs": S})
 
-    def zcache(self) -> bool:
+    def zcache(self) -> None:
         """CPU, training-mode Dice: scratch for the hidden pre-activations of every valid
         position (the sum of row lengths x the hidden widths, padded to 64 bytes), which
         the statistics passes and the forward, or the reductions and the backward, share
         instead of each recomputing the layers below: every layer's GEMM then runs once per
         call instead of once per pass, with bitwise the same results.  Its contents live
         for one call (nothing is kept for the backward); the buffer is _cpu_scratch's.
-        Above ZCACHE_MAX_BYTES the passes recompute.  Returns whether the cache is in use;
-        zcache_have then names the layers an earlier pass has written (bit l: layer l)."""
+        Above ZCACHE_MAX_BYTES the passes recompute.  zcache_have names the layers an earlier
+        pass has written (bit l: layer l; zcache_holds)."""
         if self.cuda_kernels or self.empty:
-            return False
+            return
         nbytes = _C.workspace_bytes(self.cfg, "zcache")
         if nbytes == 0 or nbytes > ZCACHE_MAX_BYTES:
-            return False
+            return
         self._zbuf = buf = _cpu_scratch(nbytes)  # held by this call too, whatever the thread-local does
         self.cfg.update({"zcache": buf.data_ptr(), "zcache_bytes": nbytes, "zcache_have": 0})
-        return True
+
+    def zcache_holds(self, layers: int) -> None:
+        """With a cache in use: the passes so far wrote layers 0..layers-1."""
+        if "zcache" in self.cfg:
+            self.cfg["zcache_have"] = (1 << layers) - 1
 
     def workspace(self, phase: str) -> Tensor | None:
         if phase != "backward" and not self.cuda_kernels:
@@ -417,14 +421,13 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
                          f"BatchNorm statistics, got {int(n)}")
     prep.set_stats(stats)
     prep.workspace("stats")
-    cached = prep.zcache()
+    prep.zcache()
     for l in range(L):
         h = prep.hidden[l]
         # The kernels return the mean and M2 = sum((z - mean)^2), merged with Chan's
         # formula: no E[z^2] - E[z]^2, which cancels when |mean| >> std.
         mean_m2 = torch.empty(2, h, dtype=torch.float64, device=prep.k.device)
-        if cached:
-            prep.cfg["zcache_have"] = (1 << l) - 1  # the passes before wrote layers < l
+        prep.zcache_holds(l)
         _C.stats({**prep.cfg, "stats_layer": l, "stats_out": mean_m2.data_ptr()})
         mean = mean_m2[0]
         var = mean_m2[1] / nf
@@ -452,8 +455,7 @@ def _forward(prep: _Prepared, activation, running_means, running_vars, training,
     out = torch.empty(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
     scores = torch.empty(shape, dtype=prep.acc, device=dev)
     prep.workspace("forward")
-    if prep.cfg.get("zcache"):
-        prep.cfg["zcache_have"] = (1 << prep.L) - 1  # the statistics passes wrote every layer
+    prep.zcache_holds(prep.L)  # the statistics passes wrote every layer
     _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": prep.D, "scores": scores.data_ptr(),
                 "ld_scores": prep.T})
     return out, scores, stats
@@ -494,8 +496,7 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
-                if prep.cfg.get("zcache"):
-                    prep.cfg["zcache_have"] = (1 << L) - 1
+                prep.zcache_holds(L)
         prep.shared_dk_rows()
         _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": prep.D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),
