@@ -263,8 +263,8 @@ class FusedDINAttention(nn.Module):
         with return_score (w, row_offsets): w [row_offsets[R]], row r's weights at
         w[row_offsets[r]:row_offsets[r+1]].
         """
-        if keys_length is not None and mask is None and offsets is None and row_seq is None:
-            fast = self._small_inference(query, keys, keys_length)
+        if mask is None and (keys_length is None) != (offsets is None):
+            fast = self._small_inference(query, keys, keys_length, offsets, row_seq)
             if fast is not None:
                 return fast
         squeeze = query.dim() == 3
@@ -305,38 +305,50 @@ class FusedDINAttention(nn.Module):
         res = w if self.return_score else out
         return res.unsqueeze(1) if squeeze else res
 
-    def _small_inference(self, query, keys, keys_length):
-        """The padded forward of an eager inference call (no_grad, eval, CPU, plain contiguous
-        tensors, int64 lengths, not Dice) through a cached ops.PaddedPlan: the same kernel
-        call with the parameter checks and the params dict built once, for serving-sized
-        calls whose Python would otherwise cost more than the kernel.  None when any of
-        that does not hold: the general path then runs, with every check and its errors."""
+    def _small_inference(self, query, keys, keys_length, offsets, row_seq):
+        """The forward of an eager inference call (no_grad, eval, CPU, plain contiguous tensors,
+        int64 lengths/offsets/row_seq, not Dice), padded (keys [B, T, E], keys_length) or
+        jagged (keys = values [N, E], offsets, row_seq), through a cached ops.InferencePlan: the
+        same kernel call with the parameter checks and the static params dict built once, for
+        serving-sized calls whose Python would otherwise cost more than the kernel.  None when
+        any of that does not hold: the general path then runs, with every check and its errors."""
         if torch.is_grad_enabled() or self.training or self.impl != "fused" or self.supports_masking \
                 or self.activation == "dice" or getattr(ops._C, "emulates_cuda", False):
             return None
-        if type(query) is not Tensor or type(keys) is not Tensor or type(keys_length) is not Tensor \
+        jagged = offsets is not None
+        if not jagged and row_seq is not None:
+            return None
+        idx = [offsets] + ([] if row_seq is None else [row_seq]) if jagged else [keys_length]
+        if type(query) is not Tensor or type(keys) is not Tensor or any(type(t) is not Tensor for t in idx) \
                 or not ops.plain_eager():
             return None
         qd = query.dim()
-        if keys.dim() != 3 or not (qd == 2 or (qd == 3 and query.shape[1] == 1)):
+        if keys.dim() != (2 if jagged else 3) or not (qd == 2 or (qd == 3 and query.shape[1] == 1)):
             return None
-        B, T, D = keys.shape
-        if B == 0 or T == 0 or D != self.embedding_dim or query.shape[0] != B or query.shape[-1] != D \
-                or keys_length.dtype != torch.int64 or keys_length.numel() != B \
-                or not (keys_length.dim() == 1 or (keys_length.dim() == 2 and keys_length.shape[1] == 1)):
+        R, D = query.shape[0], keys.shape[-1]
+        if D != self.embedding_dim or query.shape[-1] != D or (jagged and self.return_score):
             return None
+        if jagged:
+            S = offsets.shape[0] - 1
+            shapes_ok = offsets.dim() == 1 and S >= 0 and (
+                S == R if row_seq is None else (row_seq.dim() == 1 and row_seq.shape[0] == R))
+        else:
+            shapes_ok = keys.shape[0] == R and R > 0 and keys.shape[1] > 0 and keys_length.numel() == R \
+                and (keys_length.dim() == 1 or (keys_length.dim() == 2 and keys_length.shape[1] == 1))
         dtype = keys.dtype
-        if query.dtype != dtype or not (keys.is_cpu and query.is_cpu and keys_length.is_cpu) \
-                or not (keys.is_contiguous() and query.is_contiguous() and keys_length.is_contiguous()):
+        if not shapes_ok or query.dtype != dtype or any(t.dtype != torch.int64 for t in idx) \
+                or not all(t.is_cpu and t.is_contiguous() for t in (query, keys, *idx)):
             return None
         params = self._params()
         plan = self.__dict__.get("_plan")
         key = (D, dtype, self.normalization, self.scale)
         if plan is None or plan[0] is not params or plan[1].key != key or not plan[1].valid():
-            plan = (params, ops.PaddedPlan(params, D, dtype, self.normalization, self.scale))
+            plan = (params, ops.InferencePlan(params, D, dtype, self.normalization, self.scale))
             self.__dict__["_plan"] = plan
         if not plan[1].ok:
             return None
+        if jagged:
+            return plan[1].forward_jagged(query, keys, offsets, row_seq)
         out, w = plan[1].forward(query, keys, keys_length)
         if self.return_score:
             return w.unsqueeze(1) if qd == 3 else w

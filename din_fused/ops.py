@@ -115,7 +115,7 @@ def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, s
 
 def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, normalization, scale=1.0) -> None:
     """Jagged layout: query [R, D], values [N, D], offsets [S+1] int, row_seq [R] int or None
-    (then S == R).  The data-dependent checks are in _check_offsets_values."""
+    (then S == R).  The data-dependent checks are in _jagged_layout."""
     _check_float_inputs(query, values, "values", "N, D")
     R, dev = query.shape[0], values.device
     _check_index("offsets", offsets, (None,), dev)
@@ -143,26 +143,6 @@ def _check_lengths_values(lengths: Tensor, T: int) -> None:
     lo, hi = torch.aminmax(lengths)
     if int(lo) < 0 or int(hi) > T:
         raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{int(lo)}, {int(hi)}]")
-
-
-def _check_offsets_values(offsets: Tensor, N: int, row_seq: Tensor | None) -> None:
-    """offsets start at 0, never decrease and end at N; row_seq lies in [0, S)."""
-    if _data_checks_off(offsets):
-        return
-    S = offsets.shape[0] - 1
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0:
-        raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
-    if S > 0 and bool((offsets[1:] < offsets[:-1]).any()):
-        i = int((offsets[1:] < offsets[:-1]).nonzero()[0, 0])
-        raise ValueError(f"offsets must not decrease, got offsets[{i}] = {int(offsets[i])} > "
-                         f"offsets[{i + 1}] = {int(offsets[i + 1])}")
-    if last != N:
-        raise ValueError(f"offsets must end at N = values.shape[0] = {N}, got offsets[-1] = {last}")
-    if row_seq is not None and row_seq.numel() > 0:
-        lo, hi = torch.aminmax(row_seq)
-        if int(lo) < 0 or int(hi) >= S:
-            raise ValueError(f"row_seq must lie in [0, S) = [0, {S}), got values in [{int(lo)}, {int(hi)}]")
 
 
 # --------------------------------------------------------------------------------------
@@ -376,16 +356,14 @@ class _Prepared:
             valid = valid & (self.mask if self.row_seq is None else self.mask[self.row_seq])
         return valid
 
-    def use_jagged_scores(self) -> None:
-        """Weights row by row, each row exactly its length (the jagged layout has no mask):
-        row r's at score_start[r] = the sum of the lengths before it.  The kernels write
-        them in place, so no [R, T] buffer exists (T is the longest row, and a skewed or
-        shared batch's R x T is many times its sum of lengths)."""
+    def use_jagged_scores(self, lens: Tensor, total: int) -> None:
+        """Weights row by row, each row exactly its length lens[r] (the jagged layout has no
+        mask; total = their sum): row r's at score_start[r] = the sum of the lengths before
+        it.  The kernels write them in place, so no [R, T] buffer exists (T is the longest
+        row, and a skewed or shared batch's R x T is many times its sum of lengths)."""
         assert self.mask is None
-        lens = self.row_lengths()
-        ends = torch.cumsum(lens, 0)
-        self.score_start = (ends - lens).contiguous()
-        self.n_scores = int(ends[-1]) if lens.numel() else 0
+        self.score_start = (torch.cumsum(lens, 0) - lens).contiguous()
+        self.n_scores = total
         self.cfg["score_start"] = self.score_start.data_ptr()
 
     def valid_count(self) -> Tensor:
@@ -593,30 +571,63 @@ def _(grad_out, grad_scores, query, keys, lengths, mask, weights, biases, alphas
 # --------------------------------------------------------------------------------------
 # Jagged op
 # --------------------------------------------------------------------------------------
-def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None):
-    """(seq_start [S'] element offsets, seq_len [S'], row_seq for the kernels or None, T).
+def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, check: bool, gather: bool):
+    """(seq_start [S'] element offsets, seq_len [S'], row_seq for the kernels or None, T,
+    row lengths [R], their sum).
 
-    When no two rows share a sequence, the sequences are gathered per row and the
-    kernels see row_seq=None: then no dk partials are needed (see din_cpu.cpp)."""
-    offsets = offsets.to(torch.int64)
-    D = values.shape[1]
-    seq_start = offsets[:-1] * D
-    seq_len = offsets[1:] - offsets[:-1]
-    if row_seq is not None:
-        row_seq = row_seq.to(torch.int64)
-        if row_seq.numel() == 0 or int(torch.bincount(row_seq).max()) <= 1:
-            seq_start, seq_len, row_seq = seq_start[row_seq], seq_len[row_seq], None
-    lens = seq_len if row_seq is None else seq_len[row_seq]
-    T = int(lens.max()) if lens.numel() else 0
-    return seq_start, seq_len, row_seq, T
+    check: raise on bad offsets or row_seq values (the forward; the backward gets its checked
+    inputs).  gather: when no two rows share a sequence, gather the sequences per row, so that
+    the kernels see row_seq=None; then the backward needs no dk partials (see din_cpu.cpp).
+    The forward's results do not depend on it.  Every data-dependent fact comes back in one
+    host read: a small call would otherwise spend more on a dozen reads than in the kernel."""
+    off = _as(offsets, torch.int64)
+    N, D = values.shape
+    S = off.shape[0] - 1
+    seq_start, seq_len = off[:-1] * D, torch.diff(off)
+    rs = None if row_seq is None else _as(row_seq, torch.int64)
+    check = check and not _data_checks_off(off)
+    if check and rs is not None and rs.numel() and S == 0:
+        lo, hi = torch.aminmax(rs)
+        raise ValueError(f"row_seq must lie in [0, S) = [0, 0), got values in [{int(lo)}, {int(hi)}]")
+    # Out-of-range row_seq values are clamped for the lookup and reported below.
+    lens = seq_len if rs is None else seq_len.index_select(0, rs.clamp(0, S - 1) if check else rs)
+    facts = {}
+    if check:
+        facts.update(first=off[0], last=off[-1])
+        if S > 0:
+            facts["min_len"] = seq_len.min()
+        if rs is not None and rs.numel():
+            facts["lo"], facts["hi"] = torch.aminmax(rs)
+    if lens.numel():
+        facts.update(T=lens.max(), total=lens.sum())
+    if gather and rs is not None and rs.numel():
+        facts["most_rows"] = torch.bincount(rs).max()
+    got = dict(zip(facts, torch.stack(list(facts.values())).tolist())) if facts else {}
+    if check:
+        if got["first"] != 0:
+            raise ValueError(f"offsets must start at 0, got offsets[0] = {got['first']}")
+        if got.get("min_len", 0) < 0:
+            i = int((off[1:] < off[:-1]).nonzero()[0, 0])
+            raise ValueError(f"offsets must not decrease, got offsets[{i}] = {int(off[i])} > "
+                             f"offsets[{i + 1}] = {int(off[i + 1])}")
+        if got["last"] != N:
+            raise ValueError(f"offsets must end at N = values.shape[0] = {N}, "
+                             f"got offsets[-1] = {got['last']}")
+        if "lo" in got and (got["lo"] < 0 or got["hi"] >= S):
+            raise ValueError(f"row_seq must lie in [0, S) = [0, {S}), "
+                             f"got values in [{got['lo']}, {got['hi']}]")
+    if gather and rs is not None and (rs.numel() == 0 or got["most_rows"] <= 1):
+        seq_start, seq_len, rs = seq_start[rs], lens, None
+    return seq_start, seq_len, rs, got.get("T", 0), lens, got.get("total", 0)
 
 
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale) -> _Prepared:
-    seq_start, seq_len, rs, T = _jagged_layout(values, offsets, row_seq)
+                     activation, normalization, scale, *, check: bool, gather: bool) -> _Prepared:
+    seq_start, seq_len, rs, T, lens, total = _jagged_layout(values, offsets, row_seq, check=check,
+                                                            gather=gather)
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
-    prep.use_jagged_scores()
+    prep.use_jagged_scores(lens, total)
     return prep
 
 
@@ -627,9 +638,8 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
                    training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """query [R,D], values [N,D], offsets [S+1], row_seq [R] or None ->
     out [R,D], weights [sum of row lengths] (acc dtype, row by row), stats [L,3,Hmax]."""
-    _check_offsets_values(offsets, values.shape[0], row_seq)
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale)
+                            bn_biases, activation, normalization, scale, check=True, gather=False)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return _to(out, query.dtype), scores, stats
 
@@ -653,7 +663,7 @@ def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: T
     """Returns dq [R,D], dvalues [N,D] (a shared sequence gets the fixed-order sum of its
     rows' gradients) and the parameter gradients as din_bwd."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale)
+                            bn_biases, activation, normalization, scale, check=False, gather=True)
     dq, dk, kgrads = _backward(prep, grad_out, grad_weights, stats, flat_weights.to(prep.acc), activation,
                                training)
     grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
@@ -690,15 +700,16 @@ def plain_eager() -> bool:
                 or torch._C._get_tracing_state() is not None)
 
 
-class PaddedPlan:
-    """The padded forward of one parameter bundle for small eager inference calls on CPU.
+class InferencePlan:
+    """The forward of one parameter bundle for small eager inference calls on CPU, padded
+    (``forward``) or jagged and shared (``forward_jagged``).
 
     Built once: the bundle is checked (check_params) and the static part of the kernels'
     params dict is kept.  Only bundles the kernels read in place qualify (every tensor
     contiguous, on the CPU, in the compute dtype, no PReLU alpha to broadcast), so
     in-place updates show through.  ``valid()`` re-checks per call that every tensor still
     has the same storage and shape (a ``.data`` swap changes them).  Everything else,
-    including the range check of the lengths, is done per call by ``forward``.
+    including the range checks of the lengths, offsets and row_seq, is done per call.
     """
 
     def __init__(self, params: MLPParams, dim: int, dtype: torch.dtype, normalization: str, scale: float):
@@ -737,6 +748,27 @@ class PaddedPlan:
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T, "check_lengths": 2})
         _C.forward(cfg)
         return out, scores
+
+    def forward_jagged(self, query: Tensor, values: Tensor, offsets: Tensor,
+                       row_seq: Tensor | None) -> Tensor:
+        """query [R, D] or [R, 1, D], values [N, D] (contiguous, CPU, the plan's dtype), offsets
+        [S+1] and row_seq [R] or None, int64 and contiguous, shapes already checked -> out shaped
+        like query.  The values of offsets and row_seq are checked here (_jagged_layout)."""
+        seq_start, seq_len, rs, T, lens, total = _jagged_layout(values, offsets, row_seq, check=True,
+                                                                gather=False)
+        out = torch.empty_like(query)
+        if T == 0:  # no row has a key (the kernels are not called, as in _forward)
+            return out.zero_()
+        score_start = torch.cumsum(lens, 0) - lens
+        scores = torch.empty(total, dtype=values.dtype)
+        cfg = self.cfg.copy()
+        cfg.update({"rows": lens.shape[0], "max_len": T, "num_threads": torch.get_num_threads(),
+                    "q": query.data_ptr(), "k": values.data_ptr(), "seq_start": seq_start.data_ptr(),
+                    "seq_stride": T * values.shape[1], "seq_len": seq_len.data_ptr(), "row_seq": _ptr(rs),
+                    "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T,
+                    "score_start": score_start.data_ptr()})
+        _C.forward(cfg)
+        return out
 
 
 def call_forward(op, *args):

@@ -297,10 +297,10 @@ def _general_path(monkeypatch):
 
 
 def _spy_plan(monkeypatch) -> list:
-    """A list that grows by one per call that runs through ops.PaddedPlan.forward."""
+    """A list that grows by one per call that runs through ops.InferencePlan.forward."""
     calls = []
-    real = din_fused.ops.PaddedPlan.forward
-    monkeypatch.setattr(din_fused.ops.PaddedPlan, "forward",
+    real = din_fused.ops.InferencePlan.forward
+    monkeypatch.setattr(din_fused.ops.InferencePlan, "forward",
                         lambda self, *a: calls.append(1) or real(self, *a))
     return calls
 
@@ -556,3 +556,75 @@ def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
         bad_lengths[r] = bad
         with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
             mod(q, k, bad_lengths)
+
+
+def _spy_jagged_plan(monkeypatch) -> list:
+    """A list that grows by one per call that runs through ops.InferencePlan.forward_jagged."""
+    calls = []
+    real = din_fused.ops.InferencePlan.forward_jagged
+    monkeypatch.setattr(din_fused.ops.InferencePlan, "forward_jagged",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_inference_jagged_path_equals_the_general_path_bitwise(act, dtype, threads, monkeypatch):
+    """Eager no_grad eval calls with values/offsets[/row_seq] take the cached plan too: bitwise
+    the general path's output, for per-row sequences (with empty ones), one history shared by
+    every candidate, several shared ones, query [R, E] and [R, 1, E], and all-empty sequences."""
+    gen = torch.Generator().manual_seed(11)
+    mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act).to(dtype).eval()
+    calls = _spy_jagged_plan(monkeypatch)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [([3, 0, 7, 1], None), ([50], [0] * 9), ([4, 0, 6], [2, 0, 0, 1, 2]), ([0, 0], None),
+                 ([1], [0])]
+        for i, (lens, rs) in enumerate(cases):
+            offsets = torch.tensor([0] + lens).cumsum(0)
+            values = torch.randn(int(offsets[-1]), 37, generator=gen, dtype=dtype)
+            row_seq = None if rs is None else torch.tensor(rs)
+            R = len(lens) if rs is None else len(rs)
+            q = torch.randn(R, 1, 37, generator=gen, dtype=dtype)
+            q = q if i % 2 else q[:, 0].contiguous()
+            with torch.no_grad():
+                fast = mod(q, values, offsets=offsets, row_seq=row_seq)
+            with monkeypatch.context() as m:
+                _general_path(m)
+                with torch.no_grad():
+                    slow = mod(q, values, offsets=offsets, row_seq=row_seq)
+            assert fast.shape == slow.shape == q.shape
+            assert torch.equal(fast, slow)
+    finally:
+        torch.set_num_threads(old)
+    assert len(calls) == 5
+
+
+def test_small_inference_jagged_path_checks_offsets_and_row_seq(monkeypatch):
+    """The cached-plan path still rejects every bad offsets/row_seq value, with the general
+    path's messages, and leaves calls it does not cover to the general path."""
+    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
+    calls = _spy_jagged_plan(monkeypatch)
+    values, q = torch.randn(5, 6), torch.randn(3, 1, 6)
+    bad = [(torch.tensor([1, 2, 4, 5]), None, "offsets must start at 0"),
+           (torch.tensor([0, 3, 2, 5]), None, r"must not decrease, got offsets\[1\] = 3 > offsets\[2\] = 2"),
+           (torch.tensor([0, 2, 4, 4]), None, "offsets must end at N"),
+           (torch.tensor([0, 2, 5]), torch.tensor([0, 2, 1]), r"row_seq must lie in \[0, S\) = \[0, 2\)"),
+           (torch.tensor([0, 2, 5]), torch.tensor([0, -1, 1]), r"row_seq must lie in \[0, S\) = \[0, 2\)"),
+           (torch.tensor([0]), torch.tensor([0, 0, 0]), r"row_seq must lie in \[0, S\) = \[0, 0\)")]
+    for offsets, row_seq, msg in bad:
+        with torch.no_grad(), pytest.raises(ValueError, match=msg):
+            mod(q, values if offsets[-1] != 0 else values[:0], offsets=offsets, row_seq=row_seq)
+    assert len(calls) == len(bad)
+    offsets = torch.tensor([0, 2, 4, 5])
+    with torch.no_grad():
+        mod(q, values, offsets=offsets.int())  # int32 offsets: the general path
+        mod(q, values, offsets=offsets[None].expand(2, 4)[0])  # a view is fine, still contiguous
+        mod.return_score = True
+        mod(q, values, offsets=offsets)  # weights wanted: the general path
+        mod.return_score = False
+        with pytest.raises(ValueError, match=r"offsets must have shape \[R\+1\]"):
+            mod(q, values, offsets=offsets[:3])
+    assert len(calls) == len(bad) + 1
