@@ -67,7 +67,7 @@ const std::unordered_map<std::string_view, Setter>& setters() {
       {"score_start", DIN_PTR(score_start)},
       {"dout", DIN_PTR(dout)}, {"ld_dout", DIN_INT(ld_dout, int64_t)},
       {"dscores", DIN_PTR(dscores)}, {"ld_dscores", DIN_INT(ld_dscores, int64_t)},
-      {"dq", DIN_PTR(dq)}, {"lddq", DIN_INT(lddq, int64_t)}, {"dk", DIN_PTR(dk)},
+      {"dq", DIN_PTR(dq)}, {"lddq", DIN_INT(lddq, int64_t)}, {"dk", DIN_PTR(dk)}, {"dk_assign", DIN_INT(dk_assign, int32_t)},
       {"dk_rows", DIN_PTR(dk_rows)}, {"seq_rows", DIN_PTR(seq_rows)}, {"seq_rows_start", DIN_PTR(seq_rows_start)},
       {"num_seqs", DIN_INT(num_seqs, int64_t)},
       {"dW", DIN_PTRS(dW)}, {"db", DIN_PTRS(db)}, {"dalpha", DIN_PTRS(dalpha)}, {"dgamma", DIN_PTRS(dgamma)},

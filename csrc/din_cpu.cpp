@@ -506,6 +506,7 @@ struct Ctx {
   T scale = T(1);
   int red = -1;             // backward reduction layer, or -1
   int stats_layer = -1;
+  bool dk_assign = false;   // write dk (DinParams::dk_assign) instead of adding into it
   GradLayout lay;
   // Pre-activation cache: zc (nullptr: none), the layers already in it, and
   // each row's first slot.
@@ -518,6 +519,7 @@ struct Ctx {
     scale = static_cast<T>(pp.scale);
     red = pp.reduce_layer;
     stats_layer = pp.stats_layer;
+    dk_assign = pp.dk_assign && !pp.row_seq;  // shared rows add into per-thread partials
     if (pp.zcache && pp.rows > 0) {
       zbase.resize(static_cast<size_t>(pp.rows));
       int64_t slots = 0;
@@ -1866,6 +1868,18 @@ struct Kernel {
     const int64_t r = sp.r;
     const Row row = row_of(p, r);
     const T* q = static_cast<const T*>(p.q) + r * p.ldq;
+    // With dk_assign the row writes all of its part of dk: the span's masked positions
+    // and, for its last span, the padding beyond its length are zeros.
+    if (cx.dk_assign && !reducing) {
+      T* kd = sc.dk + seq_off(p, row.s);
+      if (p.mask) {
+        const uint8_t* mk = p.mask + row.s * p.ld_mask;
+        for (int64_t t = sp.t0; t < sp.t1; ++t)
+          if (!mk[t]) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
+      }
+      if (sp.t1 >= row.len && !p.seq_start)
+        for (int64_t t = row.len; t < p.max_len; ++t) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
+    }
     if (sp.t1 <= sp.t0) {
       if (dq) std::fill(dq, dq + D, T(0));
       return;
@@ -1936,9 +1950,14 @@ struct Kernel {
             const T* src = other + static_cast<size_t>(i) * m.Dp;
             const v wv = X::set1(wr[t]);
             int d = 0;
-            for (; d + W <= D; d += W)
-              X::store(dst + d, X::load(dst + d) + X::load(src + d) + wv * X::load(go + d));
-            for (; d < D; ++d) dst[d] += src[d] + wr[t] * go[d];
+            if (cx.dk_assign) {
+              for (; d + W <= D; d += W) X::store(dst + d, X::load(src + d) + wv * X::load(go + d));
+              for (; d < D; ++d) dst[d] = src[d] + wr[t] * go[d];
+            } else {
+              for (; d + W <= D; d += W)
+                X::store(dst + d, X::load(dst + d) + X::load(src + d) + wv * X::load(go + d));
+              for (; d < D; ++d) dst[d] += src[d] + wr[t] * go[d];
+            }
           }
         }
       }

@@ -78,6 +78,11 @@ struct DinParams {
   const void* dscores = nullptr; int64_t ld_dscores = 0;  // [rows, T] acc, or nullptr
   void* dq = nullptr; int64_t lddq = 0;                   // [rows, D] dtype
   void* dk = nullptr;                                     // laid out like k (seq_start, ldk)
+  // CPU: 1 when no two rows share keys and the rows' sequences cover dk (the padded
+  // layout; a jagged one with one sequence per row): dk need not hold zeros, the
+  // backward writes every element of it, zeros at padding and masked positions,
+  // instead of adding into it (one pass over dk instead of a fill and an update).
+  int32_t dk_assign = 0;
   // Rows sharing a sequence (row_seq), CUDA: the key gradient of a shared sequence
   // is the sum of its rows' shares.  With dk_rows, each row's share is written to
   // dk_rows [sum of row lengths, D] (acc type) at its weights' offsets

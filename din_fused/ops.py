@@ -264,6 +264,8 @@ class _Prepared:
         self.betas = [_as(b, acc) for b in bn_biases]
         self.seq_start = None if seq_start is None else seq_start.contiguous()  # None: row r at r*T*D
         self.score_start = None
+        # The rows' sequences cover keys, one row each (padded; jagged without row_seq).
+        self.rows_cover_keys = row_seq is None
         self.cfg = _model_cfg(D, hidden, activation, normalization, scale, cdt, self.weights, self.biases,
                               self.alphas, self.gammas, self.betas)
         self.cfg.update({
@@ -444,7 +446,11 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
     layout: PReLU alphas per channel) as lists dW, db, dalpha, dgamma, dbeta."""
     acc, dev, L, T = prep.acc, prep.k.device, prep.L, prep.T
     dq = torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
-    dk = torch.zeros_like(prep.k)
+    # The CPU kernels write all of dk when the rows cover it (DinParams::dk_assign):
+    # no zero fill first, which is a pass over a [B, T, D] tensor.
+    assign = not prep.cuda_kernels and prep.rows_cover_keys and not prep.empty
+    dk = torch.empty_like(prep.k) if assign else torch.zeros_like(prep.k)
+    prep.cfg["dk_assign"] = int(assign)
     dW = [torch.zeros_like(w) for w in prep.weights]
     db = [torch.zeros_like(b) for b in prep.biases]
     dalpha = [torch.zeros_like(a) for a in prep.alphas]
@@ -628,6 +634,7 @@ def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, b
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
     prep.use_jagged_scores(lens, total)
+    prep.rows_cover_keys = row_seq is None  # a gathered row_seq may leave sequences out
     return prep
 
 
