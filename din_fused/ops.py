@@ -251,6 +251,8 @@ class _Prepared:
         self.q = _as(query, cdt)
         self.k = _as(keys, cdt)
         self.lengths = _as(lengths, torch.int64)
+        # The CUDA kernels run (a CUDA tensor, or their CPU emulation in the tests).
+        self.cuda_kernels = keys.is_cuda or getattr(_C, "emulates_cuda", False)
         self.row_seq = None if row_seq is None else _as(row_seq, torch.int64)
         self.mask = None if mask is None else mask.contiguous()
         self.weights = [_as(w, acc) for w in weights]
@@ -284,10 +286,6 @@ class _Prepared:
         # (an empty tensor's data_ptr is 0, which _C rejects as a missing pointer).
         return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
-    @property
-    def cuda_kernels(self) -> bool:
-        """The CUDA kernels run (a CUDA tensor, or their CPU emulation in the tests)."""
-        return self.k.is_cuda or getattr(_C, "emulates_cuda", False)
 
     def shared_dk_rows(self) -> None:
         """CUDA, rows sharing a sequence: scratch for each row's share of dk, and the rows
@@ -342,9 +340,10 @@ class _Prepared:
         return ws
 
     def set_stats(self, stats: Tensor) -> None:
-        """stats [L, 3, Hmax]: point the kernels at the mean and invstd rows."""
-        self.cfg["bn_mean"] = [stats[l, 0].data_ptr() for l in range(self.L)]
-        self.cfg["bn_invstd"] = [stats[l, 1].data_ptr() for l in range(self.L)]
+        """stats [L, 3, Hmax], contiguous: point the kernels at the mean and invstd rows."""
+        base, row = stats.data_ptr(), stats.shape[2] * stats.element_size()
+        self.cfg["bn_mean"] = [base + 3 * l * row for l in range(self.L)]
+        self.cfg["bn_invstd"] = [base + (3 * l + 1) * row for l in range(self.L)]
 
     def row_lengths(self) -> Tensor:
         """[R] int64: valid positions of each row before the mask (clamped to T)."""
@@ -445,20 +444,23 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
     """dq [R, D], dk laid out like prep.k, and the parameter gradients (acc dtype, kernel
     layout: PReLU alphas per channel) as lists dW, db, dalpha, dgamma, dbeta."""
     acc, dev, L, T = prep.acc, prep.k.device, prep.L, prep.T
-    dq = torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
-    # The CPU kernels write all of dk when the rows cover it (DinParams::dk_assign):
-    # no zero fill first, which is a pass over a [B, T, D] tensor.
-    assign = not prep.cuda_kernels and prep.rows_cover_keys and not prep.empty
+    # The CPU kernels write every element of dq and the parameter gradients, and all of
+    # dk when the rows cover it (DinParams::dk_assign): no zero fills first (dk is a
+    # [B, T, D] tensor).  The CUDA kernels add into zeros.
+    cpu = not prep.cuda_kernels and not prep.empty
+    new = torch.empty_like if cpu else torch.zeros_like
+    assign = cpu and prep.rows_cover_keys
+    dq = (torch.empty if cpu else torch.zeros)(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
     dk = torch.empty_like(prep.k) if assign else torch.zeros_like(prep.k)
     prep.cfg["dk_assign"] = int(assign)
-    dW = [torch.zeros_like(w) for w in prep.weights]
-    db = [torch.zeros_like(b) for b in prep.biases]
-    dalpha = [torch.zeros_like(a) for a in prep.alphas]
-    dgamma = [torch.zeros_like(a) for a in prep.gammas]
-    dbeta = [torch.zeros_like(a) for a in prep.betas]
+    dW = [new(w) for w in prep.weights]
+    db = [new(b) for b in prep.biases]
+    dalpha = [new(a) for a in prep.alphas]
+    dgamma = [new(a) for a in prep.gammas]
+    dbeta = [new(a) for a in prep.betas]
     if not prep.empty:
-        g = grad_out.to(prep.q.dtype).contiguous()
-        gs = None if grad_scores is None else grad_scores.to(acc).contiguous()
+        g = _as(grad_out, prep.q.dtype)
+        gs = None if grad_scores is None else _as(grad_scores, acc)
         scores = scores.contiguous()
         prep.cfg.update({"dout": g.data_ptr(), "ld_dout": prep.D, "scores": scores.data_ptr(),
                          "ld_scores": T, "dscores": _ptr(gs), "ld_dscores": T})
@@ -492,7 +494,7 @@ def _param_grads(kernel_grads, weights, biases, alphas, bn_weights, bn_biases) -
     """Kernel gradients back to the callers' dtypes and shapes, in the order weights, biases,
     alphas, bn_weights, bn_biases (PReLU's scalar alpha sums its channels)."""
     dW, db, dalpha, dgamma, dbeta = kernel_grads
-    grads = [d.to(w.dtype) for d, w in zip(dW, weights)] + [d.to(b.dtype) for d, b in zip(db, biases)]
+    grads = [_to(d, w.dtype) for d, w in zip(dW, weights)] + [_to(d, b.dtype) for d, b in zip(db, biases)]
     grads += [(d.sum() if a.numel() == 1 else d).reshape(a.shape).to(a.dtype) for d, a in zip(dalpha, alphas)]
     grads += [d.reshape(a.shape).to(a.dtype) for d, a in zip(dgamma, bn_weights)]
     grads += [d.reshape(a.shape).to(a.dtype) for d, a in zip(dbeta, bn_biases)]

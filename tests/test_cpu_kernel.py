@@ -126,49 +126,60 @@ def test_split_rows_bitwise_reproducible_and_close_across_thread_counts(act):
 
 
 # ---------------------------------------------------------------------------------------
-# The backward writes dk whole (DinParams::dk_assign): no zero fill first
+# The backward writes its outputs whole (DinParams::dk_assign): no zero fills first
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["prelu", "dice-train"])
 @pytest.mark.parametrize("layout", ["lengths", "mask", "both", "split", "jagged"])
-def test_backward_writes_every_element_of_dk(layout, isa, monkeypatch):
-    """When the rows cover the key gradient (padded, or jagged with one sequence per row), the
-    CPU backward writes all of it, zeros at padding and masked positions, into an uninitialised
-    tensor.  Poison that tensor with NaN: every element must still be the reference's (zeros
-    past each row's length, at masked positions, for empty rows and past a split row's end)."""
+def test_backward_writes_every_element_of_its_outputs(layout, act, isa, monkeypatch):
+    """The CPU backward writes every element of dq and the parameter gradients, and, when the
+    rows cover the key gradient (padded, or jagged with one sequence per row), all of dk, zeros
+    at padding and masked positions, into uninitialised tensors.  Poison every tensor the op
+    allocates uninitialised: every element must still be the reference's (zeros past each
+    row's length, at masked positions, for empty rows and past a split row's end)."""
     from din_fused import ops
 
     poisoned = []
+    real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def empty_like(t, *a, **kw):
-        out = torch.full_like(t, float("nan"), *a, **kw)
+    def poison(out):
+        out.fill_(float("nan") if out.is_floating_point() else 123)
         poisoned.append(out)
         return out
 
-    monkeypatch.setattr(ops.torch, "empty_like", empty_like)
+    monkeypatch.setattr(ops.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(ops.torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     if layout == "split":  # one long row cut over threads; its last part writes the padding
-        q, k, lengths, mask, p, gout, gsc = _long_problem(1, 1300, "sigmoid", "lengths", seed=4)
+        q, k, lengths, mask, p, gout, gsc = _long_problem(1, 1300, act, "lengths", seed=4)
         lengths[0] = 1100
     else:
         validity = "lengths" if layout == "jagged" else layout
-        q, k, lengths, mask, p, gout, gsc = _long_problem(6, 9, "prelu", validity, seed=5)
+        q, k, lengths, mask, p, gout, gsc = _long_problem(6, 9, act, validity, seed=5)
         if lengths is not None:
             lengths[1], lengths[2] = 0, 1
         if mask is not None:
             mask[3] = False
     p = {key: [t.detach() for t in v] if isinstance(v, list) else v for key, v in p.items()}
+    training = act == "dice-train"
     with _threads(2):
-        args = (q, k, lengths, mask, p, torch.float64, False, "softmax", True, gout, gsc)
+        args = (q, k, lengths, mask, p, torch.float64, training, "softmax", True, gout, gsc)
         if layout == "jagged":
             values = torch.cat([k[b, :int(n)] for b, n in enumerate(lengths)])
             offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
             vv = values.clone().requires_grad_()
-            out = din_fused.din_attention_jagged(q, vv, offsets, **p, normalization="softmax")
-            (got_k,) = torch.autograd.grad((out * gout).sum(), [vv])
-            got = [out, got_k]
+
+            def leaves():  # fresh parameter leaves (the running statistics stay shared buffers)
+                return {key: v if "running" in key or not isinstance(v, list)
+                        else [t.clone().requires_grad_() for t in v] for key, v in p.items()}
+
+            kw = dict(normalization="softmax", training=training)
+            pg, pr = leaves(), leaves()
+            out = din_fused.din_attention_jagged(q, vv, offsets, **pg, **kw)
+            got = [out, *torch.autograd.grad((out * gout).sum(), [vv, *pg["weights"], *pg["biases"]])]
             kk = k.clone().requires_grad_()
-            ref_out = din_attention_ref(q, kk, lengths, **p, normalization="softmax")
-            (ref_k,) = torch.autograd.grad((ref_out * gout).sum(), [kk])
+            ref_out = din_attention_ref(q, kk, lengths, **pr, **kw)
+            ref_k, *ref_p = torch.autograd.grad((ref_out * gout).sum(), [kk, *pr["weights"], *pr["biases"]])
             valid = torch.arange(k.shape[1])[None] < lengths[:, None]
-            want = [ref_out, ref_k[valid]]
+            want = [ref_out, ref_k[valid], *ref_p]
         else:
             got = _all(run(din_fused.din_attention, *args))
             want = _all(run(din_attention_ref, *args))
