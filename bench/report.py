@@ -40,6 +40,11 @@ sys.path.insert(0, str(HERE.parent))
 import cases  # noqa: E402
 import torch  # noqa: E402
 
+# Issue 12's ratio targets against DeepCTR-Torch eager: the report says what fraction of the
+# measured peak each would need.  A forward+backward recomputes the activations (a rule of the
+# design), so it does ~4x the forward's FLOPs: the forward, then the backward's forward, dX and dW.
+TARGET_FWD, TARGET_FWDBWD, FWDBWD_FLOPS = 25.0, 14.0, 4.0
+
 LABELS = {
     "fused": "fused (din_fused)",
     "reference": "eager reference",
@@ -370,6 +375,21 @@ def headline_section(args, lines: list, data: dict) -> None:
         data["gemm_gflops"] = g
         lines.append(f"For scale, torch.mm on a 2048^3 fp32 GEMM reaches {g:.0f} GFLOP/s here with the same "
                      "threads (its BLAS may not pick AVX-512 kernels on every CPU).")
+    peak = data.get("fma_peak_gflops")
+    if peak and "deepctr" in res["fwd"]:
+        # What the ratio targets ask of the kernel against this run's baseline.
+        d_f, d_fb = med(res["fwd"]["deepctr"]), med(res["fwdbwd"]["deepctr"])
+        need_f = gflop * TARGET_FWD / d_f
+        need_fb = FWDBWD_FLOPS * gflop * TARGET_FWDBWD / d_fb
+        data["target_needs"] = {"fwd_gflops": need_f, "fwdbwd_gflops": need_fb}
+        gm = data.get("gemm_gflops")
+        mm = f", against torch.mm's {100 * gm / peak:.0f}% on a large GEMM without activations" if gm else ""
+        lines.append(
+            f"Against this run's DeepCTR-Torch ({fmt_ms(d_f)} ms forward, {fmt_ms(d_fb)} ms fwd+bwd), a "
+            f"forward {TARGET_FWD:.0f}x faster would have to run at {need_f:.0f} GFLOP/s "
+            f"({100 * need_f / peak:.0f}% of the FMA peak), and a forward+backward {TARGET_FWDBWD:.0f}x "
+            f"faster at {need_fb:.0f} GFLOP/s ({100 * need_fb / peak:.0f}%; it does ~{FWDBWD_FLOPS:.0f}x the "
+            f"forward's FLOPs, the backward recomputing the activations){mm}.")
     if mem:
         lines.append("")
         lines.append(f"Peak memory: {next(iter(mem.values())).get('method', '')}, one forward+backward "

@@ -519,7 +519,10 @@ struct Ctx {
     scale = static_cast<T>(pp.scale);
     red = pp.reduce_layer;
     stats_layer = pp.stats_layer;
-    dk_assign = pp.dk_assign && !pp.row_seq;  // shared rows add into per-thread partials
+    // Rows that share keys add into per-thread partials: dk must hold zeros then.
+    if (pp.dk_assign && pp.row_seq && pp.reduce_layer < 0)
+      throw std::invalid_argument("backward: dk_assign needs rows with their own sequences (row_seq unset)");
+    dk_assign = pp.dk_assign != 0;
     if (pp.zcache && pp.rows > 0) {
       zbase.resize(static_cast<size_t>(pp.rows));
       int64_t slots = 0;
@@ -1106,31 +1109,20 @@ struct Vec {
   // max(c, x) and min(c, x) that keep a NaN x.  x86's max and min return their
   // second operand when either is NaN, which is what these ternaries say; GCC
   // compiles the ternary to a compare and a blend, the intrinsic to 1 instruction.
+  // (Used by the AVX2 and baseline float exp and sigmoid; AVX-512 has its own.)
   static DIN_INLINE v max_keep_nan(const v& c, const v& x) {
-#if DIN_X86
-    if constexpr (sizeof(T) == 4) {
-#if DIN_VB == 64
-      return (v)_mm512_max_ps((__m512)c, (__m512)x);
-#elif DIN_VB == 32
-      return (v)_mm256_max_ps((__m256)c, (__m256)x);
-#else
-      return (v)_mm_max_ps((__m128)c, (__m128)x);
-#endif
-    }
+#if DIN_X86 && DIN_VB == 32
+    if constexpr (sizeof(T) == 4) return (v)_mm256_max_ps((__m256)c, (__m256)x);
+#elif DIN_X86 && DIN_VB == 16
+    if constexpr (sizeof(T) == 4) return (v)_mm_max_ps((__m128)c, (__m128)x);
 #endif
     return x < c ? c : x;
   }
   static DIN_INLINE v min_keep_nan(const v& c, const v& x) {
-#if DIN_X86
-    if constexpr (sizeof(T) == 4) {
-#if DIN_VB == 64
-      return (v)_mm512_min_ps((__m512)c, (__m512)x);
-#elif DIN_VB == 32
-      return (v)_mm256_min_ps((__m256)c, (__m256)x);
-#else
-      return (v)_mm_min_ps((__m128)c, (__m128)x);
-#endif
-    }
+#if DIN_X86 && DIN_VB == 32
+    if constexpr (sizeof(T) == 4) return (v)_mm256_min_ps((__m256)c, (__m256)x);
+#elif DIN_X86 && DIN_VB == 16
+    if constexpr (sizeof(T) == 4) return (v)_mm_min_ps((__m128)c, (__m128)x);
 #endif
     return x > c ? c : x;
   }
@@ -1216,7 +1208,8 @@ struct Vec {
     }
   }
 
-  // 1 / d for d >= 1 (finite).  AVX-512 float: the 14-bit reciprocal estimate and
+  // 1 / d for d >= 1; elsewhere than AVX-512 float also d = +inf (-> 0), which the
+  // AVX2 and baseline sigmoid rely on (a true divide).  AVX-512 float: the 14-bit reciprocal estimate and
   // one Newton step (error ~2^-28, i.e. correctly rounded or 1 ulp) instead of a
   // 512-bit divide, which is several times slower.  Elsewhere a true divide: the
   // 12-bit AVX estimate plus one step is ~2 ulp, which the fp32 gradient tests
@@ -1230,9 +1223,10 @@ struct Vec {
 #endif
     return set1(T(1)) / d;
   }
-  // sigmoid(x) = 1 / (1 + e^-x), exactly 0 below about -88.4 in float (the true
-  // value is a denormal there), as torch: sigmoid(-inf) must be 0 so that -inf *
-  // sigmoid(-inf) (Dice with alpha 0) is NaN, not -inf.  NaN stays NaN.
+  // sigmoid(x) = 1 / (1 + e^-x), exactly 0 in float below about -88.4 (AVX2 and
+  // baseline; -88.5 with AVX-512), where the true value is a denormal, as torch:
+  // sigmoid(-inf) must be 0 so that -inf * sigmoid(-inf) (Dice with alpha 0) is
+  // NaN, not -inf.  NaN stays NaN.
   static DIN_INLINE v sigmoid(const v& x) {
 #if DIN_VB != 64
     if constexpr (sizeof(T) == 4) {

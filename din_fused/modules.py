@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _fwAD
 
 from . import ops
 from .functional import din_attention_jagged_p, din_attention_p
@@ -312,8 +313,11 @@ class FusedDINAttention(nn.Module):
         same kernel call with the parameter checks and the static params dict built once, for
         serving-sized calls whose Python would otherwise cost more than the kernel.  None when
         any of that does not hold: the general path then runs, with every check and its errors."""
+        # (no_grad does not turn forward-mode AD off: a dual level goes the general way, which
+        # refuses dual inputs instead of dropping their tangents.)
         if torch.is_grad_enabled() or self.training or self.impl != "fused" or self.supports_masking \
-                or self.activation == "dice" or getattr(ops._C, "emulates_cuda", False):
+                or self.activation == "dice" or getattr(ops._C, "emulates_cuda", False) \
+                or _fwAD._current_level >= 0:
             return None
         jagged = offsets is not None
         if not jagged and row_seq is not None:
@@ -329,9 +333,11 @@ class FusedDINAttention(nn.Module):
         if D != self.embedding_dim or query.shape[-1] != D or (jagged and self.return_score):
             return None
         if jagged:
-            S = offsets.shape[0] - 1
-            shapes_ok = offsets.dim() == 1 and S >= 0 and (
-                S == R if row_seq is None else (row_seq.dim() == 1 and row_seq.shape[0] == R))
+            shapes_ok = offsets.dim() == 1 and offsets.shape[0] >= 1
+            if shapes_ok and row_seq is None:
+                shapes_ok = offsets.shape[0] - 1 == R
+            elif shapes_ok:
+                shapes_ok = row_seq.dim() == 1 and row_seq.shape[0] == R
         else:
             shapes_ok = keys.shape[0] == R and R > 0 and keys.shape[1] > 0 and keys_length.numel() == R \
                 and (keys_length.dim() == 1 or (keys_length.dim() == 2 and keys_length.shape[1] == 1))

@@ -242,7 +242,8 @@ class _Prepared:
     """
 
     def __init__(self, query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                 activation, normalization, scale, *, seq_start=None, row_seq=None, max_len=None):
+                 activation, normalization, scale, *, seq_start=None, row_seq=None, max_len=None,
+                 rows_cover_keys=True):
         R, D = query.shape
         T = keys.shape[1] if seq_start is None else max_len
         self.B, self.T, self.D, self.L = R, T, D, len(weights) - 1
@@ -266,8 +267,10 @@ class _Prepared:
         self.betas = [_as(b, acc) for b in bn_biases]
         self.seq_start = None if seq_start is None else seq_start.contiguous()  # None: row r at r*T*D
         self.score_start = None
-        # The rows' sequences cover keys, one row each (padded; jagged without row_seq).
-        self.rows_cover_keys = row_seq is None
+        # Each row has its own sequence and together they cover keys (padded; jagged without a
+        # row_seq; not a gathered row_seq, which may leave sequences out): the CPU backward then
+        # writes all of dk (DinParams::dk_assign).
+        self.rows_cover_keys = rows_cover_keys and row_seq is None
         self.cfg = _model_cfg(D, hidden, activation, normalization, scale, cdt, self.weights, self.biases,
                               self.alphas, self.gammas, self.betas)
         self.cfg.update({
@@ -594,7 +597,12 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     seq_start, seq_len = off[:-1] * D, torch.diff(off)
     rs = None if row_seq is None else _as(row_seq, torch.int64)
     check = check and not _data_checks_off(off)
-    if check and rs is not None and rs.numel() and S == 0:
+    if check and rs is not None and rs.numel() and S == 0:  # no sequence to look up: report now
+        first = int(off[0])
+        if first != 0:
+            raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
+        if N != 0:
+            raise ValueError(f"offsets must end at N = values.shape[0] = {N}, got offsets[-1] = {first}")
         lo, hi = torch.aminmax(rs)
         raise ValueError(f"row_seq must lie in [0, S) = [0, 0), got values in [{int(lo)}, {int(hi)}]")
     # Out-of-range row_seq values are clamped for the lookup and reported below.
@@ -634,9 +642,9 @@ def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, b
     seq_start, seq_len, rs, T, lens, total = _jagged_layout(values, offsets, row_seq, check=check,
                                                             gather=gather)
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T)
+                     activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T,
+                     rows_cover_keys=row_seq is None)
     prep.use_jagged_scores(lens, total)
-    prep.rows_cover_keys = row_seq is None  # a gathered row_seq may leave sequences out
     return prep
 
 

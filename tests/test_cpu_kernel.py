@@ -128,9 +128,10 @@ def test_split_rows_bitwise_reproducible_and_close_across_thread_counts(act):
 # ---------------------------------------------------------------------------------------
 # The backward writes its outputs whole (DinParams::dk_assign): no zero fills first
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2])  # 6 rows on 2 threads are cut into parts (Plan); on 1 not
 @pytest.mark.parametrize("act", ["prelu", "dice-train"])
 @pytest.mark.parametrize("layout", ["lengths", "mask", "both", "split", "jagged"])
-def test_backward_writes_every_element_of_its_outputs(layout, act, isa, monkeypatch):
+def test_backward_writes_every_element_of_its_outputs(layout, act, threads, isa, monkeypatch):
     """The CPU backward writes every element of dq and the parameter gradients, and, when the
     rows cover the key gradient (padded, or jagged with one sequence per row), all of dk, zeros
     at padding and masked positions, into uninitialised tensors.  Poison every tensor the op
@@ -160,7 +161,7 @@ def test_backward_writes_every_element_of_its_outputs(layout, act, isa, monkeypa
             mask[3] = False
     p = {key: [t.detach() for t in v] if isinstance(v, list) else v for key, v in p.items()}
     training = act == "dice-train"
-    with _threads(2):
+    with _threads(threads):
         args = (q, k, lengths, mask, p, torch.float64, training, "softmax", True, gout, gsc)
         if layout == "jagged":
             values = torch.cat([k[b, :int(n)] for b, n in enumerate(lengths)])
@@ -171,15 +172,19 @@ def test_backward_writes_every_element_of_its_outputs(layout, act, isa, monkeypa
                 return {key: v if "running" in key or not isinstance(v, list)
                         else [t.clone().requires_grad_() for t in v] for key, v in p.items()}
 
+            def grads(out, q, keys, params):  # every input's gradient: query, keys, all parameters
+                leaf = [t for key in ("weights", "biases", "alphas", "bn_weights", "bn_biases")
+                        for t in params.get(key, [])]
+                return list(torch.autograd.grad((out * gout).sum(), [q, keys, *leaf]))
+
             kw = dict(normalization="softmax", training=training)
             pg, pr = leaves(), leaves()
-            out = din_fused.din_attention_jagged(q, vv, offsets, **pg, **kw)
-            got = [out, *torch.autograd.grad((out * gout).sum(), [vv, *pg["weights"], *pg["biases"]])]
-            kk = k.clone().requires_grad_()
-            ref_out = din_attention_ref(q, kk, lengths, **pr, **kw)
-            ref_k, *ref_p = torch.autograd.grad((ref_out * gout).sum(), [kk, *pr["weights"], *pr["biases"]])
-            valid = torch.arange(k.shape[1])[None] < lengths[:, None]
-            want = [ref_out, ref_k[valid], *ref_p]
+            qg, qr, kk = q.clone().requires_grad_(), q.clone().requires_grad_(), k.clone().requires_grad_()
+            out = din_fused.din_attention_jagged(qg, vv, offsets, **pg, **kw)
+            got = [out, *grads(out, qg, vv, pg)]
+            ref_out = din_attention_ref(qr, kk, lengths, **pr, **kw)
+            want = [ref_out, *grads(ref_out, qr, kk, pr)]
+            want[2] = want[2][torch.arange(k.shape[1])[None] < lengths[:, None]]  # the valid keys, jagged
         else:
             got = _all(run(din_fused.din_attention, *args))
             want = _all(run(din_attention_ref, *args))
@@ -187,6 +192,28 @@ def test_backward_writes_every_element_of_its_outputs(layout, act, isa, monkeypa
     for i, (g, w) in enumerate(zip(got, want)):
         assert not torch.isnan(g).any(), i
         assert max_rel_err(g, w) <= TOL64, (i, max_rel_err(g, w))
+
+
+def test_backward_refuses_dk_assign_for_rows_that_share_keys(monkeypatch):
+    """Rows sharing a sequence add into per-thread partials, which the kernel sums into dk: it
+    must hold zeros, so a call that asks it to write dk (dk_assign) with a row_seq is an error,
+    never a sum into uninitialised memory."""
+    from din_fused import ops
+
+    real = ops._C
+
+    class Force:
+        def __getattr__(self, name):
+            f = getattr(real, name)
+            return (lambda cfg: f({**cfg, "dk_assign": 1})) if name == "backward" else f
+
+    monkeypatch.setattr(ops, "_C", Force())
+    p = random_params(5, (4,), "sigmoid", gen=torch.Generator().manual_seed(0))
+    q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = din_fused.din_attention_jagged(q, values, torch.tensor([0, 4]), torch.tensor([0, 0, 0]), **p)
+    with pytest.raises(ValueError, match="dk_assign needs rows with their own sequences"):
+        out.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------

@@ -608,16 +608,22 @@ def test_small_inference_jagged_path_checks_offsets_and_row_seq(monkeypatch):
     mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
     calls = _spy_jagged_plan(monkeypatch)
     values, q = torch.randn(5, 6), torch.randn(3, 1, 6)
-    bad = [(torch.tensor([1, 2, 4, 5]), None, "offsets must start at 0"),
-           (torch.tensor([0, 3, 2, 5]), None, r"must not decrease, got offsets\[1\] = 3 > offsets\[2\] = 2"),
-           (torch.tensor([0, 2, 4, 4]), None, "offsets must end at N"),
-           (torch.tensor([0, 2, 5]), torch.tensor([0, 2, 1]), r"row_seq must lie in \[0, S\) = \[0, 2\)"),
-           (torch.tensor([0, 2, 5]), torch.tensor([0, -1, 1]), r"row_seq must lie in \[0, S\) = \[0, 2\)"),
-           (torch.tensor([0]), torch.tensor([0, 0, 0]), r"row_seq must lie in \[0, S\) = \[0, 0\)")]
-    for offsets, row_seq, msg in bad:
+    t = torch.tensor
+    bad = [  # (offsets, row_seq, N, message)
+        (t([1, 2, 4, 5]), None, 5, "offsets must start at 0"),
+        (t([0, 3, 2, 5]), None, 5, r"must not decrease, got offsets\[1\] = 3 > offsets\[2\] = 2"),
+        (t([0, 2, 4, 4]), None, 5, "offsets must end at N"),
+        (t([0, 2, 5]), t([0, 2, 1]), 5, r"row_seq must lie in \[0, S\) = \[0, 2\)"),
+        (t([0, 2, 5]), t([0, -1, 1]), 5, r"row_seq must lie in \[0, S\) = \[0, 2\)"),
+        (t([0]), t([0, 0, 0]), 0, r"row_seq must lie in \[0, S\) = \[0, 0\)"),
+        (t([3]), t([0, 0, 0]), 3, "offsets must start at 0"),  # S = 0: the offsets' errors come first
+        (t([0]), t([0, 0, 0]), 3, "offsets must end at N")]
+    for offsets, row_seq, N, msg in bad:
         with torch.no_grad(), pytest.raises(ValueError, match=msg):
-            mod(q, values if offsets[-1] != 0 else values[:0], offsets=offsets, row_seq=row_seq)
+            mod(q, values[:N], offsets=offsets, row_seq=row_seq)
     assert len(calls) == len(bad)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"offsets must have shape"):
+        mod(q, values, offsets=torch.tensor(0))  # 0-d: the general path's error, not an IndexError
     offsets = torch.tensor([0, 2, 4, 5])
     with torch.no_grad():
         mod(q, values, offsets=offsets.int())  # int32 offsets: the general path
@@ -628,3 +634,19 @@ def test_small_inference_jagged_path_checks_offsets_and_row_seq(monkeypatch):
         with pytest.raises(ValueError, match=r"offsets must have shape \[R\+1\]"):
             mod(q, values, offsets=offsets[:3])
     assert len(calls) == len(bad) + 1
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_small_inference_path_refuses_forward_ad_like_the_general_path(layout):
+    """no_grad does not turn forward-mode AD off: a dual input must still be refused (the op has
+    no forward-mode derivative), not run through the cached plan with its tangent dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
+    q = torch.randn(3, 1, 6)
+    with fwAD.dual_level(), torch.no_grad(), pytest.raises(NotImplementedError, match="forward-mode"):
+        qd = fwAD.make_dual(q, torch.randn_like(q))
+        if layout == "padded":
+            mod(qd, torch.randn(3, 5, 6), torch.tensor([1, 5, 0]))
+        else:
+            mod(qd, torch.randn(5, 6), offsets=torch.tensor([0, 2, 4, 5]))
