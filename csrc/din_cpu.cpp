@@ -1104,27 +1104,19 @@ struct Vec {
     }
   }
   static DIN_INLINE T hsum(const v& x) { return hsum_tree<VB>(reinterpret_cast<const T*>(&x)); }
-  static DIN_INLINE v vmax(const v& a, const v& b) { return a > b ? a : b; }
-  static DIN_INLINE v vmin(const v& a, const v& b) { return a < b ? a : b; }
-  // max(c, x) and min(c, x) that keep a NaN x.  x86's max and min return their
-  // second operand when either is NaN, which is what these ternaries say; GCC
-  // compiles the ternary to a compare and a blend, the intrinsic to 1 instruction.
-  // (Used by the AVX2 and baseline float exp and sigmoid; AVX-512 has its own.)
-  static DIN_INLINE v max_keep_nan(const v& c, const v& x) {
+  // x clamped to [lo, hi], a NaN x staying NaN.  x86's max(lo, x) and min(hi, x)
+  // return their second operand when either is NaN, as the ternaries below do; GCC
+  // compiles the ternaries to a compare and a blend each, the intrinsics to one
+  // instruction.  (Used by the AVX2 and baseline float exp and sigmoid.)
+  static DIN_INLINE v clamp(const v& x, T lo, T hi) {
 #if DIN_X86 && DIN_VB == 32
-    if constexpr (sizeof(T) == 4) return (v)_mm256_max_ps((__m256)c, (__m256)x);
+    if constexpr (sizeof(T) == 4)
+      return (v)_mm256_min_ps((__m256)set1(hi), _mm256_max_ps((__m256)set1(lo), (__m256)x));
 #elif DIN_X86 && DIN_VB == 16
-    if constexpr (sizeof(T) == 4) return (v)_mm_max_ps((__m128)c, (__m128)x);
+    if constexpr (sizeof(T) == 4) return (v)_mm_min_ps((__m128)set1(hi), _mm_max_ps((__m128)set1(lo), (__m128)x));
 #endif
-    return x < c ? c : x;
-  }
-  static DIN_INLINE v min_keep_nan(const v& c, const v& x) {
-#if DIN_X86 && DIN_VB == 32
-    if constexpr (sizeof(T) == 4) return (v)_mm256_min_ps((__m256)c, (__m256)x);
-#elif DIN_X86 && DIN_VB == 16
-    if constexpr (sizeof(T) == 4) return (v)_mm_min_ps((__m128)c, (__m128)x);
-#endif
-    return x > c ? c : x;
+    const v y = x < set1(lo) ? set1(lo) : x;
+    return y > set1(hi) ? set1(hi) : y;
   }
 
   // e^r for |r| <= ln2/2 (float): a degree-6 polynomial, coefficients fitted here
@@ -1192,7 +1184,7 @@ struct Vec {
       // the rounding sum itself, whose low mantissa bits hold n + 127.  ~14
       // vector operations against ~19 for the Cephes form with a conversion.
       const v lo = set1(-87.33654f);
-      const v xc = min_keep_nan(set1(88.0f), max_keep_nan(lo, x));  // a NaN lane stays NaN
+      const v xc = clamp(x, -87.33654f, 88.0f);  // a NaN lane stays NaN
       const v magic = set1(12582912.0f + 127.0f);  // 1.5 * 2^23 (+ the exponent bias)
       const v tm = xc * set1(1.44269504088896341f) + magic;
       const v n = tm - magic;
@@ -1236,7 +1228,7 @@ struct Vec {
       // clamped below at -88.8 rather than at -88: for x <= -88.38, n = 128 and
       // 2^n is +inf, so 1 / (1 + inf) is exactly 0 (the true value is a denormal).
       // (Above 87.34 the exponential stays the smallest normal, so the result is 1.)
-      const v xc = min_keep_nan(set1(87.33654f), max_keep_nan(set1(-88.8f), x));
+      const v xc = clamp(x, -88.8f, 87.33654f);
       const v magic = set1(12582912.0f + 127.0f);
       const v tm = magic - xc * set1(1.44269504088896341f);  // magic + round(-x log2 e)
       const v n = tm - magic;

@@ -289,7 +289,6 @@ class _Prepared:
         # (an empty tensor's data_ptr is 0, which _C rejects as a missing pointer).
         return self.B == 0 or self.T == 0 or self.k.numel() == 0
 
-
     def shared_dk_rows(self) -> None:
         """CUDA, rows sharing a sequence: scratch for each row's share of dk, and the rows
         grouped by sequence, so that the kernels sum a shared sequence's key gradient in a
@@ -366,7 +365,7 @@ class _Prepared:
         it.  The kernels write them in place, so no [R, T] buffer exists (T is the longest
         row, and a skewed or shared batch's R x T is many times its sum of lengths)."""
         assert self.mask is None
-        self.score_start = (torch.cumsum(lens, 0) - lens).contiguous()
+        self.score_start = _row_starts(lens)
         self.n_scores = total
         self.cfg["score_start"] = self.score_start.data_ptr()
 
@@ -597,16 +596,14 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     seq_start, seq_len = off[:-1] * D, torch.diff(off)
     rs = None if row_seq is None else _as(row_seq, torch.int64)
     check = check and not _data_checks_off(off)
-    if check and rs is not None and rs.numel() and S == 0:  # no sequence to look up: report now
-        first = int(off[0])
-        if first != 0:
-            raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
-        if N != 0:
-            raise ValueError(f"offsets must end at N = values.shape[0] = {N}, got offsets[-1] = {first}")
-        lo, hi = torch.aminmax(rs)
-        raise ValueError(f"row_seq must lie in [0, S) = [0, 0), got values in [{int(lo)}, {int(hi)}]")
-    # Out-of-range row_seq values are clamped for the lookup and reported below.
-    lens = seq_len if rs is None else seq_len.index_select(0, rs.clamp(0, S - 1) if check else rs)
+    # Out-of-range row_seq values are clamped for the lookup (with no sequence at all, none
+    # is looked up) and reported below.
+    if rs is None:
+        lens = seq_len
+    elif S == 0:
+        lens = torch.zeros_like(rs)
+    else:
+        lens = seq_len.index_select(0, rs.clamp(0, S - 1) if check else rs)
     facts = {}
     if check:
         facts.update(first=off[0], last=off[-1])
@@ -635,6 +632,12 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     if gather and rs is not None and (rs.numel() == 0 or got["most_rows"] <= 1):
         seq_start, seq_len, rs = seq_start[rs], lens, None
     return seq_start, seq_len, rs, got.get("T", 0), lens, got.get("total", 0)
+
+
+def _row_starts(lens: Tensor) -> Tensor:
+    """[R] int64: where each row's weights start among the jagged weights (the sum of the
+    lengths before it)."""
+    return torch.cumsum(lens, 0) - lens
 
 
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
@@ -776,7 +779,7 @@ class InferencePlan:
         out = torch.empty_like(query)
         if T == 0:  # no row has a key (the kernels are not called, as in _forward)
             return out.zero_()
-        score_start = torch.cumsum(lens, 0) - lens
+        score_start = _row_starts(lens)
         scores = torch.empty(total, dtype=values.dtype)
         cfg = self.cfg.copy()
         cfg.update({"rows": lens.shape[0], "max_len": T, "num_threads": torch.get_num_threads(),

@@ -296,12 +296,13 @@ def _general_path(monkeypatch):
     monkeypatch.setattr(FusedDINAttention, "_small_inference", lambda self, *a: None)
 
 
-def _spy_plan(monkeypatch) -> list:
-    """A list that grows by one per call that runs through ops.InferencePlan.forward."""
+def _spy_plan(monkeypatch, method: str = "forward") -> list:
+    """A list that grows by one per call that runs through ops.InferencePlan.<method>
+    (forward: padded, forward_jagged: values/offsets/row_seq)."""
     calls = []
-    real = din_fused.ops.InferencePlan.forward
-    monkeypatch.setattr(din_fused.ops.InferencePlan, "forward",
-                        lambda self, *a: calls.append(1) or real(self, *a))
+    plan = din_fused.ops.InferencePlan
+    real = getattr(plan, method)
+    monkeypatch.setattr(plan, method, lambda self, *a: calls.append(1) or real(self, *a))
     return calls
 
 
@@ -558,15 +559,6 @@ def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
             mod(q, k, bad_lengths)
 
 
-def _spy_jagged_plan(monkeypatch) -> list:
-    """A list that grows by one per call that runs through ops.InferencePlan.forward_jagged."""
-    calls = []
-    real = din_fused.ops.InferencePlan.forward_jagged
-    monkeypatch.setattr(din_fused.ops.InferencePlan, "forward_jagged",
-                        lambda self, *a: calls.append(1) or real(self, *a))
-    return calls
-
-
 @pytest.mark.parametrize("act", ["sigmoid", "prelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -576,7 +568,7 @@ def test_small_inference_jagged_path_equals_the_general_path_bitwise(act, dtype,
     every candidate, several shared ones, query [R, E] and [R, 1, E], and all-empty sequences."""
     gen = torch.Generator().manual_seed(11)
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act).to(dtype).eval()
-    calls = _spy_jagged_plan(monkeypatch)
+    calls = _spy_plan(monkeypatch, "forward_jagged")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -606,7 +598,7 @@ def test_small_inference_jagged_path_checks_offsets_and_row_seq(monkeypatch):
     """The cached-plan path still rejects every bad offsets/row_seq value, with the general
     path's messages, and leaves calls it does not cover to the general path."""
     mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
-    calls = _spy_jagged_plan(monkeypatch)
+    calls = _spy_plan(monkeypatch, "forward_jagged")
     values, q = torch.randn(5, 6), torch.randn(3, 1, 6)
     t = torch.tensor
     bad = [  # (offsets, row_seq, N, message)
