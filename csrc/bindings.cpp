@@ -56,7 +56,7 @@ const std::unordered_map<std::string_view, Setter>& setters() {
       {"scale", [](DinParams& p, py::handle v) { p.scale = v.cast<double>(); }},
       {"dtype", DIN_INT(dtype, DType)}, {"num_threads", DIN_INT(num_threads, int32_t)},
       {"deterministic", [](DinParams& p, py::handle v) { p.deterministic = v.cast<bool>(); }},
-      {"check_lengths", DIN_INT(check_lengths, int32_t)},
+      {"check_lengths", DIN_INT(check_lengths, int32_t)}, {"batch_stats", DIN_INT(batch_stats, int32_t)},
       {"q", DIN_PTR(q)}, {"ldq", DIN_INT(ldq, int64_t)}, {"k", DIN_PTR(k)}, {"ldk", DIN_INT(ldk, int64_t)},
       {"seq_start", DIN_PTR(seq_start)}, {"seq_stride", DIN_INT(seq_stride, int64_t)}, {"seq_len", DIN_PTR(seq_len)}, {"row_seq", DIN_PTR(row_seq)},
       {"mask", DIN_PTR(mask)}, {"ld_mask", DIN_INT(ld_mask, int64_t)},

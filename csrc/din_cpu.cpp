@@ -36,6 +36,10 @@
 //     schedules rows dynamically because lengths vary; passes that reduce across
 //     rows (statistics, backward) hand rows out round-robin, statically, so their
 //     results are bitwise reproducible for a given thread count.
+//   * Short rows (up to 4 positions in the forward, 8 in the backward) share
+//     packed tiles with other rows, layer 1 unfolded ([k, q*k] as a K = 2D
+//     product plus c_r): no M_r per row, and full tiles through every layer.
+//     A row's results do not depend on which rows share its tile.
 //   * Fewer rows than threads (one user, a 100k history): rows are cut into parts
 //     over positions (Plan); the parts' online-softmax partials (max, sum, pooled
 //     sum) merge exactly, per row and in part order, forward and backward.
@@ -82,6 +86,11 @@ namespace {
 #define DIN_INLINE inline __attribute__((always_inline))
 
 constexpr int kTile = 32;  // valid keys per tile (multiple of every vector width)
+// Rows of at most this many positions share tiles (Kernel::pack_add), in the
+// forward and in the backward.  Measured break-even (AVX2, D=36, H=80-40, rows of
+// equal length): ~5 positions in the forward, ~10 in the backward, whose per-row
+// work is larger.
+constexpr int kPackFwd = 4, kPackBwd = 8;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DIN_X86 1
@@ -346,8 +355,13 @@ struct Model {
   int H[kMaxLayers] = {}, Hp[kMaxLayers] = {};
   Act act = Act::Sigmoid;
   bool keep_z = false;           // the backward needs pre-activations (prelu, dice)
-  ABuf<T> AT, WmT, WqdT;         // [D][H1p]: (Wk-Wd)^T, Wm^T, (Wq+Wd)^T
-  ABuf<T> Ab, Wmb;               // [H1][Dp]: Wk-Wd, Wm (backward: M = A + Wm diag(q))
+  // [2D][H1p]: (Wk-Wd)^T, then Wm^T (AT and WmT point into it), so that packed short
+  // rows (Kernel::pack_flush) run layer 1 unfolded as one K = 2D product.
+  ABuf<T> AWmT;
+  const T* AT = nullptr;
+  const T* WmT = nullptr;
+  ABuf<T> WqdT;                  // [D][H1p]: (Wq+Wd)^T
+  ABuf<T> Ab, Wmb, Wqdb;         // [H1][Dp]: Wk-Wd, Wm, Wq+Wd (backward: M = A + Wm diag(q))
   ABuf<T> bias[kMaxLayers];      // [Hp_l]
   ABuf<T> WT[kMaxLayers];        // l >= 1: W_l^T  [H_{l-1}][Hp_l]
   ABuf<T> Wn[kMaxLayers];        // l >= 1: W_l    [H_l][Hp_{l-1}]
@@ -402,23 +416,26 @@ struct Model {
       }
     }
     const int H1 = H[0], H1p = Hp[0];
-    AT.reset(static_cast<size_t>(D) * H1p);
-    WmT.reset(static_cast<size_t>(D) * H1p);
+    AWmT.reset(static_cast<size_t>(2 * D) * H1p);
+    AT = AWmT.data();
+    WmT = AWmT.data() + static_cast<size_t>(D) * H1p;
     WqdT.reset(static_cast<size_t>(D) * H1p);
     if (backward) {
       Ab.reset(static_cast<size_t>(H1) * Dp);
       Wmb.reset(static_cast<size_t>(H1) * Dp);
+      Wqdb.reset(static_cast<size_t>(H1) * Dp);
     }
     for (int j = 0; j < H1; ++j) {
       const T* w = W[0] + static_cast<int64_t>(j) * 4 * D;
       for (int d = 0; d < D; ++d) {
         const T wq = w[d], wk = w[D + d], wd = w[2 * D + d], wm = w[3 * D + d];
-        AT[static_cast<size_t>(d) * H1p + j] = wk - wd;
-        WmT[static_cast<size_t>(d) * H1p + j] = wm;
+        AWmT[static_cast<size_t>(d) * H1p + j] = wk - wd;
+        AWmT[static_cast<size_t>(D + d) * H1p + j] = wm;
         WqdT[static_cast<size_t>(d) * H1p + j] = wq + wd;
         if (backward) {
           Ab[static_cast<size_t>(j) * Dp + d] = wk - wd;
           Wmb[static_cast<size_t>(j) * Dp + d] = wm;
+          Wqdb[static_cast<size_t>(j) * Dp + d] = wq + wd;
         }
       }
     }
@@ -507,6 +524,9 @@ struct Ctx {
   int red = -1;             // backward reduction layer, or -1
   int stats_layer = -1;
   bool dk_assign = false;   // write dk (DinParams::dk_assign) instead of adding into it
+  // Whole short rows may share packed tiles (Kernel::pack_add); not in training-mode
+  // Dice (DinParams::batch_stats), whose passes keep the row by row path.
+  bool pack = false;
   GradLayout lay;
   // Pre-activation cache: zc (nullptr: none), the layers already in it, and
   // each row's first slot.
@@ -523,6 +543,7 @@ struct Ctx {
     if (pp.dk_assign && pp.row_seq && pp.reduce_layer < 0)
       throw std::invalid_argument("backward: dk_assign needs rows with their own sequences (row_seq unset)");
     dk_assign = pp.dk_assign != 0;
+    pack = !pp.batch_stats && !pp.zcache && pp.stats_layer < 0 && pp.reduce_layer < 0;
     if (pp.zcache && pp.rows > 0) {
       zbase.resize(static_cast<size_t>(pp.rows));
       int64_t slots = 0;
@@ -561,6 +582,16 @@ struct Scratch {
   // Pooled sum and softmax denominator of the current row (part) in double:
   // tiles are summed in T, tile sums in double, so the error does not grow with T.
   ABuf<double> racc;
+  // The packed tile (Kernel::pack_add): up to kTile keys of whole short rows, as
+  // rows x = [k, q*k] of X [kTile][2D]; tile row j is output row prow[j], with keys
+  // kseg[j] .. kseg[j+1]-1 (kslot: the tile row of a key; ppos: its position).
+  bool packed = false;  // hidden(): layer 0 of the packed tile
+  ABuf<T> X, crow;      // crow [kTile][H1p]: c = b1 + (Wq+Wd) q of each tile row
+  int pn = 0, prows = 0;
+  int64_t prow[kTile] = {}, ppos[kTile] = {};
+  int kseg[kTile + 1] = {}, kslot[kTile] = {};
+  const T* pq[kTile] = {};  // query of each tile row
+  ABuf<T> Q, PE, PV, PDQ;   // backward: queries [kTile][D], e [kTile][H1p], V and dq [kTile][Dp]
 
   Scratch(const Model<T>& m, bool backward) {
     const int D = m.D, Dp = m.Dp, H1p = m.Hp[0];
@@ -571,6 +602,8 @@ struct Scratch {
     ktile.reset(static_cast<size_t>(kTile) * D + Dp);
     acc.reset(Dp);
     racc.reset(Dp);
+    X.reset(static_cast<size_t>(kTile) * 2 * D);
+    crow.reset(static_cast<size_t>(kTile) * H1p);
     s.reset(kTile);
     ds.reset(kTile);
     for (int l = 0; l < m.L; ++l) {
@@ -579,6 +612,10 @@ struct Scratch {
       if (m.act == Act::Dice) P[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
     }
     if (backward) {
+      Q.reset(static_cast<size_t>(kTile) * D);
+      PE.reset(static_cast<size_t>(kTile) * H1p);
+      PV.reset(static_cast<size_t>(kTile) * Dp);
+      PDQ.reset(static_cast<size_t>(kTile) * Dp);
       M.reset(static_cast<size_t>(m.H[0]) * Dp);
       GT.reset(static_cast<size_t>(D) * H1p);
       e.reset(H1p);
@@ -614,10 +651,18 @@ struct FwdPart {
 template <typename T>
 struct RowFns {
   void (*fwd)(const Ctx<T>&, Scratch<T>&, const Span&, FwdPart*);
+  // fwd_row: the forward of whole row r, possibly deferred to a packed tile;
+  // fwd_flush: finish the thread's deferred rows.
+  void (*fwd_row)(const Ctx<T>&, Scratch<T>&, int64_t r);
+  void (*fwd_flush)(const Ctx<T>&, Scratch<T>&);
   void (*norm)(const Ctx<T>&, const Span&, T mx, T inv);
   void (*stats)(const Ctx<T>&, Scratch<T>&, const Span&);
   double (*wdw)(const Ctx<T>&, const Span&);
   void (*bwd)(const Ctx<T>&, Scratch<T>&, const Span&, const double* wdw, T* dq);
+  // bwd_row: the backward of whole row r (dq into p.dq), possibly deferred to a
+  // packed tile; bwd_flush: finish the thread's deferred rows.
+  void (*bwd_row)(const Ctx<T>&, Scratch<T>&, int64_t r);
+  void (*bwd_flush)(const Ctx<T>&, Scratch<T>&);
 };
 
 }  // namespace
@@ -809,8 +854,8 @@ void forward_impl(const DinParams& p) {
     Pool::run(plan.nt, [&](int) {
       Scratch<T> sc(m, false);
       for (int64_t r0; (r0 = next.fetch_add(4, std::memory_order_relaxed)) < p.rows;)
-        for (int64_t i = r0; i < std::min(p.rows, r0 + 4); ++i)
-          fn.fwd(cx, sc, plan.span(p, order.empty() ? i : order[i]), nullptr);
+        for (int64_t i = r0; i < std::min(p.rows, r0 + 4); ++i) fn.fwd_row(cx, sc, order.empty() ? i : order[i]);
+      fn.fwd_flush(cx, sc);
     });
     return;
   }
@@ -936,11 +981,13 @@ void backward_impl(const DinParams& p) {
       sc.rp = reducing ? red_part.data() + static_cast<size_t>(tid) * 2 * Hr : nullptr;
       sc.dk = dk_extent > 0 ? dk_part + static_cast<int64_t>(tid) * dk_extent : static_cast<T*>(p.dk);
       plan.for_static(p, tid, [&](int64_t i, const Span& sp) {
+        if (!plan.split && !reducing) return fn.bwd_row(cx, sc, sp.r);
         T* dq = nullptr;
         if (!reducing)
           dq = plan.split ? dq_part.data() + i * D : static_cast<T*>(p.dq) + sp.r * p.lddq;
         fn.bwd(cx, sc, sp, wdw.empty() ? nullptr : &wdw[sp.r], dq);
       });
+      if (!plan.split && !reducing) fn.bwd_flush(cx, sc);
     });
   }
 
@@ -1400,8 +1447,8 @@ struct Kernel {
     for (int d = 0; d < D; ++d) {
       const v qd = X::set1(q[d]);
       const size_t o = static_cast<size_t>(d) * H1p;
-      const T* a = m.AT.data() + o;
-      const T* wm = m.WmT.data() + o;
+      const T* a = m.AT + o;
+      const T* wm = m.WmT + o;
       const T* wqd = m.WqdT.data() + o;
       T* mt = sc.MT.data() + o;
       for (int j = 0; j < nv; ++j) {
@@ -1471,9 +1518,17 @@ struct Kernel {
   // The fold computes z1 - c = (Wk - Wd + Wm diag(q)) k.  With Inf/NaN in a key
   // (or in q or W1) the reference's sum of the four input blocks q, k, q-k, q*k
   // gives NaN (inf - inf) where the folded product may give +-Inf, so rows with a
-  // non-finite value are recomputed unfolded, as the reference does.  The check
-  // is a few vector ORs per tile; the slow path runs only on non-finite input.
-  static DIN_INLINE void z1_nonfinite_fixup(const Model<T>& m, const Scratch<T>& sc, int n, T* Z) {
+  // non-finite value are recomputed unfolded, as the reference does (the packed
+  // tile's [k, q*k] product has the same problem).  The check is a few vector ORs
+  // per tile; the slow path runs only on non-finite input.  key(i) gives key i's
+  // query and key, and c: what the activation adds back (nullptr: nothing).
+  struct KeyRef {
+    const T* q;
+    const T* k;
+    const T* c;
+  };
+  template <class KeyOf>
+  static DIN_INLINE void z1_nonfinite_fixup(const Model<T>& m, int n, T* Z, KeyOf&& key) {
     const int H1p = m.Hp[0], nv = H1p / W;
     using mask_t = decltype(v{} != v{});
     mask_t bad{};
@@ -1485,19 +1540,19 @@ struct Kernel {
     for (int k = 0; k < W; ++k) any |= bad[k] != 0;
     if (__builtin_expect(!any, 1)) return;
     const int D = m.D, H1 = m.H[0];
-    const T* q = sc.qrow;
     for (int i = 0; i < n; ++i) {
       T* zr = Z + static_cast<size_t>(i) * H1p;
       bool row_bad = false;
       for (int j = 0; j < H1; ++j) row_bad |= !std::isfinite(zr[j]);
       if (!row_bad) continue;
-      const T* k = sc.A + i * sc.sa;
+      const KeyRef kr = key(i);
+      const T *q = kr.q, *k = kr.k;
       for (int j = 0; j < H1; ++j) {
         const T* w = m.W0 + static_cast<int64_t>(j) * 4 * D;
         T acc = m.bias[0][j];
         for (int d = 0; d < D; ++d)
           acc += w[d] * q[d] + w[D + d] * k[d] + w[2 * D + d] * (q[d] - k[d]) + w[3 * D + d] * (q[d] * k[d]);
-        zr[j] = acc - sc.c[j];  // the activation adds c back
+        zr[j] = kr.c ? acc - kr.c[j] : acc;  // the activation adds c back
       }
       for (int j = H1; j < H1p; ++j) zr[j] = T(0);  // padding lanes: 0 * Inf must not leak into the scores
     }
@@ -1553,9 +1608,14 @@ struct Kernel {
         if (act_l) activate<false>(m, l, n, Z, sc.Hb[l].data(), P, nullptr, false);
         continue;
       }
+      if (l == 0 && sc.packed) {
+        packed_layer0(m, sc, n, Z);
+        if (act_l) activate<false>(m, 0, n, Z, sc.Hb[0].data(), P, nullptr, false);
+        continue;
+      }
       if (l == 0) {
         Gemm<T>::template run<false>(n, nv, m.D, sc.A, sc.sa, 1, sc.MT.data(), Hp, Z, Hp);
-        z1_nonfinite_fixup(m, sc, n, Z);
+        z1_nonfinite_fixup(m, n, Z, [&](int i) { return KeyRef{sc.qrow, sc.A + i * sc.sa, sc.c.data()}; });
       } else {
         Gemm<T>::template run<false>(n, nv, m.H[l - 1], sc.Hb[l - 1].data(), m.Hp[l - 1], 1, m.WT[l].data(), Hp,
                                      Z, Hp);
@@ -1612,6 +1672,68 @@ struct Kernel {
     }
   }
 
+  // Online-softmax state of a row (part): running max mx and normaliser den;
+  // sc.racc holds the pooled sum scaled by exp(-mx).  any: a tile was seen.
+  struct RowState {
+    T mx = -INFINITY;
+    double den = 0.0;
+    bool any = false;
+  };
+
+  // One tile of a row: its n scores s become weights (in place), are written to
+  // the scores row sr at positions pos (softmax: the logits, normalised at the
+  // end), and the weighted sum of the keys A + i * sa is added to sc.racc.
+  static DIN_INLINE void pool_tile(const Ctx<T>& cx, Scratch<T>& sc, T* s, int n, const T* A, int64_t sa,
+                                   const int64_t* pos, T* sr, RowState& st) {
+    const int D = cx.m->D;
+    T* acc = sc.acc.data();  // pooled sum of the tile
+    double* racc = sc.racc.data();
+    st.any = true;
+    std::fill(acc, acc + D, T(0));
+    if (!cx.softmax) {
+      for (int i = 0; i < n; ++i) {
+        sr[pos[i]] = s[i];
+        axpy(D, s[i], A + i * sa, acc);
+      }
+    } else {
+      T tmx = st.mx;
+      for (int i = 0; i < n; ++i) {
+        s[i] *= cx.scale;
+        sr[pos[i]] = s[i];
+        tmx = std::max(tmx, s[i]);
+      }
+      if (tmx > st.mx) {
+        const double f = std::exp(static_cast<double>(st.mx) - static_cast<double>(tmx));  // 0 on the first tile
+        st.den *= f;
+        for (int d = 0; d < D; ++d) racc[d] *= f;
+        st.mx = tmx;
+      }
+      exp_scaled(s, n, st.mx, T(1));
+      T tden = T(0);
+      for (int i = 0; i < n; ++i) {
+        tden += s[i];
+        axpy(D, s[i], A + i * sa, acc);
+      }
+      st.den += static_cast<double>(tden);
+    }
+    for (int d = 0; d < D; ++d) racc[d] += static_cast<double>(acc[d]);
+  }
+
+  // out of a whole row from its pooled sum, and its softmax weights.
+  static DIN_INLINE void finish_row(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp, const RowState& st) {
+    const DinParams& p = *cx.p;
+    const int D = cx.m->D;
+    const double* racc = sc.racc.data();
+    T* out = static_cast<T*>(p.out) + sp.r * p.ldo;
+    if (cx.softmax && st.any) {
+      const double inv = 1.0 / st.den;
+      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d] * inv);
+      normalise(cx, sp, st.mx, static_cast<T>(inv));
+    } else {
+      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d]);
+    }
+  }
+
   // Forward of positions [t0, t1) of row r.  part == nullptr: the whole row,
   // written to out and scores.  Otherwise the part's online-softmax state goes
   // to *part and its scores stay logits until normalise().
@@ -1625,69 +1747,144 @@ struct Kernel {
     T* sr = static_cast<T*>(p.scores) + score_row(p, r, p.ld_scores);
     // Scores: this span, plus the tail beyond the row's length for its last span.
     std::fill(sr + sp.t0, sr + (sp.t1 >= row.len && !p.score_start ? p.max_len : sp.t1), T(0));
-    T* acc = sc.acc.data();    // pooled sum of the current tile
     double* racc = sc.racc.data();  // of the span, in double
     std::fill(racc, racc + D, 0.0);
-    // Online softmax: running max mx and normaliser den; racc is scaled by
-    // exp(-mx).  Logits are parked in the scores row and normalised at the end.
-    T mx = -INFINITY;
-    double den = 0.0;
-    bool any = false;
+    RowState st;
     if (sp.t1 > sp.t0) {
       zbind(cx, sc, r);
       if (first_layer(sc, m.L - 1, false) == 0) fold(m, q, sc, false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false);
         scores(m, sc, n);
-        T* s = sc.s.data();
-        any = true;
-        std::fill(acc, acc + D, T(0));
-        if (!cx.softmax) {
-          for (int i = 0; i < n; ++i) {
-            sr[sc.pos[i]] = s[i];
-            axpy(D, s[i], sc.A + i * sc.sa, acc);
-          }
-        } else {
-          T tmx = mx;
-          for (int i = 0; i < n; ++i) {
-            s[i] *= cx.scale;
-            sr[sc.pos[i]] = s[i];
-            tmx = std::max(tmx, s[i]);
-          }
-          if (tmx > mx) {
-            const double f = std::exp(static_cast<double>(mx) - static_cast<double>(tmx));  // 0 on the first tile
-            den *= f;
-            for (int d = 0; d < D; ++d) racc[d] *= f;
-            mx = tmx;
-          }
-          exp_scaled(s, n, mx, T(1));
-          T tden = T(0);
-          for (int i = 0; i < n; ++i) {
-            tden += s[i];
-            axpy(D, s[i], sc.A + i * sc.sa, acc);
-          }
-          den += static_cast<double>(tden);
-        }
-        for (int d = 0; d < D; ++d) racc[d] += static_cast<double>(acc[d]);
+        pool_tile(cx, sc, sc.s.data(), n, sc.A, sc.sa, sc.pos, sr, st);
       });
     }
     if (part) {
       // mx stays -inf when every score is NaN (std::max drops NaN), which the merge
       // would read as "no valid positions": a NaN sum marks the part NaN instead.
-      part->mx = !(cx.softmax && any) ? -INFINITY : (std::isnan(den) ? NAN : static_cast<double>(mx));
-      part->den = den;
+      part->mx = !(cx.softmax && st.any) ? -INFINITY : (std::isnan(st.den) ? NAN : static_cast<double>(st.mx));
+      part->den = st.den;
       std::copy(racc, racc + D, part->acc);
       return;
     }
-    T* out = static_cast<T*>(p.out) + r * p.ldo;
-    if (cx.softmax && any) {
-      const double inv = 1.0 / den;
-      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d] * inv);
-      normalise(cx, sp, mx, static_cast<T>(inv));
-    } else {
-      for (int d = 0; d < D; ++d) out[d] = static_cast<T>(racc[d]);
+    finish_row(cx, sc, sp, st);
+  }
+
+  // ---- Packed short rows --------------------------------------------------
+  // A row of a few keys costs more in per-row work than in per-key work: the fold
+  // builds M_r and c_r ([H1, D] each) for it, and its partial tile runs the GEMMs
+  // below their rate.  Whole rows of at most kPackFwd (kPackBwd) positions are
+  // therefore gathered into shared tiles of up to kTile keys, and layer 1 runs
+  // unfolded on them: z1 = [k, q*k] [(Wk-Wd); Wm]^T + c_r, a K = 2D product, with
+  // only c_r per row (Ctx::pack says when).  A key's and a row's results depend on
+  // that row alone (each GEMM row accumulates in the same order whatever the tile
+  // holds), so out, the weights, dq and dk do not depend on which rows share a
+  // tile; the parameter gradients' per-thread partials add tiles in a fixed order
+  // for a given thread count, as the row by row path adds rows.
+
+  // Row r into the thread's packed tile; flush() first when it does not fit.
+  template <class Flush>
+  static DIN_INLINE void pack_add(const Ctx<T>& cx, Scratch<T>& sc, int64_t r, Flush&& flush) {
+    const DinParams& p = *cx.p;
+    const int D = cx.m->D;
+    const Row row = row_of(p, r);
+    if (sc.pn + row.len > kTile || sc.prows == kTile) flush();
+    const T* q = static_cast<const T*>(p.q) + r * p.ldq;
+    const T* kb = static_cast<const T*>(p.k) + seq_off(p, row.s);
+    const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
+    const int j = sc.prows++;
+    int n = sc.pn;
+    sc.prow[j] = r;
+    sc.pq[j] = q;
+    if (T* qs = sc.Q.data()) std::memcpy(qs + static_cast<size_t>(j) * D, q, sizeof(T) * D);  // backward
+    sc.kseg[j] = n;
+    for (int64_t t = 0; t < row.len; ++t) {
+      if (mk && !mk[t]) continue;
+      const T* k = kb + t * p.ldk;
+      T* x = sc.X.data() + static_cast<size_t>(n) * 2 * D;
+      int d = 0;
+      for (; d + W <= D; d += W) {
+        const v kv = X::load(k + d);
+        X::store(x + d, kv);
+        X::store(x + D + d, X::load(q + d) * kv);
+      }
+      for (; d < D; ++d) {
+        x[d] = k[d];
+        x[D + d] = q[d] * k[d];
+      }
+      sc.ppos[n] = t;
+      sc.kslot[n] = j;
+      ++n;
+    }
+    sc.pn = n;
+    sc.kseg[j + 1] = n;
+  }
+
+  // Layer 1 of the packed tile: Z = c of each key's row + [k, q*k] AWmT.
+  static DIN_INLINE void packed_layer0(const Model<T>& m, Scratch<T>& sc, int n, T* Z) {
+    const int D = m.D, H1p = m.Hp[0];
+    for (int i = 0; i < n; ++i)
+      std::memcpy(Z + static_cast<size_t>(i) * H1p, sc.crow.data() + static_cast<size_t>(sc.kslot[i]) * H1p,
+                  sizeof(T) * H1p);
+    Gemm<T>::template run<true>(n, H1p / W, 2 * D, sc.X.data(), 2 * D, 1, m.AT, H1p, Z, H1p);
+    z1_nonfinite_fixup(m, n, Z, [&](int i) {
+      const T* x = sc.X.data() + static_cast<size_t>(i) * 2 * D;
+      return KeyRef{sc.pq[sc.kslot[i]], x, nullptr};
+    });
+  }
+
+  // c = b1 + (Wq+Wd) q of each row of the packed tile (rows without keys skipped).
+  static DIN_INLINE void pack_bias(const Ctx<T>& cx, Scratch<T>& sc) {
+    const Model<T>& m = *cx.m;
+    const int H1p = m.Hp[0];
+    for (int j = 0; j < sc.prows; ++j) {
+      const T* q = sc.pq[j];
+      if (sc.kseg[j + 1] == sc.kseg[j]) continue;
+      T* c = sc.crow.data() + static_cast<size_t>(j) * H1p;
+      std::memcpy(c, m.bias[0].data(), sizeof(T) * H1p);
+      Gemm<T>::template run<true>(1, H1p / W, m.D, q, 0, 1, m.WqdT.data(), H1p, c, H1p);
     }
   }
+
+  // Forward of the packed tile's rows, then an empty tile.
+  static void pack_flush_fwd(const Ctx<T>& cx, Scratch<T>& sc) {
+    if (sc.prows == 0) return;
+    const DinParams& p = *cx.p;
+    const Model<T>& m = *cx.m;
+    const int D = m.D;
+    if (sc.pn > 0) {
+      pack_bias(cx, sc);
+      sc.zrow = nullptr;
+      sc.packed = true;
+      hidden(m, sc, sc.pn, m.L - 1, true, false);
+      sc.packed = false;
+      scores(m, sc, sc.pn);
+    }
+    for (int j = 0; j < sc.prows; ++j) {
+      const int64_t r = sc.prow[j];
+      const Row row = row_of(p, r);
+      const int i0 = sc.kseg[j], i1 = sc.kseg[j + 1];
+      T* sr = static_cast<T*>(p.scores) + score_row(p, r, p.ld_scores);
+      std::fill(sr, sr + (p.score_start ? row.len : p.max_len), T(0));
+      std::fill(sc.racc.data(), sc.racc.data() + D, 0.0);
+      RowState st;
+      if (i1 > i0)
+        pool_tile(cx, sc, sc.s.data() + i0, i1 - i0, sc.X.data() + static_cast<size_t>(i0) * 2 * D, 2 * D,
+                  sc.ppos + i0, sr, st);
+      finish_row(cx, sc, Span{r, 0, row.len}, st);
+    }
+    sc.pn = sc.prows = 0;
+  }
+
+  static void forward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+    if (cx.pack && is_short(row_of(*cx.p, r).len, kPackFwd)) {
+      pack_add(cx, sc, r, [&] { pack_flush_fwd(cx, sc); });
+      return;
+    }
+    forward_span(cx, sc, Span{r, 0, row_of(*cx.p, r).len}, nullptr);
+  }
+
+  static DIN_INLINE bool is_short(int64_t len, int limit) { return len > 0 && len <= limit; }
 
   // Pre-activations of layer stats_layer over [t0, t1), merged tile by tile
   // into the thread's (count, mean, M2) with Chan's formula: no E[z^2] - E[z]^2,
@@ -1844,6 +2041,75 @@ struct Kernel {
     return s;
   }
 
+  // With dk_assign a row writes all of its part of dk: the span's masked positions
+  // and, for its last span, the padding beyond its length are zeros.
+  static DIN_INLINE void dk_zeros(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp) {
+    if (!cx.dk_assign) return;
+    const DinParams& p = *cx.p;
+    const int D = cx.m->D;
+    const Row row = row_of(p, sp.r);
+    T* kd = sc.dk + seq_off(p, row.s);
+    if (p.mask) {
+      const uint8_t* mk = p.mask + row.s * p.ld_mask;
+      for (int64_t t = sp.t0; t < sp.t1; ++t)
+        if (!mk[t]) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
+    }
+    if (sp.t1 >= row.len && !p.seq_start)
+      for (int64_t t = row.len; t < p.max_len; ++t) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
+  }
+
+  // dk_t (= or +=) u + (vq ? vq * q : 0) + w dout: the key's gradient through layer 1
+  // (u, and vq * q for a packed row) and through the pooling (w dout).
+  static DIN_INLINE void store_dk(bool assign, int D, T* dst, const T* u, const T* vq, const T* q, T w,
+                                  const T* go) {
+    const v wv = X::set1(w);
+    int d = 0;
+    for (; d + W <= D; d += W) {
+      v g = X::load(u + d);
+      if (vq) g += X::load(vq + d) * X::load(q + d);
+      X::store(dst + d, (assign ? g : X::load(dst + d) + g) + wv * X::load(go + d));
+    }
+    for (; d < D; ++d) {
+      const T g = vq ? u[d] + vq[d] * q[d] : u[d];
+      dst[d] = assign ? g + w * go[d] : dst[d] + (g + w * go[d]);
+    }
+  }
+
+  // Key i's score gradient ds into dL/dh of the last hidden layer (gh row i), and
+  // into the output layer's weight gradient (gp, unless nullptr).  Returns ds for
+  // the output bias.
+  static DIN_INLINE T out_grad(const Model<T>& m, Scratch<T>& sc, int i, T ds, T* gh, T* gp, const GradLayout& lay) {
+    const int L = m.L, HLp = m.Hp[L - 1], nvL = HLp / W;
+    const v dsv = X::set1(ds);
+    const T* h = sc.Hb[L - 1].data() + static_cast<size_t>(i) * HLp;
+    for (int j = 0; j < nvL; ++j) {
+      X::store(gh + static_cast<size_t>(i) * HLp + j * W, dsv * X::load(m.wout.data() + j * W));
+      if (gp) {
+        T* dwo = gp + lay.W[L] + j * W;
+        X::store(dwo, X::load(dwo) + dsv * X::load(h + j * W));
+      }
+    }
+    return ds;
+  }
+
+  // Hidden layers L-1 .. 1 of a tile: from dL/dh_l in gh to dL/dh_0 in gh (gh and
+  // other swap), with their parameter gradients.  false: a reduction pass is done.
+  static DIN_INLINE bool hidden_backward(const Model<T>& m, Scratch<T>& sc, int n, T*& gh, T*& other, T* gp,
+                                         const GradLayout& lay, bool reducing, int red) {
+    for (int l = m.L - 1; l >= 1; --l) {
+      const int Hl = m.H[l], Hp = m.Hp[l], Hinp = m.Hp[l - 1];
+      act_backward(m, sc, l, n, gh, reducing ? nullptr : gp + lay.b[l], gp, lay, reducing, red);
+      if (reducing && l == red) return false;
+      // dW_l [H_l, H_{l-1}] += gz^T h_{l-1}
+      if (!reducing)
+        Gemm<T>::template run<true>(Hl, Hinp / W, n, gh, 1, Hp, sc.Hb[l - 1].data(), Hinp, gp + lay.W[l], Hinp);
+      // dL/dh_{l-1} = gz W_l   ([n, H_l] x [H_l, H_{l-1}])
+      Gemm<T>::template run<false>(n, Hinp / W, Hl, gh, Hp, 1, m.Wn[l].data(), Hinp, other, Hinp);
+      std::swap(gh, other);
+    }
+    return true;
+  }
+
   static void backward_span(const Ctx<T>& cx, Scratch<T>& sc, const Span& sp, const double* wdw_row, T* dq) {
     const DinParams& p = *cx.p;
     const Model<T>& m = *cx.m;
@@ -1854,18 +2120,7 @@ struct Kernel {
     const int64_t r = sp.r;
     const Row row = row_of(p, r);
     const T* q = static_cast<const T*>(p.q) + r * p.ldq;
-    // With dk_assign the row writes all of its part of dk: the span's masked positions
-    // and, for its last span, the padding beyond its length are zeros.
-    if (cx.dk_assign && !reducing) {
-      T* kd = sc.dk + seq_off(p, row.s);
-      if (p.mask) {
-        const uint8_t* mk = p.mask + row.s * p.ld_mask;
-        for (int64_t t = sp.t0; t < sp.t1; ++t)
-          if (!mk[t]) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
-      }
-      if (sp.t1 >= row.len && !p.seq_start)
-        for (int64_t t = row.len; t < p.max_len; ++t) std::fill(kd + t * p.ldk, kd + t * p.ldk + D, T(0));
-    }
+    if (!reducing) dk_zeros(cx, sc, sp);
     if (sp.t1 <= sp.t0) {
       if (dq) std::fill(dq, dq + D, T(0));
       return;
@@ -1890,7 +2145,6 @@ struct Kernel {
 
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
       hidden(m, sc, n, L - 1, true, m.keep_z, true);
-      const int HLp = m.Hp[L - 1], nvL = HLp / W;
       T* gh = sc.g1.data();  // dL/dh of the current layer [n, Hp_l]
       T* other = sc.g2.data();
       T* ds = sc.ds.data();
@@ -1899,53 +2153,19 @@ struct Kernel {
         const int64_t t = sc.pos[i];
         const T dw = dot(D, go, sc.A + i * sc.sa) + (gsr ? gsr[t] : T(0));
         ds[i] = cx.softmax ? scale * wr[t] * (dw - wdw) : dw;
-        const v dsv = X::set1(ds[i]);
-        const T* h = sc.Hb[L - 1].data() + static_cast<size_t>(i) * HLp;
-        for (int j = 0; j < nvL; ++j) {
-          X::store(gh + static_cast<size_t>(i) * HLp + j * W, dsv * X::load(m.wout.data() + j * W));
-          if (!reducing) {
-            T* dwo = gp + lay.W[L] + j * W;
-            X::store(dwo, X::load(dwo) + dsv * X::load(h + j * W));
-          }
-        }
-        dbout += ds[i];
+        dbout += out_grad(m, sc, i, ds[i], gh, reducing ? nullptr : gp, lay);
       }
       if (!reducing) gp[lay.b[L]] += dbout;
-
-      for (int l = L - 1; l >= 0; --l) {
-        const int Hl = m.H[l], Hp = m.Hp[l];
-        T* bacc = reducing ? nullptr : (l > 0 ? gp + lay.b[l] : sc.e.data());
-        act_backward(m, sc, l, n, gh, bacc, gp, lay, reducing, red);
-        if (reducing && l == red) return;  // this tile is done for the reduction
-        if (l > 0) {
-          const int Hin = m.H[l - 1], Hinp = m.Hp[l - 1];
-          // dW_l [H_l, H_{l-1}] += gz^T h_{l-1}
-          if (!reducing)
-            Gemm<T>::template run<true>(Hl, Hinp / W, n, gh, 1, Hp, sc.Hb[l - 1].data(), Hinp, gp + lay.W[l], Hinp);
-          // dL/dh_{l-1} = gz W_l   ([n, H_l] x [H_l, H_{l-1}])
-          Gemm<T>::template run<false>(n, Hinp / W, Hl, gh, Hp, 1, m.Wn[l].data(), Hinp, other, Hinp);
-          (void)Hin;
-          std::swap(gh, other);
-        } else {
-          // Layer 1: G^T [D, H1] += keys^T gz ; dk = gz M + w_t dout
-          Gemm<T>::template run<true>(D, H1p / W, n, sc.A, 1, sc.sa, gh, H1p, sc.GT.data(), H1p);
-          Gemm<T>::template run<false>(n, m.Dp / W, m.H[0], gh, H1p, 1, sc.M.data(), m.Dp, other, m.Dp);
-          for (int i = 0; i < n; ++i) {
-            const int64_t t = sc.pos[i];
-            T* dst = dkbase + t * p.ldk;
-            const T* src = other + static_cast<size_t>(i) * m.Dp;
-            const v wv = X::set1(wr[t]);
-            int d = 0;
-            if (cx.dk_assign) {
-              for (; d + W <= D; d += W) X::store(dst + d, X::load(src + d) + wv * X::load(go + d));
-              for (; d < D; ++d) dst[d] = src[d] + wr[t] * go[d];
-            } else {
-              for (; d + W <= D; d += W)
-                X::store(dst + d, X::load(dst + d) + X::load(src + d) + wv * X::load(go + d));
-              for (; d < D; ++d) dst[d] += src[d] + wr[t] * go[d];
-            }
-          }
-        }
+      if (!hidden_backward(m, sc, n, gh, other, gp, lay, reducing, red)) return;  // the reduction is done
+      act_backward(m, sc, 0, n, gh, reducing ? nullptr : sc.e.data(), gp, lay, reducing, red);
+      if (reducing) return;  // red == 0
+      // Layer 1: G^T [D, H1] += keys^T gz ; dk = gz M + w_t dout
+      Gemm<T>::template run<true>(D, H1p / W, n, sc.A, 1, sc.sa, gh, H1p, sc.GT.data(), H1p);
+      Gemm<T>::template run<false>(n, m.Dp / W, m.H[0], gh, H1p, 1, sc.M.data(), m.Dp, other, m.Dp);
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = sc.pos[i];
+        store_dk(cx.dk_assign, D, dkbase + t * p.ldk, other + static_cast<size_t>(i) * m.Dp, nullptr, nullptr,
+                 wr[t], go);
       }
     });
     if (reducing) return;
@@ -1956,7 +2176,7 @@ struct Kernel {
       const size_t o = static_cast<size_t>(d) * H1p;
       const T* gt = sc.GT.data() + o;
       const T* wqd = m.WqdT.data() + o;
-      const T* wm = m.WmT.data() + o;
+      const T* wm = m.WmT + o;
       T* GT = gp + lay.GT + o;
       T* GqT = gp + lay.GqT + o;
       T* EqT = gp + lay.EqT + o;
@@ -1974,12 +2194,99 @@ struct Kernel {
     T* ge = gp + lay.e;
     for (int j = 0; j < nv; ++j) X::store(ge + j * W, X::load(ge + j * W) + X::load(e + j * W));
   }
+
+  // Backward of row r: deferred to the packed tile when it is short (Ctx::pack).
+  static void backward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
+    const DinParams& p = *cx.p;
+    const Span sp{r, 0, row_of(p, r).len};
+    if (cx.pack && is_short(sp.t1, kPackBwd)) {
+      dk_zeros(cx, sc, sp);
+      pack_add(cx, sc, r, [&] { pack_flush_bwd(cx, sc); });
+      return;
+    }
+    backward_span(cx, sc, sp, nullptr, static_cast<T*>(p.dq) + r * p.lddq);
+  }
+
+  // Backward of the packed tile's rows, then an empty tile.  Layer 1 is unfolded
+  // (dz1 = gz):  G = sum gz k^T and Gq = sum gz (q*k)^T are rank-n updates over the
+  // tile's keys, Eq = sum_r e_r q_r^T one over its rows (e_r: the row's sum of gz);
+  // dk = gz (Wk-Wd) + (gz Wm) * q + w dout and dq = (Wq+Wd)^T e_r + sum_t (gz_t Wm) * k_t.
+  static void pack_flush_bwd(const Ctx<T>& cx, Scratch<T>& sc) {
+    if (sc.prows == 0) return;
+    const DinParams& p = *cx.p;
+    const Model<T>& m = *cx.m;
+    const GradLayout& lay = cx.lay;
+    const int D = m.D, D2 = 2 * D, L = m.L, H1 = m.H[0], H1p = m.Hp[0], Dp = m.Dp, nv = H1p / W;
+    const int n = sc.pn, nr = sc.prows;
+    T* gp = sc.gp;
+    T* E = sc.PE.data();
+    std::fill(E, E + static_cast<size_t>(nr) * H1p, T(0));
+    T* gh = sc.g1.data();  // dL/dh of the current layer [n, Hp_l]
+    T* other = sc.g2.data();
+    if (n > 0) {
+      pack_bias(cx, sc);
+      sc.zrow = nullptr;
+      sc.packed = true;
+      hidden(m, sc, n, L - 1, true, m.keep_z, true);
+      sc.packed = false;
+      T* ds = sc.ds.data();
+      T dbout = T(0);
+      for (int j = 0; j < nr; ++j) {
+        const int64_t r = sc.prow[j];
+        const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
+        const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
+        const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, r, p.ld_dscores) : nullptr;
+        const T wdw = cx.softmax ? static_cast<T>(wdw_span(cx, Span{r, 0, row_of(p, r).len})) : T(0);
+        for (int i = sc.kseg[j]; i < sc.kseg[j + 1]; ++i) {
+          const int64_t t = sc.ppos[i];
+          const T dw = dot(D, go, sc.X.data() + static_cast<size_t>(i) * D2) + (gsr ? gsr[t] : T(0));
+          ds[i] = cx.softmax ? cx.scale * wr[t] * (dw - wdw) : dw;
+          dbout += out_grad(m, sc, i, ds[i], gh, gp, lay);
+        }
+      }
+      gp[lay.b[L]] += dbout;
+      hidden_backward(m, sc, n, gh, other, gp, lay, false, -1);
+      act_backward(m, sc, 0, n, gh, gp + lay.e, gp, lay, false, -1);
+      for (int i = 0; i < n; ++i) {
+        T* e = E + static_cast<size_t>(sc.kslot[i]) * H1p;
+        const T* g = gh + static_cast<size_t>(i) * H1p;
+        for (int j = 0; j < nv; ++j) X::store(e + j * W, X::load(e + j * W) + X::load(g + j * W));
+      }
+      Gemm<T>::template run<true>(D, nv, n, sc.X.data(), 1, D2, gh, H1p, gp + lay.GT, H1p);
+      Gemm<T>::template run<true>(D, nv, n, sc.X.data() + D, 1, D2, gh, H1p, gp + lay.GqT, H1p);
+      Gemm<T>::template run<true>(D, nv, nr, sc.Q.data(), 1, D, E, H1p, gp + lay.EqT, H1p);
+      Gemm<T>::template run<false>(n, Dp / W, H1, gh, H1p, 1, m.Ab.data(), Dp, other, Dp);     // gz (Wk-Wd)
+      Gemm<T>::template run<false>(n, Dp / W, H1, gh, H1p, 1, m.Wmb.data(), Dp, sc.PV.data(), Dp);  // gz Wm
+    }
+    T* DQ = sc.PDQ.data();
+    Gemm<T>::template run<false>(nr, Dp / W, H1, E, H1p, 1, m.Wqdb.data(), Dp, DQ, Dp);  // (Wq+Wd)^T e
+    for (int j = 0; j < nr; ++j) {
+      const int64_t r = sc.prow[j];
+      const Row row = row_of(p, r);
+      const T* q = sc.pq[j];
+      const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
+      const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
+      T* dkbase = sc.dk + seq_off(p, row.s);
+      T* dqr = DQ + static_cast<size_t>(j) * Dp;
+      for (int i = sc.kseg[j]; i < sc.kseg[j + 1]; ++i) {
+        const int64_t t = sc.ppos[i];
+        const T* vi = sc.PV.data() + static_cast<size_t>(i) * Dp;
+        const T* ki = sc.X.data() + static_cast<size_t>(i) * D2;
+        store_dk(cx.dk_assign, D, dkbase + t * p.ldk, other + static_cast<size_t>(i) * Dp, vi, q, wr[t], go);
+        int d = 0;
+        for (; d + W <= D; d += W) X::store(dqr + d, X::load(dqr + d) + X::load(vi + d) * X::load(ki + d));
+        for (; d < D; ++d) dqr[d] += vi[d] * ki[d];
+      }
+      std::copy(dqr, dqr + D, static_cast<T*>(p.dq) + r * p.lddq);
+    }
+    sc.pn = sc.prows = 0;
+  }
 };
 
 template <typename T>
 RowFns<T> row_fns() {
-  return {&Kernel<T>::forward_span, &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
-          &Kernel<T>::backward_span};
+  return {&Kernel<T>::forward_span, &Kernel<T>::forward_row, &Kernel<T>::pack_flush_fwd, &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
+          &Kernel<T>::backward_span, &Kernel<T>::backward_row, &Kernel<T>::pack_flush_bwd};
 }
 
 }  // namespace DIN_NS

@@ -41,6 +41,11 @@ struct DinParams {
   // clamp every length to max_len anyway).  0: no check.
   int32_t check_lengths = 0;
   bool deterministic = true;  // CUDA only: false allows atomics for parameter grads
+  // 1: training-mode Dice (batch statistics).  Its statistics, forward, reduction and
+  // backward passes must see the same pre-activations, so the CPU computes them row
+  // by row, as the pre-activation cache holds them, never in packed tiles of short
+  // rows (din_cpu.cpp, Kernel::pack_add).  CUDA ignores it.
+  int32_t batch_stats = 0;
 
   // ---- sequence addressing (int64, on the same device as k) ----------------
   const void* q = nullptr; int64_t ldq = 0;       // [rows, D]

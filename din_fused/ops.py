@@ -395,6 +395,7 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
             stats[l, 2, :h] = v.detach().reshape(-1).to(prep.acc)
         prep.set_stats(stats)
         return stats
+    prep.cfg["batch_stats"] = 1  # DinParams::batch_stats
     n = prep.valid_count()
     nf = n.to(torch.float64)
     if not (n.is_cuda and torch.cuda.is_current_stream_capturing()) and int(n) < 2:
@@ -475,6 +476,7 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
             # Batch statistics couple all positions: from the top layer down, reduce
             # mean(dxhat) and mean(dxhat*xhat) with the corrections above known.
             nf = prep.valid_count().to(torch.float64)
+            prep.cfg["batch_stats"] = 1  # DinParams::batch_stats
             corr = torch.zeros(L, 2, max(prep.hidden), dtype=acc, device=dev)
             prep.cfg["bn_corr_a"] = [corr[l, 0].data_ptr() for l in range(L)]
             prep.cfg["bn_corr_c"] = [corr[l, 1].data_ptr() for l in range(L)]

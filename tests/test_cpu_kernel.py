@@ -194,6 +194,46 @@ def test_backward_writes_every_element_of_its_outputs(layout, act, threads, isa,
         assert max_rel_err(g, w) <= TOL64, (i, max_rel_err(g, w))
 
 
+# ---------------------------------------------------------------------------------------
+# Short rows share packed tiles (csrc/din_cpu.cpp, Kernel::pack_add)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice"])
+def test_short_rows_do_not_depend_on_the_rows_packed_with_them(act, norm, isa):
+    """Rows of a few positions are gathered into shared tiles, with layer 1 unfolded.  A row's
+    out, weights, dq and dk must be bitwise the same whichever rows share its tiles (the
+    batch, the batch reversed on 2 threads, every third row), and match the reference in
+    float64, with parameter gradients, empty and masked rows and both row-length regimes
+    (packed: up to 4 positions forward, 8 backward; row by row above)."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, D = 30, 12, 37
+    q = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(0, 9, (B,), generator=gen)
+    lengths[:3] = torch.tensor([0, T, 1])
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    mask[4] = False
+    p = random_params(D, (16, 8), act, gen=gen)
+    gout = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    gsc = torch.randn(B, T, generator=gen, dtype=torch.float64)
+
+    def rows(idx, dtype, threads, fn=din_fused.din_attention):
+        with _threads(threads):
+            out, w, grads, _ = run(fn, q[idx], k[idx], lengths[idx], mask[idx], p, dtype, False, norm, True,
+                                   gout[idx], gsc[idx])
+        return [out, w, grads[0], grads[1]], list(grads[2:])
+
+    whole, _ = rows(torch.arange(B), torch.float32, 1)
+    for idx, threads in ((torch.arange(B).flip(0), 2), (torch.arange(0, B, 3), 1)):
+        part, _ = rows(idx, torch.float32, threads)
+        for i, (a, b) in enumerate(zip(whole, part)):
+            assert torch.equal(a[idx], b), i
+    got, got_p = rows(torch.arange(B), torch.float64, 2)
+    want, want_p = rows(torch.arange(B), torch.float64, 1, din_attention_ref)
+    for i, (g, w) in enumerate(zip(got + got_p, want + want_p)):
+        assert max_rel_err(g, w) <= TOL64, (i, max_rel_err(g, w))
+
+
 def test_backward_refuses_dk_assign_for_rows_that_share_keys(monkeypatch):
     """Rows sharing a sequence add into per-thread partials, which the kernel sums into dk: it
     must hold zeros, so a call that asks it to write dk (dk_assign) with a row_seq is an error,
