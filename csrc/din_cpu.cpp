@@ -591,7 +591,8 @@ struct Scratch {
   int64_t prow[kTile] = {}, ppos[kTile] = {};
   int kseg[kTile + 1] = {}, kslot[kTile] = {};
   const T* pq[kTile] = {};  // query of each tile row
-  ABuf<T> Q, PE, PV, PDQ;   // backward: queries [kTile][D], e [kTile][H1p], V and dq [kTile][Dp]
+  ABuf<T> Q;                // queries of the tile rows [kTile][D]
+  ABuf<T> PE, PV, PDQ;      // backward: e [kTile][H1p], gz Wm and dq [kTile][Dp]
 
   Scratch(const Model<T>& m, bool backward) {
     const int D = m.D, Dp = m.Dp, H1p = m.Hp[0];
@@ -603,6 +604,7 @@ struct Scratch {
     acc.reset(Dp);
     racc.reset(Dp);
     X.reset(static_cast<size_t>(kTile) * 2 * D);
+    Q.reset(static_cast<size_t>(kTile) * D);
     crow.reset(static_cast<size_t>(kTile) * H1p);
     s.reset(kTile);
     ds.reset(kTile);
@@ -612,7 +614,6 @@ struct Scratch {
       if (m.act == Act::Dice) P[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
     }
     if (backward) {
-      Q.reset(static_cast<size_t>(kTile) * D);
       PE.reset(static_cast<size_t>(kTile) * H1p);
       PV.reset(static_cast<size_t>(kTile) * Dp);
       PDQ.reset(static_cast<size_t>(kTile) * Dp);
@@ -1796,7 +1797,7 @@ struct Kernel {
     int n = sc.pn;
     sc.prow[j] = r;
     sc.pq[j] = q;
-    if (T* qs = sc.Q.data()) std::memcpy(qs + static_cast<size_t>(j) * D, q, sizeof(T) * D);  // backward
+    std::memcpy(sc.Q.data() + static_cast<size_t>(j) * D, q, sizeof(T) * D);
     sc.kseg[j] = n;
     for (int64_t t = 0; t < row.len; ++t) {
       if (mk && !mk[t]) continue;
@@ -1833,17 +1834,13 @@ struct Kernel {
     });
   }
 
-  // c = b1 + (Wq+Wd) q of each row of the packed tile (rows without keys skipped).
+  // c = b1 + (Wq+Wd) q of each row of the packed tile: one product over its rows.
   static DIN_INLINE void pack_bias(const Ctx<T>& cx, Scratch<T>& sc) {
     const Model<T>& m = *cx.m;
     const int H1p = m.Hp[0];
-    for (int j = 0; j < sc.prows; ++j) {
-      const T* q = sc.pq[j];
-      if (sc.kseg[j + 1] == sc.kseg[j]) continue;
-      T* c = sc.crow.data() + static_cast<size_t>(j) * H1p;
-      std::memcpy(c, m.bias[0].data(), sizeof(T) * H1p);
-      Gemm<T>::template run<true>(1, H1p / W, m.D, q, 0, 1, m.WqdT.data(), H1p, c, H1p);
-    }
+    for (int j = 0; j < sc.prows; ++j)
+      std::memcpy(sc.crow.data() + static_cast<size_t>(j) * H1p, m.bias[0].data(), sizeof(T) * H1p);
+    Gemm<T>::template run<true>(sc.prows, H1p / W, m.D, sc.Q.data(), m.D, 1, m.WqdT.data(), H1p, sc.crow.data(), H1p);
   }
 
   // Forward of the packed tile's rows, then an empty tile.
