@@ -36,7 +36,7 @@
 //     schedules rows dynamically because lengths vary; passes that reduce across
 //     rows (statistics, backward) hand rows out round-robin, statically, so their
 //     results are bitwise reproducible for a given thread count.
-//   * Short rows (up to 4 positions in the forward, 8 in the backward) share
+//   * Short rows (up to 6 positions in the forward, 8 in the backward) share
 //     packed tiles with other rows, layer 1 unfolded ([k, q*k] as a K = 2D
 //     product plus c_r): no M_r per row, and full tiles through every layer.
 //     A row's results do not depend on which rows share its tile.
@@ -88,9 +88,9 @@ namespace {
 constexpr int kTile = 32;  // valid keys per tile (multiple of every vector width)
 // Rows of at most this many positions share tiles (Kernel::pack_add), in the
 // forward and in the backward.  Measured break-even (AVX2, D=36, H=80-40, rows of
-// equal length): ~5 positions in the forward, ~10 in the backward, whose per-row
+// equal length): ~7 positions in the forward, ~10 in the backward, whose per-row
 // work is larger.
-constexpr int kPackFwd = 4, kPackBwd = 8;
+constexpr int kPackFwd = 6, kPackBwd = 8;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DIN_X86 1

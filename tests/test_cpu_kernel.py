@@ -204,7 +204,7 @@ def test_short_rows_do_not_depend_on_the_rows_packed_with_them(act, norm, isa):
     out, weights, dq and dk must be bitwise the same whichever rows share its tiles (the
     batch, the batch reversed on 2 threads, every third row), and match the reference in
     float64, with parameter gradients, empty and masked rows and both row-length regimes
-    (packed: up to 4 positions forward, 8 backward; row by row above)."""
+    (packed: up to 6 positions forward, 8 backward; row by row above)."""
     gen = torch.Generator().manual_seed(11)
     B, T, D = 30, 12, 37
     q = torch.randn(B, D, generator=gen, dtype=torch.float64)
