@@ -590,7 +590,6 @@ struct Scratch {
   int pn = 0, prows = 0;
   int64_t prow[kTile] = {}, ppos[kTile] = {};
   int kseg[kTile + 1] = {}, kslot[kTile] = {};
-  const T* pq[kTile] = {};  // query of each tile row
   ABuf<T> Q;                // queries of the tile rows [kTile][D]
   ABuf<T> PE, PV, PDQ;      // backward: e [kTile][H1p], gz Wm and dq [kTile][Dp]
 
@@ -1796,7 +1795,6 @@ struct Kernel {
     const int j = sc.prows++;
     int n = sc.pn;
     sc.prow[j] = r;
-    sc.pq[j] = q;
     std::memcpy(sc.Q.data() + static_cast<size_t>(j) * D, q, sizeof(T) * D);
     sc.kseg[j] = n;
     for (int64_t t = 0; t < row.len; ++t) {
@@ -1830,7 +1828,7 @@ struct Kernel {
     Gemm<T>::template run<true>(n, H1p / W, 2 * D, sc.X.data(), 2 * D, 1, m.AT, H1p, Z, H1p);
     z1_nonfinite_fixup(m, n, Z, [&](int i) {
       const T* x = sc.X.data() + static_cast<size_t>(i) * 2 * D;
-      return KeyRef{sc.pq[sc.kslot[i]], x, nullptr};
+      return KeyRef{sc.Q.data() + static_cast<size_t>(sc.kslot[i]) * D, x, nullptr};
     });
   }
 
@@ -1840,7 +1838,8 @@ struct Kernel {
     const int H1p = m.Hp[0];
     for (int j = 0; j < sc.prows; ++j)
       std::memcpy(sc.crow.data() + static_cast<size_t>(j) * H1p, m.bias[0].data(), sizeof(T) * H1p);
-    Gemm<T>::template run<true>(sc.prows, H1p / W, m.D, sc.Q.data(), m.D, 1, m.WqdT.data(), H1p, sc.crow.data(), H1p);
+    Gemm<T>::template run<true>(sc.prows, H1p / W, m.D, sc.Q.data(), m.D, 1, m.WqdT.data(), H1p, sc.crow.data(),
+                                H1p);
   }
 
   // Forward of the packed tile's rows, then an empty tile.
@@ -2075,7 +2074,8 @@ struct Kernel {
   // Key i's score gradient ds into dL/dh of the last hidden layer (gh row i), and
   // into the output layer's weight gradient (gp, unless nullptr).  Returns ds for
   // the output bias.
-  static DIN_INLINE T out_grad(const Model<T>& m, Scratch<T>& sc, int i, T ds, T* gh, T* gp, const GradLayout& lay) {
+  static DIN_INLINE T out_grad(const Model<T>& m, Scratch<T>& sc, int i, T ds, T* gh, T* gp,
+                                const GradLayout& lay) {
     const int L = m.L, HLp = m.Hp[L - 1], nvL = HLp / W;
     const v dsv = X::set1(ds);
     const T* h = sc.Hb[L - 1].data() + static_cast<size_t>(i) * HLp;
@@ -2260,7 +2260,7 @@ struct Kernel {
     for (int j = 0; j < nr; ++j) {
       const int64_t r = sc.prow[j];
       const Row row = row_of(p, r);
-      const T* q = sc.pq[j];
+      const T* q = sc.Q.data() + static_cast<size_t>(j) * D;
       const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
       const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
       T* dkbase = sc.dk + seq_off(p, row.s);
@@ -2282,7 +2282,8 @@ struct Kernel {
 
 template <typename T>
 RowFns<T> row_fns() {
-  return {&Kernel<T>::forward_span, &Kernel<T>::forward_row, &Kernel<T>::pack_flush_fwd, &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
+  return {&Kernel<T>::forward_span, &Kernel<T>::forward_row, &Kernel<T>::pack_flush_fwd,
+          &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
           &Kernel<T>::backward_span, &Kernel<T>::backward_row, &Kernel<T>::pack_flush_bwd};
 }
 
