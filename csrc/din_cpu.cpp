@@ -36,7 +36,7 @@
 //     schedules rows dynamically because lengths vary; passes that reduce across
 //     rows (statistics, backward) hand rows out round-robin, statically, so their
 //     results are bitwise reproducible for a given thread count.
-//   * Short rows (up to 6 positions in the forward, 8 in the backward) share
+//   * Short rows (up to 8 positions) share
 //     packed tiles with other rows, layer 1 unfolded ([k, q*k] as a K = 2D
 //     product plus c_r): no M_r per row, and full tiles through every layer.
 //     A row's results do not depend on which rows share its tile.
@@ -86,11 +86,12 @@ namespace {
 #define DIN_INLINE inline __attribute__((always_inline))
 
 constexpr int kTile = 32;  // valid keys per tile (multiple of every vector width)
-// Rows of at most this many positions share tiles (Kernel::pack_add), in the
-// forward and in the backward.  Measured break-even (AVX2, D=36, H=80-40, rows of
-// equal length): ~7 positions in the forward, ~10 in the backward, whose per-row
-// work is larger.
-constexpr int kPackFwd = 6, kPackBwd = 8;
+// Rows of at most this many positions share tiles (Kernel::pack_add).  Measured
+// break-even (AVX2, D=36, H=80-40, rows of equal length): ~7 positions in the
+// forward, ~10 in the backward, whose per-row work is larger.  One limit for both,
+// so that the backward recomputes exactly the forward's activations (with two, a
+// pre-activation at a ReLU kink could take the other branch in the backward).
+constexpr int kPack = 8;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DIN_X86 1
@@ -1773,7 +1774,7 @@ struct Kernel {
   // ---- Packed short rows --------------------------------------------------
   // A row of a few keys costs more in per-row work than in per-key work: the fold
   // builds M_r and c_r ([H1, D] each) for it, and its partial tile runs the GEMMs
-  // below their rate.  Whole rows of at most kPackFwd (kPackBwd) positions are
+  // below their rate.  Whole rows of at most kPack positions are
   // therefore gathered into shared tiles of up to kTile keys, and layer 1 runs
   // unfolded on them: z1 = [k, q*k] [(Wk-Wd); Wm]^T + c_r, a K = 2D product, with
   // only c_r per row (Ctx::pack says when).  A key's and a row's results depend on
@@ -1873,14 +1874,14 @@ struct Kernel {
   }
 
   static void forward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
-    if (cx.pack && is_short(row_of(*cx.p, r).len, kPackFwd)) {
+    if (cx.pack && is_short(row_of(*cx.p, r).len)) {
       pack_add(cx, sc, r, [&] { pack_flush_fwd(cx, sc); });
       return;
     }
     forward_span(cx, sc, Span{r, 0, row_of(*cx.p, r).len}, nullptr);
   }
 
-  static DIN_INLINE bool is_short(int64_t len, int limit) { return len > 0 && len <= limit; }
+  static DIN_INLINE bool is_short(int64_t len) { return len > 0 && len <= kPack; }
 
   // Pre-activations of layer stats_layer over [t0, t1), merged tile by tile
   // into the thread's (count, mean, M2) with Chan's formula: no E[z^2] - E[z]^2,
@@ -2196,7 +2197,7 @@ struct Kernel {
   static void backward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
     const DinParams& p = *cx.p;
     const Span sp{r, 0, row_of(p, r).len};
-    if (cx.pack && is_short(sp.t1, kPackBwd)) {
+    if (cx.pack && is_short(sp.t1)) {
       dk_zeros(cx, sc, sp);
       pack_add(cx, sc, r, [&] { pack_flush_bwd(cx, sc); });
       return;

@@ -17,6 +17,9 @@ LAYOUTS = {
     "shared-mixed": ([4, 0, 9, 2], [2, 0, 2, 1, 3, 2, 0], 6, (5, 3, 2)),  # duplicates + empty
     "permuted": ([2, 5, 1, 4], [3, 1, 0, 2], 4, (4,)),         # row_seq without duplicates
     "long-tiles": ([40, 1, 23], [0, 2, 0, 1], 8, (16, 8)),     # several key tiles per row
+    # Enough short rows for the CPU's packed tiles (>= 4 rows per thread, <= 8 positions):
+    "packed-jagged": ([3, 0, 8, 1, 5, 2, 6, 4, 0, 7, 2, 1], None, 1, (5,)),  # D = 1
+    "packed-shared": ([6, 2, 0, 8, 3], [3, 0, 1, 3, 4, 2, 0, 3, 1, 4, 0, 3, 2, 1, 4, 0], 3, (7, 5, 3, 2)),
 }
 
 
