@@ -162,8 +162,10 @@ def _train(tmp_path, nproc, batch, name):
 def test_two_sharded_processes_train_like_one_with_the_same_global_batch(tmp_path):
     """PReLU (no batch statistics), so the only difference between the runs is float rounding:
     one process sees each global batch of 128 at once, two processes 64 each.  Measured: epoch
-    losses 1e-8 apart and the same test AUC.  (With the table gradients off by a factor 2, Adagrad's
-    eps makes the second epoch's loss differ by 7e-4.)"""
+    losses 1e-8 apart while the CPU kernels summed the parameter gradients row by row, 4.7e-6
+    (relative) since short rows share packed tiles, whose grouping of the rows' sums differs between
+    one batch of 128 and two of 64; the same test AUC.  (With the table gradients off by a factor 2,
+    Adagrad's eps makes the second epoch's loss differ by 7e-4.)"""
     two = _train(tmp_path, 2, 64, "two")
     one = _train(tmp_path, 1, 128, "one")
     assert (two["world_size"], one["world_size"]) == (2, 1)
@@ -173,7 +175,7 @@ def test_two_sharded_processes_train_like_one_with_the_same_global_batch(tmp_pat
     assert two["train_loss_per_epoch"][1] < two["train_loss_per_epoch"][0]
     assert two["test_auc"] > 0.55
     torch.testing.assert_close(torch.tensor(two["train_loss_per_epoch"]),
-                               torch.tensor(one["train_loss_per_epoch"]), rtol=1e-6, atol=0)
+                               torch.tensor(one["train_loss_per_epoch"]), rtol=5e-5, atol=0)
     assert abs(two["test_auc"] - one["test_auc"]) < 0.005
     # Each rank holds only its rows: the plan splits every table in two, and the local tables have
     # exactly the planned sizes, which add up to the vocabulary.
