@@ -438,9 +438,12 @@ def t_sweep_section(args, lines: list, data: dict) -> dict:
         print(f"[report] T sweep T={T}", flush=True)
         # Short calls get more rounds: at T <= 100 a round of all three providers costs
         # tens of ms, and a best of 3 was mostly a measure of which round a burst missed.
-        rounds = (max(15, args.rounds) if T <= 100 else max(3, args.rounds // 2)) if T <= 1000 else 3
         if args.quick:
-            rounds = min(rounds, 3)
+            rounds = 3
+        elif T <= 100:
+            rounds = max(15, args.rounds)
+        else:
+            rounds = max(3, args.rounds // 2) if T <= 1000 else 3
         res = session(c, args.device, providers, rounds)
         r = {"T": T, "sum_lengths": res["sum_lengths"]}
         for mode in ("fwd", "fwdbwd"):

@@ -594,7 +594,9 @@ struct Scratch {
   ABuf<T> Q;                // queries of the tile rows [kTile][D]
   ABuf<T> PE, PV, PDQ;      // backward: e [kTile][H1p], gz Wm and dq [kTile][Dp]
 
-  Scratch(const Model<T>& m, bool backward) {
+  // pack: this thread may gather packed tiles (Ctx::pack on a plan of whole rows);
+  // their buffers are allocated only then.
+  Scratch(const Model<T>& m, bool backward, bool pack = false) {
     const int D = m.D, Dp = m.Dp, H1p = m.Hp[0];
     MT.reset(static_cast<size_t>(D) * H1p);
     c.reset(H1p);
@@ -603,9 +605,11 @@ struct Scratch {
     ktile.reset(static_cast<size_t>(kTile) * D + Dp);
     acc.reset(Dp);
     racc.reset(Dp);
-    X.reset(static_cast<size_t>(kTile) * 2 * D);
-    Q.reset(static_cast<size_t>(kTile) * D);
-    crow.reset(static_cast<size_t>(kTile) * H1p);
+    if (pack) {
+      X.reset(static_cast<size_t>(kTile) * 2 * D);
+      Q.reset(static_cast<size_t>(kTile) * D);
+      crow.reset(static_cast<size_t>(kTile) * H1p);
+    }
     s.reset(kTile);
     ds.reset(kTile);
     for (int l = 0; l < m.L; ++l) {
@@ -614,9 +618,11 @@ struct Scratch {
       if (m.act == Act::Dice) P[l].reset(static_cast<size_t>(kTile) * m.Hp[l]);
     }
     if (backward) {
-      PE.reset(static_cast<size_t>(kTile) * H1p);
-      PV.reset(static_cast<size_t>(kTile) * Dp);
-      PDQ.reset(static_cast<size_t>(kTile) * Dp);
+      if (pack) {
+        PE.reset(static_cast<size_t>(kTile) * H1p);
+        PV.reset(static_cast<size_t>(kTile) * Dp);
+        PDQ.reset(static_cast<size_t>(kTile) * Dp);
+      }
       M.reset(static_cast<size_t>(m.H[0]) * Dp);
       GT.reset(static_cast<size_t>(D) * H1p);
       e.reset(H1p);
@@ -853,7 +859,7 @@ void forward_impl(const DinParams& p) {
     const std::vector<int64_t> order = plan.nt > 1 ? longest_first(p) : std::vector<int64_t>();
     std::atomic<int64_t> next{0};
     Pool::run(plan.nt, [&](int) {
-      Scratch<T> sc(m, false);
+      Scratch<T> sc(m, false, cx.pack);
       for (int64_t r0; (r0 = next.fetch_add(4, std::memory_order_relaxed)) < p.rows;)
         for (int64_t i = r0; i < std::min(p.rows, r0 + 4); ++i) fn.fwd_row(cx, sc, order.empty() ? i : order[i]);
       fn.fwd_flush(cx, sc);
@@ -977,7 +983,7 @@ void backward_impl(const DinParams& p) {
   std::vector<T> dq_part(plan.split && !reducing ? static_cast<size_t>(n) * D : 0);
   if (p.rows > 0) {
     Pool::run(used, [&](int tid) {
-      Scratch<T> sc(m, true);
+      Scratch<T> sc(m, true, cx.pack && !plan.split);
       sc.gp = reducing ? nullptr : ws + static_cast<int64_t>(tid) * lay.total;
       sc.rp = reducing ? red_part.data() + static_cast<size_t>(tid) * 2 * Hr : nullptr;
       sc.dk = dk_extent > 0 ? dk_part + static_cast<int64_t>(tid) * dk_extent : static_cast<T*>(p.dk);
