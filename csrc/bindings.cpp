@@ -21,8 +21,12 @@ namespace {
 // table of setters: a small call's whole kernel is a few microseconds, and two
 // dict lookups per possible key (contains, then getitem) cost more than it.
 template <typename P>
+P as_addr(uint64_t v) {
+  return reinterpret_cast<P>(static_cast<uintptr_t>(v));
+}
+template <typename P>
 P as_ptr(py::handle v) {
-  return v.is_none() ? nullptr : reinterpret_cast<P>(static_cast<uintptr_t>(v.cast<uint64_t>()));
+  return v.is_none() ? nullptr : as_addr<P>(v.cast<uint64_t>());
 }
 
 // Lists of addresses, one per layer (0 / None meaning absent).
@@ -179,6 +183,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
     }
     return phase == "backward" ? backward_workspace_bytes_cpu(p) : 0;
+  });
+  m.def("jagged_layout", [](uint64_t offsets, int64_t S, int64_t N, int64_t D, uint64_t row_seq, int64_t R,
+                            uint64_t out) {
+    JaggedFacts f;
+    {
+      py::gil_scoped_release nogil;
+      f = jagged_layout_cpu(as_addr<const int64_t*>(offsets), S, N, D, as_addr<const int64_t*>(row_seq), R,
+                            as_addr<int64_t*>(out));
+    }
+    return py::make_tuple(f.max_len, f.total, f.shared);
   });
   m.def("cuda_device_count", []() -> int {
 #ifdef DIN_WITH_CUDA

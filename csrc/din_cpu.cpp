@@ -1116,6 +1116,51 @@ int64_t backward_workspace_bytes_cpu(const DinParams& p) {
   return (GradLayout(p).total + shared_dk_extent(p)) * acc_size(p.dtype) * std::max(1, p.num_threads);
 }
 
+JaggedFacts jagged_layout_cpu(const int64_t* offsets, int64_t S, int64_t N, int64_t D, const int64_t* row_seq,
+                              int64_t R, int64_t* out) {
+  // The same checks, in the same order and words, as the torch ops of ops._jagged_layout
+  // (which CUDA tensors still take): there they are a dozen small ops, ~80 us, more than a
+  // serving-sized kernel.
+  if (offsets[0] != 0)
+    throw std::invalid_argument("offsets must start at 0, got offsets[0] = " + std::to_string(offsets[0]));
+  for (int64_t s = 0; s < S; ++s)
+    if (offsets[s + 1] < offsets[s])
+      throw std::invalid_argument("offsets must not decrease, got offsets[" + std::to_string(s) + "] = " +
+                                  std::to_string(offsets[s]) + " > offsets[" + std::to_string(s + 1) +
+                                  "] = " + std::to_string(offsets[s + 1]));
+  if (offsets[S] != N)
+    throw std::invalid_argument("offsets must end at N = values.shape[0] = " + std::to_string(N) +
+                                ", got offsets[-1] = " + std::to_string(offsets[S]));
+  if (row_seq && R > 0) {
+    const auto [lo, hi] = std::minmax_element(row_seq, row_seq + R);
+    if (*lo < 0 || *hi >= S)
+      throw std::invalid_argument("row_seq must lie in [0, S) = [0, " + std::to_string(S) + "), got values in [" +
+                                  std::to_string(*lo) + ", " + std::to_string(*hi) + "]");
+  }
+  int64_t* seq_start = out;
+  int64_t* seq_len = out + S;
+  int64_t* lens = out + 2 * S;
+  int64_t* starts = out + 2 * S + R;
+  for (int64_t s = 0; s < S; ++s) {
+    seq_start[s] = offsets[s] * D;
+    seq_len[s] = offsets[s + 1] - offsets[s];
+  }
+  JaggedFacts f;
+  std::vector<unsigned char> used(row_seq ? static_cast<size_t>(S) : 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = row_seq ? row_seq[r] : r;
+    if (row_seq) {
+      f.shared = f.shared || used[s];
+      used[s] = 1;
+    }
+    lens[r] = seq_len[s];
+    starts[r] = f.total;
+    f.total += lens[r];
+    f.max_len = std::max(f.max_len, lens[r]);
+  }
+  return f;
+}
+
 }  // namespace din
 
 #else  // DIN_CPU_KERNEL_BODY: the per-ISA kernels, included once per ISA above.

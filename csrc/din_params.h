@@ -183,6 +183,16 @@ void stats_cpu(const DinParams& p);        // stats_out for stats_layer
 void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
 int64_t backward_workspace_bytes_cpu(const DinParams& p);
 int64_t zcache_bytes_cpu(const DinParams& p);  // bytes of zcache for these rows
+// The jagged layout (ops._jagged_layout) from offsets [S+1] and row_seq [R] (null: row r
+// uses sequence r, R == S), checked, all int64 on the host: out [2S + 2R] gets seq_start
+// (element offsets), seq_len, the rows' lengths and their weights' starts (the sum of the
+// lengths before each).  shared: some sequence serves two rows or more.
+struct JaggedFacts {
+  int64_t max_len = 0, total = 0;
+  bool shared = false;
+};
+JaggedFacts jagged_layout_cpu(const int64_t* offsets, int64_t S, int64_t N, int64_t D, const int64_t* row_seq,
+                              int64_t R, int64_t* out);
 // "openmp" (torch's OpenMP team) or "pool" (the kernels' own threads): what the
 // next multi-threaded CPU call will run on.
 const char* cpu_threading();

@@ -359,13 +359,13 @@ class _Prepared:
             valid = valid & (self.mask if self.row_seq is None else self.mask[self.row_seq])
         return valid
 
-    def use_jagged_scores(self, lens: Tensor, total: int) -> None:
-        """Weights row by row, each row exactly its length lens[r] (the jagged layout has no
-        mask; total = their sum): row r's at score_start[r] = the sum of the lengths before
-        it.  The kernels write them in place, so no [R, T] buffer exists (T is the longest
-        row, and a skewed or shared batch's R x T is many times its sum of lengths)."""
+    def use_jagged_scores(self, starts: Tensor, total: int) -> None:
+        """Weights row by row, each row exactly its length (the jagged layout has no mask;
+        total = their sum): row r's at starts[r] = the sum of the lengths before it.  The
+        kernels write them in place, so no [R, T] buffer exists (T is the longest row, and a
+        skewed or shared batch's R x T is many times its sum of lengths)."""
         assert self.mask is None
-        self.score_start = _row_starts(lens)
+        self.score_start = starts
         self.n_scores = total
         self.cfg["score_start"] = self.score_start.data_ptr()
 
@@ -585,18 +585,35 @@ def _(grad_out, grad_scores, query, keys, lengths, mask, weights, biases, alphas
 # --------------------------------------------------------------------------------------
 def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, check: bool, gather: bool):
     """(seq_start [S'] element offsets, seq_len [S'], row_seq for the kernels or None, T,
-    row lengths [R], their sum).
+    row lengths [R], where each row's weights start among the jagged weights [R] (the sum
+    of the lengths before it), their total).
 
     check: raise on bad offsets or row_seq values (the forward; the backward gets its checked
     inputs).  gather: when no two rows share a sequence, gather the sequences per row, so that
     the kernels see row_seq=None; then the backward needs no dk partials (see din_cpu.cpp).
-    The forward's results do not depend on it.  Every data-dependent fact comes back in one
-    host read: a small call would otherwise spend more on a dozen reads than in the kernel."""
+    The forward's results do not depend on it.  On the CPU one pass of _C.jagged_layout
+    does it all (checks included, whatever check says); elsewhere every data-dependent fact
+    comes back in one host read: a small call would otherwise spend more on a dozen reads
+    than in the kernel."""
     off = _as(offsets, torch.int64)
     N, D = values.shape
     S = off.shape[0] - 1
-    seq_start, seq_len = off[:-1] * D, torch.diff(off)
     rs = None if row_seq is None else _as(row_seq, torch.int64)
+    if not off.is_cuda and (rs is None or not rs.is_cuda):
+        R = S if rs is None else rs.shape[0]
+        buf = torch.empty(2 * S + 2 * R, dtype=torch.int64)
+        T, total, shared = _C.jagged_layout(off.data_ptr(), S, N, D, _ptr(rs), R, buf.data_ptr())
+        seq_start, seq_len, lens, starts = buf.split([S, S, R, R])
+        if gather and rs is not None and not shared:
+            seq_start, seq_len, rs = seq_start[rs], lens, None
+        return seq_start, seq_len, rs, T, lens, starts, total
+    return _jagged_layout_torch(off, rs, N, D, check=check, gather=gather)
+
+
+def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, check: bool, gather: bool):
+    """_jagged_layout in torch ops, for CUDA tensors: off [S+1] and rs [R] int64."""
+    S = off.shape[0] - 1
+    seq_start, seq_len = off[:-1] * D, torch.diff(off)
     check = check and not _data_checks_off(off)
     # Out-of-range row_seq values are clamped for the lookup (with no sequence at all, none
     # is looked up) and reported below.
@@ -616,7 +633,7 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     if lens.numel():
         facts.update(T=lens.max(), total=lens.sum())
     if gather and rs is not None and rs.numel():
-        facts["most_rows"] = torch.bincount(rs).max()
+        facts["most_rows"] = torch.bincount(rs.clamp(min=0)).max()  # (a negative one is reported below)
     got = dict(zip(facts, torch.stack(list(facts.values())).tolist())) if facts else {}
     if check:
         if got["first"] != 0:
@@ -633,23 +650,18 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
                              f"got values in [{got['lo']}, {got['hi']}]")
     if gather and rs is not None and (rs.numel() == 0 or got["most_rows"] <= 1):
         seq_start, seq_len, rs = seq_start[rs], lens, None
-    return seq_start, seq_len, rs, got.get("T", 0), lens, got.get("total", 0)
-
-
-def _row_starts(lens: Tensor) -> Tensor:
-    """[R] int64: where each row's weights start among the jagged weights (the sum of the
-    lengths before it)."""
-    return torch.cumsum(lens, 0) - lens
+    starts = torch.cumsum(lens, 0) - lens
+    return seq_start, seq_len, rs, got.get("T", 0), lens, starts, got.get("total", 0)
 
 
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, *, check: bool, gather: bool) -> _Prepared:
-    seq_start, seq_len, rs, T, lens, total = _jagged_layout(values, offsets, row_seq, check=check,
-                                                            gather=gather)
+    seq_start, seq_len, rs, T, lens, starts, total = _jagged_layout(values, offsets, row_seq, check=check,
+                                                                    gather=gather)
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T,
                      rows_cover_keys=row_seq is None)
-    prep.use_jagged_scores(lens, total)
+    prep.use_jagged_scores(starts, total)
     return prep
 
 
@@ -776,15 +788,14 @@ class InferencePlan:
         """query [R, D] or [R, 1, D], values [N, D] (contiguous, CPU, the plan's dtype), offsets
         [S+1] and row_seq [R] or None, int64 and contiguous, shapes already checked -> out shaped
         like query.  The values of offsets and row_seq are checked here (_jagged_layout)."""
-        seq_start, seq_len, rs, T, lens, total = _jagged_layout(values, offsets, row_seq, check=True,
-                                                                gather=False)
+        seq_start, seq_len, rs, T, _, score_start, total = _jagged_layout(
+            values, offsets, row_seq, check=True, gather=False)
         out = torch.empty_like(query)
         if T == 0:  # no row has a key (the kernels are not called, as in _forward)
             return out.zero_()
-        score_start = _row_starts(lens)
         scores = torch.empty(total, dtype=values.dtype)
         cfg = self.cfg.copy()
-        cfg.update({"rows": lens.shape[0], "max_len": T, "num_threads": torch.get_num_threads(),
+        cfg.update({"rows": score_start.shape[0], "max_len": T, "num_threads": torch.get_num_threads(),
                     "q": query.data_ptr(), "k": values.data_ptr(), "seq_start": seq_start.data_ptr(),
                     "seq_stride": T * values.shape[1], "seq_len": seq_len.data_ptr(), "row_seq": _ptr(rs),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T,

@@ -181,6 +181,51 @@ def test_jagged_bad_input_raises_clear_error(name):
         din_attention_jagged(**kw, **p)
 
 
+def _layout_cases():
+    g = torch.Generator().manual_seed(5)
+    for S, R, shared in [(0, 0, None), (1, 0, True), (1, 4, True), (6, 6, None), (6, 6, True), (5, 9, True),
+                         (4, 3, True)]:
+        lens = torch.randint(0, 5, (S,), generator=g)
+        off = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+        N = int(off[-1])
+        if shared is None:
+            yield off, None, N
+        elif R == S:  # a permutation: no sequence shared, so gather=True gathers
+            yield off, torch.randperm(S, generator=g), N
+        else:
+            yield off, torch.randint(0, max(S, 1), (R,), generator=g), N
+    base = torch.tensor([0, 3, 3, 5])  # with N = 5 below
+    for off, rs in [(torch.tensor([1, 3, 3, 5]), None), (torch.tensor([0, 4, 3, 5]), None),
+                    (torch.tensor([0, 3, 3, 4]), None), (base, torch.tensor([0, 3, 1])),
+                    (base, torch.tensor([-2, 1, 2])), (torch.zeros(1, dtype=torch.int64), torch.tensor([0]))]:
+        yield off, rs, 5
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_cpu_jagged_layout_equals_the_torch_ops_layout(gather):
+    """The CPU's one-pass _C.jagged_layout against the torch ops that CUDA tensors take:
+    the same layout, and the same error for every bad offsets or row_seq."""
+    from din_fused.ops import _jagged_layout, _jagged_layout_torch
+
+    D = 3
+    for off, rs, N in _layout_cases():
+        values = torch.zeros(N, D)
+        try:
+            want = _jagged_layout_torch(off, rs, N, D, check=True, gather=gather)
+        except ValueError as e:
+            with pytest.raises(ValueError) as got:
+                _jagged_layout(values, off, rs, check=True, gather=gather)
+            assert str(got.value) == str(e)
+            continue
+        got = _jagged_layout(values, off, rs, check=True, gather=gather)
+        assert (got[2] is None) == (want[2] is None), (off, rs)
+        for a, b in zip(got, want):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), (off, rs, a, b)
+            else:
+                assert a == b, (off, rs)
+
+
 def test_jagged_int32_indices_match_int64():
     q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=1)
     a = din_attention_jagged(q, v, off, rs, **p)
