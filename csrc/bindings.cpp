@@ -194,6 +194,12 @@ PYBIND11_MODULE(_C, m) {
     }
     return py::make_tuple(f.max_len, f.total, f.shared);
   });
+  m.def("embedding_grad", [](uint64_t gw, int64_t rows, int64_t E, uint64_t idx, int64_t n, uint64_t g, int64_t ldg,
+                             int64_t padding_idx, int dtype) {
+    py::gil_scoped_release nogil;
+    embedding_grad_cpu(as_addr<void*>(gw), rows, E, as_addr<const int64_t*>(idx), n, as_addr<const void*>(g), ldg,
+                       padding_idx, static_cast<DType>(dtype));
+  });
   m.def("cuda_device_count", []() -> int {
 #ifdef DIN_WITH_CUDA
     return cuda_device_count();

@@ -1116,6 +1116,48 @@ int64_t backward_workspace_bytes_cpu(const DinParams& p) {
   return (GradLayout(p).total + shared_dk_extent(p)) * acc_size(p.dtype) * std::max(1, p.num_threads);
 }
 
+namespace {
+// gw[idx[i]] += g[i] for every i in order, except at padding_idx's row.  One thread: the
+// adds are bound by the random rows' memory traffic, and threads that own row ranges but
+// must each scan every index mispredict their skips (2 threads ran 1.7x slower).
+template <typename T>
+void add_rows(T* gw, int64_t E, const int64_t* idx, int64_t n, const T* g, int64_t ldg, int64_t padding_idx) {
+  typedef T V __attribute__((vector_size(16)));
+  constexpr int64_t W = sizeof(V) / sizeof(T);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = idx[i];
+    if (r == padding_idx) continue;
+    T* dst = gw + r * E;
+    const T* src = g + i * ldg;
+    // 16-byte vectors written out: GCC does not vectorise the plain loop (dst and src
+    // might overlap), which ran 2.8x slower.
+    int64_t e = 0;
+    for (; e + W <= E; e += W) {
+      V a, b;
+      std::memcpy(&a, dst + e, sizeof(V));
+      std::memcpy(&b, src + e, sizeof(V));
+      a += b;
+      std::memcpy(dst + e, &a, sizeof(V));
+    }
+    for (; e < E; ++e) dst[e] += src[e];
+  }
+}
+}  // namespace
+
+void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, int64_t n, const void* g, int64_t ldg,
+                        int64_t padding_idx, DType dtype) {
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] < 0 || idx[i] >= rows)
+      throw std::invalid_argument("indices must lie in [0, " + std::to_string(rows) + "), got indices[" +
+                                  std::to_string(i) + "] = " + std::to_string(idx[i]));
+  if (dtype == DType::F32)
+    add_rows(static_cast<float*>(gw), E, idx, n, static_cast<const float*>(g), ldg, padding_idx);
+  else if (dtype == DType::F64)
+    add_rows(static_cast<double*>(gw), E, idx, n, static_cast<const double*>(g), ldg, padding_idx);
+  else
+    throw std::invalid_argument("embedding_grad: float32 or float64 only");
+}
+
 JaggedFacts jagged_layout_cpu(const int64_t* offsets, int64_t S, int64_t N, int64_t D, const int64_t* row_seq,
                               int64_t R, int64_t* out) {
   // The same checks, in the same order and words, as the torch ops of ops._jagged_layout

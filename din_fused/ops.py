@@ -821,6 +821,27 @@ def _call(op, tensors, args):
 
 
 # --------------------------------------------------------------------------------------
+# Embedding tables' gradients (din_fused.model's lookups)
+# --------------------------------------------------------------------------------------
+def embedding_grad(idx: Tensor, grad: Tensor, rows: int, padding_idx: int | None = None) -> Tensor:
+    """An embedding table's gradient: idx [n] int, grad [n, E] -> [rows, E], the sum of
+    grad's rows per index, padding_idx's row zero.  On the CPU (fp32/fp64) one pass of
+    _C.embedding_grad, each row summed in index order; elsewhere index_add_.  Raises
+    ValueError on an index outside [0, rows) on the CPU (index_add_ raises its own error)."""
+    n, E = grad.shape
+    gw = torch.zeros(rows, E, dtype=grad.dtype, device=grad.device)
+    if grad.is_cpu and grad.dtype in (torch.float32, torch.float64) and grad.stride(1) == 1:
+        idx = _as(idx, torch.int64)
+        _C.embedding_grad(gw.data_ptr(), rows, E, idx.data_ptr(), n, grad.data_ptr(), grad.stride(0),
+                          -1 if padding_idx is None else padding_idx, _DTYPE_CODE[grad.dtype])
+        return gw
+    gw.index_add_(0, idx, grad)
+    if padding_idx is not None:
+        gw[padding_idx] = 0
+    return gw
+
+
+# --------------------------------------------------------------------------------------
 # Autograd (both ops: inputs query, keys/values, 2 index/mask inputs, 7 parameter
 # lists, 5 attributes; outputs out, weights, stats)
 # --------------------------------------------------------------------------------------

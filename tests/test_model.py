@@ -389,6 +389,34 @@ def test_table_gradients_by_index_add_equal_nn_embedding(jagged, monkeypatch):
             assert g.abs().sum() > 0 and torch.equal(g[0], torch.zeros_like(g[0])), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("E", [1, 5, 16])
+def test_embedding_grad_sums_rows_per_index(dtype, E):
+    """ops.embedding_grad (the lookups' table gradient): every index's row of grad added into
+    its table row, hot and absent rows included, padding row zero, against a float64 sum;
+    a transposed grad (the index_add_ path) agrees; a bad index is refused before writing."""
+    from din_fused.ops import embedding_grad
+
+    g = torch.Generator().manual_seed(E)
+    rows, n = 37, 500
+    idx = torch.cat([torch.randint(0, rows, (n - 50,), generator=g), torch.full((50,), 3)])  # row 3 hot
+    grad = torch.randn(n, E, generator=g, dtype=torch.float64)
+    want = torch.zeros(rows, E, dtype=torch.float64)
+    for i, r in enumerate(idx.tolist()):
+        want[r] += grad[i]
+    want[5] = 0
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    got = embedding_grad(idx, grad.to(dtype), rows, padding_idx=5)
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+    assert torch.equal(got[5], torch.zeros(E, dtype=dtype))
+    assert embedding_grad(idx, grad.to(dtype), rows).abs()[5].sum() > 0
+    strided = grad.to(dtype).t().contiguous().t()  # stride(1) != 1 unless E == 1
+    torch.testing.assert_close(embedding_grad(idx, strided, rows, padding_idx=5), want.to(dtype), **tol)
+    for bad in (rows, -1):
+        with pytest.raises(ValueError, match="indices must lie in"):
+            embedding_grad(torch.tensor([0, bad]), grad[:2].to(dtype), rows)
+
+
 def test_index_add_lookup_only_where_it_applies():
     import din_fused.model as M
 
