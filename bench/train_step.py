@@ -72,6 +72,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases, peakmem) and the checkout (din_fused)
 import cases  # noqa: E402
 import peakmem  # noqa: E402
+import report  # noqa: E402
 
 from din_fused import FusedDINAttention  # noqa: E402
 from din_fused.data.batching import Batch, JaggedBatch, gather_jagged, gather_padded  # noqa: E402
@@ -80,6 +81,8 @@ from din_fused.train import adam  # noqa: E402
 
 PROVIDERS = ("deepctr", "deepctr_swapped", "din_fused")
 ATTENTIONS = ("dice", "sigmoid")
+TARGET_STEP = 10.0  # issue 12: a whole step >= 10x DeepCTR-Torch's
+FWDBWD_FLOPS = report.FWDBWD_FLOPS
 LABELS = {
     "deepctr": "DeepCTR-Torch `DIN`",
     "deepctr_swapped": "the same with `FusedDINAttention.from_deepctr` swapped in",
@@ -255,6 +258,34 @@ def timed(steps: dict, rounds: int, per_round: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def attention_alone(p: Provider) -> tuple[Callable[[], None], float]:
+    """For din_fused.model.DIN: a call that runs its attention unit's forward and backward
+    alone, on the inputs of one training step (caught by a hook; gradients for the inputs and
+    the unit's parameters, taken with autograd.grad so that no .grad changes), and the napkin
+    FLOPs of that forward (cases.forward_flops' formula, over the step's valid positions)."""
+    att = p.model.att[0]
+    seen = {}
+    hook = att.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                         with_kwargs=True)
+    p.step()
+    hook.remove()
+    q, keys = (t.detach().requires_grad_() for t in seen["args"][:2])
+    rest, kwargs = seen["args"][2:], seen["kwargs"]
+    wrt = [q, keys, *att.parameters()]
+
+    def run():
+        out = att(q, keys, *rest, **kwargs)
+        torch.autograd.grad(out, wrt, torch.ones_like(out))
+
+    if "offsets" in kwargs:
+        n_valid = int(kwargs["offsets"][-1])
+    else:
+        n_valid = int(rest[0].clamp(max=keys.shape[1]).sum())
+    D, hs = keys.shape[-1], list(att.att_hidden_units)
+    per = D * hs[0] + sum(a * b for a, b in zip(hs[:-1], hs[1:])) + hs[-1] + D
+    return run, 2.0 * per * n_valid
+
+
 def child(spec: dict) -> dict:
     """In a fresh process: peak RSS above the resident model during one step (after two warm-up
     steps) plus the input tensors' bytes, and the parameters + optimizer state bytes."""
@@ -264,11 +295,32 @@ def child(spec: dict) -> dict:
     return {"peak_bytes": peakmem.peak_rss_above(p.step) + p.input_bytes, "state_bytes": p.state_bytes()}
 
 
+def limit_note(t: dict, att_flops: float, peak: float | None) -> str:
+    """Where din_fused.model.DIN's step goes, and what a 10x step against DeepCTR-Torch needs."""
+    step, att = t["din_fused"], t["attention"]
+    text = (f"Where the `din_fused.model.DIN` step goes: its attention unit alone (forward+backward on the "
+            f"step's inputs, timed in the same rounds) takes {att * 1e3:.1f} ms of the step's "
+            f"{step * 1e3:.1f} ms; the rest (embeddings, MLP, loss, Adam) {(step - att) * 1e3:.1f} ms.")
+    if "deepctr" in t:
+        need = t["deepctr"] / TARGET_STEP
+        text += f" {TARGET_STEP:.0f}x DeepCTR-Torch's step is {need * 1e3:.1f} ms."
+        if peak:
+            floor = FWDBWD_FLOPS * att_flops / (peak * 1e9)
+            text += (f" The attention's forward+backward does ~{FWDBWD_FLOPS:.0f}x its forward's napkin "
+                     f"FLOPs ({FWDBWD_FLOPS * att_flops / 1e9:.2f} GFLOP; it recomputes the activations): "
+                     f"at this machine's measured FMA peak ({peak:.0f} GFLOP/s) that alone is "
+                     f"{floor * 1e3:.1f} ms, which leaves {(need - floor) * 1e3:.1f} ms for the rest of the "
+                     f"step, against the {(step - att) * 1e3:.1f} ms it takes now.")
+    return text
+
+
 def section(attention: str, shape: Shape, a, lines: list) -> None:
     names = available_providers()
     built = {k: build(k, attention, shape) for k in names}
-    t = timed({k: p.step for k, p in built.items()}, a.rounds, a.steps, a.warmup)
-    del built
+    steps = {k: p.step for k, p in built.items()}
+    steps["attention"], att_flops = attention_alone(built["din_fused"])
+    t = timed(steps, a.rounds, a.steps, a.warmup)
+    del built, steps
     mem = {k: (peakmem.run_child(__file__, {"provider": k, "attention": attention, "shape": asdict(shape)})
                if attention in a.memory else None) for k in names}
     base = "deepctr" if "deepctr" in names else None
@@ -286,6 +338,7 @@ def section(attention: str, shape: Shape, a, lines: list) -> None:
                      f"{peak_ratio} | {state} |")
     if attention not in a.memory:
         lines += ["", "Peak memory not measured here (--quick or --no-memory)."]
+    lines += ["", limit_note(t, att_flops, a.peak)]
     lines.append("")
     print("\n".join(lines[lines.index(f"#### {attention.capitalize()} attention"):]), flush=True)
 
@@ -310,6 +363,8 @@ def main() -> int:
         return 0
     shape = Shape()
     a.memory = () if a.no_memory else ATTENTIONS
+    probe = report.fma_peak_gflops(torch.get_num_threads())
+    a.peak = probe[0] if probe else None
     if a.quick:
         shape = QUICK
         a.rounds, a.steps, a.warmup = 2, 2, 1
