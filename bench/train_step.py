@@ -261,7 +261,8 @@ def timed(steps: dict, rounds: int, per_round: int, warmup: int) -> dict:
 def attention_alone(p: Provider) -> tuple[Callable[[], None], float]:
     """For din_fused.model.DIN: a call that runs its attention unit's forward and backward
     alone, on the inputs of one training step (caught by a hook; gradients for the inputs and
-    the unit's parameters, taken with autograd.grad so that no .grad changes), and the napkin
+    the unit's parameters, taken with autograd.grad so that no .grad changes; a Dice unit's
+    running statistics do move, as in a step), and the napkin
     FLOPs of that forward (cases.forward_flops' formula, over the step's valid positions)."""
     att = p.model.att[0]
     seen = {}
@@ -278,7 +279,8 @@ def attention_alone(p: Provider) -> tuple[Callable[[], None], float]:
         torch.autograd.grad(out, wrt, torch.ones_like(out))
 
     if "offsets" in kwargs:
-        n_valid = int(kwargs["offsets"][-1])
+        lens, row_seq = torch.diff(kwargs["offsets"]), kwargs.get("row_seq")
+        n_valid = int((lens if row_seq is None else lens[row_seq]).sum())
     else:
         n_valid = int(rest[0].clamp(max=keys.shape[1]).sum())
     D, hs = keys.shape[-1], list(att.att_hidden_units)

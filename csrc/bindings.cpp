@@ -186,6 +186,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("jagged_layout", [](uint64_t offsets, int64_t S, int64_t N, int64_t D, uint64_t row_seq, int64_t R,
                             uint64_t out) {
+    // (An empty row_seq may have address 0: then R = 0 and no row is read.)
+    if (S < 0 || R < 0 || (!row_seq && R > S)) throw std::invalid_argument("jagged_layout: bad sizes");
     JaggedFacts f;
     {
       py::gil_scoped_release nogil;
@@ -196,6 +198,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("embedding_grad", [](uint64_t gw, int64_t rows, int64_t E, uint64_t idx, int64_t n, uint64_t g, int64_t ldg,
                              int64_t padding_idx, int dtype) {
+    if (rows < 0 || E < 0 || n < 0) throw std::invalid_argument("embedding_grad: bad sizes");
     py::gil_scoped_release nogil;
     embedding_grad_cpu(as_addr<void*>(gw), rows, E, as_addr<const int64_t*>(idx), n, as_addr<const void*>(g), ldg,
                        padding_idx, static_cast<DType>(dtype));

@@ -597,9 +597,13 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     than in the kernel."""
     off = _as(offsets, torch.int64)
     N, D = values.shape
+    if off.dim() != 1 or off.shape[0] < 1:  # (the op called directly skips check_jagged_inputs)
+        raise ValueError(f"offsets must have shape [S+1] with S >= 0, got {tuple(off.shape)}")
     S = off.shape[0] - 1
     rs = None if row_seq is None else _as(row_seq, torch.int64)
-    if not off.is_cuda and (rs is None or not rs.is_cuda):
+    if rs is not None and rs.dim() != 1:
+        raise ValueError(f"row_seq must have shape [R], got {tuple(rs.shape)}")
+    if off.is_cpu and (rs is None or rs.is_cpu):
         R = S if rs is None else rs.shape[0]
         buf = torch.empty(2 * S + 2 * R, dtype=torch.int64)
         T, total, shared = _C.jagged_layout(off.data_ptr(), S, N, D, _ptr(rs), R, buf.data_ptr())
@@ -633,7 +637,7 @@ def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, chec
     if lens.numel():
         facts.update(T=lens.max(), total=lens.sum())
     if gather and rs is not None and rs.numel():
-        facts["most_rows"] = torch.bincount(rs.clamp(min=0)).max()  # (a negative one is reported below)
+        facts["most_rows"] = torch.bincount(rs.clamp(0, S)).max()  # (one out of range is reported below)
     got = dict(zip(facts, torch.stack(list(facts.values())).tolist())) if facts else {}
     if check:
         if got["first"] != 0:
@@ -825,12 +829,23 @@ def _call(op, tensors, args):
 # --------------------------------------------------------------------------------------
 def embedding_grad(idx: Tensor, grad: Tensor, rows: int, padding_idx: int | None = None) -> Tensor:
     """An embedding table's gradient: idx [n] int, grad [n, E] -> [rows, E], the sum of
-    grad's rows per index, padding_idx's row zero.  On the CPU (fp32/fp64) one pass of
-    _C.embedding_grad, each row summed in index order; elsewhere index_add_.  Raises
-    ValueError on an index outside [0, rows) on the CPU (index_add_ raises its own error)."""
+    grad's rows per index, padding_idx's row zero (negative: counted from the end).  On the
+    CPU (fp32/fp64) one pass of _C.embedding_grad, each row summed in index order; elsewhere,
+    and when grad needs a graph of its own (create_graph), index_add_.  Raises ValueError on
+    an index outside [0, rows) on the CPU (index_add_ raises its own error)."""
     n, E = grad.shape
+    if idx.dim() != 1 or idx.shape[0] != n or idx.device != grad.device:
+        raise ValueError(f"idx must have shape [n] = [{n}] on {grad.device}, got {tuple(idx.shape)} on "
+                         f"{idx.device}")
+    if padding_idx is not None:
+        if not -rows <= padding_idx < rows:
+            raise ValueError(f"padding_idx must lie in [-rows, rows) = [{-rows}, {rows}), got {padding_idx}")
+        padding_idx %= rows  # negative counts from the end, as in nn.Embedding
     gw = torch.zeros(rows, E, dtype=grad.dtype, device=grad.device)
-    if grad.is_cpu and grad.dtype in (torch.float32, torch.float64) and grad.stride(1) == 1:
+    # (With create_graph the table gradient must itself be differentiable: index_add_ is.)
+    differentiable = torch.is_grad_enabled() and grad.requires_grad
+    fast = grad.is_cpu and grad.dtype in (torch.float32, torch.float64) and grad.stride(1) == 1
+    if fast and not differentiable:
         idx = _as(idx, torch.int64)
         _C.embedding_grad(gw.data_ptr(), rows, E, idx.data_ptr(), n, grad.data_ptr(), grad.stride(0),
                           -1 if padding_idx is None else padding_idx, _DTYPE_CODE[grad.dtype])

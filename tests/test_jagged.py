@@ -226,6 +226,19 @@ def test_cpu_jagged_layout_equals_the_torch_ops_layout(gather):
                 assert a == b, (off, rs)
 
 
+def test_jagged_op_called_directly_refuses_bad_offsets_shapes():
+    """The op itself (no check_jagged_inputs in front of it) refuses offsets without the
+    leading 0, or not 1-D, instead of reading them."""
+    from din_fused.params import MLPParams
+
+    q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=0)
+    mlp = MLPParams(p["weights"], p["biases"])
+    for bad in (torch.zeros(0, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="offsets must have shape"):
+            torch.ops.din_fused.din_jagged_fwd(q, v, bad, rs, *mlp.op_args(), "sigmoid", "none", 1.0, False,
+                                               1e-8)
+
+
 def test_jagged_int32_indices_match_int64():
     q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=1)
     a = din_attention_jagged(q, v, off, rs, **p)

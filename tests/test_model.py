@@ -363,8 +363,8 @@ def test_din_jagged_path_never_pads(monkeypatch):
 
 
 @pytest.mark.parametrize("jagged", [False, True])
-def test_table_gradients_by_index_add_equal_nn_embedding(jagged, monkeypatch):
-    """Eager CPU training looks rows up with a table gradient from index_add_ (issue 12):
+def test_table_gradients_equal_nn_embedding(jagged, monkeypatch):
+    """Eager CPU training looks rows up with a table gradient of its own (ops.embedding_grad):
     the same gradients as nn.Embedding's own backward, float64, up to summation order, and
     nothing at the padding row."""
     import din_fused.model as M
@@ -410,11 +410,37 @@ def test_embedding_grad_sums_rows_per_index(dtype, E):
     torch.testing.assert_close(got, want.to(dtype), **tol)
     assert torch.equal(got[5], torch.zeros(E, dtype=dtype))
     assert embedding_grad(idx, grad.to(dtype), rows).abs()[5].sum() > 0
-    strided = grad.to(dtype).t().contiguous().t()  # stride(1) != 1 unless E == 1
-    torch.testing.assert_close(embedding_grad(idx, strided, rows, padding_idx=5), want.to(dtype), **tol)
+    wide = torch.randn(n, E + 5, generator=g, dtype=torch.float64).to(dtype)
+    wide[:, 2:2 + E] = grad.to(dtype)
+    for other in (wide[:, 2:2 + E],  # rows E + 5 apart: the C++ pass with its row stride
+                  grad.to(dtype).t().contiguous().t()):  # stride(1) != 1 (unless E == 1): index_add_
+        torch.testing.assert_close(embedding_grad(idx, other, rows, padding_idx=5), want.to(dtype), **tol)
+    torch.testing.assert_close(embedding_grad(idx, grad.to(dtype), rows, padding_idx=5 - rows),
+                               want.to(dtype), **tol)  # negative: from the end, as nn.Embedding
     for bad in (rows, -1):
         with pytest.raises(ValueError, match="indices must lie in"):
             embedding_grad(torch.tensor([0, bad]), grad[:2].to(dtype), rows)
+    with pytest.raises(ValueError, match="idx must have shape"):
+        embedding_grad(idx[:-1], grad.to(dtype), rows)
+    with pytest.raises(ValueError, match="padding_idx must lie in"):
+        embedding_grad(idx, grad.to(dtype), rows, padding_idx=rows)
+
+
+def test_table_gradients_support_double_backward():
+    """create_graph through the lookups: the table gradient is itself differentiable, as
+    nn.Embedding's is (a gradient penalty on the tables gets the same second-order term)."""
+    import din_fused.model as M
+
+    emb = torch.nn.Embedding(7, 3, padding_idx=0).double()
+    idx = torch.tensor([[1, 2, 2], [0, 6, 1]])
+    got = []
+    for lookup in (M._lookup, lambda e, i: e(i)):
+        w = emb.weight
+        (gw,) = torch.autograd.grad(lookup(emb, idx).pow(3).sum(), w, create_graph=True)
+        got.append(torch.autograd.grad(gw.square().sum(), w)[0])
+    assert M._lookup(emb, idx).grad_fn.name().endswith("_LookupIndexAddBackward")
+    torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=1e-12)
+    assert got[0].abs().sum() > 0
 
 
 def test_index_add_lookup_only_where_it_applies():
