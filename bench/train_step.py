@@ -262,8 +262,8 @@ def attention_alone(p: Provider) -> tuple[Callable[[], None], float]:
     """For din_fused.model.DIN: a call that runs its attention unit's forward and backward
     alone, on the inputs of one training step (caught by a hook; gradients for the inputs and
     the unit's parameters, taken with autograd.grad so that no .grad changes; a Dice unit's
-    running statistics do move, as in a step), and the napkin
-    FLOPs of that forward (cases.forward_flops' formula, over the step's valid positions)."""
+    running statistics do move, as in a step), and the napkin FLOPs of that forward
+    (cases.forward_flops over the step's valid positions)."""
     att = p.model.att[0]
     seen = {}
     hook = att.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(args=args, kwargs=kwargs),
@@ -283,9 +283,7 @@ def attention_alone(p: Provider) -> tuple[Callable[[], None], float]:
         n_valid = int((lens if row_seq is None else lens[row_seq]).sum())
     else:
         n_valid = int(rest[0].clamp(max=keys.shape[1]).sum())
-    D, hs = keys.shape[-1], list(att.att_hidden_units)
-    per = D * hs[0] + sum(a * b for a, b in zip(hs[:-1], hs[1:])) + hs[-1] + D
-    return run, 2.0 * per * n_valid
+    return run, cases.forward_flops(cases.Case(D=keys.shape[-1], hidden=tuple(att.att_hidden_units)), n_valid)
 
 
 def child(spec: dict) -> dict:

@@ -1967,11 +1967,12 @@ struct Kernel {
   }
 
   static void forward_row(const Ctx<T>& cx, Scratch<T>& sc, int64_t r) {
-    if (cx.pack && is_short(row_of(*cx.p, r).len)) {
+    const int64_t len = row_of(*cx.p, r).len;
+    if (cx.pack && is_short(len)) {
       pack_add(cx, sc, r, [&] { pack_flush_fwd(cx, sc); });
       return;
     }
-    forward_span(cx, sc, Span{r, 0, row_of(*cx.p, r).len}, nullptr);
+    forward_span(cx, sc, Span{r, 0, len}, nullptr);
   }
 
   static DIN_INLINE bool is_short(int64_t len) { return len > 0 && len <= kPack; }

@@ -118,17 +118,21 @@ def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, norm
     (then S == R).  The data-dependent checks are in _jagged_layout."""
     _check_float_inputs(query, values, "values", "N, D")
     R, dev = query.shape[0], values.device
-    _check_index("offsets", offsets, (None,), dev)
-    if offsets.shape[0] < 1:
-        raise ValueError("offsets must have shape [S+1] with S >= 0 (at least the leading 0), got shape (0,)")
-    if row_seq is None:
-        if offsets.shape[0] - 1 != R:
-            raise ValueError(f"without row_seq, offsets must have shape [R+1] = [{R + 1}] (row r uses "
-                             f"sequence r), got {tuple(offsets.shape)}")
-    else:
-        _check_index("row_seq", row_seq, (R,), dev)
+    _check_jagged_index(offsets, row_seq, R, dev)
+    if row_seq is None and offsets.shape[0] - 1 != R:
+        raise ValueError(f"without row_seq, offsets must have shape [R+1] = [{R + 1}] (row r uses "
+                         f"sequence r), got {tuple(offsets.shape)}")
     _check_options(normalization, scale)
     check_params(params, values.shape[1], dev)
+
+
+def _check_jagged_index(offsets, row_seq, R: int | None, device) -> None:
+    """offsets [S+1] (S >= 0) and row_seq [R] (R None: any length) or None, int, on device."""
+    _check_index("offsets", offsets, (None,), device)
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must have shape [S+1] with S >= 0 (at least the leading 0), got shape (0,)")
+    if row_seq is not None:
+        _check_index("row_seq", row_seq, (R,), device)
 
 
 def _data_checks_off(t: Tensor) -> bool:
@@ -595,14 +599,12 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
     does it all (checks included, whatever check says); elsewhere every data-dependent fact
     comes back in one host read: a small call would otherwise spend more on a dozen reads
     than in the kernel."""
+    # The shapes the C++ pass reads by, again: the op called directly skips check_jagged_inputs.
+    _check_jagged_index(offsets, row_seq, None, values.device)
     off = _as(offsets, torch.int64)
     N, D = values.shape
-    if off.dim() != 1 or off.shape[0] < 1:  # (the op called directly skips check_jagged_inputs)
-        raise ValueError(f"offsets must have shape [S+1] with S >= 0, got {tuple(off.shape)}")
     S = off.shape[0] - 1
     rs = None if row_seq is None else _as(row_seq, torch.int64)
-    if rs is not None and rs.dim() != 1:
-        raise ValueError(f"row_seq must have shape [R], got {tuple(rs.shape)}")
     if off.is_cpu and (rs is None or rs.is_cpu):
         R = S if rs is None else rs.shape[0]
         buf = torch.empty(2 * S + 2 * R, dtype=torch.int64)
@@ -834,9 +836,7 @@ def embedding_grad(idx: Tensor, grad: Tensor, rows: int, padding_idx: int | None
     and when grad needs a graph of its own (create_graph), index_add_.  Raises ValueError on
     an index outside [0, rows) on the CPU (index_add_ raises its own error)."""
     n, E = grad.shape
-    if idx.dim() != 1 or idx.shape[0] != n or idx.device != grad.device:
-        raise ValueError(f"idx must have shape [n] = [{n}] on {grad.device}, got {tuple(idx.shape)} on "
-                         f"{idx.device}")
+    _check_index("idx", idx, (n,), grad.device)
     if padding_idx is not None:
         if not -rows <= padding_idx < rows:
             raise ValueError(f"padding_idx must lie in [-rows, rows) = [{-rows}, {rows}), got {padding_idx}")
