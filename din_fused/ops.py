@@ -21,6 +21,7 @@ Op signatures (all tensors are on one device; the parameter lists are MLPParams.
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -91,7 +92,8 @@ def _check_options(normalization, scale) -> None:
                             "use din_attention_ref to learn the temperature")
 
 
-def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, scale=1.0) -> None:
+def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, scale=1.0, *,
+                 running_stats: bool = True) -> None:
     """Padded layout: query [B, D], keys [B, T, D], lengths [B] int, mask [B, T] bool."""
     _check_float_inputs(query, keys, "keys", "B, T, D")
     B, T, D = keys.shape
@@ -110,10 +112,11 @@ def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, s
         if mask.device != dev:
             raise ValueError(f"mask is on {mask.device} but keys is on {dev}")
     _check_options(normalization, scale)
-    check_params(params, D, dev)
+    check_params(params, D, dev, running_stats=running_stats)
 
 
-def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, normalization, scale=1.0) -> None:
+def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, normalization, scale=1.0, *,
+                        running_stats: bool = True) -> None:
     """Jagged layout: query [R, D], values [N, D], offsets [S+1] int, row_seq [R] int or None
     (then S == R).  The data-dependent checks are in _jagged_layout."""
     _check_float_inputs(query, values, "values", "N, D")
@@ -123,7 +126,7 @@ def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, norm
         raise ValueError(f"without row_seq, offsets must have shape [R+1] = [{R + 1}] (row r uses "
                          f"sequence r), got {tuple(offsets.shape)}")
     _check_options(normalization, scale)
-    check_params(params, values.shape[1], dev)
+    check_params(params, values.shape[1], dev, running_stats=running_stats)
 
 
 def _check_jagged_index(offsets, row_seq, R: int | None, device) -> None:
@@ -468,10 +471,10 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
     if not prep.empty:
         g = _as(grad_out, prep.q.dtype)
         gs = None if grad_scores is None else _as(grad_scores, acc)
-        scores = scores.contiguous()
+        scores = _as(scores, acc)
         prep.cfg.update({"dout": g.data_ptr(), "ld_dout": prep.D, "scores": scores.data_ptr(),
                          "ld_scores": T, "dscores": _ptr(gs), "ld_dscores": T})
-        stats = stats.contiguous()
+        stats = _as(stats, acc)
         prep.set_stats(stats)
         # One workspace serves the reduce passes and the full backward (CUDA sizes
         # it for both; the CPU only uses it in the full pass).
@@ -519,6 +522,77 @@ def _fake_stats(query, weights) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Direct calls.  torch.ops.din_fused.* called by hand, and traced, compiled or exported
+# graphs, reach the ops without functional's checks, so the registered ops check their
+# arguments first (the kernels read by these shapes).  functional's eager calls, checked
+# already, run the implementations (_IMPLS) without repeating it.
+# --------------------------------------------------------------------------------------
+def _bundle(a: dict) -> MLPParams:
+    """The parameter bundle of an op call's arguments (by name); the backward ops take no
+    running statistics."""
+    return MLPParams(a["weights"], a["biases"], a["activation"], a["alphas"], a["bn_weights"], a["bn_biases"],
+                     a.get("running_means"), a.get("running_vars"))
+
+
+def _check_backward_inputs(query, weights, grad_out, grad_scores, scores, stats, score_shape) -> None:
+    """The backward's own inputs: grad_out like query, the forward's weights (and their
+    gradient grad_scores, or None) of score_shape (None: any size), stats [L, 3, Hmax]."""
+    stats_shape = (len(weights) - 1, 3, max(w.shape[0] for w in weights[:-1]))
+    for name, t, shape in (("grad_out", grad_out, tuple(query.shape)), ("stats", stats, stats_shape),
+                           ("grad_scores", grad_scores, score_shape), ("scores", scores, score_shape)):
+        if t is None and name == "grad_scores":
+            continue
+        want = "[" + ", ".join("N" if n is None else str(n) for n in shape) + "]"
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of shape {want}, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but the inputs are on {query.device}")
+
+
+def _check_fwd_call(a: dict) -> None:
+    check_inputs(a["query"], a["keys"], a["lengths"], a["mask"], _bundle(a), a["normalization"], a["scale"])
+
+
+def _check_bwd_call(a: dict) -> None:
+    check_inputs(a["query"], a["keys"], a["lengths"], a["mask"], _bundle(a), a["normalization"], a["scale"],
+                 running_stats=False)
+    _check_backward_inputs(a["query"], a["weights"], a["grad_out"], a["grad_scores"], a["scores"], a["stats"],
+                           tuple(a["keys"].shape[:2]))
+
+
+def _check_jagged_fwd_call(a: dict) -> None:
+    check_jagged_inputs(a["query"], a["values"], a["offsets"], a["row_seq"], _bundle(a), a["normalization"],
+                        a["scale"])
+
+
+def _check_jagged_bwd_call(a: dict) -> None:
+    check_jagged_inputs(a["query"], a["values"], a["offsets"], a["row_seq"], _bundle(a), a["normalization"],
+                        a["scale"], running_stats=False)
+    # (Their length, the sum of the rows' lengths, is checked by the implementation, which
+    # reads the layout anyway.)
+    _check_backward_inputs(a["query"], a["weights"], a["grad_out"], a["grad_weights"], a["flat_weights"],
+                           a["stats"], (None,))
+
+
+def _op(name: str, impl, check):
+    """The custom op `name`: check(its arguments by name), then impl; its schema is impl's."""
+    sig = inspect.signature(impl)
+
+    def checked(*args, **kwargs):
+        check(sig.bind(*args, **kwargs).arguments)
+        return impl(*args, **kwargs)
+
+    checked.__signature__ = sig
+    checked.__annotations__ = impl.__annotations__
+    checked.__name__ = checked.__qualname__ = impl.__name__
+    checked.__module__ = impl.__module__
+    return torch.library.custom_op(name, mutates_args=())(checked)
+
+
+# --------------------------------------------------------------------------------------
 # Padded op
 # --------------------------------------------------------------------------------------
 def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | None,
@@ -547,7 +621,7 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
     return _to(out, query.dtype), scores, stats
 
 
-din_fwd = torch.library.custom_op("din_fused::din_fwd", mutates_args=())(_din_fwd_impl)
+din_fwd = _op("din_fused::din_fwd", _din_fwd_impl, _check_fwd_call)
 
 
 @din_fwd.register_fake
@@ -574,7 +648,7 @@ def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, k
     return dq.to(query.dtype), dk.to(keys.dtype), grads
 
 
-din_bwd = torch.library.custom_op("din_fused::din_bwd", mutates_args=())(_din_bwd_impl)
+din_bwd = _op("din_fused::din_bwd", _din_bwd_impl, _check_bwd_call)
 
 
 @din_bwd.register_fake
@@ -587,18 +661,18 @@ def _(grad_out, grad_scores, query, keys, lengths, mask, weights, biases, alphas
 # --------------------------------------------------------------------------------------
 # Jagged op
 # --------------------------------------------------------------------------------------
-def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, check: bool, gather: bool):
+def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, gather: bool):
     """(seq_start [S'] element offsets, seq_len [S'], row_seq for the kernels or None, T,
     row lengths [R], where each row's weights start among the jagged weights [R] (the sum
     of the lengths before it), their total).
 
-    check: raise on bad offsets or row_seq values (the forward; the backward gets its checked
-    inputs).  gather: when no two rows share a sequence, gather the sequences per row, so that
-    the kernels see row_seq=None; then the backward needs no dk partials (see din_cpu.cpp).
-    The forward's results do not depend on it.  On the CPU one pass of _C.jagged_layout
-    does it all (checks included, whatever check says); elsewhere every data-dependent fact
-    comes back in one host read: a small call would otherwise spend more on a dozen reads
-    than in the kernel."""
+    Raises ValueError on bad offsets or row_seq values, in the backward too (the op may be
+    called directly).  gather: when no two rows share a sequence, gather the sequences per
+    row, so that the kernels see row_seq=None; then the backward needs no dk partials (see
+    din_cpu.cpp).  The forward's results do not depend on it.  On the CPU one pass of
+    _C.jagged_layout does it all, checks included; elsewhere every data-dependent fact comes
+    back in one host read (checks included): a small call would otherwise spend more on a
+    dozen reads than in the kernel."""
     # The shapes the C++ pass reads by, again: the op called directly skips check_jagged_inputs.
     _check_jagged_index(offsets, row_seq, None, values.device)
     off = _as(offsets, torch.int64)
@@ -613,14 +687,14 @@ def _jagged_layout(values: Tensor, offsets: Tensor, row_seq: Tensor | None, *, c
         if gather and rs is not None and not shared:
             seq_start, seq_len, rs = seq_start[rs], lens, None
         return seq_start, seq_len, rs, T, lens, starts, total
-    return _jagged_layout_torch(off, rs, N, D, check=check, gather=gather)
+    return _jagged_layout_torch(off, rs, N, D, gather=gather)
 
 
-def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, check: bool, gather: bool):
+def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, gather: bool):
     """_jagged_layout in torch ops, for CUDA tensors: off [S+1] and rs [R] int64."""
     S = off.shape[0] - 1
     seq_start, seq_len = off[:-1] * D, torch.diff(off)
-    check = check and not _data_checks_off(off)
+    check = not _data_checks_off(off)
     # Out-of-range row_seq values are clamped for the lookup (with no sequence at all, none
     # is looked up) and reported below.
     if rs is None:
@@ -661,9 +735,8 @@ def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, chec
 
 
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale, *, check: bool, gather: bool) -> _Prepared:
-    seq_start, seq_len, rs, T, lens, starts, total = _jagged_layout(values, offsets, row_seq, check=check,
-                                                                    gather=gather)
+                     activation, normalization, scale, *, gather: bool) -> _Prepared:
+    seq_start, seq_len, rs, T, lens, starts, total = _jagged_layout(values, offsets, row_seq, gather=gather)
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T,
                      rows_cover_keys=row_seq is None)
@@ -679,12 +752,12 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
     """query [R,D], values [N,D], offsets [S+1], row_seq [R] or None ->
     out [R,D], weights [sum of row lengths] (acc dtype, row by row), stats [L,3,Hmax]."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale, check=True, gather=False)
+                            bn_biases, activation, normalization, scale, gather=False)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return _to(out, query.dtype), scores, stats
 
 
-din_jagged_fwd = torch.library.custom_op("din_fused::din_jagged_fwd", mutates_args=())(_din_jagged_fwd_impl)
+din_jagged_fwd = _op("din_fused::din_jagged_fwd", _din_jagged_fwd_impl, _check_jagged_fwd_call)
 
 
 @din_jagged_fwd.register_fake
@@ -703,14 +776,18 @@ def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: T
     """Returns dq [R,D], dvalues [N,D] (a shared sequence gets the fixed-order sum of its
     rows' gradients) and the parameter gradients as din_bwd."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale, check=False, gather=True)
+                            bn_biases, activation, normalization, scale, gather=True)
+    for name, t in (("flat_weights", flat_weights), ("grad_weights", grad_weights)):
+        if t is not None and t.shape[0] != prep.n_scores:
+            raise ValueError(f"{name} must have shape [sum of the rows' lengths] = [{prep.n_scores}], "
+                             f"got {tuple(t.shape)}")
     dq, dk, kgrads = _backward(prep, grad_out, grad_weights, stats, flat_weights.to(prep.acc), activation,
                                training)
     grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
     return dq.to(query.dtype), dk.to(values.dtype), grads
 
 
-din_jagged_bwd = torch.library.custom_op("din_fused::din_jagged_bwd", mutates_args=())(_din_jagged_bwd_impl)
+din_jagged_bwd = _op("din_fused::din_jagged_bwd", _din_jagged_bwd_impl, _check_jagged_bwd_call)
 
 
 @din_jagged_bwd.register_fake
@@ -795,7 +872,7 @@ class InferencePlan:
         [S+1] and row_seq [R] or None, int64 and contiguous, shapes already checked -> out shaped
         like query.  The values of offsets and row_seq are checked here (_jagged_layout)."""
         seq_start, seq_len, rs, T, _, score_start, total = _jagged_layout(
-            values, offsets, row_seq, check=True, gather=False)
+            values, offsets, row_seq, gather=False)
         out = torch.empty_like(query)
         if T == 0:  # no row has a key (the kernels are not called, as in _forward)
             return out.zero_()

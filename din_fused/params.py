@@ -77,9 +77,10 @@ class MLPParams:
                 rv.mul_(1 - factor).add_(stats[l, 2, :h].reshape(rv.shape).to(rv.dtype), alpha=factor)
 
 
-def check_params(p: MLPParams, dim: int, device: torch.device) -> None:
+def check_params(p: MLPParams, dim: int, device: torch.device, *, running_stats: bool = True) -> None:
     """Shapes, dtypes and devices of a parameter bundle for inputs of width ``dim`` on
-    ``device``; raises ValueError/TypeError naming the argument."""
+    ``device``; raises ValueError/TypeError naming the argument.  running_stats=False: the
+    caller takes no running statistics (the backward ops), so Dice's are not checked."""
     if p.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {p.activation!r}")
     weights, biases = p.weights, p.biases
@@ -118,8 +119,9 @@ def check_params(p: MLPParams, dim: int, device: torch.device) -> None:
     if p.activation in ("prelu", "dice"):
         per_layer.append(("alphas", p.alphas))
     if p.activation == "dice":
-        per_layer += [("bn_weights", p.bn_weights), ("bn_biases", p.bn_biases),
-                      ("running_means", p.running_means), ("running_vars", p.running_vars)]
+        per_layer += [("bn_weights", p.bn_weights), ("bn_biases", p.bn_biases)]
+        if running_stats:
+            per_layer += [("running_means", p.running_means), ("running_vars", p.running_vars)]
         if p.momentum is not None and not isinstance(p.momentum, (int, float)):
             raise TypeError(f"momentum must be a float or None, got {type(p.momentum).__name__}")
     for name, seq in per_layer:

@@ -11,6 +11,7 @@ from common import DEVICES, TOL64, max_rel_err, random_params
 
 import din_fused
 from din_fused import FusedDINAttention, din_attention
+from din_fused.params import MLPParams
 from din_fused.reference import din_attention_ref
 
 
@@ -73,6 +74,75 @@ def test_bad_input_raises_clear_error(name):
     kw.update(override)
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
         din_attention(**kw)
+
+
+def _op_args(kw: dict) -> tuple:
+    """din_attention's keyword arguments as the positional arguments of din_fused::din_fwd."""
+    keys = ("alphas", "bn_weights", "bn_biases", "running_means", "running_vars")
+    p = MLPParams(kw["weights"], kw["biases"], kw.get("activation", "sigmoid"), *(kw.get(k) for k in keys))
+    return (kw["query"], kw["keys"], kw["lengths"], kw.get("mask"), *p.op_args(), p.activation,
+            kw.get("normalization", "none"), 1.0, False, 1e-8)
+
+
+@pytest.mark.parametrize("name", [n for n in BAD if n != "query not tensor"])  # (the schema refuses a list)
+def test_op_called_directly_raises_the_same_clear_error(name):
+    """torch.ops.din_fused.din_fwd by hand (as a traced or exported graph calls it) checks
+    what din_attention checks, instead of reading by the wrong shapes."""
+    override, exc, words = BAD[name]
+    kw = dict(query=_Q, keys=_K, lengths=_L, **_P)
+    kw.update(override)
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        torch.ops.din_fused.din_fwd(*_op_args(kw))
+
+
+def _backward_args(act: str) -> tuple:
+    q, k, lengths, p = problem(act=act)
+    args = _op_args(dict(query=q, keys=k, lengths=lengths, **p))
+    _out, scores, stats = torch.ops.din_fused.din_fwd(*args)
+    params = args[4:9]  # weights, biases, alphas, bn_weights, bn_biases
+    return [torch.ones_like(q), None, q, k, lengths, None, *params, stats, scores, act, "none", 1.0, False]
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "dice"])
+@pytest.mark.parametrize("arg, bad, words", [
+    (0, "rows", "grad_out must have shape"), (0, "int", "grad_out must be a floating-point"),
+    (1, "rows", "grad_scores must have shape"), (12, "cols", "scores must have shape"),
+    (11, "rows", "stats must have shape"), (4, "rows", "lengths must have shape"),
+    (6, "weights", r"weights\[1\] must have shape")])
+def test_backward_op_called_directly_checks_its_inputs(act, arg, bad, words):
+    args = _backward_args(act)
+    scores = args[12]
+    if bad == "rows":
+        args[arg] = (args[arg] if args[arg] is not None else scores)[:-1]
+    elif bad == "cols":
+        args[arg] = args[arg][:, :-1]
+    elif bad == "int":
+        args[arg] = args[arg].long()
+    else:
+        args[6] = [args[6][0], args[6][1][:, :-1], *args[6][2:]]
+    torch.ops.din_fused.din_bwd(*_backward_args(act))  # the unchanged call runs
+    with pytest.raises((ValueError, TypeError), match=words):
+        torch.ops.din_fused.din_bwd(*args)
+
+
+def test_jagged_backward_op_called_directly_checks_offsets_and_weights():
+    from jagged_cases import make_jagged
+
+    q, v, off, rs, p, gout = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=0)
+    p = {k: [t.detach() for t in x] if isinstance(x, list) else x for k, x in p.items()}
+    mlp = MLPParams(p["weights"], p["biases"])
+    attrs = ("sigmoid", "none", 1.0, False)
+    _out, w, stats = torch.ops.din_fused.din_jagged_fwd(q, v, off, rs, *mlp.op_args(), *attrs, 1e-8)
+    params = mlp.op_args()[:5]
+    torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off, rs, *params, stats, w, *attrs)
+    # R = 4 rows of lengths 3, 2, 0, 3
+    rows_total = r"\[sum of the rows' lengths\] = \[8\]"  # rows of lengths 3, 2, 0, 3
+    with pytest.raises(ValueError, match="flat_weights must have shape " + rows_total):
+        torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off, rs, *params, stats, w[:-1], *attrs)
+    with pytest.raises(ValueError, match="offsets must start at 0"):
+        torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off + 1, rs, *params, stats, w, *attrs)
+    with pytest.raises(ValueError, match="row_seq must lie in"):
+        torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off, rs + 5, *params, stats, w, *attrs)
 
 
 def test_mixed_devices_are_rejected():

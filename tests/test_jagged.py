@@ -211,13 +211,13 @@ def test_cpu_jagged_layout_equals_the_torch_ops_layout(gather):
     for off, rs, N in _layout_cases():
         values = torch.zeros(N, D)
         try:
-            want = _jagged_layout_torch(off, rs, N, D, check=True, gather=gather)
+            want = _jagged_layout_torch(off, rs, N, D, gather=gather)
         except ValueError as e:
             with pytest.raises(ValueError) as got:
-                _jagged_layout(values, off, rs, check=True, gather=gather)
+                _jagged_layout(values, off, rs, gather=gather)
             assert str(got.value) == str(e)
             continue
-        got = _jagged_layout(values, off, rs, check=True, gather=gather)
+        got = _jagged_layout(values, off, rs, gather=gather)
         assert (got[2] is None) == (want[2] is None), (off, rs)
         for a, b in zip(got, want):
             if isinstance(a, torch.Tensor):
