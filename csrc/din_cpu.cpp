@@ -105,6 +105,15 @@ inline void cpu_relax() {
 #endif
 }
 
+// The pre-activation cache is written with non-temporal stores (Kernel::zcopy), which
+// are weakly ordered: every thread of a pass fences before it reports done, so that
+// the next pass's threads see them.
+inline void store_fence() {
+#if DIN_X86
+  _mm_sfence();
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Torch's own OpenMP team, when the process has one (libgomp, or any OpenMP
 // runtime that exports the GOMP entry points, such as LLVM's libomp).  Why:
@@ -206,14 +215,18 @@ class Pool {
   // done; rethrows the first exception a body threw.
   static void run(int nt, const std::function<void(int)>& body) {
     if (nt <= 1) {
-      body(0);
+      body(0);  // (a thread sees its own non-temporal stores)
       return;
     }
+    const std::function<void(int)> fenced = [&body](int tid) {
+      body(tid);
+      store_fence();
+    };
     if (const OmpTeam* team = OmpTeam::get()) {
-      team->run(nt, body);
+      team->run(nt, fenced);
       return;
     }
-    instance().run_job(nt, body);
+    instance().run_job(nt, fenced);
   }
 
  private:
@@ -1230,6 +1243,23 @@ struct Vec {
   static DIN_INLINE v load(const T* p) { return *reinterpret_cast<const vu*>(p); }
   static DIN_INLINE void store(T* p, const v& x) { *reinterpret_cast<vu*>(p) = x; }
   static DIN_INLINE v set1(T x) { return x - v{}; }
+  // A store past the caches (p aligned to VB) for data written once and read back by a
+  // later pass, the pre-activation cache: no read-for-ownership of lines that are all
+  // overwritten, and no eviction of the weights and tiles.  Fenced by store_fence.
+  static DIN_INLINE void stream(T* p, const v& x) {
+#if DIN_X86 && DIN_VB == 64
+    if constexpr (sizeof(T) == 4) _mm512_stream_ps(p, (__m512)x);
+    else _mm512_stream_pd(p, (__m512d)x);
+#elif DIN_X86 && DIN_VB == 32
+    if constexpr (sizeof(T) == 4) _mm256_stream_ps(p, (__m256)x);
+    else _mm256_stream_pd(p, (__m256d)x);
+#elif DIN_X86 && DIN_VB == 16
+    if constexpr (sizeof(T) == 4) _mm_stream_ps(p, (__m128)x);
+    else _mm_stream_pd(p, (__m128d)x);
+#else
+    store(p, x);
+#endif
+  }
   // Sum of the lanes as a tree (halving), not a chain of W dependent adds.
   template <int Bytes>
   static DIN_INLINE T hsum_tree(const T* lanes) {
@@ -1671,12 +1701,17 @@ struct Kernel {
   // (DIN_FUSED_CPU_ISA is read per call) never reads unwritten lanes.
   static DIN_INLINE void zcopy(const Scratch<T>& sc, int l, int Hp, int n, T* buf, bool load) {
     const int64_t off = sc.zl->off[l];
-    const int width = sc.zl->width[l];
+    const int width = sc.zl->width[l];  // a multiple of 64 bytes, as off and the stride
+    // Every slot is 64-byte aligned when the cache is (a fresh torch buffer always is).
+    const bool aligned = reinterpret_cast<uintptr_t>(sc.zrow) % kMaxPadBytes == 0;
     for (int i = 0; i < n; ++i) {
       T* slot = sc.zrow + sc.pos[i] * sc.zl->stride + off;
       T* bi = buf + static_cast<size_t>(i) * Hp;
       if (load) {
         for (int j = 0; j < Hp; j += W) X::store(bi + j, X::load(slot + j));
+      } else if (aligned) {  // whole lines, so that no line is partly cached
+        for (int j = 0; j < Hp; j += W) X::stream(slot + j, X::load(bi + j));
+        for (int j = Hp; j < width; j += W) X::stream(slot + j, v{});
       } else {
         for (int j = 0; j < Hp; j += W) X::store(slot + j, X::load(bi + j));
         for (int j = Hp; j < width; ++j) slot[j] = T(0);

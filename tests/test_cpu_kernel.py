@@ -473,6 +473,20 @@ def test_dice_training_cache_is_bitwise_the_recomputation(case, dtype, isa, monk
     assert all(torch.isfinite(t).all() for t in cached)  # the holes were never read
 
 
+def test_dice_training_cache_off_64_bytes_is_bitwise_the_same(isa, monkeypatch):
+    """The cache is written with non-temporal stores when it is 64-byte aligned (a fresh
+    torch buffer always is); a buffer that is not takes plain stores, with the same results."""
+    from din_fused import ops
+    args, _, threads = _cache_problem("four-layers-holes", torch.float32)
+    with _threads(threads):
+        aligned = _all(run(din_fused.din_attention, *args))
+        real = ops._cpu_scratch
+        monkeypatch.setattr(ops, "_cpu_scratch", lambda nbytes: real(nbytes + 64)[4:])
+        shifted = _all(run(din_fused.din_attention, *args))
+    for i, (a, b) in enumerate(zip(aligned, shifted)):
+        assert _bitwise(a, b), i
+
+
 def test_dice_training_cache_matches_reference_with_holes():
     args, _, threads = _cache_problem("four-layers-holes", torch.float64)
     with _threads(threads):
