@@ -215,7 +215,8 @@ class Pool {
   // done; rethrows the first exception a body threw.
   static void run(int nt, const std::function<void(int)>& body) {
     if (nt <= 1) {
-      body(0);  // (a thread sees its own non-temporal stores)
+      body(0);
+      store_fence();  // a later call may read on more threads what this one wrote
       return;
     }
     const std::function<void(int)> fenced = [&body](int tid) {

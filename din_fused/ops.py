@@ -534,55 +534,86 @@ def _bundle(a: dict) -> MLPParams:
                      a.get("running_means"), a.get("running_vars"))
 
 
-def _check_backward_inputs(query, weights, grad_out, grad_scores, scores, stats, score_shape) -> None:
-    """The backward's own inputs: grad_out like query, the forward's weights (and their
-    gradient grad_scores, or None) of score_shape (None: any size), stats [L, 3, Hmax]."""
+def _check_backward_inputs(a: dict, names: tuple, score_shape: tuple | None) -> None:
+    """The backward's own inputs: grad_out like query, the forward's weights names[1] (and
+    their gradient names[0], or None) of score_shape (None: the jagged weights, 1-D, of the
+    sum of the rows' lengths, which the implementation checks), stats [L, 3, Hmax]."""
+    query, weights = a["query"], a["weights"]
     stats_shape = (len(weights) - 1, 3, max(w.shape[0] for w in weights[:-1]))
-    for name, t, shape in (("grad_out", grad_out, tuple(query.shape)), ("stats", stats, stats_shape),
-                           ("grad_scores", grad_scores, score_shape), ("scores", scores, score_shape)):
-        if t is None and name == "grad_scores":
+    for name, shape in (("grad_out", tuple(query.shape)), ("stats", stats_shape), (names[0], score_shape),
+                        (names[1], score_shape)):
+        t = a[name]
+        if t is None and name == names[0]:
             continue
-        want = "[" + ", ".join("N" if n is None else str(n) for n in shape) + "]"
+        want = "[sum of the rows' lengths]" if shape is None else str(list(shape))
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor of shape {want}, got "
                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        if t.dim() != (1 if shape is None else len(shape)) or (shape is not None and tuple(t.shape) != shape):
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device} but the inputs are on {query.device}")
 
 
+_OPTIONAL_LISTS = ("alphas", "bn_weights", "bn_biases", "running_means", "running_vars")
+_USED_LISTS = {"prelu": _OPTIONAL_LISTS[:1], "dice": _OPTIONAL_LISTS}
+
+
+def _check_op_lists(a: dict) -> None:
+    """What the schema allows and functional never passes: a None lengths, and parameter
+    lists the activation does not use (the fake implementation would count their gradients)."""
+    if "lengths" in a and a["lengths"] is None:
+        _check_index("lengths", None, (a["keys"].shape[0],), a["keys"].device)  # raises, naming it
+    used = _USED_LISTS.get(a["activation"], ())
+    for name in _OPTIONAL_LISTS:
+        if name not in used and len(a.get(name) or ()):
+            raise ValueError(f"{name} must be empty for activation {a['activation']!r}, which has none, got "
+                             f"{len(a[name])} tensors")
+
+
 def _check_fwd_call(a: dict) -> None:
     check_inputs(a["query"], a["keys"], a["lengths"], a["mask"], _bundle(a), a["normalization"], a["scale"])
+    _check_op_lists(a)
 
 
 def _check_bwd_call(a: dict) -> None:
     check_inputs(a["query"], a["keys"], a["lengths"], a["mask"], _bundle(a), a["normalization"], a["scale"],
                  running_stats=False)
-    _check_backward_inputs(a["query"], a["weights"], a["grad_out"], a["grad_scores"], a["scores"], a["stats"],
-                           tuple(a["keys"].shape[:2]))
+    _check_op_lists(a)
+    _check_backward_inputs(a, ("grad_scores", "scores"), tuple(a["keys"].shape[:2]))
+
+
+def _check_bwd_lengths(a: dict) -> None:
+    # The forward checks the lengths' values; the backward op called on its own must too
+    # (the kernels clamp them, which keeps the reads in bounds but would answer wrongly).
+    _check_lengths_values(a["lengths"], a["keys"].shape[1])
 
 
 def _check_jagged_fwd_call(a: dict) -> None:
     check_jagged_inputs(a["query"], a["values"], a["offsets"], a["row_seq"], _bundle(a), a["normalization"],
                         a["scale"])
+    _check_op_lists(a)
 
 
 def _check_jagged_bwd_call(a: dict) -> None:
     check_jagged_inputs(a["query"], a["values"], a["offsets"], a["row_seq"], _bundle(a), a["normalization"],
                         a["scale"], running_stats=False)
-    # (Their length, the sum of the rows' lengths, is checked by the implementation, which
-    # reads the layout anyway.)
-    _check_backward_inputs(a["query"], a["weights"], a["grad_out"], a["grad_weights"], a["flat_weights"],
-                           a["stats"], (None,))
+    _check_op_lists(a)
+    _check_backward_inputs(a, ("grad_weights", "flat_weights"), None)
 
 
-def _op(name: str, impl, check):
-    """The custom op `name`: check(its arguments by name), then impl; its schema is impl's."""
+def _op(name: str, impl, check, data_check=None):
+    """The custom op `name`: check(its arguments by name), then impl; its schema is impl's.
+    The fake implementation (registered with _fake) runs the same check: a call that mixes
+    meta and real tensors runs the fake, not this.  data_check: checks of values, which only
+    the real implementation can make."""
     sig = inspect.signature(impl)
 
     def checked(*args, **kwargs):
-        check(sig.bind(*args, **kwargs).arguments)
+        a = sig.bind(*args, **kwargs).arguments
+        check(a)
+        if data_check is not None:
+            data_check(a)
         return impl(*args, **kwargs)
 
     checked.__signature__ = sig
@@ -590,6 +621,20 @@ def _op(name: str, impl, check):
     checked.__name__ = checked.__qualname__ = impl.__name__
     checked.__module__ = impl.__module__
     return torch.library.custom_op(name, mutates_args=())(checked)
+
+
+def _fake(op, check):
+    """Register the decorated function as op's fake implementation, behind op's check."""
+    def register(fn):
+        sig = inspect.signature(fn)
+
+        def fake(*args, **kwargs):
+            check(sig.bind(*args, **kwargs).arguments)
+            return fn(*args, **kwargs)
+
+        op.register_fake(fake)
+        return fn
+    return register
 
 
 # --------------------------------------------------------------------------------------
@@ -624,7 +669,7 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
 din_fwd = _op("din_fused::din_fwd", _din_fwd_impl, _check_fwd_call)
 
 
-@din_fwd.register_fake
+@_fake(din_fwd, _check_fwd_call)
 def _(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases, running_means,
       running_vars, activation, normalization, scale, training, eps):
     B, T, D = keys.shape
@@ -648,10 +693,10 @@ def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, k
     return dq.to(query.dtype), dk.to(keys.dtype), grads
 
 
-din_bwd = _op("din_fused::din_bwd", _din_bwd_impl, _check_bwd_call)
+din_bwd = _op("din_fused::din_bwd", _din_bwd_impl, _check_bwd_call, _check_bwd_lengths)
 
 
-@din_bwd.register_fake
+@_fake(din_bwd, _check_bwd_call)
 def _(grad_out, grad_scores, query, keys, lengths, mask, weights, biases, alphas, bn_weights,
       bn_biases, stats, scores, activation, normalization, scale, training):
     return (query.new_empty(query.shape), keys.new_empty(keys.shape),
@@ -760,7 +805,7 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
 din_jagged_fwd = _op("din_fused::din_jagged_fwd", _din_jagged_fwd_impl, _check_jagged_fwd_call)
 
 
-@din_jagged_fwd.register_fake
+@_fake(din_jagged_fwd, _check_jagged_fwd_call)
 def _(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases, running_means,
       running_vars, activation, normalization, scale, training, eps):
     n = torch.library.get_ctx().new_dynamic_size()
@@ -790,7 +835,7 @@ def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: T
 din_jagged_bwd = _op("din_fused::din_jagged_bwd", _din_jagged_bwd_impl, _check_jagged_bwd_call)
 
 
-@din_jagged_bwd.register_fake
+@_fake(din_jagged_bwd, _check_jagged_bwd_call)
 def _(grad_out, grad_weights, query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
       bn_biases, stats, flat_weights, activation, normalization, scale, training):
     return (query.new_empty(query.shape), values.new_empty(values.shape),

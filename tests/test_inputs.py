@@ -108,6 +108,7 @@ def _backward_args(act: str) -> tuple:
     (0, "rows", "grad_out must have shape"), (0, "int", "grad_out must be a floating-point"),
     (1, "rows", "grad_scores must have shape"), (12, "cols", "scores must have shape"),
     (11, "rows", "stats must have shape"), (4, "rows", "lengths must have shape"),
+    (4, "values", r"lengths must lie in \[0, T\]"), (4, "none", "lengths must be an int32/int64"),
     (6, "weights", r"weights\[1\] must have shape")])
 def test_backward_op_called_directly_checks_its_inputs(act, arg, bad, words):
     args = _backward_args(act)
@@ -118,11 +119,35 @@ def test_backward_op_called_directly_checks_its_inputs(act, arg, bad, words):
         args[arg] = args[arg][:, :-1]
     elif bad == "int":
         args[arg] = args[arg].long()
+    elif bad == "values":
+        args[arg] = args[arg] + 100
+    elif bad == "none":
+        args[arg] = None
     else:
         args[6] = [args[6][0], args[6][1][:, :-1], *args[6][2:]]
     torch.ops.din_fused.din_bwd(*_backward_args(act))  # the unchanged call runs
     with pytest.raises((ValueError, TypeError), match=words):
         torch.ops.din_fused.din_bwd(*args)
+
+
+def test_op_called_directly_refuses_meta_parameters_and_unused_lists():
+    """A call that mixes meta and CPU tensors runs the fake implementation, which checks too
+    (it would hand back uninitialised CPU tensors); lists the activation has no use for are
+    refused (the fake would count gradients for them that the kernels do not return)."""
+    q, k, lengths, p = problem()
+    args = list(_op_args(dict(query=q, keys=k, lengths=lengths, **p)))
+    meta = list(args)
+    meta[4] = [w.to("meta") for w in args[4]]
+    with pytest.raises(ValueError, match=r"weights\[0\] is on meta"):
+        torch.ops.din_fused.din_fwd(*meta)
+    back = _backward_args("sigmoid")
+    back[11] = back[11].to("meta")
+    with pytest.raises(ValueError, match="stats is on meta"):
+        torch.ops.din_fused.din_bwd(*back)
+    extra = list(args)
+    extra[6] = [torch.ones(7, dtype=q.dtype)] * 2  # alphas, with sigmoid
+    with pytest.raises(ValueError, match="alphas must be empty for activation 'sigmoid'"):
+        torch.ops.din_fused.din_fwd(*extra)
 
 
 def test_jagged_backward_op_called_directly_checks_offsets_and_weights():
@@ -143,6 +168,10 @@ def test_jagged_backward_op_called_directly_checks_offsets_and_weights():
         torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off + 1, rs, *params, stats, w, *attrs)
     with pytest.raises(ValueError, match="row_seq must lie in"):
         torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off, rs + 5, *params, stats, w, *attrs)
+    with pytest.raises(TypeError, match="grad_weights must be a floating-point tensor"):
+        torch.ops.din_fused.din_jagged_bwd(gout, w.long(), q, v, off, rs, *params, stats, w, *attrs)
+    with pytest.raises(ValueError, match=r"flat_weights must have shape \[sum of the rows' lengths\], got"):
+        torch.ops.din_fused.din_jagged_bwd(gout, None, q, v, off, rs, *params, stats, w[None], *attrs)
 
 
 def test_mixed_devices_are_rejected():
