@@ -123,8 +123,10 @@ def test_initial_rows_do_not_depend_on_the_sharding():
 
 def _launch(nproc, args):
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29_500 + os.getpid() % 1000), *args]
+        # --standalone: a free port per launch (a port fixed per pytest process was reused by
+        # back-to-back launches; CI saw one rank abort in gloo once, cause not pinned down).
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                *args]
     return [sys.executable, *args]
 
 
