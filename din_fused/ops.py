@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _C
-from .params import MLPParams, check_params
+from .params import OPTIONAL_LISTS, USED_LISTS, MLPParams, check_params
 from .reference import ACTIVATIONS, NORMALIZATIONS
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -555,17 +555,13 @@ def _check_backward_inputs(a: dict, names: tuple, score_shape: tuple | None) -> 
             raise ValueError(f"{name} is on {t.device} but the inputs are on {query.device}")
 
 
-_OPTIONAL_LISTS = ("alphas", "bn_weights", "bn_biases", "running_means", "running_vars")
-_USED_LISTS = {"prelu": _OPTIONAL_LISTS[:1], "dice": _OPTIONAL_LISTS}
-
-
 def _check_op_lists(a: dict) -> None:
     """What the schema allows and functional never passes: a None lengths, and parameter
     lists the activation does not use (the fake implementation would count their gradients)."""
     if "lengths" in a and a["lengths"] is None:
         _check_index("lengths", None, (a["keys"].shape[0],), a["keys"].device)  # raises, naming it
-    used = _USED_LISTS.get(a["activation"], ())
-    for name in _OPTIONAL_LISTS:
+    used = USED_LISTS[a["activation"]]  # (check_params has checked the name)
+    for name in OPTIONAL_LISTS:
         if name not in used and len(a.get(name) or ()):
             raise ValueError(f"{name} must be empty for activation {a['activation']!r}, which has none, got "
                              f"{len(a[name])} tensors")

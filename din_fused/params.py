@@ -19,6 +19,10 @@ from .reference import ACTIVATIONS
 
 MAX_LAYERS = 4
 MAX_WIDTH = 256
+# The per-layer lists beyond weights and biases, in the ops' argument order, and those each
+# activation uses (the others it ignores, and the ops take them empty).
+OPTIONAL_LISTS = ("alphas", "bn_weights", "bn_biases", "running_means", "running_vars")
+USED_LISTS = {"sigmoid": (), "relu": (), "prelu": OPTIONAL_LISTS[:1], "dice": OPTIONAL_LISTS}
 
 
 def _as_list(seq) -> list:
@@ -60,11 +64,9 @@ class MLPParams:
     def op_args(self) -> tuple:
         """(weights, biases, alphas, bn_weights, bn_biases, running_means, running_vars) as
         the lists the custom ops take: empty for what the activation does not use."""
-        dice = self.activation == "dice"
-        uses_alpha = self.activation in ("prelu", "dice")
-        return (list(self.weights), list(self.biases), _as_list(self.alphas) if uses_alpha else [],
-                _as_list(self.bn_weights) if dice else [], _as_list(self.bn_biases) if dice else [],
-                _as_list(self.running_means) if dice else [], _as_list(self.running_vars) if dice else [])
+        used = USED_LISTS.get(self.activation, ())
+        return (list(self.weights), list(self.biases),
+                *(_as_list(getattr(self, name)) if name in used else [] for name in OPTIONAL_LISTS))
 
     def update_running_stats(self, stats: Tensor) -> None:
         """Training-mode Dice: fold the batch statistics of the op ([L, 3, Hmax]: mean,
@@ -115,15 +117,10 @@ def check_params(p: MLPParams, dim: int, device: torch.device, *, running_stats:
                 raise ValueError(f"{kind}[{l}] is on {t.device} but the inputs are on {device}")
         fan_in = out
     hidden = p.hidden
-    per_layer = []
-    if p.activation in ("prelu", "dice"):
-        per_layer.append(("alphas", p.alphas))
-    if p.activation == "dice":
-        per_layer += [("bn_weights", p.bn_weights), ("bn_biases", p.bn_biases)]
-        if running_stats:
-            per_layer += [("running_means", p.running_means), ("running_vars", p.running_vars)]
-        if p.momentum is not None and not isinstance(p.momentum, (int, float)):
-            raise TypeError(f"momentum must be a float or None, got {type(p.momentum).__name__}")
+    if p.activation == "dice" and p.momentum is not None and not isinstance(p.momentum, (int, float)):
+        raise TypeError(f"momentum must be a float or None, got {type(p.momentum).__name__}")
+    per_layer = [(name, getattr(p, name)) for name in USED_LISTS[p.activation]
+                 if running_stats or not name.startswith("running_")]
     for name, seq in per_layer:
         if seq is None or len(seq) != L:
             got = "None" if seq is None else f"{len(seq)} entries"

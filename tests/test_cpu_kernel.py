@@ -478,11 +478,16 @@ def test_dice_training_cache_off_64_bytes_is_bitwise_the_same(isa, monkeypatch):
     torch buffer always is); a buffer that is not takes plain stores, with the same results."""
     from din_fused import ops
     args, _, threads = _cache_problem("four-layers-holes", torch.float32)
+    caches = []
+    real_stats = ops._C.stats
+    monkeypatch.setattr(ops._C, "stats", lambda d: caches.append(d["zcache"] % 64) or real_stats(d))
     with _threads(threads):
         aligned = _all(run(din_fused.din_attention, *args))
         real = ops._cpu_scratch
         monkeypatch.setattr(ops, "_cpu_scratch", lambda nbytes: real(nbytes + 64)[4:])
         shifted = _all(run(din_fused.din_attention, *args))
+    n = len(caches) // 2
+    assert n and caches[:n] == [0] * n and caches[n:] == [4] * n  # both paths ran
     for i, (a, b) in enumerate(zip(aligned, shifted)):
         assert _bitwise(a, b), i
 
