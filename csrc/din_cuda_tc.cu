@@ -29,7 +29,8 @@
 // * Backward: the same tiles; the hidden layers are recomputed into shared
 //   memory (z and h per layer, in the input precision), then per layer l, top
 //   down: dz_l = act'(.) * dh_l in fp32 (per-channel sums for db, alpha, gamma,
-//   beta), rounded for the GEMMs
+//   beta: the tile's keys are dealt to groups of H_l threads and the groups' sums
+//   added in a fixed order), rounded for the GEMMs
 //       dW_l += dz_l^T h_{l-1}   (wmma, accumulated in place in the CTA's fp32
 //                                 partial slot in global memory),
 //       dh_{l-1} = dz_l W_l      (wmma into fp32 shared memory),
@@ -60,6 +61,28 @@ namespace {
 using namespace nvcuda;
 
 __host__ __device__ __forceinline__ int up16(int v) { return (v + 15) / 16 * 16; }
+
+// The flat index idx = t * W + c of a [rows, W] array, visited as
+// `for (idx = threadIdx.x; ...; idx += kThreads)` is, but without a division per
+// step: the per-element loops below are instruction-bound, and an integer division
+// costs ~25 instructions, as much as the element's own work.
+struct Walk {
+  int t, c, dt, dc, W;
+  __device__ __forceinline__ explicit Walk(int w) : W(w) {
+    t = threadIdx.x / w;
+    c = threadIdx.x - t * w;
+    dt = kThreads / w;
+    dc = kThreads - dt * w;
+  }
+  __device__ __forceinline__ void next() {
+    t += dt;
+    c += dc;
+    if (c >= W) {
+      c -= W;
+      ++t;
+    }
+  }
+};
 
 template <typename S>
 struct Frag {
@@ -131,7 +154,7 @@ struct TcGeo {
   int oWo[kMaxLayers] = {}, oX = 0, oHb = 0, oZ[kMaxLayers] = {}, oH[kMaxLayers] = {};
   int oG = 0, oC = 0;
   int oq = 0, oc = 0, oacc = 0, omx = 0, oden = 0, ocnt = 0, odout = 0, odq = 0, oe = 0, owdw = 0, owred = 0,
-      oseen = 0;
+      oseen = 0, ored = 0;
   int opos = 0, orid = 0, osid = 0, oseg = 0, osegrow = 0, os = 0, oe2 = 0, osegf = 0, osegm = 0, ow = 0,
       odsv = 0, omisc = 0;
   int64_t smem = 0;
@@ -231,6 +254,7 @@ TcGeo bwd_geo(const DinParams& p, int TM, int R) {
   g.oe = a.take(4 * int64_t(R) * g.H[0]);
   g.owdw = a.take(4 * R);
   g.owred = a.take(4 * int64_t(R) * kWarps);
+  g.ored = a.take(4 * 5 * kThreads);  // per-group channel sums of the layer backward
   g.oseen = a.take(4 * int64_t(R));
   tile_arrays(g, a, true);
   g.smem = (a.off + 127) / 128 * 128;
@@ -325,8 +349,8 @@ __device__ __forceinline__ void tc_load_x(const DinParams& p, const TcGeo& g, in
                                           const TileState& ts, const float* q_s, S* X) {
   const int D = g.D, K0p = g.K0p;
   const S* kb = static_cast<const S*>(p.k);
-  for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {  // one key element -> three columns
-    const int t = idx / D, d = idx - t * D;
+  for (Walk w(D); w.t < n; w.next()) {  // one key element -> three columns
+    const int t = w.t, d = w.c;
     const int rr = ts.rid[t];
     const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
     const S kv = kb[seq_off(p, s) + ts.pos[t] * p.ldk + d];
@@ -337,14 +361,9 @@ __device__ __forceinline__ void tc_load_x(const DinParams& p, const TcGeo& g, in
     stv(x + 2 * D + d, qf * kf);
   }
   const int padc = K0p - 3 * D;  // zero columns 3D..K0p of live rows, all columns of rows n..Mt*16
-  for (int idx = threadIdx.x; idx < n * padc; idx += kThreads) {
-    const int t = idx / padc, c = idx - t * padc;
-    stv(X + t * g.ldX + 3 * D + c, 0.0f);
-  }
-  for (int idx = threadIdx.x; idx < (Mt * 16 - n) * K0p; idx += kThreads) {
-    const int t = n + idx / K0p, c = idx % K0p;
-    stv(X + t * g.ldX + c, 0.0f);
-  }
+  if (padc > 0)
+    for (Walk w(padc); w.t < n; w.next()) stv(X + w.t * g.ldX + 3 * D + w.c, 0.0f);
+  for (Walk w(K0p); w.t < Mt * 16 - n; w.next()) stv(X + (n + w.t) * g.ldX + w.c, 0.0f);
 }
 
 // c = Wq q + b1 for the chunk's rows (Wq: columns 0..D of W0 [H1, 4D]).
@@ -411,7 +430,6 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
   const float scale = static_cast<float>(p.scale);
   const float* wout = m.W[L];
   const float bout = m.b[L][0];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   tc_stage_weights<S>(m, g, sm);
 
@@ -457,8 +475,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         __syncthreads();
         const int N = g.H[l], Np = g.Hp[l];
         const bool last = l == L - 1;
-        for (int idx = threadIdx.x; idx < Mt * 16 * Np; idx += kThreads) {
-          const int t = idx / Np, j = idx - t * Np;
+        for (Walk w(Np); w.t < Mt * 16; w.next()) {
+          const int t = w.t, j = w.c;
           const bool live = t < n && j < N;
           float h = 0.0f;
           if (live) {
@@ -473,18 +491,21 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         }
         __syncthreads();
       }
-      // scores from the fp32 last hidden layer, one warp per key
-      for (int t = warp; t < n; t += kWarps) {
+      // scores from the fp32 last hidden layer, four threads per key (4 TM <= kThreads;
+      // a warp per key spent most of its time in the reduction), stored after the sync
+      // by consecutive threads, so that a row's scores are written coalesced
+      {
+        const int t = threadIdx.x / 4, sub = threadIdx.x % 4;
         float v = 0.0f;
-        for (int i = lane; i < HL; i += 32) v += wout[i] * C[t * g.ldC + i];
-        v = warp_sum(v) + bout;
-        if (lane == 0) {
-          const float x = softmax ? scale * v : v;
-          s_s[t] = x;
-          static_cast<float*>(p.scores)[score_row(p, r0 + ts.rid[t], p.ld_scores) + ts.pos[t]] = x;
-        }
+        if (t < n)
+          for (int i = sub; i < HL; i += 4) v += wout[i] * C[t * g.ldC + i];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t < n && sub == 0) s_s[t] = softmax ? scale * (v + bout) : v + bout;
       }
       __syncthreads();
+      for (int t = threadIdx.x; t < n; t += kThreads)
+        static_cast<float*>(p.scores)[score_row(p, r0 + ts.rid[t], p.ld_scores) + ts.pos[t]] = s_s[t];
       if (softmax) {
         for (int sg = threadIdx.x; sg < nseg; sg += kThreads) {
           const int rr = ts.segrow[sg];
@@ -497,8 +518,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
         __syncthreads();
         for (int t = threadIdx.x; t < n; t += kThreads) e_s[t] = ex(s_s[t] - segm[ts.sid[t]]);
         __syncthreads();
-        for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
-          const int sg = idx / D, d = idx - sg * D;
+        for (Walk w(D); w.t < nseg; w.next()) {
+          const int sg = w.t, d = w.c;
           const int rr = ts.segrow[sg];
           double a = 0.0;
           for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
@@ -514,8 +535,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
           cnt[rr] += ts.seg[sg + 1] - ts.seg[sg];
         }
       } else {
-        for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
-          const int sg = idx / D, d = idx - sg * D;
+        for (Walk w(D); w.t < nseg; w.next()) {
+          const int sg = w.t, d = w.c;
           const int rr = ts.segrow[sg];
           double a = 0.0;
           for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
@@ -568,6 +589,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
   float* e_s = reinterpret_cast<float*>(sm + g.oe);
   float* wdw_s = reinterpret_cast<float*>(sm + g.owdw);
   float* wred = reinterpret_cast<float*>(sm + g.owred);
+  float* red = reinterpret_cast<float*>(sm + g.ored);
   int* seen = reinterpret_cast<int*>(sm + g.oseen);  // row of the chunk had a valid key
   float* w_s = reinterpret_cast<float*>(sm + g.ow);
   float* dsv_s = reinterpret_cast<float*>(sm + g.odsv);
@@ -652,8 +674,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         if (l + 1 < L) {
           S* Z = reinterpret_cast<S*>(sm + g.oZ[l]);
           S* Hh = reinterpret_cast<S*>(sm + g.oH[l]);
-          for (int idx = threadIdx.x; idx < Mt * 16 * Np; idx += kThreads) {
-            const int t = idx / Np, j = idx - t * Np;
+          for (Walk w(Np); w.t < Mt * 16; w.next()) {
+            const int t = w.t, j = w.c;
             float z = 0.0f, h = 0.0f;
             if (t < n && j < N) {
               z = C[t * g.ldC + j] + (l == 0 ? c_s[ts.rid[t] * H1 + j] : m.b[l][j]);
@@ -663,8 +685,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
             stv(Hh + t * g.ldH[l] + j, h);
           }
         } else {  // last hidden layer: fp32 pre-activation kept in C
-          for (int idx = threadIdx.x; idx < n * N; idx += kThreads) {
-            const int t = idx / N, j = idx - t * N;
+          for (Walk w(N); w.t < n; w.next()) {
+            const int t = w.t, j = w.c;
             C[t * g.ldC + j] += l == 0 ? c_s[ts.rid[t] * H1 + j] : m.b[l][j];
           }
         }
@@ -699,15 +721,35 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         const S* Z = reinterpret_cast<const S*>(sm + g.oZ[l]);
         const S* Hh = reinterpret_cast<const S*>(sm + g.oH[l]);
         const int ldh = g.ldH[l];
-        for (int j = threadIdx.x; j < N; j += kThreads) {
+        // Thread (group, column j): the keys are dealt to NG groups of N threads, so that
+        // every thread has work (a thread per column left 5/8 of the CTA idle, and each
+        // column a serial loop over the tile).  A group sums its keys' per-channel terms;
+        // the groups' sums are added in group order below, so results stay bitwise
+        // reproducible.  Layer 1's dz goes back into C in fp32 for the per-row sums.
+        const int NG = kThreads / N, grp = threadIdx.x / N, j = threadIdx.x - grp * N;
+        const bool dice = m.act == Act::Dice, prelu = m.act == Act::PReLU;
+        if (grp < NG) {
           float sa = 0.0f, sg = 0.0f, sb = 0.0f, sz = 0.0f, sw = 0.0f;
-          for (int t = 0; t < n; ++t) {
+          const float wj = top ? wout[j] : 0.0f;
+          float a = 0.0f, mu = 0.0f, is = 0.0f, gam = 0.0f, bet = 0.0f, ca = 0.0f, cc = 0.0f;
+          if (dice || prelu) a = m.alpha[l][j];
+          if (dice) {
+            mu = m.mean[l][j];
+            is = m.invstd[l][j];
+            gam = m.gamma[l][j];
+            bet = m.beta[l][j];
+            if (m.ca[l]) {
+              ca = m.ca[l][j];
+              cc = m.cc[l][j];
+            }
+          }
+          for (int t = grp; t < n; t += NG) {
             float gh, zv, h = 0.0f;
             if (top) {
               zv = C[t * g.ldC + j];
-              gh = dsv_s[t] * wout[j];
+              gh = dsv_s[t] * wj;
               if (m.act == Act::Sigmoid) h = sigm(zv);
-              sw += dsv_s[t] * act_fwd(m, l, j, zv);
+              sw += dsv_s[t] * (m.act == Act::Sigmoid ? h : act_fwd(m, l, j, zv));
             } else {
               gh = C[t * g.ldC + j];
               zv = ldv(Z + t * ldh + j);
@@ -724,47 +766,62 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
                 break;
               case Act::PReLU:
                 if (!(zv > 0.0f)) sa += gh * zv;  // NaN z counts, as torch.where's backward
-                gz = zv > 0.0f ? gh : m.alpha[l][j] * gh;
+                gz = zv > 0.0f ? gh : a * gh;
                 break;
               default: {  // Dice
-                const float a = m.alpha[l][j];
-                const float xhat = (zv - m.mean[l][j]) * m.invstd[l][j];
-                const float pj = sigm(m.gamma[l][j] * xhat + m.beta[l][j]);
+                const float xhat = (zv - mu) * is;
+                const float pj = sigm(gam * xhat + bet);
                 const float dy = gh * zv * (1.0f - a) * pj * (1.0f - pj);
-                const float dxhat = dy * m.gamma[l][j];
+                const float dxhat = dy * gam;
                 sa += gh * zv * (1.0f - pj);
                 sg += dy * xhat;
                 sb += dy;
                 float bn = dxhat;
-                if (m.ca[l]) bn -= m.ca[l][j] + xhat * m.cc[l][j];
-                gz = gh * (a + (1.0f - a) * pj) + m.invstd[l][j] * bn;
+                if (m.ca[l]) bn -= ca + xhat * cc;
+                gz = gh * (a + (1.0f - a) * pj) + is * bn;
                 break;
               }
             }
-            if (l == 0) e_s[ts.rid[t] * H1 + j] += gz;  // column j is this thread's
+            if (l == 0) C[t * g.ldC + j] = gz;
             else sz += gz;
             stv(G + t * g.ldG + j, gz);
           }
-          if (m.act == Act::PReLU || m.act == Act::Dice) part[pl.alpha[l] + j] += sa;
-          if (m.act == Act::Dice) {
-            part[pl.gamma[l] + j] += sg;
-            part[pl.beta[l] + j] += sb;
-          }
-          if (l > 0) part[pl.b[l] + j] += sz;
-          if (top) part[pl.W[L] + j] += sw;
+          float* r = red + grp * 5 * N + j;  // [NG][5][N]
+          r[0] = sa;
+          r[N] = sg;
+          r[2 * N] = sb;
+          r[3 * N] = sz;
+          r[4 * N] = sw;
         }
         // zero the padding of G (rows n..Mt*16, columns N..Np): the GEMMs sum over both
-        for (int idx = threadIdx.x; idx < Mt * 16 * Np; idx += kThreads) {
-          const int t = idx / Np, j = idx - t * Np;
-          if (t >= n || j >= N) stv(G + t * g.ldG + j, 0.0f);
-        }
+        for (Walk w(Np); w.t < Mt * 16; w.next())
+          if (w.t >= n || w.c >= N) stv(G + w.t * g.ldG + w.c, 0.0f);
         __syncthreads();
+        for (int jj = threadIdx.x; jj < N; jj += kThreads) {
+          float v[5] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+          for (int q = 0; q < NG; ++q)
+            for (int k = 0; k < 5; ++k) v[k] += red[(q * 5 + k) * N + jj];
+          if (prelu || dice) part[pl.alpha[l] + jj] += v[0];
+          if (dice) {
+            part[pl.gamma[l] + jj] += v[1];
+            part[pl.beta[l] + jj] += v[2];
+          }
+          if (l > 0) part[pl.b[l] + jj] += v[3];
+          if (top) part[pl.W[L] + jj] += v[4];
+        }
+        if (l == 0)  // e += dz_1 summed over each row's keys of the tile (C is rewritten below)
+          for (Walk w(H1); w.t < nseg; w.next()) {
+            float v = 0.0f;
+            for (int t = ts.seg[w.t]; t < ts.seg[w.t + 1]; ++t) v += C[t * g.ldC + w.c];
+            e_s[ts.segrow[w.t] * H1 + w.c] += v;
+          }
         // dW_l += dz^T [h_{l-1} or x]  (accumulated in the partial slot, in place)
         const S* Bm = l == 0 ? X : reinterpret_cast<const S*>(sm + g.oH[l - 1]);
         const int ldb = l == 0 ? g.ldX : g.ldH[l - 1];
         const int64_t pw = l == 0 ? pl.Ws : pl.W[l];
         const int64_t ldp = l == 0 ? pl.ldWs : pl.ldW[l];
         tc_gemm_tn_acc<S>(Np / 16, g.Kp(l) / 16, Mt, G, g.ldG, Bm, ldb, part + pw, ldp);
+        if (l == 0) __syncthreads();  // the per-row sums of dz_1 have read C
         // dL/d(input of layer l) = dz W_l  -> C [Mt*16, Ko_l]
         tc_gemm<S, false>(Mt, g.Ko(l) / 16, Np / 16, G, g.ldG, reinterpret_cast<const S*>(sm + g.oWo[l]),
                           g.ldWo[l], C, g.ldC);
@@ -772,8 +829,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         if (l == 0) {
           // dk = a - b + q*u + w dout ; dq += sum_t b + k*u   ([a | b | u] = C[:, 0:D | D:2D | 2D:3D])
           S* dkb = static_cast<S*>(p.dk);
-          for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {
-            const int t = idx / D, d = idx - t * D;
+          for (Walk w(D); w.t < n; w.next()) {
+            const int t = w.t, d = w.c;
             const int rr = ts.rid[t];
             const int64_t s = p.row_seq ? p.row_seq[r0 + rr] : r0 + rr;
             const float* cr = C + t * g.ldC;
@@ -784,8 +841,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
             else if (shared_seq) atomic_addv(dst, v);
             else stv(dst, ldv(dst) + v);
           }
-          for (int idx = threadIdx.x; idx < nseg * D; idx += kThreads) {
-            const int sg = idx / D, d = idx - sg * D;
+          for (Walk w(D); w.t < nseg; w.next()) {
+            const int sg = w.t, d = w.c;
             const int rr = ts.segrow[sg];
             float a = dq_s[rr * D + d];
             for (int t = ts.seg[sg]; t < ts.seg[sg + 1]; ++t)
@@ -836,6 +893,7 @@ int blocks_per_sm(const DevInfo& di, int64_t smem) {
 // Host entry points (called by din_cuda.cu)
 // ---------------------------------------------------------------------------
 bool tc_forward_plan(const DinParams& p, const DevInfo& di, TcFwdPlan* plan) {
+  static_assert(4 * 64 <= kThreads, "the forward's scores take four threads per key of a tile");
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
   const int64_t per_row = 4 * p.dim + 8 * p.dim + 4 * p.hidden[0] + 4 + 8 + 8;  // q, acc, c, mx, den, cnt
   const int R = pick_R(p, di, per_row);
