@@ -84,6 +84,21 @@ LOWP_FACTOR = {"out": 2.0, "grad": 3.0}
 LOWP_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def rounded_params(p, dtype):
+    """p with every tensor rounded to dtype and held in float64 (the exact answer's inputs)."""
+    return clone_params(clone_params(p, dtype), torch.float64)
+
+
+def lowp_bound(kind, dtype, ref_err, ideal_err):
+    """The error allowed to a fused fp32/fp16/bf16 result against float64, kind "out" or
+    "grad": LOWP_FACTOR times the larger of the reference's own error in that dtype and the
+    error of the exact answer for the rounded inputs, plus LOWP_FLOOR.  The second term is
+    what rounding the inputs alone costs any implementation; the reference's error can fall
+    below it by a lucky cancellation (seen on 2- and 3-element Dice gradients, a sum over ~70
+    positions through a batch norm, where one bf16 draw of the reference is a poor yardstick)."""
+    return LOWP_FACTOR[kind] * max(ref_err, ideal_err) + LOWP_FLOOR[dtype]
+
+
 def write_ml(dir_: Path, ratings: str, movies: str) -> Path:
     """A MovieLens-format folder (ratings.csv, movies.csv) with the given CSV texts."""
     dir_.mkdir(parents=True, exist_ok=True)

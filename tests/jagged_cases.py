@@ -5,7 +5,7 @@ and test_cuda.py: the fused jagged op against the reference on the equivalent pa
 from __future__ import annotations
 
 import torch
-from common import LOWP_FACTOR, LOWP_FLOOR, TOL64, clone_params, max_rel_err, param_tensors, random_params
+from common import TOL64, clone_params, lowp_bound, max_rel_err, param_tensors, random_params, rounded_params
 
 import din_fused
 from din_fused.reference import din_attention_ref, tile_jagged
@@ -77,8 +77,11 @@ def check_jagged(layout, act, norm, dtype, device, seed=0):
             assert max_rel_err(g, w) <= TOL64, (layout, i, max_rel_err(g, w))
         return got
     base = _run(din_attention_ref, *args, dtype, training, norm, gout, seed, False)
-    for i, (g, w, r) in enumerate(zip(got, want, base)):
-        bound = LOWP_FACTOR["out" if i < 2 else "grad"] * max_rel_err(r, w) + LOWP_FLOOR[dtype]
+    rq, rv = q.to(dtype).double(), v.to(dtype).double()
+    ideal = _run(din_attention_ref, rq, rv, off, rs, rounded_params(p, dtype), torch.float64, training, norm,
+                 gout, seed, False)
+    for i, (g, w, r, e) in enumerate(zip(got, want, base, ideal)):
+        bound = lowp_bound("out" if i < 2 else "grad", dtype, max_rel_err(r, w), max_rel_err(e, w))
         assert max_rel_err(g, w) <= bound, (layout, i, max_rel_err(g, w), bound)
     return got
 

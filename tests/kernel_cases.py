@@ -15,7 +15,7 @@ whether the reference is "lucky" there is noise.
 from __future__ import annotations
 
 import torch
-from common import LOWP_FACTOR, LOWP_FLOOR, TOL64, clone_params, max_rel_err, param_tensors, random_params
+from common import TOL64, clone_params, lowp_bound, max_rel_err, param_tensors, random_params, rounded_params
 
 import din_fused
 from din_fused import ops
@@ -86,24 +86,21 @@ def check_case(B, T, D, hidden, act, norm, validity, use_scores, dtype, device, 
     names = names_of(len(got) - 2 - n_run, n_run)
     for name, g in zip(names, got):
         assert torch.isfinite(g).all(), (name, "non-finite values")
+    want = run(din_attention_ref, q, k, lengths, mask, p, torch.float64, training, norm, use_scores,
+               gout, gsc, scale)
     if dtype == torch.float64:
-        want = run(din_attention_ref, q, k, lengths, mask, p, torch.float64, training, norm, use_scores,
-                   gout, gsc, scale)
         for name, g, w in zip(names, got, want):
             err = max_rel_err(g, w)
             assert err <= TOL64, (name, dtype, (B, T, D, hidden), act, norm, validity, err)
         return
-    # fp32/fp16/bf16: exact answer for the rounded inputs, and the reference's own error
-    pr = clone_params(clone_params(p, dtype), torch.float64)
-    rq, rk = q.to(dtype).double(), k.to(dtype).double()
-    rg, rs = gout.to(dtype).double(), gsc.to(dtype).double()
-    want = run(din_attention_ref, rq, rk, lengths, mask, pr, torch.float64, training, norm, use_scores,
-               rg, rs, scale)
+    # fp32/fp16/bf16: the reference's own error, and that of the exact answer for the rounded inputs
+    ideal = run(din_attention_ref, q.to(dtype).double(), k.to(dtype).double(), lengths, mask,
+                rounded_params(p, dtype), torch.float64, training, norm, use_scores, gout, gsc, scale)
     base = run(din_attention_ref, q, k, lengths, mask, p, dtype, training, norm, use_scores, gout, gsc,
                scale)
-    for name, g, w, r in zip(names, got, want, base):
-        factor = LOWP_FACTOR["out" if name in ("out", "scores") else "grad"]
-        bound = factor * max_rel_err(r, w) + LOWP_FLOOR[dtype]
+    for name, g, w, r, e in zip(names, got, want, base, ideal):
+        bound = lowp_bound("out" if name in ("out", "scores") else "grad", dtype, max_rel_err(r, w),
+                           max_rel_err(e, w))
         err = max_rel_err(g, w)
         assert err <= bound, (name, dtype, (B, T, D, hidden), act, norm, validity, err, bound)
 

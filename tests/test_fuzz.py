@@ -39,7 +39,7 @@ import os
 
 import pytest
 import torch
-from common import clone_params, max_rel_err, param_tensors, random_params
+from common import clone_params, max_rel_err, param_tensors, random_params, rounded_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -239,7 +239,7 @@ def _check(c, fused_fn):
             assert err <= max(1e-4 * size, 4 * ref_err, 1e-6 * root_n, noise), (name, err, ref_err, size)
         return
     # fp16/bf16: the exact answer for the rounded inputs, and the reference's own error
-    pr = clone_params(clone_params(p, dtype), torch.float64)
+    pr = rounded_params(p, dtype)
     rq, rk, rg, rs = (t.to(dtype).double() for t in (q, k, gout, gsc))
     want = run(din_attention_ref, c, rq, rk, lengths, mask, pr, rg, rs, training, torch.float64)
     base = run(din_attention_ref, c, q, k, lengths, mask, p, gout, gsc, training, dtype)

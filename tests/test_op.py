@@ -4,14 +4,14 @@ import pytest
 import torch
 from common import (
     DEVICES,
-    LOWP_FACTOR,
-    LOWP_FLOOR,
     TOL64,
     clone_params,
+    lowp_bound,
     max_rel_err,
     param_tensors,
     random_lengths,
     random_params,
+    rounded_params,
 )
 
 import din_fused
@@ -86,9 +86,12 @@ def check_against_reference(act, norm, validity, use_scores, dtype, device):
         else:
             reflp = run(din_attention_ref, *args, dtype, training, norm, use_scores, gout, gsc)
             base = [reflp[0], reflp[1], *reflp[2], *reflp[3]]
-            for name, g, w, r in zip(names, got, want, base):
-                factor = LOWP_FACTOR["out" if name in ("out", "scores") else "grad"]
-                bound = factor * max_rel_err(r, w) + LOWP_FLOOR[dtype]
+            ex = run(din_attention_ref, q.to(dtype).double(), k.to(dtype).double(), lengths, mask,
+                     rounded_params(p, dtype), torch.float64, training, norm, use_scores, gout, gsc)
+            ideal = [ex[0], ex[1], *ex[2], *ex[3]]
+            for name, g, w, r, e in zip(names, got, want, base, ideal):
+                kind = "out" if name in ("out", "scores") else "grad"
+                bound = lowp_bound(kind, dtype, max_rel_err(r, w), max_rel_err(e, w))
                 assert max_rel_err(g, w) <= bound, (name, (B, T, D, hidden), max_rel_err(g, w), bound)
 
 
