@@ -164,3 +164,29 @@ def fwd_bwd(q, k, lengths, mask, p, norm="softmax", training=False):
                                      return_scores=True)
     grads = torch.autograd.grad((out.float() ** 2).sum() + w.float().sum(), [qq, kk, *param_tensors(p)])
     return [out, w, *grads]
+
+
+def check_unaligned_keys(device, dtype=torch.bfloat16):
+    """The tensor-core kernels load eight keys' elements at once where a key row is 16-byte
+    aligned (D % 8 == 0) and one at a time where it is not: keys that are contiguous but
+    start 2 bytes into their storage take the second path and must give bitwise the results
+    of the same keys aligned."""
+    q, k, lengths, mask, p, _, _ = make_problem(5, 11, 16, (16, 8), "prelu", "lengths", device, seed=4)
+    q, k = q.to(dtype), k.to(dtype)
+    pp = clone_params(p, torch.float32)
+
+    def run(kk):
+        params = clone_params(pp)
+        qq = q.clone().requires_grad_()
+        out, w = din_fused.din_attention(qq, kk, lengths, **params, normalization="softmax",
+                                         return_scores=True)
+        loss = (out.float() ** 2).sum() + w.float().sum()
+        return [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(params)])]
+
+    store = torch.zeros(k.numel() + 8, dtype=dtype, device=k.device)
+    store[1:1 + k.numel()] = k.flatten()
+    shifted = store.requires_grad_()[1:1 + k.numel()].view(k.shape)  # the op sees this very pointer
+    aligned = k.clone().requires_grad_()
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
+    for a, b in zip(run(aligned), run(shifted)):
+        assert torch.equal(a, b)

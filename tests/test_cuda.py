@@ -11,7 +11,7 @@ import pytest
 import torch
 from common import clone_params, max_rel_err, param_tensors
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd
-from kernel_cases import check_case, check_row_seq, fwd_bwd, make_problem
+from kernel_cases import check_case, check_row_seq, check_unaligned_keys, fwd_bwd, make_problem
 
 import din_fused
 
@@ -201,3 +201,7 @@ def test_module_bf16_matches_reference_impl():
     got = mod(q.bfloat16(), k.bfloat16(), lengths)
     want = ref(q.bfloat16().double(), k.bfloat16().double(), lengths)
     assert max_rel_err(got, want) < 3e-2
+
+
+def test_unaligned_key_rows_take_the_scalar_loads():
+    check_unaligned_keys("cuda")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from common import clone_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd
-from kernel_cases import check_case, check_row_seq, fwd_bwd, make_problem
+from kernel_cases import check_case, check_row_seq, check_unaligned_keys, fwd_bwd, make_problem
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +258,7 @@ def test_dim_beyond_32_bits_rejected(emu_module, dtype):
     with pytest.raises(ValueError, match="dim"):
         ops._C.forward(cfg)
     assert ws.numel() > 0
+
+
+def test_unaligned_key_rows_take_the_scalar_loads(emu_module):
+    check_unaligned_keys("cpu")
