@@ -91,7 +91,7 @@ def check_against_reference(act, norm, validity, use_scores, dtype, device):
             ideal = [ex[0], ex[1], *ex[2], *ex[3]]
             for name, g, w, r, e in zip(names, got, want, base, ideal):
                 kind = "out" if name in ("out", "scores") else "grad"
-                bound = lowp_bound(kind, dtype, max_rel_err(r, w), max_rel_err(e, w))
+                bound = lowp_bound(kind, dtype, w, r, e)
                 assert max_rel_err(g, w) <= bound, (name, (B, T, D, hidden), max_rel_err(g, w), bound)
 
 
