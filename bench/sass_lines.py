@@ -32,12 +32,14 @@ INSN = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 def listing(path: str, kernel: str) -> list[tuple[tuple[str, int] | None, str]]:
     """(source file, line) and opcode of each instruction of the kernel, in address order."""
-    out, fn, loc = [], None, None
+    out, fn, loc, fns = [], None, None, set()
     with open(path) as f:
         for line in f:
             m = re.match(r"\s*\.text\.(\S+):", line)
             if m:
-                fn = m.group(1)
+                fn, loc = m.group(1), None  # a function's first lines carry no location of its own
+                if kernel in fn:
+                    fns.add(fn)
                 continue
             m = re.search(r'//## File "([^"]+)", line (\d+)', line)
             if m:
@@ -46,13 +48,15 @@ def listing(path: str, kernel: str) -> list[tuple[tuple[str, int] | None, str]]:
             m = INSN.match(line)
             if m and fn and kernel in fn:
                 out.append((loc, m.group(2).split(".")[0]))
+    if len(fns) > 1:
+        raise SystemExit(f"{kernel!r} names {len(fns)} functions of the listing: give more of the name")
     return out
 
 
 def profile(path: str, kernel: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the first profiled launch whose demangled name matches kernel."""
-    base = kernel.split("I", 1)[0]
-    targs = kernel.split("I", 1)[1] if "I" in kernel else ""
+    m = re.search(r"(din_\w+?_kernel)(I.*)?$", kernel)  # the name without its mangling
+    base, targs = (m.group(1), m.group(2) or "") if m else (kernel, "")
     want_bf16, want_half = "bfloat16" in targs, "6__half" in targs
     opener = gzip.open if path.endswith(".gz") else open
     header, rows, state = [], [], "skip"
@@ -94,8 +98,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"different builds: {mismatch} opcodes differ")
     inst, stall = collections.Counter(), collections.Counter()
     for (loc, _), r in zip(insns, rows):
-        inst[loc] += int(r[ie] or 0)
-        stall[loc] += int(r[ss] or 0)
+        inst[loc] += int(r[ie].replace(",", "") or 0)
+        stall[loc] += int(r[ss].replace(",", "") or 0)
     ti, ts = sum(inst.values()) or 1, sum(stall.values()) or 1
     print(f"{a.kernel}: {len(rows)} instructions, {ti} executed (warp level), {ts} stall samples")
     print(f"{'source line':44s} {'inst %':>7s} {'stalls %':>9s}")

@@ -318,6 +318,7 @@ void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, 
 
 struct TcBwdPlan {
   int TM = 64, R = 1, device = 0;
+  bool split = true;  // the per-channel pass splits a tile's keys among groups of threads
   int64_t smem = 0, n_chunks = 0, n_cta = 0;
   PartLay part;
 };

@@ -48,7 +48,8 @@
 //   read as W^T for the forward and as W for dz W), key tile 26 KB, activations
 //   11 KB, fp32 scratch 22 KB -> ~100 KB (2 CTAs/SM on H100/H200); the backward
 //   also keeps z and h per layer and picks TM = 64, 32 or 16 to stay at
-//   2 CTAs/SM (TM = 32 for this shape, ~102 KB).
+//   2 CTAs/SM (TM = 32 for this shape, ~109 KB with the 4.7 KB of per-group
+//   channel sums; a shape that fits only without them keeps a thread per channel).
 #include <mma.h>
 
 #include <type_traits>
@@ -236,7 +237,9 @@ TcGeo fwd_geo(const DinParams& p, int TM, int R) {
   return g;
 }
 
-TcGeo bwd_geo(const DinParams& p, int TM, int R) {
+// split: room for the per-group channel sums of the backward's layer pass, where a
+// layer is narrow enough for two or more groups (else ored = -1: a thread per channel).
+TcGeo bwd_geo(const DinParams& p, int TM, int R, bool split) {
   TcGeo g = base_geo(p, TM, R);
   Alloc128 a;
   for (int l = 0; l < g.L; ++l) g.oWo[l] = a.take(2 * int64_t(g.Hp[l]) * g.ldWo[l]);
@@ -254,7 +257,10 @@ TcGeo bwd_geo(const DinParams& p, int TM, int R) {
   g.oe = a.take(4 * int64_t(R) * g.H[0]);
   g.owdw = a.take(4 * R);
   g.owred = a.take(4 * int64_t(R) * kWarps);
-  g.ored = a.take(4 * 5 * kThreads);  // per-group channel sums of the layer backward
+  int red = 0;  // floats: [NG][5][H_l] for the layers with NG = kThreads / H_l >= 2
+  for (int l = 0; l < g.L; ++l)
+    if (kThreads / g.H[l] >= 2) red = std::max(red, 5 * (kThreads / g.H[l]) * g.H[l]);
+  g.ored = split && red > 0 ? a.take(4 * int64_t(red)) : -1;
   g.oseen = a.take(4 * int64_t(R));
   tile_arrays(g, a, true);
   g.smem = (a.off + 127) / 128 * 128;
@@ -608,6 +614,20 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_forward_kernel(const DinPa
 // ---------------------------------------------------------------------------
 // Backward kernel
 // ---------------------------------------------------------------------------
+// A tile's per-channel sums of layer l into the CTA's partial slot: the slope (PReLU,
+// Dice), the BatchNorm affine (Dice), the bias (l > 0; layer 1's goes with e) and the
+// output weight (top layer).
+__device__ __forceinline__ void add_channel_sums(const Net<float>& m, const PartLay& pl, int l, int L, int j,
+                                                 float* part, float sa, float sg, float sb, float sz, float sw) {
+  if (m.act == Act::PReLU || m.act == Act::Dice) part[pl.alpha[l] + j] += sa;
+  if (m.act == Act::Dice) {
+    part[pl.gamma[l] + j] += sg;
+    part[pl.beta[l] + j] += sb;
+  }
+  if (l > 0) part[pl.b[l] + j] += sz;
+  if (l == L - 1) part[pl.W[L] + j] += sw;
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinParams p, const Net<float> m,
                                                                       const TcGeo g, const PartLay pl,
@@ -760,7 +780,7 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
         // column a serial loop over the tile).  A group sums its keys' per-channel terms;
         // the groups' sums are added in group order below, so results stay bitwise
         // reproducible.  Layer 1's dz goes back into C in fp32 for the per-row sums.
-        const int NG = kThreads / N, grp = threadIdx.x / N, j = threadIdx.x - grp * N;
+        const int NG = g.ored >= 0 ? kThreads / N : 1, grp = threadIdx.x / N, j = threadIdx.x - grp * N;
         const bool dice = m.act == Act::Dice, prelu = m.act == Act::PReLU;
         if (grp < NG) {
           float sa = 0.0f, sg = 0.0f, sb = 0.0f, sz = 0.0f, sw = 0.0f;
@@ -820,29 +840,28 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
             else sz += gz;
             stv(G + t * g.ldG + j, gz);
           }
-          float* r = red + grp * 5 * N + j;  // [NG][5][N]
-          r[0] = sa;
-          r[N] = sg;
-          r[2 * N] = sb;
-          r[3 * N] = sz;
-          r[4 * N] = sw;
+          if (NG == 1) {
+            add_channel_sums(m, pl, l, L, j, part, sa, sg, sb, sz, sw);
+          } else {
+            float* r = red + grp * 5 * N + j;  // [NG][5][N]
+            r[0] = sa;
+            r[N] = sg;
+            r[2 * N] = sb;
+            r[3 * N] = sz;
+            r[4 * N] = sw;
+          }
         }
         // zero the padding of G (rows n..Mt*16, columns N..Np): the GEMMs sum over both
         for (Walk w(Np); w.t < Mt * 16; w.next())
           if (w.t >= n || w.c >= N) stv(G + w.t * g.ldG + w.c, 0.0f);
         __syncthreads();
-        for (int jj = threadIdx.x; jj < N; jj += kThreads) {
-          float v[5] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-          for (int q = 0; q < NG; ++q)
-            for (int k = 0; k < 5; ++k) v[k] += red[(q * 5 + k) * N + jj];
-          if (prelu || dice) part[pl.alpha[l] + jj] += v[0];
-          if (dice) {
-            part[pl.gamma[l] + jj] += v[1];
-            part[pl.beta[l] + jj] += v[2];
+        if (NG > 1)
+          for (int jj = threadIdx.x; jj < N; jj += kThreads) {
+            float v[5] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int q = 0; q < NG; ++q)
+              for (int k = 0; k < 5; ++k) v[k] += red[(q * 5 + k) * N + jj];
+            add_channel_sums(m, pl, l, L, jj, part, v[0], v[1], v[2], v[3], v[4]);
           }
-          if (l > 0) part[pl.b[l] + jj] += v[3];
-          if (top) part[pl.W[L] + jj] += v[4];
-        }
         if (l == 0)  // e += dz_1 summed over each row's keys of the tile (C is rewritten below)
           for (Walk w(H1); w.t < nseg; w.next()) {
             float v = 0.0f;
@@ -966,30 +985,33 @@ bool tc_backward_plan(const DinParams& p, const DevInfo& di, TcBwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
   const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0] + 2 + kWarps);  // q, dout, dq, c, e, wdw, seen, wred
   const int R = pick_R(p, di, per_row);
-  // Prefer a tile with which two CTAs share an SM; else the largest that fits.
+  // Prefer a tile with which two CTAs share an SM; else the largest that fits; at the same
+  // occupancy, room for the per-group channel sums.
   for (int pass = 0; pass < 2; ++pass)
-    for (int TM = 64; TM >= 16; TM /= 2) {
-      const TcGeo g = bwd_geo(p, TM, R);
-      const int64_t limit = pass == 0 ? std::min<int64_t>(di.smem_optin, di.smem_per_sm / 2 - 1024) : di.smem_optin;
-      if (g.smem > limit) continue;
-      plan->TM = TM;
-      plan->R = R;
-      plan->device = di.device;
-      plan->smem = g.smem;
-      plan->n_chunks = g.n_chunks;
-      plan->part = PartLay(p, 16);
-      const int64_t slot = plan->part.stride * 4;
-      int64_t n = int64_t(di.sms) * blocks_per_sm(di, g.smem);
-      n = std::min(n, std::max<int64_t>(di.sms, (int64_t(512) << 20) / std::max<int64_t>(slot, 1)));
-      plan->n_cta = std::max<int64_t>(1, std::min<int64_t>(n, g.n_chunks));
-      return true;
-    }
+    for (int split = 1; split >= 0; --split)
+      for (int TM = 64; TM >= 16; TM /= 2) {
+        const TcGeo g = bwd_geo(p, TM, R, split != 0);
+        const int64_t limit = pass == 0 ? std::min<int64_t>(di.smem_optin, di.smem_per_sm / 2 - 1024) : di.smem_optin;
+        if (g.smem > limit) continue;
+        plan->TM = TM;
+        plan->R = R;
+        plan->split = split != 0;
+        plan->device = di.device;
+        plan->smem = g.smem;
+        plan->n_chunks = g.n_chunks;
+        plan->part = PartLay(p, 16);
+        const int64_t slot = plan->part.stride * 4;
+        int64_t n = int64_t(di.sms) * blocks_per_sm(di, g.smem);
+        n = std::min(n, std::max<int64_t>(di.sms, (int64_t(512) << 20) / std::max<int64_t>(slot, 1)));
+        plan->n_cta = std::max<int64_t>(1, std::min<int64_t>(n, g.n_chunks));
+        return true;
+      }
   return false;
 }
 
 void tc_backward(const DinParams& p, const Net<float>& m, const TcBwdPlan& plan, float* part_base,
                  cudaStream_t st) {
-  const TcGeo g = bwd_geo(p, plan.TM, plan.R);
+  const TcGeo g = bwd_geo(p, plan.TM, plan.R, plan.split);
   if (p.dtype == DType::F16) {
     set_smem(reinterpret_cast<const void*>(&din_tc_backward_kernel<__half>), g.smem, plan.device,
              "cudaFuncSetAttribute(din_tc_backward_kernel<half>)");

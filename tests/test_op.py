@@ -86,8 +86,9 @@ def check_against_reference(act, norm, validity, use_scores, dtype, device):
         else:
             reflp = run(din_attention_ref, *args, dtype, training, norm, use_scores, gout, gsc)
             base = [reflp[0], reflp[1], *reflp[2], *reflp[3]]
-            ex = run(din_attention_ref, q.to(dtype).double(), k.to(dtype).double(), lengths, mask,
-                     rounded_params(p, dtype), torch.float64, training, norm, use_scores, gout, gsc)
+            rq, rk, rg, rs = (t.to(dtype).double() for t in (q, k, gout, gsc))
+            ex = run(din_attention_ref, rq, rk, lengths, mask, rounded_params(p, dtype), torch.float64,
+                     training, norm, use_scores, rg, rs)
             ideal = [ex[0], ex[1], *ex[2], *ex[3]]
             for name, g, w, r, e in zip(names, got, want, base, ideal):
                 kind = "out" if name in ("out", "scores") else "grad"
