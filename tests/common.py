@@ -97,7 +97,7 @@ def lowp_bound(kind, dtype, want, ref, ideal):
     (what rounding the inputs alone costs), and ref against ideal (what rounding every
     intermediate costs, as a fp16/bf16 model and the tensor-core kernels do).  One draw of the
     reference alone can land far under the scale by a lucky cancellation: seen on an H200 on
-    2-element and scalar Dice gradients, 4x to 30x under the other two."""
+    2-element and scalar Dice gradients, 3x to 6x under the other two."""
     scale = max(max_rel_err(ref, want), max_rel_err(ideal, want), max_rel_err(ref, ideal))
     return LOWP_FACTOR[kind] * scale + LOWP_FLOOR[dtype]
 
