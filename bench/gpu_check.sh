@@ -113,6 +113,9 @@ REPORT="$WORK/$NAME"
   echo "# din_fused GPU check: $GPU"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+  # A copy of the tree can carry an older .git (the device tool's does): the sources' own
+  # hash says which kernels ran.  Here: cat csrc/* | sha256sum | cut -c1-12
+  echo "- sources: csrc sha256 $(cat "$ROOT"/csrc/* | sha256sum | cut -c1-12)"
   echo "- torch: $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null); nvcc: $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo '?')"
   echo "- build info: \`$BUILD_INFO\`"
   echo "- total time: $(( $(date +%s) - START )) s"
