@@ -156,9 +156,11 @@ def check_row_seq(C, device, dtype, norm="softmax", act="sigmoid", seed=0):
 
 
 def fwd_bwd(q, k, lengths, mask, p, norm="softmax", training=False):
-    """One forward+backward of the public API; returns every result tensor."""
+    """One forward+backward of the public API; returns every result tensor.  Keys that
+    already require grad are used as they are (not copied), storage offset included."""
     p = clone_params(p)
-    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qq = q.clone().requires_grad_()
+    kk = k if k.requires_grad else k.clone().requires_grad_()
     out, w = din_fused.din_attention(qq, kk, lengths, mask, **p, training=training, normalization=norm,
                                      return_scores=True)
     grads = torch.autograd.grad((out.float() ** 2).sum() + w.float().sum(), [qq, kk, *param_tensors(p)])
@@ -173,19 +175,10 @@ def check_unaligned_keys(device, dtype=torch.bfloat16):
     q, k, lengths, mask, p, _, _ = make_problem(5, 11, 16, (16, 8), "prelu", "lengths", device, seed=4)
     q, k = q.to(dtype), k.to(dtype)
     pp = clone_params(p, torch.float32)
-
-    def run(kk):
-        params = clone_params(pp)
-        qq = q.clone().requires_grad_()
-        out, w = din_fused.din_attention(qq, kk, lengths, **params, normalization="softmax",
-                                         return_scores=True)
-        loss = (out.float() ** 2).sum() + w.float().sum()
-        return [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(params)])]
-
     store = torch.zeros(k.numel() + 8, dtype=dtype, device=k.device)
     store[1:1 + k.numel()] = k.flatten()
     shifted = store.requires_grad_()[1:1 + k.numel()].view(k.shape)  # the op sees this very pointer
     aligned = k.clone().requires_grad_()
     assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
-    for a, b in zip(run(aligned), run(shifted)):
+    for a, b in zip(fwd_bwd(q, aligned, lengths, None, pp), fwd_bwd(q, shifted, lengths, None, pp)):
         assert torch.equal(a, b)
