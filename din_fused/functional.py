@@ -70,7 +70,7 @@ def din_attention(
     """Fused DIN attention pooling: out[b] = sum_t w[b,t] * keys[b,t].
 
     Shapes:
-        query [B, D], keys [B, T, D] (float32/float64; float16/bfloat16 are computed
+        query [B, D] or [B, 1, D], keys [B, T, D] (float32/float64; float16/bfloat16 are computed
         in float32 on CPU); lengths [B] int32/int64 in 0..T and/or mask [B, T] bool
         (a position is valid when both allow it; neither means all valid).
         weights/biases: L hidden nn.Linear layers (1 <= L <= 4, widths 1..256) then the
@@ -81,7 +81,7 @@ def din_attention(
         normalization "none" (w = score) or "softmax" (w = softmax(scale * score) over
         valid positions).  scale: a number (a tensor that requires grad is refused).
     Returns:
-        out [B, D], or (out, w) with the weights w [B, T] (zero where invalid) when
+        out shaped like query, or (out, w) with the weights w [B, T] (zero where invalid) when
         return_scores.
 
     Dice in training mode uses BatchNorm statistics over the valid positions and
@@ -99,7 +99,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
                     *, params: MLPParams, training: bool = False, normalization: str = "none",
                     scale: float = 1.0, return_scores: bool = False):
     """din_attention with the parameters as one MLPParams bundle."""
-    check_inputs(query, keys, lengths, mask, params, normalization, scale)
+    check_inputs(query, keys, lengths, mask, params, normalization, scale, query_3d=True)
     _check_no_forward_ad(query, keys, *params.weights, *params.biases)
     B, T, _ = keys.shape
     if lengths is None:
@@ -134,7 +134,7 @@ def din_attention_jagged(
     """Fused DIN attention pooling over jagged (and shared) histories, no padding.
 
     Shapes:
-        query [R, D]: one row per candidate.
+        query [R, D] or [R, 1, D]: one row per candidate.
         values [N, D]: the behaviours of all sequences back to back.
         offsets [S+1] int32/int64: sequence s is values[offsets[s]:offsets[s+1]]
         (offsets[0] == 0, non-decreasing, offsets[S] == N).
@@ -142,7 +142,7 @@ def din_attention_jagged(
         row r attends over sequence row_seq[r]; many rows may share one sequence.
         The parameters and options are those of din_attention.
     Returns:
-        out [R, D]; with return_scores, (out, w, row_offsets): w [row_offsets[R]] holds the
+        out shaped like query; with return_scores, (out, w, row_offsets): w [row_offsets[R]] holds the
         weights of row r at w[row_offsets[r]:row_offsets[r+1]], one per position of its
         sequence, and row_offsets [R+1] int64 is the cumulative sum of the rows' lengths.
 
@@ -161,7 +161,7 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
                            *, params: MLPParams, training: bool = False, normalization: str = "none",
                            scale: float = 1.0, return_scores: bool = False):
     """din_attention_jagged with the parameters as one MLPParams bundle."""
-    check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale)
+    check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale, query_3d=True)
     _check_no_forward_ad(query, values, *params.weights, *params.biases)
     out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)
     if not return_scores:

@@ -269,10 +269,8 @@ class FusedDINAttention(nn.Module):
             if fast is not None:
                 return fast
         squeeze = query.dim() == 3
-        if squeeze:
-            if query.shape[1] != 1:
-                raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
-            query = query.squeeze(1)
+        if squeeze and query.shape[1] != 1:
+            raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
         if _is_torchrec_jagged(keys):
             if offsets is not None:
                 raise ValueError("a torchrec JaggedTensor carries its offsets: do not pass offsets")
@@ -296,15 +294,17 @@ class FusedDINAttention(nn.Module):
         if mask is not None and mask.dim() == 3 and mask.shape[1] == 1:
             mask = mask[:, 0]  # DeepCTR passes masks as [B, 1, T] in places
         p = self._count_batch_and_params()
-        if self.impl == "fused":
+        if self.impl == "fused":  # the query as it is ([B, 1, E] included); out comes back alike
             out, w = din_attention_p(query, keys, lengths, mask, params=p, normalization=self.normalization,
                                      scale=self.scale, training=self._dice_training(), return_scores=True)
         else:
-            out, w = din_attention_ref(query, keys, lengths, mask, normalization=self.normalization,
-                                       scale=self.scale, training=self.training, return_scores=True,
-                                       **_ref_kwargs(p))
-        res = w if self.return_score else out
-        return res.unsqueeze(1) if squeeze else res
+            out, w = din_attention_ref(query.squeeze(1) if squeeze else query, keys, lengths, mask,
+                                       normalization=self.normalization, scale=self.scale,
+                                       training=self.training, return_scores=True, **_ref_kwargs(p))
+            out = out.unsqueeze(1) if squeeze else out
+        if self.return_score:
+            return w.unsqueeze(1) if squeeze else w
+        return out
 
     def _small_inference(self, query, keys, keys_length, offsets, row_seq):
         """The forward of an eager inference call (no_grad, eval, CPU, plain contiguous tensors,
@@ -373,21 +373,23 @@ class FusedDINAttention(nn.Module):
         if self.impl == "fused":
             # The weights only when returned: their row offsets (a cumsum of the lengths) would
             # make torch.export guard the row and sequence counts against 1 (din_fused.serving).
+            # The query goes in as it is ([R, 1, E] included) and out comes back alike.
             res = din_attention_jagged_p(
                 query, values, offsets, row_seq, params=p, normalization=self.normalization, scale=self.scale,
                 training=self._dice_training(), return_scores=self.return_score)
             if not self.return_score:
-                return res.unsqueeze(1) if squeeze else res
+                return res
             out, w, row_offsets = res
         else:
             kp, lengths = tile_jagged(values, offsets, row_seq)
-            out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization,
-                                        scale=self.scale, training=self.training, return_scores=True,
-                                        **_ref_kwargs(p))
+            out, wp = din_attention_ref(query.squeeze(1) if squeeze else query, kp, lengths,
+                                        normalization=self.normalization, scale=self.scale,
+                                        training=self.training, return_scores=True, **_ref_kwargs(p))
             w = wp[torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]]
             row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            out = out.unsqueeze(1) if squeeze else out
         if not self.return_score:
-            return out.unsqueeze(1) if squeeze else out
+            return out
         if nested:
             return torch.nested.nested_tensor_from_jagged(w, row_offsets)
         return w, row_offsets

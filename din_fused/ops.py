@@ -41,9 +41,10 @@ _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 # --------------------------------------------------------------------------------------
 # Validation: written once, called by every public entry point (padded and jagged).
 # --------------------------------------------------------------------------------------
-def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape: str) -> None:
-    """query [R, D] and the keys tensor (keys [B, T, D] or values [N, D]): float, one dtype,
-    one device, the same D."""
+def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape: str,
+                        query_3d: bool = False) -> None:
+    """query [R, D] (or [R, 1, D] with query_3d) and the keys tensor (keys [B, T, D] or
+    values [N, D]): float, one dtype, one device, the same D."""
     for name, t in (("query", query), (keys_name, keys)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,10 +53,11 @@ def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape:
     if keys.dim() != len(keys_shape.split(",")):
         raise ValueError(f"{keys_name} must have shape [{keys_shape}], got {tuple(keys.shape)}")
     D = keys.shape[-1]
-    if query.dim() != 2:
-        raise ValueError(f"query must have shape [R, D] with D = {D}, got {tuple(query.shape)}")
-    if query.shape[1] != D:
-        raise ValueError(f"query has dim {query.shape[1]} but {keys_name} has dim {D}")
+    if query.dim() != 2 and not (query_3d and query.dim() == 3 and query.shape[1] == 1):
+        raise ValueError(f"query must have shape [R, D]{' or [R, 1, D]' if query_3d else ''} with D = {D}, "
+                         f"got {tuple(query.shape)}")
+    if query.shape[-1] != D:
+        raise ValueError(f"query has dim {query.shape[-1]} but {keys_name} has dim {D}")
     if query.dtype != keys.dtype:
         raise TypeError(f"query ({query.dtype}) and {keys_name} ({keys.dtype}) must have the same dtype")
     if query.device != keys.device:
@@ -93,9 +95,10 @@ def _check_options(normalization, scale) -> None:
 
 
 def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, scale=1.0, *,
-                 running_stats: bool = True) -> None:
-    """Padded layout: query [B, D], keys [B, T, D], lengths [B] int, mask [B, T] bool."""
-    _check_float_inputs(query, keys, "keys", "B, T, D")
+                 running_stats: bool = True, query_3d: bool = False) -> None:
+    """Padded layout: query [B, D] (or [B, 1, D] with query_3d), keys [B, T, D], lengths [B]
+    int, mask [B, T] bool."""
+    _check_float_inputs(query, keys, "keys", "B, T, D", query_3d)
     B, T, D = keys.shape
     if query.shape[0] != B:
         raise ValueError(f"query has batch {query.shape[0]} but keys has batch {B}")
@@ -116,10 +119,11 @@ def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, s
 
 
 def check_jagged_inputs(query, values, offsets, row_seq, params: MLPParams, normalization, scale=1.0, *,
-                        running_stats: bool = True) -> None:
-    """Jagged layout: query [R, D], values [N, D], offsets [S+1] int, row_seq [R] int or None
-    (then S == R).  The data-dependent checks are in _jagged_layout."""
-    _check_float_inputs(query, values, "values", "N, D")
+                        running_stats: bool = True, query_3d: bool = False) -> None:
+    """Jagged layout: query [R, D] (or [R, 1, D] with query_3d), values [N, D], offsets [S+1]
+    int, row_seq [R] int or None (then S == R).  The data-dependent checks are in
+    _jagged_layout."""
+    _check_float_inputs(query, values, "values", "N, D", query_3d)
     R, dev = query.shape[0], values.device
     _check_jagged_index(offsets, row_seq, R, dev)
     if row_seq is None and offsets.shape[0] - 1 != R:
@@ -251,7 +255,7 @@ class _Prepared:
     def __init__(self, query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
                  activation, normalization, scale, *, seq_start=None, row_seq=None, max_len=None,
                  rows_cover_keys=True):
-        R, D = query.shape
+        R, D = query.shape[0], query.shape[-1]  # query [R, D], or [R, 1, D] (call_forward)
         T = keys.shape[1] if seq_start is None else max_len
         self.B, self.T, self.D, self.L = R, T, D, len(weights) - 1
         cdt = _compute_dtype(keys)
@@ -430,8 +434,9 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
 # The kernel calls shared by the padded and the jagged op
 # --------------------------------------------------------------------------------------
 def _forward(prep: _Prepared, activation, running_means, running_vars, training, eps):
-    """out [R, D] (compute dtype), scores (acc dtype): [R, T], zero where invalid, or the
-    jagged weights [sum of row lengths] after prep.use_jagged_scores(); stats."""
+    """out shaped like the query, [R, D] or [R, 1, D] (compute dtype), scores (acc dtype):
+    [R, T], zero where invalid, or the jagged weights [sum of row lengths] after
+    prep.use_jagged_scores(); stats."""
     dev = prep.k.device
     if activation == "dice":
         stats = _bn_stats(prep, running_means, running_vars, training, eps)
@@ -439,9 +444,9 @@ def _forward(prep: _Prepared, activation, running_means, running_vars, training,
         stats = torch.zeros(prep.L, 3, max(prep.hidden), dtype=prep.acc, device=dev)
     shape = (prep.B, prep.T) if prep.score_start is None else (prep.n_scores,)
     if prep.empty:
-        return (torch.zeros(prep.B, prep.D, dtype=prep.q.dtype, device=dev),
+        return (torch.zeros(prep.q.shape, dtype=prep.q.dtype, device=dev),
                 torch.zeros(shape, dtype=prep.acc, device=dev), stats)
-    out = torch.empty(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
+    out = torch.empty(prep.q.shape, dtype=prep.q.dtype, device=dev)  # [R, D] or [R, 1, D], as the query
     scores = torch.empty(shape, dtype=prep.acc, device=dev)
     prep.workspace("forward")
     prep.zcache_holds(prep.L)  # the statistics passes wrote every layer
@@ -451,7 +456,7 @@ def _forward(prep: _Prepared, activation, running_means, running_vars, training,
 
 
 def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation, training):
-    """dq [R, D], dk laid out like prep.k, and the parameter gradients (acc dtype, kernel
+    """dq shaped like the query, dk laid out like prep.k, and the parameter gradients (acc dtype, kernel
     layout: PReLU alphas per channel) as lists dW, db, dalpha, dgamma, dbeta."""
     acc, dev, L, T = prep.acc, prep.k.device, prep.L, prep.T
     # The CPU kernels write every element of dq and the parameter gradients, and all of
@@ -460,7 +465,7 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
     cpu = not prep.cuda_kernels and not prep.empty
     new = torch.empty_like if cpu else torch.zeros_like
     assign = cpu and prep.rows_cover_keys
-    dq = (torch.empty if cpu else torch.zeros)(prep.B, prep.D, dtype=prep.q.dtype, device=dev)
+    dq = (torch.empty if cpu else torch.zeros)(prep.q.shape, dtype=prep.q.dtype, device=dev)
     dk = torch.empty_like(prep.k) if assign else torch.zeros_like(prep.k)
     prep.cfg["dk_assign"] = int(assign)
     dW = [new(w) for w in prep.weights]
@@ -931,13 +936,26 @@ class InferencePlan:
 
 def call_forward(op, *args):
     """op(*args) for din_fwd / din_jagged_fwd, or the same implementation called directly
-    when the dispatcher adds nothing (see plain_eager)."""
+    when the dispatcher adds nothing (see plain_eager).  The query may also be [R, 1, D]
+    (DeepCTR's layout), and out then comes back [R, 1, D]: the implementations take it as
+    it is (the kernels read the same memory), so an eager call records no view nodes
+    (squeezing the query and unsqueezing out cost ~45 us of a B=128, T=10 forward+backward);
+    the registered op takes [R, D], and gets the query's view."""
+    query = args[0]
     tensors = [a for a in args[:4] if a is not None] + [t for lst in args[4:11] for t in lst]
-    return _call(op, tensors, args)
+    direct = _direct(tensors)
+    if query.dim() == 3 and not direct:
+        out, w, stats = op(query.squeeze(1), *args[1:])
+        return out.unsqueeze(1), w, stats
+    return _call(op, tensors, args, direct)
 
 
-def _call(op, tensors, args):
-    if plain_eager() and all(type(t) in _PLAIN for t in tensors):
+def _direct(tensors) -> bool:
+    return plain_eager() and all(type(t) in _PLAIN for t in tensors)
+
+
+def _call(op, tensors, args, direct: bool | None = None):
+    if direct if direct is not None else _direct(tensors):
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return _IMPLS[op](*args)
         if op in _BACKWARDS:
@@ -1002,7 +1020,15 @@ def _make_backward(bwd_op):
         args = (grad_out, grad_scores, query, keys, idx1, idx2, weights, biases, alphas, bn_weights,
                 bn_biases, stats, scores, activation, normalization, scale, training)
         tensors = [t for t in (grad_out, grad_scores, query, keys, idx1, idx2, scores) if t is not None]
-        dq, dk, grads = _call(bwd_op, tensors + params, args)
+        direct = _direct(tensors + params)
+        if query.dim() == 3 and not direct:
+            # A [R, 1, D] query reaches here only from a direct forward (call_forward); with
+            # the backward under a mode (e.g. a TorchDispatchMode), the op takes [R, D].
+            R, D = query.shape[0], query.shape[-1]
+            dq, dk, grads = bwd_op(grad_out.reshape(R, D), grad_scores, query.squeeze(1), *args[3:])
+            dq = dq.unsqueeze(1)
+        else:
+            dq, dk, grads = _call(bwd_op, tensors + params, args, direct)
         split = _split_params(grads, ctx.sizes)
         no_grad_stats = [None] * ctx.sizes[2]  # running statistics are buffers
         return (dq, dk, None, None, *split, no_grad_stats, no_grad_stats, None, None, None, None, None)

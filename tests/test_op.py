@@ -170,3 +170,83 @@ def test_lower_cpu_isa_paths_match_reference(act, norm, dtype, isa, monkeypatch)
     # best at run time; DIN_FUSED_CPU_ISA (read per call) forces the lower paths.
     monkeypatch.setenv("DIN_FUSED_CPU_ISA", isa)
     check_against_reference(act, norm, "both", True, dtype, "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# DeepCTR's query layout, [B, 1, D]
+# --------------------------------------------------------------------------------------
+def _query_3d_runs(act, layout, mode_during_backward=None):
+    """(out, grads, out.grad_fn) of a [B, D] and a [B, 1, D] query on the same problem."""
+    training = act == "dice-train"
+    if layout == "padded":
+        q, k, lengths, _, p, gout, _ = make_problem(5, 6, 37, (12, 7), act, "lengths", torch.float64,
+                                                    "cpu", 3)
+
+        def call(qq, kk, pp):
+            return din_fused.din_attention(qq, kk, lengths, **pp, training=training)
+    else:
+        from jagged_cases import make_jagged
+
+        q, k, offsets, row_seq, p, gout = make_jagged([3, 0, 5, 1], [2, 0, 2, 3, 1], 37, (12, 7), act,
+                                                      "cpu", 3)
+
+        def call(qq, kk, pp):
+            return din_fused.din_attention_jagged(qq, kk, offsets, row_seq, **pp, training=training)
+    results = []
+    for q_in, g_in in ((q, gout), (q[:, None], gout[:, None])):
+        pp = clone_params(p)
+        qq, kk = q_in.clone().requires_grad_(), k.clone().requires_grad_()
+        out = call(qq, kk, pp)
+        assert out.shape == q_in.shape
+        with mode_during_backward() if mode_during_backward else torch.enable_grad():
+            grads = torch.autograd.grad((out * g_in).sum(), [qq, kk, *param_tensors(pp)])
+        results.append((out, grads, out.grad_fn, qq))
+    return results
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
+def test_query_with_a_middle_axis_gives_the_same_results_without_view_nodes(act, layout):
+    (o2, g2, _, _), (o3, g3, fn3, q3) = _query_3d_runs(act, layout)
+    assert torch.equal(o3[:, 0], o2)
+    assert torch.equal(g3[0][:, 0], g2[0])
+    for a, b in zip(g2[1:], g3[1:]):
+        assert torch.equal(a, b)
+    # The eager call takes the [B, 1, D] query as it is: its leaf feeds the op's node directly
+    # and out is the node's own output (a squeeze and an unsqueeze node cost ~45 us a step).
+    assert type(fn3).__name__ == "_EagerGradBackward"
+    assert any(type(f).__name__ == "AccumulateGrad" and f.variable is q3 for f, _ in fn3.next_functions)
+
+
+def test_query_with_a_middle_axis_when_the_backward_runs_under_a_dispatch_mode():
+    # A direct forward saved the [B, 1, D] query; a backward under a TorchDispatchMode goes
+    # through the registered op, which takes [B, D].
+    from torch.utils.flop_counter import FlopCounterMode
+
+    (o2, g2, _, _), (o3, g3, _, _) = _query_3d_runs("sigmoid", "padded",
+                                                     lambda: FlopCounterMode(display=False))
+    for a, b in zip(g2, g3):
+        assert torch.equal(a.reshape(b.shape), b)
+
+
+def test_query_with_a_middle_axis_other_than_one_is_refused():
+    q, k, lengths, _, p, _, _ = make_problem(4, 3, 5, (6,), "sigmoid", "lengths", torch.float64, "cpu", 0)
+    with pytest.raises(ValueError, match=r"query must have shape \[R, D\] or \[R, 1, D\]"):
+        din_fused.din_attention(q[:, None].expand(4, 2, 5), k, lengths, **p)
+    # The registered op itself keeps its [B, D] contract.
+    args = (q[:, None], k, lengths, None, p["weights"], p["biases"], [], [], [], [], [], "sigmoid", "none",
+            1.0, False, 1e-8)
+    with pytest.raises(ValueError, match=r"query must have shape \[R, D\] with D = 5"):
+        torch.ops.din_fused.din_fwd(*args)
+
+
+def test_gradcheck_with_a_middle_axis():
+    q, k, lengths, _, p, _, _ = make_problem(4, 3, 5, (6,), "prelu", "lengths", torch.float64, "cpu", 1)
+    pp = clone_params(p)
+
+    def f(qq, kk, *ws):
+        return din_fused.din_attention(qq, kk, lengths, weights=ws[:2], biases=ws[2:4], activation="prelu",
+                                       alphas=ws[4:], normalization="softmax")
+
+    torch.autograd.gradcheck(f, (q[:, None].clone().requires_grad_(), k.clone().requires_grad_(),
+                                 *param_tensors(pp)))
