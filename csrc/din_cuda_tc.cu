@@ -94,6 +94,35 @@ struct Frag {
   using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 };
 
+// An A or B fragment from shared memory.  bf16 goes through wmma.load with the .shared
+// state space: nvcc emits the bf16 load builtins with a generic address as four generic
+// 32-bit loads per fragment (LD.E; address arithmetic and generic-to-shared resolution
+// included), where the fp16 ones become ldmatrix.  Same PTX operation and fragment
+// layout, only the state space is stated.  (The CPU emulation has no PTX: wmma there.)
+template <class F, typename S>
+__device__ __forceinline__ void frag_load(F& f, const S* p, unsigned ldm) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<S, __nv_bfloat16>::value) {
+    using Fr = Frag<S>;
+    unsigned* r = reinterpret_cast<unsigned*>(f.x);
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+#define DIN_WMMA_LD(USE, LAYOUT)                                                         \
+  asm volatile("wmma.load." USE ".sync.aligned." LAYOUT ".m16n16k16.shared.bf16"             \
+               " {%0, %1, %2, %3}, [%4], %5;"                                                \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                              \
+               : "r"(a), "r"(ldm)                                                            \
+               : "memory")
+    if constexpr (std::is_same<F, typename Fr::A>::value) DIN_WMMA_LD("a", "row");
+    else if constexpr (std::is_same<F, typename Fr::At>::value) DIN_WMMA_LD("a", "col");
+    else if constexpr (std::is_same<F, typename Fr::B>::value) DIN_WMMA_LD("b", "row");
+    else DIN_WMMA_LD("b", "col");
+#undef DIN_WMMA_LD
+    return;
+  }
+#endif
+  wmma::load_matrix_sync(f, p, ldm);
+}
+
 // C[Mt*16, Nt*16] (fp32, ldc) = A[Mt*16, Kt*16] (ld lda) @ B, one 16x16 output
 // tile per warp at a time.  BT = false: B is [Kt*16, Nt*16] row-major (ld ldb);
 // BT = true: B is given transposed, [Nt*16, Kt*16] row-major (an nn.Linear
@@ -110,8 +139,8 @@ __device__ __forceinline__ void tc_gemm(int Mt, int Nt, int Kt, const S* A, int 
     for (int kt = 0; kt < Kt; ++kt) {
       typename Frag<S>::A a;
       FragB b;
-      wmma::load_matrix_sync(a, A + mt * 16 * lda + kt * 16, lda);
-      wmma::load_matrix_sync(b, BT ? B + nt * 16 * ldb + kt * 16 : B + kt * 16 * ldb + nt * 16, ldb);
+      frag_load(a, A + mt * 16 * lda + kt * 16, lda);
+      frag_load(b, BT ? B + nt * 16 * ldb + kt * 16 : B + kt * 16 * ldb + nt * 16, ldb);
       wmma::mma_sync(acc, a, b, acc);
     }
     wmma::store_matrix_sync(C + mt * 16 * ldc + nt * 16, acc, ldc, wmma::mem_row_major);
@@ -132,8 +161,8 @@ __device__ __forceinline__ void tc_gemm_tn_acc(int Mt, int Nt, int Kt, const S* 
     for (int kt = 0; kt < Kt; ++kt) {
       typename Frag<S>::At a;
       typename Frag<S>::B b;
-      wmma::load_matrix_sync(a, G + kt * 16 * ldg + mt * 16, ldg);
-      wmma::load_matrix_sync(b, Bm + kt * 16 * ldb + nt * 16, ldb);
+      frag_load(a, G + kt * 16 * ldg + mt * 16, ldg);
+      frag_load(b, Bm + kt * 16 * ldb + nt * 16, ldb);
       wmma::mma_sync(acc, a, b, acc);
     }
     wmma::store_matrix_sync(dst, acc, static_cast<unsigned>(ldp), wmma::mem_row_major);
