@@ -104,6 +104,7 @@ __device__ __forceinline__ void frag_load(F& f, const S* p, unsigned ldm) {
 #if defined(__CUDA_ARCH__)
   if constexpr (std::is_same<S, __nv_bfloat16>::value) {
     using Fr = Frag<S>;
+    assert(__isShared(p));  // (debug builds: every caller's tiles live in shared memory)
     unsigned* r = reinterpret_cast<unsigned*>(f.x);
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
 #define DIN_WMMA_LD(USE, LAYOUT)                                                         \

@@ -684,8 +684,9 @@ def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, k
             alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
             scores: Tensor, activation: str, normalization: str, scale: float,
             training: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Returns dq [B,D], dk [B,T,D] and the parameter gradients in the order
-    weights, biases, alphas, bn_weights, bn_biases (each list as given)."""
+    """Returns dq shaped like the query ([B,D]; [B,1,D] when called directly with one, see
+    call_forward), dk [B,T,D] and the parameter gradients in the order weights, biases,
+    alphas, bn_weights, bn_biases (each list as given)."""
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
@@ -796,8 +797,9 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
                    bn_weights: list[Tensor], bn_biases: list[Tensor], running_means: list[Tensor],
                    running_vars: list[Tensor], activation: str, normalization: str, scale: float,
                    training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """query [R,D], values [N,D], offsets [S+1], row_seq [R] or None ->
-    out [R,D], weights [sum of row lengths] (acc dtype, row by row), stats [L,3,Hmax]."""
+    """query [R,D] (or [R,1,D] when called directly, see call_forward), values [N,D], offsets
+    [S+1], row_seq [R] or None -> out shaped like the query, weights [sum of row lengths] (acc
+    dtype, row by row), stats [L,3,Hmax]."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
                             bn_biases, activation, normalization, scale, gather=False)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
@@ -820,8 +822,8 @@ def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: T
                    alphas: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor], stats: Tensor,
                    flat_weights: Tensor, activation: str, normalization: str, scale: float,
                    training: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Returns dq [R,D], dvalues [N,D] (a shared sequence gets the fixed-order sum of its
-    rows' gradients) and the parameter gradients as din_bwd."""
+    """Returns dq shaped like the query, dvalues [N,D] (a shared sequence gets the fixed-order
+    sum of its rows' gradients) and the parameter gradients as din_bwd."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
                             bn_biases, activation, normalization, scale, gather=True)
     for name, t in (("flat_weights", flat_weights), ("grad_weights", grad_weights)):

@@ -25,8 +25,10 @@ def test_tensor_core_fragment_loads_address_shared_memory(tmp_path):
     # fp16 ones, with the shared state space, became one ldmatrix (LDSM) each (csrc/din_cuda_tc.cu,
     # frag_load).  The PTX names the state space: no fragment load of either type may lack it.
     ptx = tmp_path / "tc.ptx"
-    subprocess.run([_nvcc(), "-O3", "-arch=sm_80", "-std=c++17", "-ptx", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "csrc" / "din_cuda_tc.cu"), "-o", str(ptx)], check=True, capture_output=True)
+    cmd = [_nvcc(), "-O3", "-arch=sm_80", "-std=c++17", "-ptx", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "csrc" / "din_cuda_tc.cu"), "-o", str(ptx)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
     loads = re.findall(r"wmma\.load\.[ab]\.[\w.]+", ptx.read_text())
     by_type = {t: [x for x in loads if x.endswith("." + t)] for t in ("bf16", "f16")}
     assert by_type["bf16"] and by_type["f16"], sorted(set(loads))

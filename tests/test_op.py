@@ -175,8 +175,9 @@ def test_lower_cpu_isa_paths_match_reference(act, norm, dtype, isa, monkeypatch)
 # --------------------------------------------------------------------------------------
 # DeepCTR's query layout, [B, 1, D]
 # --------------------------------------------------------------------------------------
-def _query_3d_runs(act, layout, mode_during_backward=None):
-    """(out, grads, out.grad_fn) of a [B, D] and a [B, 1, D] query on the same problem."""
+def _query_3d_runs(act, layout, fwd_mode=None, bwd_mode=None):
+    """(out, grads, out.grad_fn, query) of a [B, D] and a [B, 1, D] query on the same problem,
+    the forward and the backward each under a mode when given (a context manager factory)."""
     training = act == "dice-train"
     if layout == "padded":
         q, k, lengths, _, p, gout, _ = make_problem(5, 6, 37, (12, 7), act, "lengths", torch.float64,
@@ -196,37 +197,50 @@ def _query_3d_runs(act, layout, mode_during_backward=None):
     for q_in, g_in in ((q, gout), (q[:, None], gout[:, None])):
         pp = clone_params(p)
         qq, kk = q_in.clone().requires_grad_(), k.clone().requires_grad_()
-        out = call(qq, kk, pp)
-        assert out.shape == q_in.shape
-        with mode_during_backward() if mode_during_backward else torch.enable_grad():
+        with fwd_mode() if fwd_mode else torch.enable_grad():
+            out = call(qq, kk, pp)
+        with bwd_mode() if bwd_mode else torch.enable_grad():
             grads = torch.autograd.grad((out * g_in).sum(), [qq, kk, *param_tensors(pp)])
         results.append((out, grads, out.grad_fn, qq))
     return results
 
 
+def _check_same(results):
+    """The [B, 1, D] run's out and query gradient have the query's shape; everything equals the
+    [B, D] run's bitwise."""
+    (o2, g2, _, q2), (o3, g3, _, q3) = results
+    assert o3.shape == q3.shape and g3[0].shape == q3.shape
+    assert torch.equal(o3[:, 0], o2) and torch.equal(g3[0][:, 0], g2[0])
+    for a, b in zip(g2[1:], g3[1:]):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", ["padded", "jagged"])
 @pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
 def test_query_with_a_middle_axis_gives_the_same_results_without_view_nodes(act, layout):
-    (o2, g2, _, _), (o3, g3, fn3, q3) = _query_3d_runs(act, layout)
-    assert torch.equal(o3[:, 0], o2)
-    assert torch.equal(g3[0][:, 0], g2[0])
-    for a, b in zip(g2[1:], g3[1:]):
-        assert torch.equal(a, b)
+    results = _query_3d_runs(act, layout)
+    _check_same(results)
     # The eager call takes the [B, 1, D] query as it is: its leaf feeds the op's node directly
     # and out is the node's own output (a squeeze and an unsqueeze node cost ~45 us a step).
+    fn3, q3 = results[1][2], results[1][3]
     assert type(fn3).__name__ == "_EagerGradBackward"
     assert any(type(f).__name__ == "AccumulateGrad" and f.variable is q3 for f, _ in fn3.next_functions)
 
 
-def test_query_with_a_middle_axis_when_the_backward_runs_under_a_dispatch_mode():
-    # A direct forward saved the [B, 1, D] query; a backward under a TorchDispatchMode goes
-    # through the registered op, which takes [B, D].
+@pytest.mark.parametrize("during", ["backward", "both"])
+def test_query_with_a_middle_axis_under_a_dispatch_mode(during):
+    # Under a TorchDispatchMode the call goes through the registered op, which takes [B, D]:
+    # call_forward gives it the query's view and returns out as [B, 1, D] ("both").  A direct
+    # forward saved the [B, 1, D] query itself; its backward under the mode squeezes for the
+    # op ("backward").
     from torch.utils.flop_counter import FlopCounterMode
 
-    (o2, g2, _, _), (o3, g3, _, _) = _query_3d_runs("sigmoid", "padded",
-                                                     lambda: FlopCounterMode(display=False))
-    for a, b in zip(g2, g3):
-        assert torch.equal(a.reshape(b.shape), b)
+    def mode():
+        return FlopCounterMode(display=False)
+
+    results = _query_3d_runs("sigmoid", "padded", mode if during == "both" else None, mode)
+    _check_same(results)
+    assert (type(results[1][2]).__name__ == "_EagerGradBackward") == (during == "backward")
 
 
 def test_query_with_a_middle_axis_other_than_one_is_refused():
