@@ -280,7 +280,7 @@ class FusedDINAttention(nn.Module):
                              f"with embedding_dim={self.embedding_dim}")
         nested = keys.is_nested
         if nested or offsets is not None:
-            return self._forward_jagged(query, keys, offsets, row_seq, keys_length, mask, squeeze, nested)
+            return self._forward_jagged(query, keys, offsets, row_seq, keys_length, mask, nested)
         if row_seq is not None:
             raise ValueError("row_seq needs offsets (and keys given as values [N, E])")
         lengths = None
@@ -294,14 +294,13 @@ class FusedDINAttention(nn.Module):
         if mask is not None and mask.dim() == 3 and mask.shape[1] == 1:
             mask = mask[:, 0]  # DeepCTR passes masks as [B, 1, T] in places
         p = self._count_batch_and_params()
-        if self.impl == "fused":  # the query as it is ([B, 1, E] included); out comes back alike
+        if self.impl == "fused":  # both take the query as it is ([B, 1, E] included), out alike
             out, w = din_attention_p(query, keys, lengths, mask, params=p, normalization=self.normalization,
                                      scale=self.scale, training=self._dice_training(), return_scores=True)
         else:
-            out, w = din_attention_ref(query.squeeze(1) if squeeze else query, keys, lengths, mask,
-                                       normalization=self.normalization, scale=self.scale,
-                                       training=self.training, return_scores=True, **_ref_kwargs(p))
-            out = out.unsqueeze(1) if squeeze else out
+            out, w = din_attention_ref(query, keys, lengths, mask, normalization=self.normalization,
+                                       scale=self.scale, training=self.training, return_scores=True,
+                                       **_ref_kwargs(p))
         if self.return_score:
             return w.unsqueeze(1) if squeeze else w
         return out
@@ -360,7 +359,7 @@ class FusedDINAttention(nn.Module):
             return w.unsqueeze(1) if qd == 3 else w
         return out
 
-    def _forward_jagged(self, query, keys, offsets, row_seq, keys_length, mask, squeeze, nested):
+    def _forward_jagged(self, query, keys, offsets, row_seq, keys_length, mask, nested):
         if keys_length is not None or mask is not None:
             raise ValueError("jagged keys carry their lengths: do not pass keys_length or mask")
         if nested:
@@ -373,7 +372,8 @@ class FusedDINAttention(nn.Module):
         if self.impl == "fused":
             # The weights only when returned: their row offsets (a cumsum of the lengths) would
             # make torch.export guard the row and sequence counts against 1 (din_fused.serving).
-            # The query goes in as it is ([R, 1, E] included) and out comes back alike.
+            # The query goes in as it is ([R, 1, E] included) and out comes back alike, as in the
+            # reference below.
             res = din_attention_jagged_p(
                 query, values, offsets, row_seq, params=p, normalization=self.normalization, scale=self.scale,
                 training=self._dice_training(), return_scores=self.return_score)
@@ -382,12 +382,11 @@ class FusedDINAttention(nn.Module):
             out, w, row_offsets = res
         else:
             kp, lengths = tile_jagged(values, offsets, row_seq)
-            out, wp = din_attention_ref(query.squeeze(1) if squeeze else query, kp, lengths,
-                                        normalization=self.normalization, scale=self.scale,
-                                        training=self.training, return_scores=True, **_ref_kwargs(p))
+            out, wp = din_attention_ref(query, kp, lengths, normalization=self.normalization,
+                                        scale=self.scale, training=self.training, return_scores=True,
+                                        **_ref_kwargs(p))
             w = wp[torch.arange(kp.shape[1], device=kp.device)[None, :] < lengths[:, None]]
             row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-            out = out.unsqueeze(1) if squeeze else out
         if not self.return_score:
             return out
         if nested:

@@ -78,16 +78,23 @@ def din_attention_ref(
 ):
     """DIN attention pooling, reference implementation.
 
-    query [B, D], keys [B, T, D], lengths [B] (optional), mask [B, T] bool
-    (optional).  weights/biases: the L hidden nn.Linear layers followed by the
+    query [B, D] or [B, 1, D], keys [B, T, D], lengths [B] (optional), mask [B, T]
+    bool (optional).  weights/biases: the L hidden nn.Linear layers followed by the
     output layer, in nn.Linear layout: weights[0] [H1, 4D] (input blocks
     q | k | q-k | q*k), weights[l] [H_{l+1}, H_l], weights[L] [1, H_L].
     alphas[l]: PReLU/Dice slope ([1] or [H_l] or [H_l, 1]).  Dice also takes
     bn_weights/bn_biases/running_means/running_vars [H_l] per layer.
 
-    Returns out [B, D], and the weights [B, T] (zero at invalid positions) when
-    return_scores.
+    Returns out shaped like query, and the weights [B, T] (zero at invalid positions)
+    when return_scores.
     """
+    if query.dim() == 3:  # DeepCTR's [B, 1, D]
+        res = din_attention_ref(query.squeeze(1), keys, lengths, mask, weights=weights, biases=biases,
+                                activation=activation, alphas=alphas, bn_weights=bn_weights,
+                                bn_biases=bn_biases, running_means=running_means, running_vars=running_vars,
+                                training=training, momentum=momentum, eps=eps, normalization=normalization,
+                                scale=scale, return_scores=return_scores)
+        return (res[0].unsqueeze(1), res[1]) if return_scores else res.unsqueeze(1)
     B, T, D = keys.shape
     L = len(weights) - 1
     valid = valid_positions(T, lengths, mask, batch=B, device=keys.device)

@@ -264,3 +264,13 @@ def test_gradcheck_with_a_middle_axis():
 
     torch.autograd.gradcheck(f, (q[:, None].clone().requires_grad_(), k.clone().requires_grad_(),
                                  *param_tensors(pp)))
+
+
+def test_reference_takes_the_middle_axis_too():
+    # din_attention_ref keeps din_attention's signature, [B, 1, D] query included.
+    q, k, lengths, mask, p, _, _ = make_problem(4, 5, 6, (7,), "dice", "both", torch.float64, "cpu", 2)
+    o2, w2 = din_attention_ref(q, k, lengths, mask, **p, normalization="softmax", return_scores=True)
+    o3, w3 = din_attention_ref(q[:, None], k, lengths, mask, **p, normalization="softmax", return_scores=True)
+    assert o3.shape == (4, 1, 6) and torch.equal(o3[:, 0], o2) and torch.equal(w3, w2)
+    assert torch.equal(din_attention_ref(q[:, None], k, lengths, mask, **p)[:, 0],
+                       din_attention_ref(q, k, lengths, mask, **p))
