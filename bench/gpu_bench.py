@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [
     # name, B, T, D, hidden, dtype
     ("B8192 T200 D64 bf16", 8192, 200, 64, (80, 40), torch.bfloat16),
+    # fp16 runs the same tensor-core kernels; its fragment loads were ldmatrix all along, the
+    # bf16 ones only since session 11, so the two rows side by side show what that changed.
+    ("B8192 T200 D64 fp16", 8192, 200, 64, (80, 40), torch.float16),
     ("B8192 T200 D64 fp32", 8192, 200, 64, (80, 40), torch.float32),
     ("B512 T2000 D64 bf16", 512, 2000, 64, (80, 40), torch.bfloat16),
     ("B4096 T10 D36 bf16 (HugeCTR-like)", 4096, 10, 36, (80, 40), torch.bfloat16),
