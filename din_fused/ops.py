@@ -956,8 +956,10 @@ def _direct(tensors) -> bool:
     return plain_eager() and all(type(t) in _PLAIN for t in tensors)
 
 
-def _call(op, tensors, args, direct: bool | None = None):
-    if direct if direct is not None else _direct(tensors):
+def _call(op, tensors, args, direct: bool):
+    """op(*args), or its implementation (under _EagerGrad when gradients are needed) when
+    direct (_direct(tensors))."""
+    if direct:
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return _IMPLS[op](*args)
         if op in _BACKWARDS:
@@ -1026,8 +1028,7 @@ def _make_backward(bwd_op):
         if query.dim() == 3 and not direct:
             # A [R, 1, D] query reaches here only from a direct forward (call_forward); with
             # the backward under a mode (e.g. a TorchDispatchMode), the op takes [R, D].
-            R, D = query.shape[0], query.shape[-1]
-            dq, dk, grads = bwd_op(grad_out.reshape(R, D), grad_scores, query.squeeze(1), *args[3:])
+            dq, dk, grads = bwd_op(grad_out.squeeze(1), grad_scores, query.squeeze(1), *args[3:])
             dq = dq.unsqueeze(1)
         else:
             dq, dk, grads = _call(bwd_op, tensors + params, args, direct)

@@ -88,18 +88,12 @@ def din_attention_ref(
     Returns out shaped like query, and the weights [B, T] (zero at invalid positions)
     when return_scores.
     """
-    if query.dim() == 3:  # DeepCTR's [B, 1, D]
-        res = din_attention_ref(query.squeeze(1), keys, lengths, mask, weights=weights, biases=biases,
-                                activation=activation, alphas=alphas, bn_weights=bn_weights,
-                                bn_biases=bn_biases, running_means=running_means, running_vars=running_vars,
-                                training=training, momentum=momentum, eps=eps, normalization=normalization,
-                                scale=scale, return_scores=return_scores)
-        return (res[0].unsqueeze(1), res[1]) if return_scores else res.unsqueeze(1)
+    q = query.squeeze(1) if query.dim() == 3 else query  # DeepCTR's [B, 1, D] too
     B, T, D = keys.shape
     L = len(weights) - 1
     valid = valid_positions(T, lengths, mask, batch=B, device=keys.device)
     kv = keys[valid]                                      # [N, D], valid keys only
-    qv = query[:, None, :].expand(B, T, D)[valid]         # [N, D]
+    qv = q[:, None, :].expand(B, T, D)[valid]             # [N, D]
     h = torch.cat([qv, kv, qv - kv, qv * kv], dim=-1)     # [N, 4D]
     for l in range(L):
         z = F.linear(h, weights[l], biases[l])
@@ -126,7 +120,7 @@ def din_attention_ref(
         w = scores
     else:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    out = torch.einsum("bt,btd->bd", w, keys.masked_fill(~valid[..., None], 0.0))
+    out = torch.einsum("bt,btd->bd", w, keys.masked_fill(~valid[..., None], 0.0)).reshape(query.shape)
     return (out, w) if return_scores else out
 
 
