@@ -1279,9 +1279,12 @@ struct Vec {
   // x clamped to [lo, hi], a NaN x staying NaN.  x86's max(lo, x) and min(hi, x)
   // return their second operand when either is NaN, as the ternaries below do; GCC
   // compiles the ternaries to a compare and a blend each, the intrinsics to one
-  // instruction.  (Used by the AVX2 and baseline float exp and sigmoid.)
+  // instruction.  (Used by the float sigmoid, and the AVX2 and baseline float exp.)
   static DIN_INLINE v clamp(const v& x, T lo, T hi) {
-#if DIN_X86 && DIN_VB == 32
+#if DIN_X86 && DIN_VB == 64
+    if constexpr (sizeof(T) == 4)
+      return (v)_mm512_min_ps((__m512)set1(hi), _mm512_max_ps((__m512)set1(lo), (__m512)x));
+#elif DIN_X86 && DIN_VB == 32
     if constexpr (sizeof(T) == 4)
       return (v)_mm256_min_ps((__m256)set1(hi), _mm256_max_ps((__m256)set1(lo), (__m256)x));
 #elif DIN_X86 && DIN_VB == 16
@@ -1388,30 +1391,44 @@ struct Vec {
     return set1(T(1)) / d;
   }
   // sigmoid(x) = 1 / (1 + e^-x), exactly 0 in float below about -88.4 (AVX2 and
-  // baseline; -88.5 with AVX-512), where the true value is a denormal, as torch:
+  // baseline; -88.3 with AVX-512), where the true value is a denormal, as torch:
   // sigmoid(-inf) must be 0 so that -inf * sigmoid(-inf) (Dice with alpha 0) is
   // NaN, not -inf.  NaN stays NaN.
   static DIN_INLINE v sigmoid(const v& x) {
-#if DIN_VB != 64
     if constexpr (sizeof(T) == 4) {
       // exp(-x) written out for the sigmoid, ~17 vector operations instead of ~22:
       // the clamps are single min/max instructions, -x is folded into the FMAs and
-      // the polynomial (exp_poly<true>), and no final select is needed, because x is
-      // clamped below at -88.8 rather than at -88: for x <= -88.38, n = 128 and
-      // 2^n is +inf, so 1 / (1 + inf) is exactly 0 (the true value is a denormal).
+      // the polynomial (exp_poly<true>), and 2^n comes from the rounding sum.
       // (Above 87.34 the exponential stays the smallest normal, so the result is 1.)
+#if DIN_X86 && DIN_VB == 64
+      // AVX-512 (its divide is slow, recip is rcp14 and a Newton step): the
+      // Newton step would turn 1 + e^-x = inf into 0 * inf = NaN, so x is clamped at
+      // -88.3, where e^88.3 is finite, and the last multiply zeroes the lanes below
+      // it (a NaN x compares "not less" and stays NaN).  A/B on an AVX-512 Xeon
+      // against the form of exp() above (vroundscale, vscalef, four compares and
+      // blends): headline forward 1.05x.
+      const v xc = clamp(x, -88.3f, 87.33654f);
+#else
+      // x is clamped below at -88.8 rather than at -88, so no final select is
+      // needed: for x <= -88.38, n = 128 and 2^n is +inf, so 1 / (1 + inf) is
+      // exactly 0.
       const v xc = clamp(x, -88.8f, 87.33654f);
+#endif
       const v magic = set1(12582912.0f + 127.0f);
       const v tm = magic - xc * set1(1.44269504088896341f);  // magic + round(-x log2 e)
       const v n = tm - magic;
       v r = xc + n * set1(0.693359375f);  // -(the r of exp(-x)), exact the same way
       r = r + n * set1(-2.12194440e-4f);
-      return recip(set1(1.0f) + exp_poly<true>(r) * pow2n(tm));
-    }
+      const v d = set1(1.0f) + exp_poly<true>(r) * pow2n(tm);
+#if DIN_X86 && DIN_VB == 64
+      const v e = (v)_mm512_rcp14_ps((__m512)d);
+      const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)set1(-88.3f), _CMP_NLT_UQ);
+      return (v)_mm512_maskz_mul_ps(keep, (__m512)e, (__m512)(set1(2.0f) - d * e));
+#else
+      return recip(d);
 #endif
-    const v s = recip(set1(T(1)) + exp<false>(-x));
-    if constexpr (sizeof(T) == 4) return x < set1(T(-88.5)) ? v{} : s;
-    return s;
+    }
+    return recip(set1(T(1)) + exp<false>(-x));
   }
 };
 

@@ -369,7 +369,10 @@ def test_dice_training_variance_without_cancellation(shift):
 def test_float_sigmoid_within_a_few_ulp(act, isa):
     # One hidden unit that passes the key through: z = k, weight = act(z).  Dice in eval
     # mode with mean 0, var 1 - eps, gamma 1, beta 0, alpha 0 gives z * sigmoid(z).
-    z = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([-87.0, -80.0, 80.0, 88.0, 0.0, -0.0])])
+    # Past +-80 too: each path's clamps (AVX-512 -88.3, AVX2 and baseline -88.8, 87.34) and the
+    # underflow to exactly 0 around -88.4.
+    edge = [-100.0, -88.9, -88.5, -88.35, -88.3, -88.25, -88.0, -87.0, -80.0, 80.0, 87.3, 87.4, 88.0, 100.0]
+    z = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor(edge + [0.0, -0.0])])
     keys = z.reshape(1, -1, 1)
     w1 = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     p = {"weights": [w1, torch.ones(1, 1)], "biases": [torch.zeros(1), torch.zeros(1)], "activation": act}
@@ -390,6 +393,9 @@ def test_float_sigmoid_within_a_few_ulp(act, isa):
         assert torch.equal(got[z == 0], torch.zeros_like(got[z == 0]))
     else:
         assert ((got[z == 0] - 0.5).abs() <= 1e-7).all()
+    # A NaN pre-activation stays NaN (no clamp or mask turns it into a number).
+    _, w = din_fused.din_attention(torch.zeros(1, 1), torch.full((1, 3, 1), float("nan")), **p, return_scores=True)
+    assert w.isnan().all(), w
     # Infinite pre-activations (an infinite bias): sigmoid gives exactly 0 and 1, and Dice's
     # p*z + (1-p)*alpha*z is NaN at either infinity (one term is 0 * inf), as in torch.
     inf = float("inf")
