@@ -14,7 +14,11 @@ running statistics.
            rounded inputs, within 3x the reference's own error in that precision
            plus a floor (the rule of tests/kernel_cases.py, on norms).
 
-Profiles: CI runs a fixed-seed (derandomised) profile of 2,000 examples;
+Profiles: CI runs a fixed-seed (derandomised) profile of 2,000 examples.  Fixed
+seed is not fixed examples: hypothesis also draws literals from the local
+(non-site-packages) modules loaded at the time, and the CPU ISA list depends on
+the machine, so a full run from an installed package, this file alone, and an
+in-tree build each draw their own examples;
 `pytest tests/test_fuzz.py --fuzz-full` (or DIN_FUZZ_FULL=1) runs 10x as many
 with a random seed.  Sizes: B 0..64, T 0..300, D 1..130, 1..4 hidden layers of
 widths 1..256 for the CPU kernels, capped by a work budget per example (big D
