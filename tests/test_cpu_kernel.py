@@ -394,7 +394,8 @@ def test_float_sigmoid_within_a_few_ulp(act, isa):
     else:
         assert ((got[z == 0] - 0.5).abs() <= 1e-7).all()
     # A NaN pre-activation stays NaN (no clamp or mask turns it into a number).
-    _, w = din_fused.din_attention(torch.zeros(1, 1), torch.full((1, 3, 1), float("nan")), **p, return_scores=True)
+    nan_keys = torch.full((1, 3, 1), float("nan"))
+    _, w = din_fused.din_attention(torch.zeros(1, 1), nan_keys, **p, return_scores=True)
     assert w.isnan().all(), w
     # Infinite pre-activations (an infinite bias): sigmoid gives exactly 0 and 1, and Dice's
     # p*z + (1-p)*alpha*z is NaN at either infinity (one term is 0 * inf), as in torch.
