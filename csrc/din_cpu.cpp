@@ -1375,19 +1375,11 @@ struct Vec {
     }
   }
 
-  // 1 / d for d >= 1; elsewhere than AVX-512 float also d = +inf (-> 0), which the
-  // AVX2 and baseline sigmoid rely on (a true divide).  AVX-512 float: the 14-bit reciprocal estimate and
-  // one Newton step (error ~2^-28, i.e. correctly rounded or 1 ulp) instead of a
-  // 512-bit divide, which is several times slower.  Elsewhere a true divide: the
-  // 12-bit AVX estimate plus one step is ~2 ulp, which the fp32 gradient tests
-  // of the Dice statistics notice.
+  // 1 / d, a true divide (1 / inf = 0, which the AVX2 and baseline float sigmoid rely on).
+  // The AVX-512 float sigmoid has its own rcp14 and Newton step instead (error ~2^-28).  An
+  // estimate with one step elsewhere, the 12-bit AVX one, is ~2 ulp, which the fp32 gradient
+  // tests of the Dice statistics notice.
   static DIN_INLINE v recip(const v& d) {
-#if DIN_VB == 64
-    if constexpr (sizeof(T) == 4) {
-      const v r = (v)_mm512_rcp14_ps((__m512)d);
-      return r * (set1(2.0f) - d * r);
-    }
-#endif
     return set1(T(1)) / d;
   }
   // sigmoid(x) = 1 / (1 + e^-x), exactly 0 in float below about -88.4 (AVX2 and
@@ -1401,12 +1393,13 @@ struct Vec {
       // the polynomial (exp_poly<true>), and 2^n comes from the rounding sum.
       // (Above 87.34 the exponential stays the smallest normal, so the result is 1.)
 #if DIN_X86 && DIN_VB == 64
-      // AVX-512 (its divide is slow, recip is rcp14 and a Newton step): the
+      // AVX-512: rcp14 and a Newton step instead of a divide, as before (a 512-bit
+      // divide is slow on some cores; on an AVX-512 Xeon the two measured alike).  The
       // Newton step would turn 1 + e^-x = inf into 0 * inf = NaN, so x is clamped at
       // -88.3, where e^88.3 is finite, and the last multiply zeroes the lanes below
       // it (a NaN x compares "not less" and stays NaN).  A/B on an AVX-512 Xeon
-      // against the form of exp() above (vroundscale, vscalef, four compares and
-      // blends): headline forward 1.05x.
+      // against the form of exp() above (vroundscale, vscalef, three compares and
+      // selects): headline forward 1.05x.
       const v xc = clamp(x, -88.3f, 87.33654f);
 #else
       // x is clamped below at -88.8 rather than at -88, so no final select is
