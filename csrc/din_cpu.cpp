@@ -661,12 +661,32 @@ struct FwdPart {
 };
 
 
+// The softmax backward is ds_t = scale w_t (dL/dw_t - S) with S = sum_u w_u dL/dw_u.
+// When one weight is ~1 the differences dL/dw_t - S are tiny, and S formed in the
+// kernel's precision cancels catastrophically: at softmax scale 20 both this kernel
+// and the reference's fp32 gradients were off by up to 100% of their size.  So S is
+// formed in double, where a product of two floats is exact, and divided by the
+// weights' own sum (1 up to their rounding): that makes it insensitive to the
+// rounding of the dominant weight, to which sum_u w_u dL/dw_u alone is not.  Parts of
+// a split row add their sums; row_term() divides once the row is complete.
+struct WSum {
+  double wdw = 0.0;  // sum_t w_t dL/dw_t
+  double w = 0.0;    // sum_t w_t
+  WSum& operator+=(const WSum& o) {
+    wdw += o.wdw;
+    w += o.w;
+    return *this;
+  }
+};
+inline double row_term(const WSum& s) { return s.w > 0.0 ? s.wdw / s.w : s.wdw; }
+
 // Row functions of one ISA.
 //   fwd:   out/scores of span (part == nullptr: the whole row, finished in place;
 //          else the part's partial, its scores left as scaled logits).
 //   norm:  softmax weights of a part from the merged row max and 1/den.
 //   stats: merge the span's pre-activations into sc.rp/sc.count (Chan).
-//   wdw:   sum_t w_t dL/dw_t over the span (the softmax backward's row term).
+//   wdw:   sum_t w_t dL/dw_t and sum_t w_t over the span (the softmax backward's
+//          row term, row_term()).
 //   bwd:   backward of the span; wdw = nullptr computes it inline (whole row);
 //          dq receives the span's share of dq (nullptr when reducing).
 template <typename T>
@@ -678,7 +698,7 @@ struct RowFns {
   void (*fwd_flush)(const Ctx<T>&, Scratch<T>&);
   void (*norm)(const Ctx<T>&, const Span&, T mx, T inv);
   void (*stats)(const Ctx<T>&, Scratch<T>&, const Span&);
-  double (*wdw)(const Ctx<T>&, const Span&);
+  WSum (*wdw)(const Ctx<T>&, const Span&);
   void (*bwd)(const Ctx<T>&, Scratch<T>&, const Span&, const double* wdw, T* dq);
   // bwd_row: the backward of whole row r (dq into p.dq), possibly deferred to a
   // packed tile; bwd_flush: finish the thread's deferred rows.
@@ -984,15 +1004,16 @@ void backward_impl(const DinParams& p) {
     for (int t = 0; t < nt; ++t) std::fill(ws + static_cast<int64_t>(t) * lay.total, ws + (t + 1) * lay.total, T(0));
     std::fill(dk_part, dk_part + static_cast<int64_t>(used) * dk_extent, T(0));
   }
-  // Split rows with softmax: sum_t w_t dL/dw_t of each row first (parts merged in order).
+  // Split rows with softmax: the row term S of each row first (WSum; parts merged in order).
   std::vector<double> wdw;
   if (plan.split && cx.softmax) {
-    std::vector<double> wp(static_cast<size_t>(n), 0.0);
+    std::vector<WSum> wp(static_cast<size_t>(n)), rows(static_cast<size_t>(p.rows));
     Pool::run(used, [&](int tid) {
       plan.for_static(p, tid, [&](int64_t i, const Span& sp) { wp[i] = fn.wdw(cx, sp); });
     });
-    wdw.assign(static_cast<size_t>(p.rows), 0.0);
-    for (int64_t i = 0; i < n; ++i) wdw[plan.spans[i].r] += wp[i];
+    for (int64_t i = 0; i < n; ++i) rows[plan.spans[i].r] += wp[i];
+    wdw.resize(rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) wdw[r] = row_term(rows[r]);
   }
   std::vector<T> dq_part(plan.split && !reducing ? static_cast<size_t>(n) * D : 0);
   if (p.rows > 0) {
@@ -1849,12 +1870,15 @@ struct Kernel {
         st.mx = tmx;
       }
       exp_scaled(s, n, st.mx, T(1));
-      T tden = T(0);
+      // In double even within the tile: next to a weight of 1 (the row max), float
+      // drops every term below half an ulp of 1, e^-17 and less, and a row whose
+      // other weights are all that small would get exactly 1 for its max weight.
+      double tden = 0.0;
       for (int i = 0; i < n; ++i) {
-        tden += s[i];
+        tden += static_cast<double>(s[i]);
         axpy(D, s[i], A + i * sa, acc);
       }
-      st.den += static_cast<double>(tden);
+      st.den += tden;
     }
     for (int d = 0; d < D; ++d) racc[d] += static_cast<double>(acc[d]);
   }
@@ -2161,9 +2185,9 @@ struct Kernel {
     }
   }
 
-  // sum_t w_t dL/dw_t over the valid positions in [t0, t1), dL/dw_t = dout . k_t
-  // + dscores_t (double: a sum over the whole row).
-  static double wdw_span(const Ctx<T>& cx, const Span& sp) {
+  // sum_t w_t dL/dw_t and sum_t w_t over the valid positions in [t0, t1), dL/dw_t =
+  // dout . k_t + dscores_t, in double (WSum).
+  static WSum wdw_span(const Ctx<T>& cx, const Span& sp) {
     const DinParams& p = *cx.p;
     const int D = cx.m->D;
     const Row row = row_of(p, sp.r);
@@ -2172,10 +2196,19 @@ struct Kernel {
     const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, sp.r, p.ld_dscores) : nullptr;
     const T* kbase = static_cast<const T*>(p.k) + seq_off(p, row.s);
     const uint8_t* mk = p.mask ? p.mask + row.s * p.ld_mask : nullptr;
-    double s = 0.0;
+    WSum s;
     for (int64_t t = sp.t0; t < sp.t1; ++t)
-      if (!mk || mk[t]) s += static_cast<double>(wr[t] * (dot(D, go, kbase + t * p.ldk) + (gsr ? gsr[t] : T(0))));
+      if (!mk || mk[t]) {
+        const double w = wr[t];
+        s.wdw += w * static_cast<double>(dot(D, go, kbase + t * p.ldk) + (gsr ? gsr[t] : T(0)));
+        s.w += w;
+      }
     return s;
+  }
+
+  // ds_t = scale w_t (dL/dw_t - S), the difference in double (see WSum).
+  static DIN_INLINE T softmax_ds(T scale, T w, T dw, double S) {
+    return static_cast<T>(static_cast<double>(scale) * w * (static_cast<double>(dw) - S));
   }
 
   // With dk_assign a row writes all of its part of dk: the span's masked positions
@@ -2270,10 +2303,10 @@ struct Kernel {
     T* gp = sc.gp;
     const T scale = cx.scale;
 
-    // Softmax needs sum_u w_u dL/dw_u of the whole row: given for a part of a
+    // Softmax needs the row term S of the whole row (WSum): given for a part of a
     // split row, computed here for a whole row.
-    T wdw = T(0);
-    if (cx.softmax) wdw = static_cast<T>(wdw_row ? *wdw_row : wdw_span(cx, sp));
+    double wdw = 0.0;
+    if (cx.softmax) wdw = wdw_row ? *wdw_row : row_term(wdw_span(cx, sp));
     fold(m, q, sc, !reducing);
     zbind(cx, sc, r);
     if (!reducing) {
@@ -2290,7 +2323,7 @@ struct Kernel {
       for (int i = 0; i < n; ++i) {
         const int64_t t = sc.pos[i];
         const T dw = dot(D, go, sc.A + i * sc.sa) + (gsr ? gsr[t] : T(0));
-        ds[i] = cx.softmax ? scale * wr[t] * (dw - wdw) : dw;
+        ds[i] = cx.softmax ? softmax_ds(scale, wr[t], dw, wdw) : dw;
         dbout += out_grad(m, sc, i, ds[i], gh, reducing ? nullptr : gp, lay);
       }
       if (!reducing) gp[lay.b[L]] += dbout;
@@ -2374,11 +2407,11 @@ struct Kernel {
         const T* go = static_cast<const T*>(p.dout) + r * p.ld_dout;
         const T* wr = static_cast<const T*>(p.scores) + score_row(p, r, p.ld_scores);
         const T* gsr = p.dscores ? static_cast<const T*>(p.dscores) + score_row(p, r, p.ld_dscores) : nullptr;
-        const T wdw = cx.softmax ? static_cast<T>(wdw_span(cx, Span{r, 0, row_of(p, r).len})) : T(0);
+        const double wdw = cx.softmax ? row_term(wdw_span(cx, Span{r, 0, row_of(p, r).len})) : 0.0;
         for (int i = sc.kseg[j]; i < sc.kseg[j + 1]; ++i) {
           const int64_t t = sc.ppos[i];
           const T dw = dot(D, go, sc.X.data() + static_cast<size_t>(i) * D2) + (gsr ? gsr[t] : T(0));
-          ds[i] = cx.softmax ? cx.scale * wr[t] * (dw - wdw) : dw;
+          ds[i] = cx.softmax ? softmax_ds(cx.scale, wr[t], dw, wdw) : dw;
           dbout += out_grad(m, sc, i, ds[i], gh, gp, lay);
         }
       }

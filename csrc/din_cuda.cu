@@ -547,7 +547,7 @@ BwdLay make_bwd_lay(const DinParams& p, int TT) {
   y.GB = a.take(es * y.TTr * y.Gw);
   y.w = a.take(es * TT);
   y.dsv = a.take(es * TT);
-  y.red = a.take(es * kWarps);
+  y.red = a.take(8 * 2 * kWarps);  // double [2][kWarps]: the softmax row term's warp sums
   y.pos = a.take(8 * TT);
   y.misc = a.take(16);
   y.smem = (a.off + 15) / 16 * 16;
@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
   T* GB = reinterpret_cast<T*>(din_smem + y.GB);
   T* w_s = reinterpret_cast<T*>(din_smem + y.w);
   T* dsv_s = reinterpret_cast<T*>(din_smem + y.dsv);
-  T* red_s = reinterpret_cast<T*>(din_smem + y.red);
+  double* red_s = reinterpret_cast<double*>(din_smem + y.red);
   int64_t* pos = reinterpret_cast<int64_t*>(din_smem + y.pos);
   int64_t* cursor = reinterpret_cast<int64_t*>(din_smem + y.misc);
   int* count = reinterpret_cast<int*>(din_smem + y.misc + 8);
@@ -616,11 +616,12 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
       for (int d = 0; d < D; ++d) c += m.WqdT[int64_t(d) * H1 + j] * q_s[d];
       c_s[j] = c;
     }
-    // Softmax: wdw = sum_t w_t (dout . k_t + dscores_t) over valid t; each
-    // warp's running sum over ~T/8 keys is kept in double (long sequences).
-    T wdw = T(0);
+    // Softmax: the row term wdw = sum_t w_t dL/dw_t / sum_t w_t over valid t, dL/dw_t =
+    // dout . k_t + dscores_t, in double as on the CPU (din_cpu.cpp, WSum): one weight
+    // near 1 makes dL/dw_t - wdw tiny, and wdw in T cancels catastrophically there.
+    double wdw = 0.0;
     if (softmax) {
-      double part_w = 0.0;
+      double part_w = 0.0, part_s = 0.0;
       for (int64_t t = warp; t < ri.len; t += kWarps) {
         if (!is_valid(p, ri, t)) continue;
         const S* kt = kbase + t * p.ldk;
@@ -628,11 +629,20 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
         for (int d = lane; d < D; d += 32) v += dout_s[d] * static_cast<T>(ldv(kt + d));
         v = warp_sum(v);
         if (gsr) v += gsr[t];
-        part_w += static_cast<double>(wr[t] * v);
+        part_w += static_cast<double>(wr[t]) * static_cast<double>(v);
+        part_s += static_cast<double>(wr[t]);
       }
-      if (lane == 0) red_s[warp] = static_cast<T>(part_w);
+      if (lane == 0) {
+        red_s[warp] = part_w;
+        red_s[kWarps + warp] = part_s;
+      }
       __syncthreads();
-      for (int w = 0; w < kWarps; ++w) wdw += red_s[w];
+      double sw = 0.0;
+      for (int w = 0; w < kWarps; ++w) {
+        wdw += red_s[w];
+        sw += red_s[kWarps + w];
+      }
+      if (sw > 0.0) wdw /= sw;
     }
     __syncthreads();
 
@@ -672,7 +682,7 @@ __global__ void __launch_bounds__(kThreads) din_backward_kernel(const DinParams 
           if (gsr) v += gsr[pt];
           const T wt = wr[pt];
           w_s[t] = wt;
-          dsv_s[t] = softmax ? scale * wt * (v - wdw) : v;
+          dsv_s[t] = softmax ? static_cast<T>(static_cast<double>(scale) * wt * (static_cast<double>(v) - wdw)) : v;
         }
       }
       __syncthreads();

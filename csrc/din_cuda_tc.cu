@@ -711,7 +711,9 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
     }
     __syncthreads();
     tc_row_bias(m, nr, q_s, c_s);
-    // softmax: wdw = sum_t w_t (dout . k_t + dscores_t) per row; warps split the positions
+    // softmax: wdw = sum_t w_t (dout . k_t + dscores_t) per row; warps split the positions.
+    // (The FFMA kernel forms it in double and normalised, against fp32 cancellation next to
+    // a weight ~1; with fp16/bf16 keys each dL/dw_t's own rounding is far larger.)
     if (softmax) {
       for (int rr = 0; rr < nr; ++rr) {
         const RowInfo ri = row_info(p, r0 + rr);

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import TOL64, max_rel_err, random_params
+from kernel_cases import DOMINANT_SOFTMAX_CASES, check_dominant_softmax
 from test_op import run
 
 import din_fused
@@ -656,3 +657,18 @@ def test_training_cli_defaults_to_passive_openmp_and_says_so(preset):
     assert p.returncode == 0, p.stderr
     said = "OMP_WAIT_POLICY=passive" in p.stderr
     assert said == (preset is None), p.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# fp32 softmax backward with one weight near 1
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B, T, threads, scale, seed", DOMINANT_SOFTMAX_CASES)
+def test_fp32_softmax_gradients_with_a_dominant_weight(B, T, threads, scale, seed, isa):
+    """ds_t = scale w_t (dL/dw_t - sum_u w_u dL/dw_u): when one weight is ~1 the
+    difference is tiny and the sum, formed in fp32, cancels.  Such rows' dq came out
+    off by more than their own size (as torch's own fp32 softmax backward does here);
+    the kernels form the row term in double, normalised by the weights' sum (din_cpu.cpp,
+    WSum), and get every row's dq within ~2e-5.  The last case splits its one row over
+    two threads, whose parts merge the sums."""
+    with _threads(threads):
+        check_dominant_softmax(B, T, scale, seed)

@@ -11,7 +11,15 @@ import pytest
 import torch
 from common import clone_params, max_rel_err, param_tensors
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd
-from kernel_cases import check_case, check_row_seq, check_unaligned_keys, fwd_bwd, make_problem
+from kernel_cases import (
+    DOMINANT_SOFTMAX_CASES,
+    check_case,
+    check_dominant_softmax,
+    check_row_seq,
+    check_unaligned_keys,
+    fwd_bwd,
+    make_problem,
+)
 
 import din_fused
 
@@ -68,6 +76,11 @@ def test_zero_lengths_give_zeros():
     res = fwd_bwd(q.float(), k.float(), lengths, None, clone_params(p, torch.float32))
     for t in res:  # out, scores, dq, dk and every parameter gradient
         assert torch.count_nonzero(t) == 0
+
+
+@pytest.mark.parametrize("B, T, threads, scale, seed", DOMINANT_SOFTMAX_CASES)
+def test_fp32_softmax_gradients_with_a_dominant_weight(B, T, threads, scale, seed):
+    check_dominant_softmax(B, T, scale, seed, device="cuda")
 
 
 def test_long_sequence():

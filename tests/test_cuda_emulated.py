@@ -19,7 +19,15 @@ import pytest
 import torch
 from common import clone_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd
-from kernel_cases import check_case, check_row_seq, check_unaligned_keys, fwd_bwd, make_problem
+from kernel_cases import (
+    DOMINANT_SOFTMAX_CASES,
+    check_case,
+    check_dominant_softmax,
+    check_row_seq,
+    check_unaligned_keys,
+    fwd_bwd,
+    make_problem,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -238,6 +246,12 @@ def test_long_sequence_fp32_accumulation(emu_module):
     for name, g, r, x in (("out", out, ref_out, out64), ("weights", w, ref_w, w64)):
         err = _norm_err(g, x)
         assert err <= 5e-7, (name, err, "reference fp32:", _norm_err(r, x))
+
+
+@pytest.mark.parametrize("B, T, threads, scale, seed", DOMINANT_SOFTMAX_CASES[:2])
+def test_fp32_softmax_gradients_with_a_dominant_weight(emu_module, B, T, threads, scale, seed):
+    """The FFMA kernel's softmax row term in double, as on the CPU (kernel_cases)."""
+    check_dominant_softmax(B, T, scale, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
