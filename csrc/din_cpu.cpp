@@ -43,9 +43,10 @@
 //   * Fewer rows than threads (one user, a 100k history): rows are cut into parts
 //     over positions (Plan); the parts' online-softmax partials (max, sum, pooled
 //     sum) merge exactly, per row and in part order, forward and backward.
-//   * Accuracy at any T: the pooled sum and the softmax denominator are summed per
-//     tile, tile sums accumulate in double; the Dice statistics are (count, mean,
-//     M2) merged with Chan's formula, never E[z^2] - E[z]^2.
+//   * Accuracy at any T: the pooled sum is summed per tile, tile sums accumulate in
+//     double; the softmax denominator and the backward's row term are summed in double
+//     throughout (WSum); the Dice statistics are (count, mean, M2) merged with Chan's
+//     formula, never E[z^2] - E[z]^2.
 //
 // Napkin math (fp32, D=36, H=(80,40), 51k valid positions = B 1024 x mean len 50):
 //   forward FLOPs/position = 2(D*H1 + H1*H2 + H2 + D) = 12.3k  -> 0.63 GFLOP/call;
@@ -663,8 +664,8 @@ struct FwdPart {
 
 // The softmax backward is ds_t = scale w_t (dL/dw_t - S) with S = sum_u w_u dL/dw_u.
 // When one weight is ~1 the differences dL/dw_t - S are tiny, and S formed in the
-// kernel's precision cancels catastrophically: at softmax scale 20 both this kernel
-// and the reference's fp32 gradients were off by up to 100% of their size.  So S is
+// kernel's precision cancels catastrophically: at softmax scale 40, such rows' fp32 dq
+// was off by more than its own size, here and in torch's own fp32 backward.  So S is
 // formed in double, where a product of two floats is exact, and divided by the
 // weights' own sum (1 up to their rounding): that makes it insensitive to the
 // rounding of the dominant weight, to which sum_u w_u dL/dw_u alone is not.  Parts of

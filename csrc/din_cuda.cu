@@ -29,8 +29,9 @@
 //   of layer l; per-CTA double sums of s and s^2 over valid positions go to the
 //   workspace and a second kernel adds them in a fixed order (deterministic).
 // * Backward: a persistent grid (2 CTAs per SM, rows assigned round-robin, so
-//   the assignment never depends on timing).  Per row: wdw = sum_t w_t dL/dw_t
-//   for the softmax (one extra read of the valid keys), then per tile of
+//   the assignment never depends on timing).  Per row: the softmax's row term
+//   wdw = sum_t w_t dL/dw_t / sum_t w_t in double (one extra read of the valid
+//   keys; see the backward kernel), then per tile of
 //   valid keys the hidden layers are recomputed (nothing [B,T,H] is stored
 //   in global memory), and the gradient runs back through the layers in
 //   shared memory.  Layer 1 uses the unfolded form: with x~ = [k, q*k],

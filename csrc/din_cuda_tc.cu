@@ -285,8 +285,8 @@ TcGeo bwd_geo(const DinParams& p, int TM, int R, bool split) {
   g.odq = a.take(4 * int64_t(R) * g.D);
   g.oc = a.take(4 * int64_t(R) * g.H[0]);
   g.oe = a.take(4 * int64_t(R) * g.H[0]);
-  g.owdw = a.take(4 * R);
-  g.owred = a.take(4 * int64_t(R) * kWarps);
+  g.owdw = a.take(8 * R);                        // double: the softmax row term
+  g.owred = a.take(16 * int64_t(R) * kWarps);    // double [R][2][kWarps]: its warp sums
   int red = 0;  // floats: [NG][5][H_l] for the layers with NG = kThreads / H_l >= 2
   for (int l = 0; l < g.L; ++l)
     if (kThreads / g.H[l] >= 2) red = std::max(red, 5 * (kThreads / g.H[l]) * g.H[l]);
@@ -671,8 +671,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
   float* dq_s = reinterpret_cast<float*>(sm + g.odq);
   float* c_s = reinterpret_cast<float*>(sm + g.oc);
   float* e_s = reinterpret_cast<float*>(sm + g.oe);
-  float* wdw_s = reinterpret_cast<float*>(sm + g.owdw);
-  float* wred = reinterpret_cast<float*>(sm + g.owred);
+  double* wdw_s = reinterpret_cast<double*>(sm + g.owdw);
+  double* wred = reinterpret_cast<double*>(sm + g.owred);
   float* red = reinterpret_cast<float*>(sm + g.ored);
   int* seen = reinterpret_cast<int*>(sm + g.oseen);  // row of the chunk had a valid key
   float* w_s = reinterpret_cast<float*>(sm + g.ow);
@@ -711,31 +711,38 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
     }
     __syncthreads();
     tc_row_bias(m, nr, q_s, c_s);
-    // softmax: wdw = sum_t w_t (dout . k_t + dscores_t) per row; warps split the positions.
-    // (The FFMA kernel forms it in double and normalised, against fp32 cancellation next to
-    // a weight ~1; with fp16/bf16 keys each dL/dw_t's own rounding is far larger.)
+    // softmax: the row term wdw = sum_t w_t dL/dw_t / sum_t w_t, dL/dw_t = dout . k_t +
+    // dscores_t, in double as in the FFMA kernel: next to a weight ~1, dL/dw_t - wdw is
+    // tiny and a float wdw cancels catastrophically.  Warps split the positions.
     if (softmax) {
       for (int rr = 0; rr < nr; ++rr) {
         const RowInfo ri = row_info(p, r0 + rr);
         const S* kb = static_cast<const S*>(p.k) + seq_off(p, ri.s);
         const float* wr = static_cast<const float*>(p.scores) + score_row(p, r0 + rr, p.ld_scores);
         const float* gsr = p.dscores ? static_cast<const float*>(p.dscores) + score_row(p, r0 + rr, p.ld_dscores) : nullptr;
-        double tot = 0.0;  // ~T/8 keys per warp: double for long sequences
+        double tot = 0.0, sw = 0.0;
         for (int64_t t = warp; t < ri.len; t += kWarps) {
           if (!is_valid(p, ri, t)) continue;
           float v = 0.0f;
           for (int d = lane; d < D; d += 32) v += dout_s[rr * D + d] * ldv(kb + t * p.ldk + d);
           v = warp_sum(v);
           if (gsr) v += gsr[t];
-          tot += static_cast<double>(wr[t] * v);
+          tot += static_cast<double>(wr[t]) * static_cast<double>(v);
+          sw += static_cast<double>(wr[t]);
         }
-        if (lane == 0) wred[rr * kWarps + warp] = static_cast<float>(tot);
+        if (lane == 0) {
+          wred[(2 * rr) * kWarps + warp] = tot;
+          wred[(2 * rr + 1) * kWarps + warp] = sw;
+        }
       }
       __syncthreads();
       for (int rr = threadIdx.x; rr < nr; rr += kThreads) {
-        float tot = 0.0f;
-        for (int w = 0; w < kWarps; ++w) tot += wred[rr * kWarps + w];
-        wdw_s[rr] = tot;
+        double tot = 0.0, sw = 0.0;
+        for (int w = 0; w < kWarps; ++w) {
+          tot += wred[(2 * rr) * kWarps + w];
+          sw += wred[(2 * rr + 1) * kWarps + w];
+        }
+        wdw_s[rr] = sw > 0.0 ? tot / sw : tot;
       }
     }
     // (ordered before use by the first tile's syncs)
@@ -789,7 +796,8 @@ __global__ void __launch_bounds__(kThreads, 2) din_tc_backward_kernel(const DinP
           if (p.dscores) v += static_cast<const float*>(p.dscores)[score_row(p, r0 + rr, p.ld_dscores) + pt];
           const float wt = static_cast<const float*>(p.scores)[score_row(p, r0 + rr, p.ld_scores) + pt];
           w_s[t] = wt;
-          dsv_s[t] = softmax ? scale * wt * (v - wdw_s[rr]) : v;
+          dsv_s[t] = softmax ? static_cast<float>(static_cast<double>(scale) * wt * (static_cast<double>(v) - wdw_s[rr]))
+                             : v;
         }
       }
       __syncthreads();
@@ -1015,7 +1023,8 @@ void tc_forward(const DinParams& p, const Net<float>& m, const TcFwdPlan& plan, 
 
 bool tc_backward_plan(const DinParams& p, const DevInfo& di, TcBwdPlan* plan) {
   if (p.dtype != DType::F16 && p.dtype != DType::BF16) return false;
-  const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0] + 2 + kWarps);  // q, dout, dq, c, e, wdw, seen, wred
+  // q, dout, dq, c, e (float); wdw (double); seen (int); wred (double [2][kWarps])
+  const int64_t per_row = 4 * (3 * p.dim + 2 * p.hidden[0]) + 8 + 4 + 16 * kWarps;
   const int R = pick_R(p, di, per_row);
   // Prefer a tile with which two CTAs share an SM; else the largest that fits; at the same
   // occupancy, room for the per-group channel sums.

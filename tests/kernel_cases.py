@@ -184,16 +184,17 @@ def check_unaligned_keys(device, dtype=torch.bfloat16):
         assert torch.equal(a, b)
 
 
-# (B, T, threads, scale, seed): rows with one softmax weight within 1e-6 of 1; the last
-# case is one row, split over two threads on the CPU.
-DOMINANT_SOFTMAX_CASES = [(16, 30, 1, 40.0, 0), (16, 30, 1, 40.0, 1), (1, 1500, 2, 400.0, 0)]
+# (B, T, scale, seed): rows with one softmax weight within 1e-6 of 1.  The last case is
+# one row, which the CPU splits over two threads when it has them.
+DOMINANT_SOFTMAX_CASES = [(16, 30, 40.0, 0), (16, 30, 40.0, 1), (1, 1500, 400.0, 0)]
 
 
 def check_dominant_softmax(B, T, scale, seed, device="cpu"):
     """fp32 dq of rows whose softmax has one weight ~1, per row within 1e-3 of float64.  The
     softmax backward's row term sum_u w_u dL/dw_u cancels against dL/dw_t there: formed in
     fp32 it put such rows' dq off by more than their own size (torch's own fp32 softmax
-    backward too); the kernels form it in double, normalised by the weights' sum."""
+    backward too); the kernels form it in double, normalised by the weights' sum, and land
+    within ~2e-5."""
     D = 8
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, D, generator=gen, dtype=torch.float64)
@@ -210,4 +211,4 @@ def check_dominant_softmax(B, T, scale, seed, device="cpu"):
             assert (1 - w.max(dim=1).values).min() < 1e-6  # the case this check is about
     want = dq[torch.float64]
     err = (dq[torch.float32].double() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
-    assert err.max() <= 1e-3, err.max()
+    assert err.max() <= 1e-4, err.max()
