@@ -195,20 +195,13 @@ def check_dominant_softmax(B, T, scale, seed, device="cpu"):
     fp32 it put such rows' dq off by more than their own size (torch's own fp32 softmax
     backward too); the kernels form it in double, normalised by the weights' sum, and land
     within ~2e-5."""
-    D = 8
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
-    p = random_params(D, (16,), "sigmoid", gen=gen, requires_grad=False)
-    gout = torch.randn(B, D, generator=gen, dtype=torch.float64).to(device)
-    dq = {}
-    for fn, dtype in ((din_fused.din_attention, torch.float32), (din_attention_ref, torch.float64)):
-        pp = {key: [t.to(device, dtype) for t in v] if isinstance(v, list) else v for key, v in p.items()}
-        qq = q.to(device, dtype).requires_grad_()
-        out, w = fn(qq, k.to(device, dtype), **pp, normalization="softmax", scale=scale, return_scores=True)
-        (dq[dtype],) = torch.autograd.grad((out.double() * gout).sum(), [qq])
-        if dtype == torch.float64:
-            assert (1 - w.max(dim=1).values).min() < 1e-6  # the case this check is about
-    want = dq[torch.float64]
-    err = (dq[torch.float32].double() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
+    q, k, _, _, p, gout, _ = make_problem(B, T, 8, (16,), "sigmoid", "none", device, seed)
+    def dq_and_weights(fn, dtype):
+        _, w, dq, *_ = run(fn, q, k, None, None, p, dtype, False, "softmax", False, gout, None, scale)
+        return dq, w
+
+    dq32, _ = dq_and_weights(din_fused.din_attention, torch.float32)
+    want, w = dq_and_weights(din_attention_ref, torch.float64)
+    assert (1 - w.max(dim=1).values).min() < 1e-6  # the case this check is about
+    err = (dq32.double() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
     assert err.max() <= 1e-4, err.max()

@@ -386,7 +386,7 @@ def test_fuzz_found_fp16_width1_relu_kink(emu_install):
 # ratio of two such errors has no hard bound.  The domain keeps scale 50 for fp32
 # (the issue asks for it).  This example was an xfail at the edge of the 4x rule on the AVX2
 # machine where it was found; on the AVX-512 machine it passes under the old rule too (0.76 of
-# the bound; 0.25 of the scale-grown one, see _check), so it is a plain test now.
+# the bound; 0.25 of the scale-grown one, see fp32_bounds), so it is a plain test now.
 FP32_SHARP_SOFTMAX_D1 = {
     "B": 45, "T": 58, "D": 1, "hidden": (227,), "act": "prelu", "training": False, "norm": "softmax",
     "scale": 50.0, "validity": "lengths", "density": 0.0, "return_scores": True, "isa": "generic",
