@@ -1621,19 +1621,23 @@ struct Kernel {
   // c in memory, d by d, it was a store-to-load chain per vector, and the fold cost a
   // row of 32 keys as much as ~5 of its keys (A/B on an AVX-512 Xeon, headline
   // forward 1.03x, rows of 50 keys 1.07-1.09x).
-  static DIN_INLINE void fold(const Model<T>& m, const T* q, Scratch<T>& sc, bool need_M) {
+  // need_MT: false when layer 1's pre-activations come from the cache (zbind), which
+  // needs neither MT nor c.
+  static DIN_INLINE void fold(const Model<T>& m, const T* q, Scratch<T>& sc, bool need_MT, bool need_M) {
     const int D = m.D, H1p = m.Hp[0], nv = H1p / W;
     sc.qrow = q;
-    T* c = sc.c.data();
-    std::memcpy(c, m.bias[0].data(), sizeof(T) * H1p);
-    Gemm<T>::template run<true>(1, nv, D, q, D, 1, m.WqdT.data(), H1p, c, H1p);
-    for (int d = 0; d < D; ++d) {
-      const v qd = X::set1(q[d]);
-      const size_t o = static_cast<size_t>(d) * H1p;
-      const T* a = m.AT + o;
-      const T* wm = m.WmT + o;
-      T* mt = sc.MT.data() + o;
-      for (int j = 0; j < nv; ++j) X::store(mt + j * W, X::load(a + j * W) + qd * X::load(wm + j * W));
+    if (need_MT) {
+      T* c = sc.c.data();
+      std::memcpy(c, m.bias[0].data(), sizeof(T) * H1p);
+      Gemm<T>::template run<true>(1, nv, D, q, D, 1, m.WqdT.data(), H1p, c, H1p);
+      for (int d = 0; d < D; ++d) {
+        const v qd = X::set1(q[d]);
+        const size_t o = static_cast<size_t>(d) * H1p;
+        const T* a = m.AT + o;
+        const T* wm = m.WmT + o;
+        T* mt = sc.MT.data() + o;
+        for (int j = 0; j < nv; ++j) X::store(mt + j * W, X::load(a + j * W) + qd * X::load(wm + j * W));
+      }
     }
     if (need_M) {
       std::memcpy(sc.qp.data(), q, sizeof(T) * D);
@@ -1939,7 +1943,7 @@ struct Kernel {
     RowState st;
     if (sp.t1 > sp.t0) {
       zbind(cx, sc, r);
-      if (first_layer(sc, m.L - 1, false) == 0) fold(m, q, sc, false);
+      if (first_layer(sc, m.L - 1, false) == 0) fold(m, q, sc, true, false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false);
         scores(m, sc, n);
@@ -2080,7 +2084,7 @@ struct Kernel {
     if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
     zbind(cx, sc, sp.r);
-    if (first_layer(sc, l, false) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, false);
+    if (first_layer(sc, l, false) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
     double* mean = sc.rp;
     double* m2 = sc.rp + Hp;
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
@@ -2330,8 +2334,8 @@ struct Kernel {
     // split row, computed here for a whole row.
     double wdw = 0.0;
     if (cx.softmax) wdw = wdw_row ? *wdw_row : row_term(wdw_span(cx, sp));
-    fold(m, q, sc, !reducing);
     zbind(cx, sc, r);
+    fold(m, q, sc, !(sc.zrow && (sc.zhave & 1)), !reducing);
     if (!reducing) {
       std::fill(sc.GT.data(), sc.GT.data() + static_cast<size_t>(D) * H1p, T(0));
       std::fill(sc.e.data(), sc.e.data() + H1p, T(0));
