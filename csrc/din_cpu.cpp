@@ -1618,9 +1618,9 @@ struct Kernel {
   // Folded first layer: c = b1 + (Wq+Wd) q, MT = (Wk-Wd)^T + diag(q) Wm^T, and for
   // the backward M = (Wk-Wd) + Wm diag(q) laid out [H1][Dp].  c is a one-row GEMM
   // (accumulators in registers, as pack_bias forms it for packed rows): summed into
-  // c in memory, d by d, it was a store-to-load chain per vector, and the fold cost a
-  // row of 32 keys as much as ~5 of its keys (A/B on an AVX-512 Xeon, headline
-  // forward 1.03x, rows of 50 keys 1.07-1.09x).
+  // c in memory, d by d, it was a store-to-load chain per vector (on an AVX-512 Xeon,
+  // one thread: rows of 32 keys 216 -> 202 ns per key; A/B headline forward 1.03x,
+  // rows of up to 50 keys 1.07-1.09x).
   // need_MT: false when layer 1's pre-activations come from the cache (zbind), which
   // needs neither MT nor c.
   static DIN_INLINE void fold(const Model<T>& m, const T* q, Scratch<T>& sc, bool need_MT, bool need_M) {

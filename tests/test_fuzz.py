@@ -242,7 +242,8 @@ def _fp32_failure(c, names, got, want, ref_errs):
 
 
 # A pre-activation is at a kink when |z| is below this fraction of the rounding scale of its
-# sum, sum |w x| + |b|: about 200 fp32 ulps of it, more than the rounding of any sum here.
+# sum, sum |w x| + |b|: ~170 fp32 unit roundoffs of it, above the typical rounding of these sums
+# (a missed kink shows as a failure, never as a hidden one).
 KINK_REL = 1e-5
 
 
@@ -267,7 +268,7 @@ def kinks(c, q, k, lengths, mask, p, most=4):
         rel = z.abs() / (x.abs() @ w.abs().T + b.abs()).clamp_min(1e-300)
         for i, j in (rel < KINK_REL).nonzero().tolist():
             found.append((rel[i, j].item(), layer, j, z[i, j].item()))
-        alpha = p["alphas"][layer].double() if c["act"] == "prelu" else torch.zeros(())
+        alpha = p["alphas"][layer].double().reshape(-1) if c["act"] == "prelu" else torch.zeros(())
         x = torch.where(z > 0, z, alpha * z)
     return [(layer, unit, z) for _, layer, unit, z in sorted(found)[:most]]
 
@@ -506,11 +507,12 @@ def test_fuzz_found_fp32_relu_width1_d1(isa, monkeypatch):
 # in the builds before: a pre-activation below the fp32 rounding of its sum, so rounding decides
 # its sign, and the fused op lands on the other side than float64 (the reference's fp32 run
 # happens to agree with float64).  _check then holds the fused op to float64 on the other side
-# (kinks); these cases assert the diagnosis, that kink first, and that the check passes.
+# (kinks).  These cases assert the diagnosis (that kink, and no other, near 0) and that the
+# check passes: check() returns the flipped unit, or None where an ISA path lands on float64's side.
 #   session 13: dq of one row 0.166 off (1e-3 norm-relative, 10x over the rule); at the row's
 #     only valid key, layer 1's unit 17 is 2.2e-7 (the sum has 4D = 184 terms).
 #   session 14: dq 0.56 off (1.4e-3 norm-relative, 14x); layer 2's unit 5 at row 3, key 3 is
-#     2.1e-7, 1.8e-8 of its rounding scale (the next nearest pre-activation: 5.6e-5).
+#     2.1e-7, 1.8e-8 of its rounding scale (the next nearest: 5.6e-5 of its scale).
 FP32_KINKS = [
     ({"B": 46, "T": 8, "D": 46, "hidden": (43,), "act": "relu", "training": False, "norm": "none",
       "scale": 1.0, "validity": "mask", "density": 0.3, "return_scores": False, "isa": None,
@@ -537,6 +539,8 @@ def test_fuzz_kink_rule_still_catches_a_wrong_gradient(monkeypatch):
     is off by as much as a flip, in another direction, still fails."""
     c, _ = FP32_KINKS[1]
     c = {**c, "isa": CPU_ISAS[0]}
+    assert kinks(c, *make_inputs(c)[:5])  # so the check does try the flip
+    monkeypatch.setenv("DIN_FUSED_CPU_ISA", c["isa"])
 
     def skewed(q, k, *args, **kwargs):
         x = 1.4e-3 * q.roll(1, -1)  # the forward sees q exactly; dq gains 1.4e-3 of itself, rolled
