@@ -1279,8 +1279,9 @@ struct Vec {
       return (v)_mm256_maskload_ps(
           p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 #endif
-    (void)n;
-    return load(p);
+    v r{};
+    for (int k = 0; k < n; ++k) r[k] = p[k];
+    return r;
   }
   // A store past the caches (p aligned to VB) for data written once and read back by a
   // later pass, the pre-activation cache: no read-for-ownership of lines that are all
@@ -1894,14 +1895,10 @@ struct Kernel {
     bool any = false;
   };
 
-  // One tile of a row: its n scores s become weights (in place), are written to
-  // the scores row sr at positions pos (softmax: the logits, normalised at the
-  // end), and the weighted sum of the keys A + i * sa is added to sc.racc.
-  // acc[0..D) = sum_i s[i] A[i sa + 0..D), acc zero on entry.  Where a key is at most
-  // kPoolV vectors, the sums stay in registers (through acc in memory, each key's
+  // acc[0..D) = sum_i s[i] A[i sa + 0..D).  Where a key is at most 6 vectors (float,
+  // AVX-512 or AVX2), the sums stay in registers (through acc in memory, each key's
   // add waited on the last one's store: 1.02-1.07x of the forward was pooling).  The
   // same FMAs in the same order either way, so the sums are bitwise the same.
-  static constexpr int kPoolV = 6;
   template <int NV>
   static DIN_INLINE void pool_regs(int n, const T* s, const T* A, int64_t sa, int D, T* acc) {
     const int last = D - (NV - 1) * W;  // lanes of the last vector, 1..W
@@ -1928,16 +1925,19 @@ struct Kernel {
         default: break;
       }
     }
+    std::fill(acc, acc + D, T(0));
     for (int i = 0; i < n; ++i) axpy(D, s[i], A + i * sa, acc);
   }
 
+  // One tile of a row: its n scores s become weights (in place), are written to
+  // the scores row sr at positions pos (softmax: the logits, normalised at the
+  // end), and the weighted sum of the keys A + i * sa is added to sc.racc.
   static DIN_INLINE void pool_tile(const Ctx<T>& cx, Scratch<T>& sc, T* s, int n, const T* A, int64_t sa,
                                    const int64_t* pos, T* sr, RowState& st) {
     const int D = cx.m->D;
     T* acc = sc.acc.data();  // pooled sum of the tile
     double* racc = sc.racc.data();
     st.any = true;
-    std::fill(acc, acc + D, T(0));
     if (!cx.softmax) {
       for (int i = 0; i < n; ++i) sr[pos[i]] = s[i];
       pool_keys(n, s, A, sa, D, acc);

@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import din_fused
-from din_fused.reference import din_attention_ref
+from din_fused.reference import din_attention_ref, valid_positions
 
 FULL = os.environ.get("DIN_FUZZ_FULL", "0") not in ("", "0")
 ENABLED = set(filter(None, os.environ.get("DIN_FUZZ_ENABLE", "").split(",")))
@@ -253,11 +253,7 @@ def kinks(c, q, k, lengths, mask, p, most=4):
     if c["act"] not in ("relu", "prelu"):
         return []
     B, T, D = k.shape
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if lengths is not None:
-        valid &= torch.arange(T)[None] < lengths[:, None]
-    if mask is not None:
-        valid &= mask
+    valid = valid_positions(T, lengths, mask, batch=B)
     qv = q[:, None, :].expand(B, T, D)[valid]
     kv = k[valid]
     x = torch.cat([qv, kv, qv - kv, qv * kv], dim=1)
