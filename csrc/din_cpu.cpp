@@ -1774,11 +1774,13 @@ struct Kernel {
     sc.zhave = cx.zhave;
     sc.zl = &cx.zl;
   }
-  // The lowest layer a pass up to `last` must touch: with layer l cached, the
-  // layers below it are needed only when all_h (the backward reads every h).
-  static DIN_INLINE int first_layer(const Scratch<T>& sc, int last, bool all_h) {
-    if (!sc.zrow || all_h) return 0;
-    for (int l = last; l > 0; --l)
+  // The lowest layer a pass must compute when it needs the h of layers need..last:
+  // layer `need` itself if the cache holds its pre-activation, else the nearest one
+  // below it that the cache holds (0: from the keys).  The forward passes need only
+  // layer last; a reduction for layer l, layers l..last; the full backward, every h.
+  static DIN_INLINE int first_layer(const Scratch<T>& sc, int need) {
+    if (!sc.zrow) return 0;
+    for (int l = need; l > 0; --l)
       if (sc.zhave >> l & 1) return l;
     return 0;
   }
@@ -1807,13 +1809,13 @@ struct Kernel {
 
   // Hidden layers first_layer..last of the current tile; layer `last` is
   // activated when activate_last, otherwise left as the pre-activation (plus
-  // bias) in Z[last].  all_h: every layer's h is wanted, not only layer last's.
+  // bias) in Z[last].  need: the lowest layer whose h is wanted (first_layer).
   // With a cache, a layer found there is loaded (its pre-activation with the
   // bias) instead of computed, and a computed one is stored.  (Keeping the Dice
   // gates too was tried: the extra memory traffic cost as much as the exps saved.)
   static DIN_INLINE void hidden(const Model<T>& m, Scratch<T>& sc, int n, int last, bool activate_last,
-                                bool keep_z, bool all_h = false) {
-    for (int l = first_layer(sc, last, all_h); l <= last; ++l) {
+                                bool keep_z, int need) {
+    for (int l = first_layer(sc, need); l <= last; ++l) {
       T* Z = sc.Z[l].data();
       const int Hp = m.Hp[l], nv = Hp / W;
       const bool act_l = l < last || activate_last;
@@ -1999,9 +2001,9 @@ struct Kernel {
     RowState st;
     if (sp.t1 > sp.t0) {
       zbind(cx, sc, r);
-      if (first_layer(sc, m.L - 1, false) == 0) fold(m, q, sc, true, false);
+      if (first_layer(sc, m.L - 1) == 0) fold(m, q, sc, true, false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
-        hidden(m, sc, n, m.L - 1, true, false);
+        hidden(m, sc, n, m.L - 1, true, false, m.L - 1);
         scores(m, sc, n);
         pool_tile(cx, sc, sc.s.data(), n, sc.A, sc.sa, sc.pos, sr, st);
       });
@@ -2099,7 +2101,7 @@ struct Kernel {
       pack_bias(cx, sc);
       sc.zrow = nullptr;
       sc.packed = true;
-      hidden(m, sc, sc.pn, m.L - 1, true, false);
+      hidden(m, sc, sc.pn, m.L - 1, true, false, m.L - 1);
       sc.packed = false;
       scores(m, sc, sc.pn);
     }
@@ -2140,11 +2142,11 @@ struct Kernel {
     if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
     zbind(cx, sc, sp.r);
-    if (first_layer(sc, l, false) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
+    if (first_layer(sc, l) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
     double* mean = sc.rp;
     double* m2 = sc.rp + Hp;
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
-      hidden(m, sc, n, l, false, false);  // layers < l use the batch statistics already known
+      hidden(m, sc, n, l, false, false, l);  // layers < l use the batch statistics already known
       const T* z = sc.Z[l].data();
       const double na = sc.count, nb = n, tot = na + nb;
       // The tile's mean and M2 per channel, vectorised over channels, then merged
@@ -2398,7 +2400,9 @@ struct Kernel {
     }
 
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
-      hidden(m, sc, n, L - 1, true, m.keep_z, true);
+      // A reduction for layer red needs layers red..L-1 (the layers below feed it only
+      // through the cache); the full backward reads every h.
+      hidden(m, sc, n, L - 1, true, m.keep_z, reducing ? red : 0);
       T* gh = sc.g1.data();  // dL/dh of the current layer [n, Hp_l]
       T* other = sc.g2.data();
       T* ds = sc.ds.data();
@@ -2481,7 +2485,7 @@ struct Kernel {
       pack_bias(cx, sc);
       sc.zrow = nullptr;
       sc.packed = true;
-      hidden(m, sc, n, L - 1, true, m.keep_z, true);
+      hidden(m, sc, n, L - 1, true, m.keep_z, 0);
       sc.packed = false;
       T* ds = sc.ds.data();
       T dbout = T(0);

@@ -22,7 +22,9 @@ Op signatures (all tensors are on one device; the parameter lists are MLPParams.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
+import weakref
 
 import torch
 import torch._C._functorch as _functorch
@@ -221,17 +223,21 @@ ZCACHE_MAX_BYTES = 256 << 20
 
 class _ThreadScratch(threading.local):
     buf: Tensor | None = None
+    # Whose pre-activations buf holds, all layers of them: the _Ident of the call that
+    # wrote them last, or None.  Whoever takes the buffer to write clears it.
+    holds: _Ident | None = None
 
 
 _scratch = _ThreadScratch()
 
 
 def _cpu_scratch(nbytes: int) -> Tensor:
-    """A CPU buffer of at least nbytes, kept per thread from call to call.  A fresh
-    tensor of tens of MB is new pages from the OS on every call (glibc maps them above
-    32 MB and unmaps them on free), and touching them cost as much as the cache saves;
-    the buffer is only ever grown, to at most ZCACHE_MAX_BYTES.  release_scratch()
-    gives it back."""
+    """A CPU buffer of at least nbytes, kept per thread from call to call, for the caller
+    to write.  A fresh tensor of tens of MB is new pages from the OS on every call (glibc
+    maps them above 32 MB and unmaps them on free), and touching them cost as much as the
+    cache saves; the buffer is only ever grown, to at most ZCACHE_MAX_BYTES.
+    release_scratch() gives it back."""
+    _scratch.holds = None
     buf = _scratch.buf
     if buf is None or buf.numel() < nbytes:
         _scratch.buf = None  # free the old one before the new one is allocated
@@ -242,6 +248,41 @@ def _cpu_scratch(nbytes: int) -> Tensor:
 def release_scratch() -> None:
     """Free this thread's kept CPU scratch (the training-mode Dice pre-activation cache)."""
     _scratch.buf = None
+    _scratch.holds = None
+
+
+class _Ident:
+    """Who a filled pre-activation cache belongs to: the op arguments its contents depend
+    on (tensors by object and version, held weakly: nothing is kept alive for it), the
+    options, and the Dice statistics the forward computed.  A backward whose arguments
+    match, on the same thread, with no din_fused call having taken the buffer since, finds
+    the forward's pre-activations there, bitwise those it would recompute (the same
+    kernels on the same inputs): the first reduction pass then skips every layer's GEMM.
+    Any doubt (a tensor freed or modified in place, another ISA, the stats not the
+    forward's) and it recomputes, as every backward did before."""
+
+    def __init__(self, tensors: list, options: tuple):
+        self.refs = [None if t is None else (weakref.ref(t), t._version) for t in tensors]
+        self.options = (*options, os.environ.get("DIN_FUSED_CPU_ISA"))
+
+    def matches(self, other: _Ident) -> bool:
+        if self.options != other.options or len(self.refs) != len(other.refs):
+            return False
+        for a, b in zip(self.refs, other.refs):
+            if (a is None) != (b is None):
+                return False
+            if a is not None and (a[1] != b[1] or a[0]() is None or a[0]() is not b[0]()):
+                return False
+        return True
+
+
+def _ident_args(layout: str, query, keys, index, extra, weights, biases, alphas, bn_weights, bn_biases,
+                activation, normalization, scale) -> tuple:
+    """What an op call's _Ident is made of, but for the statistics (added by the caller):
+    query, keys or values, lengths or offsets, mask or row_seq, the parameter lists, the
+    options."""
+    return ([query, keys, index, extra, *weights, *biases, *alphas, *bn_weights, *bn_biases],
+            (layout, activation, normalization, float(scale), len(weights)))
 
 
 class _Prepared:
@@ -320,22 +361,42 @@ class _Prepared:
         self.cfg.update({"dk_rows": self._dk_rows.data_ptr(), "seq_rows": self._seq_rows.data_ptr(),
                          "seq_rows_start": self._seq_rows_start.data_ptr(), "num_seqs": S})
 
-    def zcache(self) -> None:
+    ident_args: tuple | None = None  # _ident_args of the op call, set by the op
+
+    def _ident(self, stats: Tensor) -> _Ident | None:
+        return None if self.ident_args is None else _Ident([*self.ident_args[0], stats], self.ident_args[1])
+
+    def zcache(self, stats: Tensor | None = None) -> None:
         """CPU, training-mode Dice: scratch for the hidden pre-activations of every valid
         position (the sum of row lengths x the hidden widths, padded to 64 bytes), which
         the statistics passes and the forward, or the reductions and the backward, share
         instead of each recomputing the layers below: every layer's GEMM then runs once per
-        call instead of once per pass, with bitwise the same results.  Its contents live
-        for one call (nothing is kept for the backward); the buffer is _cpu_scratch's.
-        Above ZCACHE_MAX_BYTES the passes recompute.  zcache_have names the layers an earlier
-        pass has written (bit l: layer l; zcache_holds)."""
+        call instead of once per pass, with bitwise the same results.  The buffer is
+        _cpu_scratch's, kept per thread.  Nothing is kept for the backward, but the buffer
+        outlives the call, and a backward that finds its forward's pre-activations still
+        there (stats given: the backward's; see _Ident) reads them instead of recomputing
+        them.  Above ZCACHE_MAX_BYTES the passes recompute.  zcache_have names the layers an
+        earlier pass has written (bit l: layer l; zcache_holds)."""
         if self.cuda_kernels or self.empty:
             return
         nbytes = _C.workspace_bytes(self.cfg, "zcache")
         if nbytes == 0 or nbytes > ZCACHE_MAX_BYTES:
             return
-        self._zbuf = buf = _cpu_scratch(nbytes)  # held by this call too, whatever the thread-local does
-        self.cfg.update({"zcache": buf.data_ptr(), "zcache_bytes": nbytes, "zcache_have": 0})
+        ident = None if stats is None else self._ident(stats)
+        held, buf = _scratch.holds, _scratch.buf
+        if ident is not None and held is not None and buf is not None and buf.numel() >= nbytes \
+                and held.matches(ident):
+            have = (1 << self.L) - 1
+        else:
+            buf, have = _cpu_scratch(nbytes), 0
+        self._zbuf = buf  # held by this call too, whatever the thread-local does
+        self.cfg.update({"zcache": buf.data_ptr(), "zcache_bytes": nbytes, "zcache_have": have})
+
+    def zcache_filled(self, stats: Tensor) -> None:
+        """Every layer of this call, with these statistics, is now in the cache: say so, for
+        a backward to find (_Ident)."""
+        if "zcache" in self.cfg and self._zbuf is _scratch.buf:
+            _scratch.holds = self._ident(stats)
 
     def zcache_holds(self, layers: int) -> None:
         """With a cache in use: the passes so far wrote layers 0..layers-1."""
@@ -452,6 +513,7 @@ def _forward(prep: _Prepared, activation, running_means, running_vars, training,
     prep.zcache_holds(prep.L)  # the statistics passes wrote every layer
     _C.forward({**prep.cfg, "out": out.data_ptr(), "ldo": prep.D, "scores": scores.data_ptr(),
                 "ld_scores": prep.T})
+    prep.zcache_filled(stats)
     return out, scores, stats
 
 
@@ -492,13 +554,17 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
             corr = torch.zeros(L, 2, max(prep.hidden), dtype=acc, device=dev)
             prep.cfg["bn_corr_a"] = [corr[l, 0].data_ptr() for l in range(L)]
             prep.cfg["bn_corr_c"] = [corr[l, 1].data_ptr() for l in range(L)]
-            prep.zcache()  # the first reduction writes every layer, the later passes read
+            # The first reduction writes every layer (unless the forward's are still
+            # there), the later passes read.
+            prep.zcache(stats)
             for l in reversed(range(L)):
                 h = prep.hidden[l]
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
                 corr[l, :, :h] = (sums / nf).to(acc)
-                prep.zcache_holds(L)
+                if l == L - 1:
+                    prep.zcache_holds(L)
+                    prep.zcache_filled(stats)
         prep.shared_dk_rows()
         _C.backward({**prep.cfg, "dq": dq.data_ptr(), "lddq": prep.D, "dk": dk.data_ptr(),
                      "dW": _ptrs(dW), "db": _ptrs(db), "dalpha": _ptrs(dalpha),
@@ -655,10 +721,13 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
     in_kernel = mask is None and not keys.is_cuda and not (training and activation == "dice")
     if not in_kernel:
         _check_lengths_values(lengths, T)
+    ident = _ident_args("padded", query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
+                        activation, normalization, scale)
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale)
+    prep.ident_args = ident
     if in_kernel:
         if prep.empty:
             _check_lengths_values(lengths, T)
@@ -687,10 +756,13 @@ def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, k
     """Returns dq shaped like the query ([B,D]; [B,1,D] when called directly with one, see
     call_forward), dk [B,T,D] and the parameter gradients in the order weights, biases,
     alphas, bn_weights, bn_biases (each list as given)."""
+    ident = _ident_args("padded", query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
+                        activation, normalization, scale)
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale)
+    prep.ident_args = ident
     dq, dk, kgrads = _backward(prep, grad_out, grad_scores, stats, scores, activation, training)
     grads = _param_grads(kgrads, weights, biases, alphas, bn_weights, bn_biases)
     return dq.to(query.dtype), dk.to(keys.dtype), grads
@@ -789,6 +861,9 @@ def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, b
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T,
                      rows_cover_keys=row_seq is None)
     prep.use_jagged_scores(starts, total)
+    # The cache's slots are (row, position), whether or not the rows' sequences are gathered.
+    prep.ident_args = _ident_args("jagged", query, values, offsets, row_seq, weights, biases, alphas,
+                                  bn_weights, bn_biases, activation, normalization, scale)
     return prep
 
 

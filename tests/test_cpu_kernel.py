@@ -477,9 +477,10 @@ def test_dice_training_cache_is_bitwise_the_recomputation(case, dtype, isa, monk
     with _threads(threads):
         cached = _all(run(din_fused.din_attention, *args))
         L, full = len(hidden), (1 << len(hidden)) - 1
-        # Statistics pass l finds layers < l; the forward all; the first reduction none, the rest all.
-        assert seen == ([("stats", (1 << l) - 1) for l in range(L)] + [("forward", full), ("backward", 0)]
-                        + [("backward", full)] * L)
+        # Statistics pass l finds layers < l; the forward all; the backward's passes all, the
+        # first one the forward's (still in this thread's buffer: _Ident).
+        assert seen == ([("stats", (1 << l) - 1) for l in range(L)] + [("forward", full)]
+                        + [("backward", full)] * (L + 1))
         monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
         seen.clear()
         recomputed = _all(run(din_fused.din_attention, *args))
@@ -487,6 +488,85 @@ def test_dice_training_cache_is_bitwise_the_recomputation(case, dtype, isa, monk
     for i, (a, b) in enumerate(zip(cached, recomputed)):
         assert _bitwise(a, b), i
     assert all(torch.isfinite(t).all() for t in cached)  # the holes were never read
+
+
+def _fwd_then_bwd(args):
+    """run()'s forward now; its backward when the returned function is called."""
+    q, k, lengths, mask, p, dtype, training, norm, _, gout, gsc = args
+    from kernel_cases import clone_params, param_tensors
+    p = clone_params(p, dtype)
+    for key, v in p.items():
+        if isinstance(v, list) and key not in ("running_means", "running_vars"):
+            p[key] = [t.detach().requires_grad_() for t in v]
+    qq, kk = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    out, w = din_fused.din_attention(qq, kk, lengths, mask, **p, training=training, normalization=norm,
+                                     scale=0.7, return_scores=True)
+    loss = (out.double() * gout).sum() + (w.double() * gsc).sum()
+    return lambda: [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(p)])]
+
+
+def _first_reduction(seen):
+    return [have for name, have in seen if name == "backward"][0]
+
+
+@pytest.mark.parametrize("between", ["nothing", "another call", "release", "another ISA", "another thread"])
+def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(between, monkeypatch):
+    """The backward reads the forward's pre-activations from this thread's buffer when no
+    din_fused call has written it since (and recomputes them otherwise): bitwise the same
+    gradients either way."""
+    from din_fused import ops
+    args, hidden, threads = _cache_problem("three-layers", torch.float32)
+    other, _, _ = _cache_problem("padded-mask", torch.float32)
+    full = (1 << len(hidden)) - 1
+    with _threads(threads):
+        monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
+        want = _fwd_then_bwd(args)()
+        monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 256 << 20)
+        seen = _spy_zcache(monkeypatch)
+        backward = _fwd_then_bwd(args)
+        if between == "another call":
+            _fwd_then_bwd(other)
+        elif between == "release":
+            ops.release_scratch()
+        elif between == "another ISA":
+            monkeypatch.setenv("DIN_FUSED_CPU_ISA", "generic")
+        seen.clear()
+        if between == "another thread":
+            got = []
+            t = threading.Thread(target=lambda: got.extend(backward()))
+            t.start()
+            t.join()
+        else:
+            got = backward()
+    assert _first_reduction(seen) == (full if between == "nothing" else 0)
+    if between == "another ISA":  # the backward ran on the baseline path: not bitwise the forward's ISA
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(i))
+        return
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _bitwise(a, b), i
+
+
+def test_dice_training_backward_with_other_statistics_recomputes(monkeypatch):
+    """A backward op called by hand with statistics other than its forward's (here: the same
+    values, another tensor) must not take the forward's cache."""
+    from din_fused import ops
+    args, hidden, threads = _cache_problem("three-layers", torch.float64)
+    q, k, lengths, mask, p, dtype, training, norm, _, gout, gsc = args
+    a = dict(query=q, keys=k, lengths=lengths, mask=mask, weights=p["weights"], biases=p["biases"],
+             alphas=p["alphas"], bn_weights=p["bn_weights"], bn_biases=p["bn_biases"], activation="dice",
+             normalization=norm, scale=0.7, training=True)
+    with _threads(threads):
+        out, scores, stats = ops.din_fwd(**a, running_means=[t.clone() for t in p["running_means"]],
+                                         running_vars=[t.clone() for t in p["running_vars"]], eps=1e-8)
+        seen = _spy_zcache(monkeypatch)
+        reused = ops.din_bwd(gout, gsc, **a, stats=stats, scores=scores)
+        assert _first_reduction(seen) == (1 << len(hidden)) - 1
+        seen.clear()
+        got = ops.din_bwd(gout, gsc, **a, stats=stats.clone(), scores=scores)
+        assert _first_reduction(seen) == 0
+    for i, (x, y) in enumerate(zip([got[0], got[1], *got[2]], [reused[0], reused[1], *reused[2]])):
+        assert _bitwise(x, y), i
 
 
 def test_dice_training_cache_off_64_bytes_is_bitwise_the_same(isa, monkeypatch):
