@@ -34,6 +34,25 @@ def _check_no_forward_ad(*tensors) -> None:
             "use reverse mode (loss.backward(), torch.autograd.grad), or din_attention_ref for forward mode")
 
 
+def _autocast(query, keys):
+    """query and keys as torch.autocast would give them to a matmul, inside an autocast region
+    for their device: in the autocast dtype on CUDA, whose kernels read float16/bfloat16; in
+    float32 on the CPU, whose kernels compute in float32 whatever they are given (a lower-precision
+    copy would only add rounding).  A query from an autocast Linear (bfloat16) and keys from an
+    embedding (float32) then meet in one dtype, as they do in the eager ops the layer replaces.
+    float64 is left alone, as autocast leaves it; outside autocast both pass as given."""
+    if not (isinstance(query, Tensor) and isinstance(keys, Tensor)):
+        return query, keys  # (check_inputs names what is wrong)
+    dev = keys.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return query, keys
+    dtype = torch.get_autocast_dtype(dev) if dev == "cuda" else torch.float32
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+    return cast(query), cast(keys)
+
+
 def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, scale):
     dice = p.activation == "dice"
     if dice and training and p.momentum is None:
@@ -84,6 +103,9 @@ def din_attention(
         out shaped like query, or (out, w) with the weights w [B, T] (zero where invalid) when
         return_scores.
 
+    Inside torch.autocast, query and keys are first cast as for a matmul (_autocast): to the
+    autocast dtype on CUDA, to float32 on the CPU; out comes back in that dtype.
+
     Dice in training mode uses BatchNorm statistics over the valid positions and
     updates running_means/running_vars in place (momentum, unbiased variance), like
     nn.BatchNorm1d.  Gradients flow to query, keys and every parameter (reverse mode
@@ -99,6 +121,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
                     *, params: MLPParams, training: bool = False, normalization: str = "none",
                     scale: float = 1.0, return_scores: bool = False):
     """din_attention with the parameters as one MLPParams bundle."""
+    query, keys = _autocast(query, keys)
     check_inputs(query, keys, lengths, mask, params, normalization, scale, query_3d=True)
     _check_no_forward_ad(query, keys, *params.weights, *params.biases)
     B, T, _ = keys.shape
@@ -161,6 +184,7 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
                            *, params: MLPParams, training: bool = False, normalization: str = "none",
                            scale: float = 1.0, return_scores: bool = False):
     """din_attention_jagged with the parameters as one MLPParams bundle."""
+    query, values = _autocast(query, values)
     check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale, query_3d=True)
     _check_no_forward_ad(query, values, *params.weights, *params.biases)
     out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)

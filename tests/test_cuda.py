@@ -216,5 +216,25 @@ def test_module_bf16_matches_reference_impl():
     assert max_rel_err(got, want) < 3e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_runs_the_kernels_in_the_autocast_dtype(dtype):
+    """Under CUDA autocast the fused layer takes query and keys as a matmul would: in the autocast
+    dtype, which the kernels read natively.  A float32 query (an autocast Linear gives the
+    autocast dtype already) and float32 keys from an embedding meet there; the result is the
+    fused op on inputs cast by hand, bitwise, and the gradients reach both."""
+    torch.manual_seed(16)
+    mod = din_fused.FusedDINAttention(embedding_dim=36, att_hidden_units=(80, 40), att_activation="sigmoid",
+                                      weight_normalization=True).cuda()
+    q = torch.randn(64, 1, 36, device="cuda", requires_grad=True)
+    k = torch.randn(64, 20, 36, device="cuda", requires_grad=True)
+    lengths = torch.randint(0, 21, (64,), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out = mod(q, k, lengths)
+    assert out.dtype == dtype
+    assert torch.equal(out, mod(q.detach().to(dtype), k.detach().to(dtype), lengths))
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+
+
 def test_unaligned_key_rows_take_the_scalar_loads():
     check_unaligned_keys("cuda")

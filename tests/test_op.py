@@ -274,3 +274,68 @@ def test_reference_takes_the_middle_axis_too():
     assert o3.shape == (4, 1, 6) and torch.equal(o3[:, 0], o2) and torch.equal(w3, w2)
     assert torch.equal(din_attention_ref(q[:, None], k, lengths, mask, **p)[:, 0],
                        din_attention_ref(q, k, lengths, mask, **p))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.autocast: a query from an autocast Linear meets keys from an embedding
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["padded", "jagged", "nested"])
+def test_cpu_autocast_casts_to_float32_like_the_eager_layer(layout):
+    """Under CPU autocast the query of a Linear is bfloat16 and the keys (an embedding's) float32:
+    the fused layer runs on both in float32, as its kernels compute, and gives bitwise the result
+    of float32 inputs; gradients flow back through the casts to the Linear.  Outside autocast the
+    same mixed call is refused, naming both dtypes."""
+    torch.manual_seed(3)
+    D = 37
+    mod = din_fused.FusedDINAttention(D, (12, 7), "prelu", weight_normalization=True)
+    lin = torch.nn.Linear(D, D)
+    q0, lengths = torch.randn(5, 1, D), torch.tensor([4, 1, 0, 6, 3])
+    keys = torch.randn(5, 6, D).requires_grad_()
+    valid = torch.arange(6)[None, :] < lengths[:, None]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+
+    def call(q, k):
+        if layout == "padded":
+            return mod(q, k, lengths)
+        if layout == "jagged":
+            return mod(q, k[valid], offsets=offsets)
+        return mod(q, torch.nested.nested_tensor_from_jagged(k[valid], offsets))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = lin(q0)
+        assert q.dtype == torch.bfloat16
+        out = call(q, keys)
+    assert out.dtype == torch.float32
+    want = call(q.detach().float(), keys.detach())
+    assert torch.equal(out, want)
+    out.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert keys.grad is not None and keys.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match=r"query \(torch.bfloat16\) and (keys|values) \(torch.float32\)"):
+        call(q.detach(), keys.detach())
+
+
+def test_cpu_autocast_leaves_float64_alone():
+    torch.manual_seed(4)
+    mod = din_fused.FusedDINAttention(8, (6,), "sigmoid").double()
+    q, k, lengths = torch.randn(3, 1, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64), \
+        torch.tensor([4, 2, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod(q, k, lengths)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, mod(q, k, lengths))
+
+
+def test_cpu_autocast_under_torch_compile_fullgraph():
+    torch.manual_seed(5)
+    mod = din_fused.FusedDINAttention(16, (8, 4), "sigmoid")
+    lin = torch.nn.Linear(16, 16)
+
+    def f(q, k, lengths):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return mod(lin(q), k, lengths)
+
+    q, k, lengths = torch.randn(4, 1, 16), torch.randn(4, 5, 16), torch.tensor([5, 3, 1, 0])
+    got = torch.compile(f, fullgraph=True)(q, k, lengths)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, f(q, k, lengths))
