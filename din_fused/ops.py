@@ -364,7 +364,13 @@ class _Prepared:
     ident_args: tuple | None = None  # _ident_args of the op call, set by the op
 
     def _ident(self, stats: Tensor) -> _Ident | None:
-        return None if self.ident_args is None else _Ident([*self.ident_args[0], stats], self.ident_args[1])
+        if self.ident_args is None:
+            return None
+        tensors = [*self.ident_args[0], stats]
+        # Inference tensors have no version counter, and no backward will look.
+        if any(t is not None and t.is_inference() for t in tensors):
+            return None
+        return _Ident(tensors, self.ident_args[1])
 
     def zcache(self, stats: Tensor | None = None) -> None:
         """CPU, training-mode Dice: scratch for the hidden pre-activations of every valid

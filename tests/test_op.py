@@ -339,3 +339,23 @@ def test_cpu_autocast_under_torch_compile_fullgraph():
     got = torch.compile(f, fullgraph=True)(q, k, lengths)
     assert got.dtype == torch.float32
     assert torch.equal(got, f(q, k, lengths))
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "dice"])
+def test_inference_mode_matches_no_grad_in_train_and_eval(act):
+    """torch.inference_mode, a common serving and evaluation context: the same outputs and the same
+    running-statistics update as under no_grad, training-mode Dice included (its tensors have no
+    version counter there, which the backward's cache check must not ask for)."""
+    import copy
+    torch.manual_seed(6)
+    q, k, lengths = torch.randn(4, 1, 16), torch.randn(4, 5, 16), torch.tensor([5, 3, 1, 0])
+    for train in (True, False):
+        a = din_fused.FusedDINAttention(16, (8, 4), act).train(train)
+        b = copy.deepcopy(a)
+        with torch.inference_mode():
+            got = a(q, k, lengths)
+        with torch.no_grad():
+            want = b(q, k, lengths)
+        assert torch.equal(got, want)
+        for x, y in zip(a.buffers(), b.buffers()):
+            assert torch.equal(x, y)
