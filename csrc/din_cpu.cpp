@@ -1784,6 +1784,11 @@ struct Kernel {
       if (sc.zhave >> l & 1) return l;
     return 0;
   }
+  // Whether a pass needing layers need.. computes layer 0 (from the keys, with the row's
+  // fold) rather than loading it from the cache.
+  static DIN_INLINE bool computes_layer0(const Scratch<T>& sc, int need) {
+    return first_layer(sc, need) == 0 && !(sc.zrow && (sc.zhave & 1));
+  }
   // Layer l's Hp values per key of the tile between buf [n, Hp] and the cache.  A
   // store zero-fills the slot up to its widest padding, so a pass on a wider ISA
   // (DIN_FUSED_CPU_ISA is read per call) never reads unwritten lanes.
@@ -2001,7 +2006,7 @@ struct Kernel {
     RowState st;
     if (sp.t1 > sp.t0) {
       zbind(cx, sc, r);
-      if (first_layer(sc, m.L - 1) == 0) fold(m, q, sc, true, false);
+      if (computes_layer0(sc, m.L - 1)) fold(m, q, sc, true, false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false, m.L - 1);
         scores(m, sc, n);
@@ -2142,7 +2147,7 @@ struct Kernel {
     if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
     zbind(cx, sc, sp.r);
-    if (first_layer(sc, l) == 0) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
+    if (computes_layer0(sc, l)) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
     double* mean = sc.rp;
     double* m2 = sc.rp + Hp;
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
@@ -2393,7 +2398,7 @@ struct Kernel {
     double wdw = 0.0;
     if (cx.softmax) wdw = wdw_row ? *wdw_row : row_term(wdw_span(cx, sp));
     zbind(cx, sc, r);
-    fold(m, q, sc, !(sc.zrow && (sc.zhave & 1)), !reducing);
+    fold(m, q, sc, computes_layer0(sc, reducing ? red : 0), !reducing);
     if (!reducing) {
       std::fill(sc.GT.data(), sc.GT.data() + static_cast<size_t>(D) * H1p, T(0));
       std::fill(sc.e.data(), sc.e.data() + H1p, T(0));
