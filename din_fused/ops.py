@@ -258,12 +258,18 @@ class _Ident:
     match, on the same thread, with no din_fused call having taken the buffer since, finds
     the forward's pre-activations there, bitwise those it would recompute (the same
     kernels on the same inputs): the first reduction pass then skips every layer's GEMM.
-    Any doubt (a tensor freed or modified in place, another ISA, the stats not the
-    forward's) and it recomputes, as every backward did before."""
+    Any doubt (a tensor freed, modified in place or given other memory through .data,
+    another ISA, the stats not the forward's) and it recomputes, as every backward did
+    before.  Writes that bump no version counter (through .data, numpy, DLPack) cannot
+    be seen, as autograd's own saved tensors cannot see them."""
 
     def __init__(self, tensors: list, options: tuple):
-        self.refs = [None if t is None else (weakref.ref(t), t._version) for t in tensors]
+        self.refs = [None if t is None else (weakref.ref(t), self._where(t)) for t in tensors]
         self.options = (*options, os.environ.get("DIN_FUSED_CPU_ISA"))
+
+    @staticmethod
+    def _where(t: Tensor) -> tuple:
+        return t._version, t.data_ptr(), t.shape, t.stride(), t.storage_offset()
 
     def matches(self, other: _Ident) -> bool:
         if self.options != other.options or len(self.refs) != len(other.refs):
@@ -277,10 +283,12 @@ class _Ident:
 
 
 def _ident_args(layout: str, query, keys, index, extra, weights, biases, alphas, bn_weights, bn_biases,
-                activation, normalization, scale) -> tuple:
+                activation, normalization, scale, training) -> tuple | None:
     """What an op call's _Ident is made of, but for the statistics (added by the caller):
     query, keys or values, lengths or offsets, mask or row_seq, the parameter lists, the
-    options."""
+    options.  None unless the call is a CPU training-mode Dice one, the only kind with a cache."""
+    if not (training and activation == "dice" and keys.is_cpu):
+        return None
     return ([query, keys, index, extra, *weights, *biases, *alphas, *bn_weights, *bn_biases],
             (layout, activation, normalization, float(scale), len(weights)))
 
@@ -728,7 +736,7 @@ def _din_fwd_impl(query: Tensor, keys: Tensor, lengths: Tensor, mask: Tensor | N
     if not in_kernel:
         _check_lengths_values(lengths, T)
     ident = _ident_args("padded", query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                        activation, normalization, scale)
+                        activation, normalization, scale, training)
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
@@ -763,7 +771,7 @@ def _din_bwd_impl(grad_out: Tensor, grad_scores: Tensor | None, query: Tensor, k
     call_forward), dk [B,T,D] and the parameter gradients in the order weights, biases,
     alphas, bn_weights, bn_biases (each list as given)."""
     ident = _ident_args("padded", query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
-                        activation, normalization, scale)
+                        activation, normalization, scale, training)
     if mask is not None:
         lengths = _mask_lengths(mask, lengths)
     prep = _Prepared(query, keys, lengths, mask, weights, biases, alphas, bn_weights, bn_biases,
@@ -861,7 +869,7 @@ def _jagged_layout_torch(off: Tensor, rs: Tensor | None, N: int, D: int, *, gath
 
 
 def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights, bn_biases,
-                     activation, normalization, scale, *, gather: bool) -> _Prepared:
+                     activation, normalization, scale, training, *, gather: bool) -> _Prepared:
     seq_start, seq_len, rs, T, lens, starts, total = _jagged_layout(values, offsets, row_seq, gather=gather)
     prep = _Prepared(query, values, seq_len, None, weights, biases, alphas, bn_weights, bn_biases,
                      activation, normalization, scale, seq_start=seq_start, row_seq=rs, max_len=T,
@@ -869,7 +877,7 @@ def _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, b
     prep.use_jagged_scores(starts, total)
     # The cache's slots are (row, position), whether or not the rows' sequences are gathered.
     prep.ident_args = _ident_args("jagged", query, values, offsets, row_seq, weights, biases, alphas,
-                                  bn_weights, bn_biases, activation, normalization, scale)
+                                  bn_weights, bn_biases, activation, normalization, scale, training)
     return prep
 
 
@@ -882,7 +890,7 @@ def _din_jagged_fwd_impl(query: Tensor, values: Tensor, offsets: Tensor, row_seq
     [S+1], row_seq [R] or None -> out shaped like the query, weights [sum of row lengths] (acc
     dtype, row by row), stats [L,3,Hmax]."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale, gather=False)
+                            bn_biases, activation, normalization, scale, training, gather=False)
     out, scores, stats = _forward(prep, activation, running_means, running_vars, training, eps)
     return _to(out, query.dtype), scores, stats
 
@@ -906,7 +914,7 @@ def _din_jagged_bwd_impl(grad_out: Tensor, grad_weights: Tensor | None, query: T
     """Returns dq shaped like the query, dvalues [N,D] (a shared sequence gets the fixed-order
     sum of its rows' gradients) and the parameter gradients as din_bwd."""
     prep = _jagged_prepared(query, values, offsets, row_seq, weights, biases, alphas, bn_weights,
-                            bn_biases, activation, normalization, scale, gather=True)
+                            bn_biases, activation, normalization, scale, training, gather=True)
     for name, t in (("flat_weights", flat_weights), ("grad_weights", grad_weights)):
         if t is not None and t.shape[0] != prep.n_scores:
             raise ValueError(f"{name} must have shape [sum of the rows' lengths] = [{prep.n_scores}], "

@@ -502,14 +502,17 @@ def _fwd_then_bwd(args):
     out, w = din_fused.din_attention(qq, kk, lengths, mask, **p, training=training, normalization=norm,
                                      scale=0.7, return_scores=True)
     loss = (out.double() * gout).sum() + (w.double() * gsc).sum()
-    return lambda: [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(p)])]
+    backward = lambda: [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(p)])]  # noqa: E731
+    backward.params = p
+    return backward
 
 
 def _first_reduction(seen):
     return [have for name, have in seen if name == "backward"][0]
 
 
-@pytest.mark.parametrize("between", ["nothing", "another call", "release", "another ISA", "another thread"])
+@pytest.mark.parametrize("between", ["nothing", "another call", "release", "another ISA", "another thread",
+                                     "other thread counts", "data swapped"])
 def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(between, monkeypatch):
     """The backward reads the forward's pre-activations from this thread's buffer when no
     din_fused call has written it since (and recomputes them otherwise): bitwise the same
@@ -518,9 +521,13 @@ def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(b
     args, hidden, threads = _cache_problem("three-layers", torch.float32)
     other, _, _ = _cache_problem("padded-mask", torch.float32)
     full = (1 << len(hidden)) - 1
+    bwd_threads = (1 if threads > 1 else 2) if between == "other thread counts" else threads
     with _threads(threads):
         monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
-        want = _fwd_then_bwd(args)()
+        recompute = _fwd_then_bwd(args)
+        torch.set_num_threads(bwd_threads)  # (gradient partials are summed per thread count)
+        want = recompute()
+        torch.set_num_threads(threads)
         monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 256 << 20)
         seen = _spy_zcache(monkeypatch)
         backward = _fwd_then_bwd(args)
@@ -530,6 +537,11 @@ def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(b
             ops.release_scratch()
         elif between == "another ISA":
             monkeypatch.setenv("DIN_FUSED_CPU_ISA", "generic")
+        elif between == "other thread counts":  # the cache's contents do not depend on them
+            torch.set_num_threads(bwd_threads)
+        elif between == "data swapped":  # .data given other memory with the same values: recompute
+            w = backward.params["weights"][1]
+            w.data = w.data.clone()
         seen.clear()
         if between == "another thread":
             got = []
@@ -538,7 +550,7 @@ def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(b
             t.join()
         else:
             got = backward()
-    assert _first_reduction(seen) == (full if between == "nothing" else 0)
+    assert _first_reduction(seen) == (full if between in ("nothing", "other thread counts") else 0)
     if between == "another ISA":  # the backward ran on the baseline path: not bitwise the forward's ISA
         for i, (a, b) in enumerate(zip(got, want)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(i))
@@ -597,15 +609,18 @@ def test_dice_training_cache_matches_reference_with_holes():
         assert max_rel_err(g, w) <= TOL64, (i, max_rel_err(g, w))
 
 
-@pytest.mark.parametrize("layout", ["jagged", "shared-mixed", "long-tiles"])
+@pytest.mark.parametrize("layout", ["jagged", "shared-mixed", "permuted", "long-tiles"])
 def test_dice_training_cache_jagged_layouts(layout, monkeypatch):
-    from jagged_cases import check_jagged, jagged_fwd_bwd
+    from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd
 
     from din_fused import ops
     seen = _spy_zcache(monkeypatch)
     check_jagged(layout, "dice-train", "softmax", torch.float64, "cpu")
     assert any(have for _, have in seen if have is not None)
+    seen.clear()
     cached = jagged_fwd_bwd(layout, torch.float32, "cpu")
+    # The backward (rows' sequences gathered when none is shared) found the forward's cache.
+    assert _first_reduction(seen) == (1 << len(LAYOUTS[layout][3])) - 1
     monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
     for a, b in zip(cached, jagged_fwd_bwd(layout, torch.float32, "cpu")):
         assert torch.equal(a, b)
