@@ -35,22 +35,26 @@ def _check_no_forward_ad(*tensors) -> None:
 
 
 def _autocast(query, keys):
-    """query and keys as torch.autocast would give them to a matmul, inside an autocast region
-    for their device: in the autocast dtype on CUDA, whose kernels read float16/bfloat16; in
-    float32 on the CPU, whose kernels compute in float32 whatever they are given (a lower-precision
-    copy would only add rounding).  A query from an autocast Linear (bfloat16) and keys from an
-    embedding (float32) then meet in one dtype, as they do in the eager ops the layer replaces.
-    float64 is left alone, as autocast leaves it; outside autocast both pass as given."""
-    if not (isinstance(query, Tensor) and isinstance(keys, Tensor)):
+    """query and keys inside an autocast region for their device, in one dtype, as autocast
+    treats its own ops: on CUDA, whose kernels read float16/bfloat16, cast to the autocast dtype
+    like a matmul; on the CPU, whose kernels compute in float32 whatever they are given,
+    promoted to the wider of the two like autocast's "promote" ops (a bfloat16 copy of float32
+    keys would only round).  A query from an autocast Linear (bfloat16) and keys from an
+    embedding (float32) then work together, as they do in the eager ops the layer replaces.
+    float64 is left alone on CUDA, as autocast leaves it; outside autocast both pass as given."""
+    if not (isinstance(query, Tensor) and isinstance(keys, Tensor)) \
+            or not (query.is_floating_point() and keys.is_floating_point()):
         return query, keys  # (check_inputs names what is wrong)
     dev = keys.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return query, keys
-    dtype = torch.get_autocast_dtype(dev) if dev == "cuda" else torch.float32
-
-    def cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-    return cast(query), cast(keys)
+    if dev == "cuda":
+        if torch.float64 in (query.dtype, keys.dtype):
+            return query, keys
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(query.dtype, keys.dtype)
+    return query.to(dtype), keys.to(dtype)
 
 
 def _run(op, query, keys, idx1, idx2, p: MLPParams, training, normalization, scale):
@@ -103,8 +107,8 @@ def din_attention(
         out shaped like query, or (out, w) with the weights w [B, T] (zero where invalid) when
         return_scores.
 
-    Inside torch.autocast, query and keys are first cast as for a matmul (_autocast): to the
-    autocast dtype on CUDA, to float32 on the CPU; out comes back in that dtype.
+    Inside torch.autocast, query and keys are first brought to one dtype (_autocast): the
+    autocast dtype on CUDA, the wider of the two on the CPU; out comes back in that dtype.
 
     Dice in training mode uses BatchNorm statistics over the valid positions and
     updates running_means/running_vars in place (momentum, unbiased variance), like

@@ -315,15 +315,22 @@ def test_cpu_autocast_casts_to_float32_like_the_eager_layer(layout):
         call(q.detach(), keys.detach())
 
 
-def test_cpu_autocast_leaves_float64_alone():
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.bfloat16), (torch.float32, torch.float64)], ids=str)
+def test_cpu_autocast_promotes_to_the_wider_dtype(dtypes):
+    """CPU autocast: the narrower input is promoted to the wider (autocast's "promote" ops), so
+    matching dtypes pass as they are (bfloat16 stays bfloat16, float64 float64) and the result is
+    that of the inputs cast by hand."""
     torch.manual_seed(4)
-    mod = din_fused.FusedDINAttention(8, (6,), "sigmoid").double()
-    q, k, lengths = torch.randn(3, 1, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64), \
-        torch.tensor([4, 2, 1])
+    mod = din_fused.FusedDINAttention(8, (6,), "sigmoid")
+    q, k = torch.randn(3, 1, 8).to(dtypes[0]), torch.randn(3, 4, 8).to(dtypes[1])
+    lengths = torch.tensor([4, 2, 1])
+    wide = torch.promote_types(*dtypes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mod(q, k, lengths)
-    assert out.dtype == torch.float64
-    assert torch.equal(out, mod(q, k, lengths))
+    assert out.dtype == wide
+    assert torch.equal(out, mod.to(wide if wide == torch.float64 else torch.float32)(q.to(wide), k.to(wide),
+                                                                                     lengths))
 
 
 def test_cpu_autocast_under_torch_compile_fullgraph():
