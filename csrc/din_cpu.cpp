@@ -1638,8 +1638,8 @@ struct Kernel {
   // c in memory, d by d, it was a store-to-load chain per vector (on an AVX-512 Xeon,
   // one thread: rows of 32 keys 216 -> 202 ns per key; A/B headline forward 1.03x,
   // rows of up to 50 keys 1.07-1.09x).
-  // need_MT: false when layer 1's pre-activations come from the cache (zbind), which
-  // needs neither MT nor c.
+  // need_MT: false when the pass loads layer 1 from the cache instead of computing it
+  // (computes_layer0), so that neither MT nor c is read.
   static DIN_INLINE void fold(const Model<T>& m, const T* q, Scratch<T>& sc, bool need_MT, bool need_M) {
     const int D = m.D, H1p = m.Hp[0], nv = H1p / W;
     sc.qrow = q;
@@ -2006,7 +2006,7 @@ struct Kernel {
     RowState st;
     if (sp.t1 > sp.t0) {
       zbind(cx, sc, r);
-      if (computes_layer0(sc, m.L - 1)) fold(m, q, sc, true, false);
+      fold(m, q, sc, computes_layer0(sc, m.L - 1), false);
       for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {
         hidden(m, sc, n, m.L - 1, true, false, m.L - 1);
         scores(m, sc, n);
@@ -2147,7 +2147,7 @@ struct Kernel {
     if (sp.t1 <= sp.t0) return;
     const int l = cx.stats_layer, Hl = m.H[l], Hp = m.Hp[l];
     zbind(cx, sc, sp.r);
-    if (computes_layer0(sc, l)) fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, true, false);
+    fold(m, static_cast<const T*>(p.q) + sp.r * p.ldq, sc, computes_layer0(sc, l), false);
     double* mean = sc.rp;
     double* m2 = sc.rp + Hp;
     for_tiles(p, m, sc, row, sp.t0, sp.t1, [&](int n) {

@@ -15,7 +15,7 @@ import pytest
 import torch
 from common import TOL64, max_rel_err, random_params
 from kernel_cases import DOMINANT_SOFTMAX_CASES, check_dominant_softmax
-from test_op import run
+from test_op import run, run_forward
 
 import din_fused
 from din_fused.reference import din_attention_ref
@@ -490,23 +490,6 @@ def test_dice_training_cache_is_bitwise_the_recomputation(case, dtype, isa, monk
     assert all(torch.isfinite(t).all() for t in cached)  # the holes were never read
 
 
-def _fwd_then_bwd(args):
-    """run()'s forward now; its backward when the returned function is called."""
-    q, k, lengths, mask, p, dtype, training, norm, _, gout, gsc = args
-    from kernel_cases import clone_params, param_tensors
-    p = clone_params(p, dtype)
-    for key, v in p.items():
-        if isinstance(v, list) and key not in ("running_means", "running_vars"):
-            p[key] = [t.detach().requires_grad_() for t in v]
-    qq, kk = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
-    out, w = din_fused.din_attention(qq, kk, lengths, mask, **p, training=training, normalization=norm,
-                                     scale=0.7, return_scores=True)
-    loss = (out.double() * gout).sum() + (w.double() * gsc).sum()
-    backward = lambda: [out, w, *torch.autograd.grad(loss, [qq, kk, *param_tensors(p)])]  # noqa: E731
-    backward.params = p
-    return backward
-
-
 def _first_reduction(seen):
     return [have for name, have in seen if name == "backward"][0]
 
@@ -524,15 +507,15 @@ def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(b
     bwd_threads = (1 if threads > 1 else 2) if between == "other thread counts" else threads
     with _threads(threads):
         monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
-        recompute = _fwd_then_bwd(args)
+        recompute = run_forward(din_fused.din_attention, *args)
         torch.set_num_threads(bwd_threads)  # (gradient partials are summed per thread count)
-        want = recompute()
+        want = _all(recompute())
         torch.set_num_threads(threads)
         monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 256 << 20)
         seen = _spy_zcache(monkeypatch)
-        backward = _fwd_then_bwd(args)
+        backward = run_forward(din_fused.din_attention, *args)
         if between == "another call":
-            _fwd_then_bwd(other)
+            run_forward(din_fused.din_attention, *other)
         elif between == "release":
             ops.release_scratch()
         elif between == "another ISA":
@@ -545,11 +528,11 @@ def test_dice_training_backward_reuses_the_forward_cache_only_when_it_is_there(b
         seen.clear()
         if between == "another thread":
             got = []
-            t = threading.Thread(target=lambda: got.extend(backward()))
+            t = threading.Thread(target=lambda: got.extend(_all(backward())))
             t.start()
             t.join()
         else:
-            got = backward()
+            got = _all(backward())
     assert _first_reduction(seen) == (full if between in ("nothing", "other thread counts") else 0)
     if between == "another ISA":  # the backward ran on the baseline path: not bitwise the forward's ISA
         for i, (a, b) in enumerate(zip(got, want)):
