@@ -1,7 +1,8 @@
 """Serving-sized calls (issue 10), side by side in one process: eval mode, forward only, no_grad.
 
 1. Small call: B=1, T=1, D=8, H=(80, 40), sigmoid; the best of 500 calls per provider
-   (fused module, eager reference module, DeepCTR-Torch), interleaved in rounds. Beside it,
+   (fused module, eager reference module, DeepCTR-Torch), interleaved in rounds; then the same
+   call with Dice (eval mode, which reads its running statistics). Beside the sigmoid call,
    the floors the fused call cannot go below: the custom op through the dispatcher
    (``torch.ops.din_fused.din_fwd``, what an autograd-enabled or traced call pays), an empty
    custom op through the dispatcher, and the raw kernel call into ``_C``.
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,10 +54,19 @@ def _(x):
     return x.new_empty(0)
 
 
-def small_call(rounds: int, calls: int) -> dict:
-    """provider -> best seconds of a B=1, T=1, D=8 forward."""
-    mods = cases.ProviderSet(SMALL)
-    inp = cases.make_inputs(SMALL)
+def _timed_best(fns: dict, rounds: int, calls: int) -> dict:
+    best = {k: float("inf") for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                best[name] = min(best[name], best_of(fn, calls))
+    return best
+
+
+def _module_calls(case: cases.Case) -> tuple:
+    """(providers, inputs, {provider: a call of its module in eval mode on the inputs})."""
+    mods = cases.ProviderSet(case)
+    inp = cases.make_inputs(case)
     q, k, L = inp["query"], inp["keys"], inp["lengths"]
     fns = {}
     for name in ("fused", "reference", "deepctr"):
@@ -63,6 +74,18 @@ def small_call(rounds: int, calls: int) -> dict:
         if mod is not None:
             mod.eval()
             fns[name] = (lambda m: lambda: m(q, k, L))(mod)
+    return mods, inp, fns
+
+
+def small_dice_call(rounds: int, calls: int) -> dict:
+    """provider -> best seconds of the small call with Dice (eval: its running statistics)."""
+    return _timed_best(_module_calls(replace(SMALL, activation="dice"))[2], rounds, calls)
+
+
+def small_call(rounds: int, calls: int) -> dict:
+    """provider -> best seconds of a B=1, T=1, D=8 forward."""
+    mods, inp, fns = _module_calls(SMALL)
+    q, k, L = inp["query"], inp["keys"], inp["lengths"]
     fused = mods.get("fused")
     p = fused._params()
     args = (q[:, 0], k, L[:, 0], None, *p.op_args(), "sigmoid", "none", 1.0, False, 1e-8)
@@ -72,12 +95,7 @@ def small_call(rounds: int, calls: int) -> dict:
     out, scores = torch.empty(1, SMALL.D), torch.empty(1, 1)
     cfg = {**prep.cfg, "out": out.data_ptr(), "ldo": SMALL.D, "scores": scores.data_ptr(), "ld_scores": 1}
     fns["floor: the _C kernel call alone"] = lambda: ops._C.forward(cfg)
-    best = {k: float("inf") for k in fns}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                best[name] = min(best[name], best_of(fn, calls))
-    return best
+    return _timed_best(fns, rounds, calls)
 
 
 def user_latency(rounds: int, calls: int) -> dict:
@@ -121,6 +139,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "serving.md"))
     a = ap.parse_args()
     small = small_call(a.rounds, 500 // a.rounds + 1)
+    dice = small_dice_call(a.rounds, 500 // a.rounds + 1)
     user = user_latency(a.rounds, 20)
     f = small["fused"]
     lines = [f"### Serving-sized calls: fp32, eval, no_grad, {torch.get_num_threads()} threads, "
@@ -128,6 +147,10 @@ def main() -> int:
              "#### Small call: B=1, T=1, D=8, H=(80, 40), sigmoid (best of 500 calls)", "",
              "| provider | us per call | vs fused |", "|---|---:|---:|"]
     lines += [f"| {k} | {v * 1e6:.1f} | {v / f:.2f}x |" for k, v in small.items()]
+    fd = dice["fused"]
+    lines += ["", "#### The same small call with Dice (eval: its running statistics)", "",
+              "| provider | us per call | vs fused |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v * 1e6:.1f} | {v / fd:.2f}x |" for k, v in dice.items()]
     s = user["fused shared (history once)"]
     lines += ["", f"#### One user, T={USER['T']}, against C={USER['C']} candidates, D={USER['D']}, "
               f"H=(80, 40), sigmoid (median of {a.rounds} rounds of 20 calls)", "",

@@ -307,7 +307,7 @@ class FusedDINAttention(nn.Module):
 
     def _small_inference(self, query, keys, keys_length, offsets, row_seq):
         """The forward of an eager inference call (no_grad, eval, CPU, plain contiguous tensors,
-        int64 lengths/offsets/row_seq, not Dice), padded (keys [B, T, E], keys_length) or
+        int64 lengths/offsets/row_seq), padded (keys [B, T, E], keys_length) or
         jagged (keys = values [N, E], offsets, row_seq), through a cached ops.InferencePlan: the
         same kernel call with the parameter checks and the static params dict built once, for
         serving-sized calls whose Python would otherwise cost more than the kernel.  None when
@@ -315,8 +315,7 @@ class FusedDINAttention(nn.Module):
         # (no_grad does not turn forward-mode AD off: a dual level goes the general way, which
         # refuses dual inputs instead of dropping their tangents.)
         if torch.is_grad_enabled() or self.training or self.impl != "fused" or self.supports_masking \
-                or self.activation == "dice" or getattr(ops._C, "emulates_cuda", False) \
-                or _fwAD._current_level >= 0:
+                or getattr(ops._C, "emulates_cuda", False) or _fwAD._current_level >= 0:
             return None
         jagged = offsets is not None
         if not jagged and row_seq is not None:

@@ -961,30 +961,48 @@ class InferencePlan:
 
     Built once: the bundle is checked (check_params) and the static part of the kernels'
     params dict is kept.  Only bundles the kernels read in place qualify (every tensor
-    contiguous, on the CPU, in the compute dtype, no PReLU alpha to broadcast), so
-    in-place updates show through.  ``valid()`` re-checks per call that every tensor still
-    has the same storage and shape (a ``.data`` swap changes them).  Everything else,
-    including the range checks of the lengths, offsets and row_seq, is done per call.
+    contiguous, on the CPU, in the compute dtype), so in-place updates show through.
+    ``valid()`` re-checks per call that every tensor still has the same storage and shape
+    (a ``.data`` swap changes them).  Everything else, including the range checks of the
+    lengths, offsets and row_seq, is done per call, and so is Dice's 1/sqrt(running_var +
+    eps), with the general path's operations (_bn_stats).
     """
 
     def __init__(self, params: MLPParams, dim: int, dtype: torch.dtype, normalization: str, scale: float):
         check_params(params, dim, torch.device("cpu"))
-        weights, biases, alphas, gammas, betas = params.op_args()[:5]
+        weights, biases, alphas, gammas, betas, means, variances = params.op_args()
         hidden = [w.shape[0] for w in weights[:-1]]
-        tensors = [*weights, *biases, *alphas, *gammas, *betas]
-        self.ok = dtype in (torch.float32, torch.float64) and params.activation != "dice" \
+        tensors = [*weights, *biases, *alphas, *gammas, *betas, *means, *variances]
+        self.ok = dtype in (torch.float32, torch.float64) \
             and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
         self.key = (dim, dtype, normalization, scale)
+        self.params = params  # Dice reads its eps per call, as the module sets it
+        self.means, self.variances = means, variances
         # (tensor, storage, shape, version): the version only where the kernels read a copy
         # (PReLU's single alpha broadcast per channel), whose source may change in place.
-        self.slots = [(t, t.data_ptr(), t.shape, None) for t in [*weights, *biases]]
+        self.slots = [(t, t.data_ptr(), t.shape, None) for t in [*weights, *biases, *gammas, *betas, *means,
+                                                                  *variances]]
         self.alphas = []
         for a, h in zip(alphas, hidden):
             self.slots.append((a, a.data_ptr(), a.shape, None if a.numel() == h else a._version))
             self.alphas.append(a if a.numel() == h else a.detach().reshape(-1).expand(h).contiguous())
         self.cfg = _model_cfg(dim, hidden, params.activation, normalization, scale, dtype, weights, biases,
-                              self.alphas)
+                              self.alphas, gammas, betas)
         self.cfg.update({"ldq": dim, "ldk": dim, "ldo": dim, "is_cuda": False})
+        if means:
+            self.cfg["bn_mean"] = _ptrs(means)  # read in place, as the general path's copy of them
+
+    def _config(self, cfg: dict) -> list[Tensor]:
+        """Dice (eval): point cfg at this call's 1/sqrt(running_var + eps), computed as _bn_stats
+        does (bitwise the general path's); returns the tensors the kernel call must keep alive."""
+        if not self.variances:
+            return []
+        # One foreach pair for all layers (half the time of per-layer ops; the CPU foreach ops run
+        # the same elementwise kernels, so the values are the general path's bitwise).
+        invstd = torch._foreach_add([v.detach().reshape(-1) for v in self.variances], float(self.params.eps))
+        torch._foreach_rsqrt_(invstd)
+        cfg["bn_invstd"] = _ptrs(invstd)
+        return invstd
 
     def valid(self) -> bool:
         return all(t.data_ptr() == ptr and t.shape == shape and (v is None or t._version == v)
@@ -1001,7 +1019,9 @@ class InferencePlan:
         cfg.update({"rows": B, "max_len": T, "num_threads": torch.get_num_threads(), "q": query.data_ptr(),
                     "k": keys.data_ptr(), "seq_stride": T * D, "seq_len": lengths.data_ptr(),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T, "check_lengths": 2})
+        keep = self._config(cfg)
         _C.forward(cfg)
+        del keep
         return out, scores
 
     def forward_jagged(self, query: Tensor, values: Tensor, offsets: Tensor,
@@ -1021,7 +1041,9 @@ class InferencePlan:
                     "seq_stride": T * values.shape[1], "seq_len": seq_len.data_ptr(), "row_seq": _ptr(rs),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T,
                     "score_start": score_start.data_ptr()})
+        keep = self._config(cfg)
         _C.forward(cfg)
+        del keep
         return out
 
 

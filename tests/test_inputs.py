@@ -511,10 +511,10 @@ def test_every_route_of_the_lengths_check_catches_bad_lengths(route, bad):
             din_attention(qq, k, bad_lengths, training=route == "dice training", **kwargs)
 
 
-def _fused_and_reference(q, k, lengths, hidden):
-    """A float64 PReLU FusedDINAttention, its impl="reference" twin, and agree(): copies the
-    fused module's current state into the twin and compares their outputs on (q, k, lengths)."""
-    kw = dict(embedding_dim=k.shape[-1], att_hidden_units=hidden, att_activation="prelu")
+def _fused_and_reference(q, k, lengths, hidden, act="prelu"):
+    """A float64 FusedDINAttention, its impl="reference" twin, and agree(): copies the fused
+    module's current state into the twin and compares their outputs on (q, k, lengths)."""
+    kw = dict(embedding_dim=k.shape[-1], att_hidden_units=hidden, att_activation=act)
     mod = FusedDINAttention(**kw).double().eval()
     ref = FusedDINAttention(**kw, impl="reference").double().eval()
 
@@ -553,7 +553,17 @@ def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
         assert max_rel_err(got, ref(q, k, lengths)) < TOL64
 
 
-@pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu"])
+def _dice_stats(mod: FusedDINAttention, gen: torch.Generator) -> None:
+    """Non-trivial Dice parameters and running statistics (eval mode reads them)."""
+    with torch.no_grad():
+        for a in mod.local_att.dnn.activation_layers:
+            for t in (a.alpha, a.bn.weight, a.bn.bias, a.bn.running_mean):
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+            var = a.bn.running_var
+            var.copy_(torch.rand(var.shape, generator=gen, dtype=var.dtype) + 0.5)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu", "dice"])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -564,6 +574,8 @@ def test_small_inference_path_equals_the_general_path_bitwise(act, norm, dtype, 
     gen = torch.Generator().manual_seed(5)
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act,
                             weight_normalization=norm).to(dtype).eval()
+    if act == "dice":
+        _dice_stats(mod, gen)
     plan_calls = _spy_plan(monkeypatch)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -612,11 +624,12 @@ def test_small_inference_path_is_only_taken_where_it_applies(monkeypatch):
     assert len(calls) == 1
     dice = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,), att_activation="dice").eval()
     with torch.no_grad():
-        dice(q, k, lengths)
-    assert len(calls) == 1
+        dice(q, k, lengths)  # eval Dice reads its running statistics: the plan covers it
+        dice.train()(q, k, lengths)  # batch statistics: the general path
+    assert len(calls) == 2
     with torch.no_grad(), pytest.raises(ValueError, match="lengths must lie in"):
         mod.eval()(q, k, torch.tensor([1, -1, 2]))
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_small_inference_path_follows_parameter_changes():
@@ -645,6 +658,34 @@ def test_small_inference_path_follows_parameter_changes():
     agree()
 
 
+def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
+    """Eval-mode Dice through the cached plan reads its running statistics on every call: an
+    in-place update, a training step, a .data write or swap, and a new BatchNorm eps all show."""
+    q, k = torch.randn(4, 1, 6, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64)
+    lengths = torch.tensor([[1], [5], [0], [3]])
+    mod, ref, agree = _fused_and_reference(q, k, lengths, (4, 3), act="dice")
+    calls = _spy_plan(monkeypatch)
+    _dice_stats(mod, torch.Generator().manual_seed(2))
+    agree()
+    bns = [a.bn for a in mod.local_att.dnn.activation_layers]
+    with torch.no_grad():
+        bns[0].running_var.mul_(3.0)
+        bns[1].running_mean.add_(0.5)
+    agree()
+    bns[0].running_var.data.fill_(0.25)  # no version bump: the plan computes 1/sqrt(var + eps) per call
+    agree()
+    bns[1].running_var.data = torch.full_like(bns[1].running_var, 4.0)
+    agree()
+    for a in [*mod.local_att.dnn.activation_layers, *ref.local_att.dnn.activation_layers]:
+        a.bn.eps = 0.5  # not in the state dict: the twin gets it by hand
+    agree()
+    mod.train()
+    mod(q, k, lengths).sum().backward()  # moves the running statistics
+    mod.eval()
+    agree()
+    assert len(calls) == 6
+
+
 @pytest.mark.parametrize("bad", [-1, -(2**40)])
 def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
     """The module's cached-plan path checks lengths inside the kernel (values above T mean T,
@@ -658,7 +699,7 @@ def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
             mod(q, k, bad_lengths)
 
 
-@pytest.mark.parametrize("act", ["sigmoid", "prelu"])
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_inference_jagged_path_equals_the_general_path_bitwise(act, dtype, threads, monkeypatch):
@@ -667,6 +708,8 @@ def test_small_inference_jagged_path_equals_the_general_path_bitwise(act, dtype,
     every candidate, several shared ones, query [R, E] and [R, 1, E], and all-empty sequences."""
     gen = torch.Generator().manual_seed(11)
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act).to(dtype).eval()
+    if act == "dice":
+        _dice_stats(mod, gen)
     calls = _spy_plan(monkeypatch, "forward_jagged")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
