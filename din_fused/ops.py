@@ -469,15 +469,25 @@ def _mask_lengths(mask: Tensor, lengths: Tensor | None) -> Tensor:
     return last if lengths is None else torch.minimum(last, lengths.to(torch.int64))
 
 
+def _eval_invstd(running_vars, eps: float, acc: torch.dtype) -> list[Tensor]:
+    """Eval-mode Dice: 1/sqrt(running_var + eps) of each layer, flat, in acc dtype.  One
+    foreach pair for all layers (half the time of per-layer ops); the general path and the
+    small-call plan both take it from here, so their results agree bitwise."""
+    invstd = torch._foreach_add([v.detach().reshape(-1).to(acc) for v in running_vars], float(eps))
+    torch._foreach_rsqrt_(invstd)
+    return invstd
+
+
 def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps: float) -> Tensor:
     """[L, 3, Hmax] acc dtype: mean, invstd and unbiased var used by each Dice layer."""
     L, Hmax = prep.L, max(prep.hidden)
     stats = torch.zeros(L, 3, Hmax, dtype=prep.acc, device=prep.k.device)
     if not training:
+        invstd = _eval_invstd(running_vars, eps, prep.acc)
         for l, (m, v) in enumerate(zip(running_means, running_vars)):
             h = prep.hidden[l]
             stats[l, 0, :h] = m.detach().reshape(-1).to(prep.acc)
-            stats[l, 1, :h] = torch.rsqrt(v.detach().reshape(-1).to(prep.acc) + eps)
+            stats[l, 1, :h] = invstd[l]
             stats[l, 2, :h] = v.detach().reshape(-1).to(prep.acc)
         prep.set_stats(stats)
         return stats
@@ -993,14 +1003,11 @@ class InferencePlan:
             self.cfg["bn_mean"] = _ptrs(means)  # read in place, as the general path's copy of them
 
     def _config(self, cfg: dict) -> list[Tensor]:
-        """Dice (eval): point cfg at this call's 1/sqrt(running_var + eps), computed as _bn_stats
-        does (bitwise the general path's); returns the tensors the kernel call must keep alive."""
+        """Dice (eval): point cfg at this call's 1/sqrt(running_var + eps) (_eval_invstd, as the
+        general path); returns the tensors the kernel call must keep alive."""
         if not self.variances:
             return []
-        # One foreach pair for all layers (half the time of per-layer ops; the CPU foreach ops run
-        # the same elementwise kernels, so the values are the general path's bitwise).
-        invstd = torch._foreach_add([v.detach().reshape(-1) for v in self.variances], float(self.params.eps))
-        torch._foreach_rsqrt_(invstd)
+        invstd = _eval_invstd(self.variances, self.params.eps, self.variances[0].dtype)
         cfg["bn_invstd"] = _ptrs(invstd)
         return invstd
 
@@ -1019,9 +1026,8 @@ class InferencePlan:
         cfg.update({"rows": B, "max_len": T, "num_threads": torch.get_num_threads(), "q": query.data_ptr(),
                     "k": keys.data_ptr(), "seq_stride": T * D, "seq_len": lengths.data_ptr(),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T, "check_lengths": 2})
-        keep = self._config(cfg)
+        _keep = self._config(cfg)  # alive through the kernel call
         _C.forward(cfg)
-        del keep
         return out, scores
 
     def forward_jagged(self, query: Tensor, values: Tensor, offsets: Tensor,
@@ -1041,9 +1047,8 @@ class InferencePlan:
                     "seq_stride": T * values.shape[1], "seq_len": seq_len.data_ptr(), "row_seq": _ptr(rs),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T,
                     "score_start": score_start.data_ptr()})
-        keep = self._config(cfg)
+        _keep = self._config(cfg)  # alive through the kernel call
         _C.forward(cfg)
-        del keep
         return out
 
 

@@ -39,6 +39,22 @@ def random_params(D, hidden, activation, dtype=torch.float64, device="cpu", gen=
     return p
 
 
+def randomise_(module, gen):
+    """O(1) values for every parameter and buffer of a module (DeepCTR initialises with std
+    1e-4, which makes every score ~0), Dice's running statistics included."""
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5)
+            elif t.dim() == 2 and "alpha" not in name:
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * t.shape[1] ** -0.5 * 2)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.3
+                        + (1.0 if name.endswith("bn.weight") else 0.0))
+
+
 def param_tensors(p):
     """The differentiable parameters of a random_params dict, in a fixed order."""
     out = list(p["weights"]) + list(p["biases"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import DEVICES, TOL64, max_rel_err, random_params
+from common import DEVICES, TOL64, max_rel_err, random_params, randomise_
 
 import din_fused
 from din_fused import FusedDINAttention, din_attention
@@ -553,16 +553,6 @@ def test_module_parameter_bundle_follows_reassigned_and_swapped_parameters():
         assert max_rel_err(got, ref(q, k, lengths)) < TOL64
 
 
-def _dice_stats(mod: FusedDINAttention, gen: torch.Generator) -> None:
-    """Non-trivial Dice parameters and running statistics (eval mode reads them)."""
-    with torch.no_grad():
-        for a in mod.local_att.dnn.activation_layers:
-            for t in (a.alpha, a.bn.weight, a.bn.bias, a.bn.running_mean):
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
-            var = a.bn.running_var
-            var.copy_(torch.rand(var.shape, generator=gen, dtype=var.dtype) + 0.5)
-
-
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu", "dice"])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -575,7 +565,7 @@ def test_small_inference_path_equals_the_general_path_bitwise(act, norm, dtype, 
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act,
                             weight_normalization=norm).to(dtype).eval()
     if act == "dice":
-        _dice_stats(mod, gen)
+        randomise_(mod, gen)
     plan_calls = _spy_plan(monkeypatch)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -665,7 +655,7 @@ def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
     lengths = torch.tensor([[1], [5], [0], [3]])
     mod, ref, agree = _fused_and_reference(q, k, lengths, (4, 3), act="dice")
     calls = _spy_plan(monkeypatch)
-    _dice_stats(mod, torch.Generator().manual_seed(2))
+    randomise_(mod, torch.Generator().manual_seed(2))
     agree()
     bns = [a.bn for a in mod.local_att.dnn.activation_layers]
     with torch.no_grad():
@@ -709,7 +699,7 @@ def test_small_inference_jagged_path_equals_the_general_path_bitwise(act, dtype,
     gen = torch.Generator().manual_seed(11)
     mod = FusedDINAttention(embedding_dim=37, att_hidden_units=(9, 5), att_activation=act).to(dtype).eval()
     if act == "dice":
-        _dice_stats(mod, gen)
+        randomise_(mod, gen)
     calls = _spy_plan(monkeypatch, "forward_jagged")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -4,28 +4,13 @@ import copy
 
 import pytest
 import torch
-from common import TOL64, max_rel_err
+from common import TOL64, max_rel_err, randomise_
 
 import din_fused
 from din_fused import FusedDINAttention
 
 deepctr_sequence = pytest.importorskip("deepctr_torch.layers.sequence",
                                        reason="deepctr-torch is a test extra: pip install .[test]")
-
-
-def randomise_(module, gen):
-    """DeepCTR initialises with std 1e-4, which makes every score ~0; use O(1) weights."""
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5)
-            elif t.dim() == 2 and "alpha" not in name:
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * t.shape[1] ** -0.5 * 2)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.3
-                        + (1.0 if name.endswith("bn.weight") else 0.0))
 
 
 def deepctr_layer(act, normalization, D, hidden, return_score=False, seed=0):
