@@ -66,6 +66,7 @@ const std::unordered_map<std::string_view, Setter>& setters() {
       {"mask", DIN_PTR(mask)}, {"ld_mask", DIN_INT(ld_mask, int64_t)},
       {"W", DIN_PTRS(W)}, {"b", DIN_PTRS(b)}, {"alpha", DIN_PTRS(alpha)}, {"bn_gamma", DIN_PTRS(bn_gamma)},
       {"bn_beta", DIN_PTRS(bn_beta)}, {"bn_mean", DIN_PTRS(bn_mean)}, {"bn_invstd", DIN_PTRS(bn_invstd)},
+      {"bn_var", DIN_PTRS(bn_var)}, {"bn_eps", [](DinParams& p, py::handle v) { p.bn_eps = v.cast<double>(); }},
       {"out", DIN_PTR(out)}, {"ldo", DIN_INT(ldo, int64_t)},
       {"scores", DIN_PTR(scores)}, {"ld_scores", DIN_INT(ld_scores, int64_t)},
       {"score_start", DIN_PTR(score_start)},

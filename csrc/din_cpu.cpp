@@ -425,7 +425,14 @@ struct Model {
         copy_vec(gamma[l], p.bn_gamma[l], true, msg);
         copy_vec(beta[l], p.bn_beta[l], true, msg);
         copy_vec(mean[l], p.bn_mean[l], true, msg);
-        copy_vec(invstd[l], p.bn_invstd[l], true, msg);
+        if (!p.bn_invstd[l] && p.bn_var[l]) {  // eval: invstd from the running variance
+          invstd[l].reset(hp);
+          const T* var = static_cast<const T*>(p.bn_var[l]);
+          const T eps = static_cast<T>(p.bn_eps);
+          for (int j = 0; j < h; ++j) invstd[l].data()[j] = T(1) / std::sqrt(var[j] + eps);
+        } else {
+          copy_vec(invstd[l], p.bn_invstd[l], true, msg);
+        }
         const bool a = copy_vec(corr_a[l], p.bn_corr_a[l], false, "");
         const bool c = copy_vec(corr_c[l], p.bn_corr_c[l], false, "");
         has_corr[l] = a && c;

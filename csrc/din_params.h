@@ -66,6 +66,12 @@ struct DinParams {
   const void* bn_beta[kMaxLayers] = {};
   const void* bn_mean[kMaxLayers] = {};   // Dice: statistics in use (running or batch)
   const void* bn_invstd[kMaxLayers] = {}; // 1/sqrt(var + eps)
+  // CPU, eval-mode Dice, in place of bn_invstd: the running variances and eps, from
+  // which the kernel takes invstd = 1 / sqrt(var + T(eps)) itself, with the correctly
+  // rounded operations of torch's add and rsqrt (bitwise Python's _eval_invstd), so a
+  // small call runs no torch op for it.  CUDA needs bn_invstd.
+  const void* bn_var[kMaxLayers] = {};
+  double bn_eps = 0.0;
 
   // ---- forward outputs -----------------------------------------------------
   void* out = nullptr; int64_t ldo = 0;        // [rows, D] dtype

@@ -471,8 +471,9 @@ def _mask_lengths(mask: Tensor, lengths: Tensor | None) -> Tensor:
 
 def _eval_invstd(running_vars, eps: float, acc: torch.dtype) -> list[Tensor]:
     """Eval-mode Dice: 1/sqrt(running_var + eps) of each layer, flat, in acc dtype.  One
-    foreach pair for all layers (half the time of per-layer ops); the general path and the
-    small-call plan both take it from here, so their results agree bitwise."""
+    foreach pair for all layers (half the time of per-layer ops).  The small-call plan's
+    kernel computes the same (DinParams::bn_var) with the same correctly rounded add, sqrt and
+    division, so the two agree bitwise (tests/test_inputs.py checks it)."""
     invstd = torch._foreach_add([v.detach().reshape(-1).to(acc) for v in running_vars], float(eps))
     torch._foreach_rsqrt_(invstd)
     return invstd
@@ -975,7 +976,8 @@ class InferencePlan:
     ``valid()`` re-checks per call that every tensor still has the same storage and shape
     (a ``.data`` swap changes them).  Everything else, including the range checks of the
     lengths, offsets and row_seq, is done per call, and so is Dice's 1/sqrt(running_var +
-    eps), with the general path's operations (_bn_stats).
+    eps), by the kernel, with the correctly rounded operations of the general path's
+    _eval_invstd (so bitwise the same).
     """
 
     def __init__(self, params: MLPParams, dim: int, dtype: torch.dtype, normalization: str, scale: float):
@@ -1000,16 +1002,15 @@ class InferencePlan:
                               self.alphas, gammas, betas)
         self.cfg.update({"ldq": dim, "ldk": dim, "ldo": dim, "is_cuda": False})
         if means:
-            self.cfg["bn_mean"] = _ptrs(means)  # read in place, as the general path's copy of them
+            # Read in place, as the general path's copy of them; the kernel takes
+            # 1/sqrt(running_var + eps) itself (DinParams::bn_var), bitwise _eval_invstd.
+            self.cfg["bn_mean"] = _ptrs(means)
+            self.cfg["bn_var"] = _ptrs(variances)
 
-    def _config(self, cfg: dict) -> list[Tensor]:
-        """Dice (eval): point cfg at this call's 1/sqrt(running_var + eps) (_eval_invstd, as the
-        general path); returns the tensors the kernel call must keep alive."""
-        if not self.variances:
-            return []
-        invstd = _eval_invstd(self.variances, self.params.eps, self.variances[0].dtype)
-        cfg["bn_invstd"] = _ptrs(invstd)
-        return invstd
+    def _config(self, cfg: dict) -> None:
+        """Dice (eval): this call's eps, which the module refreshes from its BatchNorm."""
+        if self.variances:
+            cfg["bn_eps"] = float(self.params.eps)
 
     def valid(self) -> bool:
         return all(t.data_ptr() == ptr and t.shape == shape and (v is None or t._version == v)
@@ -1026,7 +1027,7 @@ class InferencePlan:
         cfg.update({"rows": B, "max_len": T, "num_threads": torch.get_num_threads(), "q": query.data_ptr(),
                     "k": keys.data_ptr(), "seq_stride": T * D, "seq_len": lengths.data_ptr(),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T, "check_lengths": 2})
-        _keep = self._config(cfg)  # alive through the kernel call
+        self._config(cfg)
         _C.forward(cfg)
         return out, scores
 
@@ -1047,7 +1048,7 @@ class InferencePlan:
                     "seq_stride": T * values.shape[1], "seq_len": seq_len.data_ptr(), "row_seq": _ptr(rs),
                     "out": out.data_ptr(), "scores": scores.data_ptr(), "ld_scores": T,
                     "score_start": score_start.data_ptr()})
-        _keep = self._config(cfg)  # alive through the kernel call
+        self._config(cfg)
         _C.forward(cfg)
         return out
 

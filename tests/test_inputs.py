@@ -676,6 +676,36 @@ def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
     assert len(calls) == 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-8, 1e-3, 0.7])
+def test_small_inference_dice_invstd_is_the_general_paths_bitwise(dtype, eps, monkeypatch):
+    """The plan's kernel takes 1/sqrt(running_var + eps) itself (DinParams::bn_var), the
+    general path with torch's foreach add and rsqrt: the same correctly rounded operations.
+    Full-width layers (256, 256, vector bodies and no tail) and (37, 3) (tails), variances
+    from 1e-7 to 1e5, so that an ulp's difference in any of them shows in the weights."""
+    gen = torch.Generator().manual_seed(23)
+    for hidden in [(256, 256), (37, 3)]:
+        mod = FusedDINAttention(embedding_dim=5, att_hidden_units=hidden, att_activation="dice")
+        mod = mod.to(dtype).eval()
+        randomise_(mod, gen)
+        for a in mod.local_att.dnn.activation_layers:
+            a.bn.eps = eps
+            a.bn.running_var.copy_(10.0 ** (torch.rand(a.bn.running_var.shape, generator=gen) * 12 - 7))
+        q = torch.randn(6, 1, 5, generator=gen, dtype=dtype)
+        k = torch.randn(6, 40, 5, generator=gen, dtype=dtype)
+        lengths = torch.randint(1, 41, (6,), generator=gen)
+        calls = _spy_plan(monkeypatch)
+        mod.return_score = True
+        with torch.no_grad():
+            fast = mod(q, k, lengths)
+            with monkeypatch.context() as m:
+                _general_path(m)
+                slow = mod(q, k, lengths)
+        assert len(calls) == 1
+        assert torch.equal(fast, slow)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("bad", [-1, -(2**40)])
 def test_module_small_inference_rejects_negative_lengths_at_every_row(bad):
     """The module's cached-plan path checks lengths inside the kernel (values above T mean T,
