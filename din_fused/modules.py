@@ -187,7 +187,10 @@ class FusedDINAttention(nn.Module):
         whenever a slot no longer holds its tensor (torch.func.functional_call and non-strict
         torch.export swap ``_parameters`` entries without registering)."""
         cached = self.__dict__.get("_bundle")
-        if cached is None or cached[0] != _GENERATION[0] or any(d.get(n) is not t for d, n, t in cached[2]):
+        if torch.compiler.is_compiling():
+            # Traced once, so nothing to cache (and torch 2.4's dynamo cannot trace the write).
+            cached = (None, self._build_params(), None)
+        elif cached is None or cached[0] != _GENERATION[0] or any(d.get(n) is not t for d, n, t in cached[2]):
             slots = self._param_slots()
             cached = (_GENERATION[0], self._build_params(), slots)
             self.__dict__["_bundle"] = cached

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import typing
 import weakref
 
 import torch
@@ -470,13 +471,11 @@ def _mask_lengths(mask: Tensor, lengths: Tensor | None) -> Tensor:
 
 
 def _eval_invstd(running_vars, eps: float, acc: torch.dtype) -> list[Tensor]:
-    """Eval-mode Dice: 1/sqrt(running_var + eps) of each layer, flat, in acc dtype.  One
-    foreach pair for all layers (half the time of per-layer ops).  The small-call plan's
-    kernel computes the same (DinParams::bn_var) with the same correctly rounded add, sqrt and
-    division, so the two agree bitwise (tests/test_inputs.py checks it)."""
-    invstd = torch._foreach_add([v.detach().reshape(-1).to(acc) for v in running_vars], float(eps))
-    torch._foreach_rsqrt_(invstd)
-    return invstd
+    """Eval-mode Dice: 1/sqrt(running_var + eps) of each layer, flat, in acc dtype.  The
+    small-call plan's kernel computes the same (DinParams::bn_var) with the same correctly
+    rounded add, sqrt and division (torch's CPU rsqrt), so the two agree bitwise
+    (tests/test_inputs.py checks it).  Per-layer ops: torch 2.4 has no _foreach_rsqrt_."""
+    return [torch.rsqrt(v.detach().reshape(-1).to(acc) + float(eps)) for v in running_vars]
 
 
 def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps: float) -> Tensor:
@@ -694,6 +693,20 @@ def _check_jagged_bwd_call(a: dict) -> None:
     _check_backward_inputs(a, ("grad_weights", "flat_weights"), None)
 
 
+_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", list[Tensor]: "Tensor[]", str: "str",
+                 float: "float", bool: "bool"}
+
+
+def _schema(fn) -> str:
+    """fn's op schema, written out from its annotations.  torch >= 2.5 infers the same, but
+    torch 2.4's infer_schema reads neither string annotations (this module's `from __future__
+    import annotations`) nor `X | None` and `list[X]`, so `import din_fused` failed there."""
+    hints = typing.get_type_hints(fn)
+    args = ", ".join(f"{_SCHEMA_TYPES[hints[n]]} {n}" for n in inspect.signature(fn).parameters)
+    outs = ", ".join(_SCHEMA_TYPES[t] for t in typing.get_args(hints["return"]))
+    return f"({args}) -> ({outs})"
+
+
 def _op(name: str, impl, check, data_check=None):
     """The custom op `name`: check(its arguments by name), then impl; its schema is impl's.
     The fake implementation (registered with _fake) runs the same check: a call that mixes
@@ -713,7 +726,7 @@ def _op(name: str, impl, check, data_check=None):
     checked.__annotations__ = impl.__annotations__
     checked.__name__ = checked.__qualname__ = impl.__name__
     checked.__module__ = impl.__module__
-    return torch.library.custom_op(name, mutates_args=())(checked)
+    return torch.library.custom_op(name, mutates_args=(), schema=_schema(impl))(checked)
 
 
 def _fake(op, check):

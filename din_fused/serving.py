@@ -260,11 +260,18 @@ def _program(model_or_ep, args, dynamic_shapes) -> torch.export.ExportedProgram:
     return export(model_or_ep, args, dynamic_shapes)
 
 
+def _needs_newer_torch(what: str, why: str) -> None:
+    raise RuntimeError(f"{what} needs a newer torch than {torch.__version__}: {why} (the serving paths are "
+                       f"tested with torch 2.13; the op, the modules and the model work from torch 2.4)")
+
+
 def aoti_package(model_or_ep, path: str | Path, args: tuple | None = None, dynamic_shapes=None) -> str:
     """Compile an eval-mode model (or an ExportedProgram of one) into an AOTInductor
     package at ``path`` (.pt2) that loads without din_fused:
     ``torch._inductor.aoti_load_package(path)(*inputs)`` in Python, or
     ``torch::inductor::AOTIModelPackageLoader`` in C++.  Returns the path."""
+    if not hasattr(torch._inductor, "aoti_compile_and_package"):
+        _needs_newer_torch("serving.aoti_package", "it has no torch._inductor.aoti_compile_and_package")
     ep = to_aten(_program(model_or_ep, args, dynamic_shapes))
     return torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
 
@@ -276,6 +283,8 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
     operators through :func:`to_aten`; dynamic dims stay dynamic.  For a DIN module
     the inputs default to the names target, history, lengths[, context] and the output to
     logit.  Returns the ``torch.onnx.ONNXProgram``."""
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+        _needs_newer_torch("serving.onnx_export", "torch 2.4's torch.onnx.export takes no ExportedProgram")
     if _is_din_like(model_or_ep, args):
         input_names = input_names or ["target", "history", "lengths", "context"][:len(args)]
         output_names = output_names or ["logit"]

@@ -222,8 +222,8 @@ def test_nested_jagged_return_score_is_nested():
     assert w.is_nested and w.layout == torch.jagged
     kp = torch.stack([torch.cat([values[:2], values.new_zeros(2, 5)]), values[2:]])
     wp = pad(q, kp, torch.tensor(lens))
-    for i, n in enumerate(lens):
-        assert max_rel_err(w[i], wp[i, :n]) <= TOL64
+    for i, wi in enumerate(w.values().split(lens)):  # (torch 2.4's nested tensors cannot be indexed)
+        assert max_rel_err(wi, wp[i, :lens[i]]) <= TOL64
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])

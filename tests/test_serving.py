@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import random_params
+from common import NEWER_TORCH, TORCH_2_4, random_params
 
 from din_fused import FusedDINAttention, serving
 from din_fused.model import DIN
@@ -219,6 +219,7 @@ def aoti_package(tmp_path_factory):
     return path
 
 
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 def test_aoti_package_runs_without_din_fused(trained_dice, aoti_package, tmp_path):
     batches = [din_inputs(B, T, seed=B) for B, T in SHAPES]
     torch.save(batches, tmp_path / "inputs.pt")
@@ -255,6 +256,7 @@ def build_cpp_demo(out: Path) -> Path:
     return out
 
 
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                     reason="the C++ serving demo needs a C++ compiler")
 def test_aoti_cpp_serving_demo(trained_dice, aoti_package, tmp_path):
@@ -277,6 +279,7 @@ def test_aoti_cpp_serving_demo(trained_dice, aoti_package, tmp_path):
 # --------------------------------------------------------------------------------------
 # ONNX under onnxruntime
 # --------------------------------------------------------------------------------------
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 def test_onnx_export_onnxruntime_dynamic_batch_and_length(trained, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -353,6 +356,7 @@ def test_din_jagged_fwd_aten_matches_op(shared, activation, normalization):
             check(got, ref)
 
 
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 @pytest.mark.parametrize("shared", [False, True])
 def test_export_jagged_dynamic_rows_and_values(shared):
     m, ep = jagged_scorer(shared)
@@ -367,6 +371,7 @@ def test_export_jagged_dynamic_rows_and_values(shared):
             assert_close_rel(aten.module()(*x, **kw), eager)
 
 
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 def test_aoti_jagged_shared_history(tmp_path):
     """The serving case of the jagged layout: many candidates against one user's history."""
     m, ep = jagged_scorer(shared=True)
@@ -377,6 +382,7 @@ def test_aoti_jagged_shared_history(tmp_path):
             assert_close_rel(runner(*x, **kw), m(*x, **kw))
 
 
+@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
 @pytest.mark.parametrize("shared", [False, True])
 def test_onnx_jagged_onnxruntime(shared, tmp_path):
     pytest.importorskip("onnx")
@@ -391,3 +397,10 @@ def test_onnx_jagged_onnxruntime(shared, tmp_path):
             assert [i.name for i in sess.get_inputs()] == list(feed)
             (got,) = sess.run(None, {name: t.numpy() for name, t in feed.items()})
             assert_close_rel(torch.from_numpy(got), m(*x, **kw))
+
+
+@pytest.mark.skipif(not TORCH_2_4, reason="checks the error that torch 2.4 gets")
+def test_serving_paths_name_the_torch_they_need_on_torch_2_4(tmp_path):
+    for fn in (serving.aoti_package, serving.onnx_export):  # (they refuse before exporting)
+        with pytest.raises(RuntimeError, match=r"needs a newer torch than 2\.4"):
+            fn(torch.nn.Linear(2, 1), tmp_path / "x", (torch.randn(3, 2),))
