@@ -680,7 +680,7 @@ def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
 @pytest.mark.parametrize("eps", [1e-8, 1e-3, 0.7])
 def test_small_inference_dice_invstd_is_the_general_paths_bitwise(dtype, eps, monkeypatch):
     """The plan's kernel takes 1/sqrt(running_var + eps) itself (DinParams::bn_var), the
-    general path with torch's foreach add and rsqrt: the same correctly rounded operations.
+    general path with torch's add and rsqrt (_eval_invstd): the same correctly rounded operations.
     Full-width layers (256, 256, vector bodies and no tail) and (37, 3) (tails), variances
     from 1e-7 to 1e5, so that an ulp's difference in any of them shows in the weights."""
     gen = torch.Generator().manual_seed(23)
