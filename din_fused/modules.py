@@ -189,19 +189,23 @@ class FusedDINAttention(nn.Module):
         cached = self.__dict__.get("_bundle")
         if torch.compiler.is_compiling():
             # Traced once, so nothing to cache (and torch 2.4's dynamo cannot trace the write).
-            cached = (None, self._build_params(), None)
+            cached = (None, self._build_params(), None, self._first_bn())
         elif cached is None or cached[0] != _GENERATION[0] or any(d.get(n) is not t for d, n, t in cached[2]):
             slots = self._param_slots()
-            cached = (_GENERATION[0], self._build_params(), slots)
+            # (the first BatchNorm too: replacing it registers a module, which bumps _GENERATION)
+            cached = (_GENERATION[0], self._build_params(), slots, self._first_bn())
             self.__dict__["_bundle"] = cached
-        p = cached[1]
+        p, bn = cached[1], cached[3]
         if p.activation == "dice":
-            bn = self.local_att.dnn.activation_layers[0].bn
             p.eps = bn.eps
             p.momentum = bn.momentum
             if bn.momentum is None:
                 p.momentum = 1.0 / max(int(bn.num_batches_tracked), 1)
         return p
+
+    def _first_bn(self):
+        """Dice: the first layer's BatchNorm, whose eps and momentum the bundle carries."""
+        return self.local_att.dnn.activation_layers[0].bn if self.activation == "dice" else None
 
     def _param_slots(self) -> list:
         """(owner's _parameters or _buffers dict, name, tensor) for every tensor of the bundle."""

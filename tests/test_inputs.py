@@ -673,7 +673,17 @@ def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
     mod(q, k, lengths).sum().backward()  # moves the running statistics
     mod.eval()
     agree()
-    assert len(calls) == 6
+    # A new BatchNorm object (the bundle keeps the first one for its eps and momentum): its
+    # statistics and its eps show, here 0.25 in every layer of both twins.
+    new_bn = torch.nn.BatchNorm1d(4, eps=0.25).double().eval()
+    with torch.no_grad():
+        new_bn.running_var.fill_(1.5)
+        new_bn.running_mean.fill_(-0.2)
+    mod.local_att.dnn.activation_layers[0].bn = new_bn
+    for a in [*mod.local_att.dnn.activation_layers, *ref.local_att.dnn.activation_layers]:
+        a.bn.eps = 0.25
+    agree()
+    assert len(calls) == 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
