@@ -1002,19 +1002,18 @@ class InferencePlan:
             and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
         self.key = (dim, dtype, normalization, scale)
         self.params = params  # Dice reads its eps per call, as the module sets it
-        self.means, self.variances = means, variances
-        # (tensor, storage, shape, version): the version only where the kernels read a copy
+        self.dice = bool(variances)
+        # valid() compares every tensor's storage and shape as one list (a per-tensor generator
+        # cost ~0.4 us a tensor; Dice has 17), and a version only where the kernels read a copy
         # (PReLU's single alpha broadcast per channel), whose source may change in place.
-        self.slots = [(t, t.data_ptr(), t.shape, None) for t in [*weights, *biases, *gammas, *betas, *means,
-                                                                  *variances]]
+        self._tensors = tensors
+        self._storage = [(t.data_ptr(), t.shape) for t in tensors]
+        self._versioned = []
         self.alphas = []
         for a, h in zip(alphas, hidden):
-            self.slots.append((a, a.data_ptr(), a.shape, None if a.numel() == h else a._version))
+            if a.numel() != h:
+                self._versioned.append((a, a._version))
             self.alphas.append(a if a.numel() == h else a.detach().reshape(-1).expand(h).contiguous())
-        # valid()'s checks as whole lists: a per-slot generator cost ~0.4 us a tensor (Dice has 17).
-        self._tensors = [t for t, _, _, _ in self.slots]
-        self._storage = [(ptr, shape) for _, ptr, shape, _ in self.slots]
-        self._versioned = [(t, v) for t, _, _, v in self.slots if v is not None]
         self.cfg = _model_cfg(dim, hidden, params.activation, normalization, scale, dtype, weights, biases,
                               self.alphas, gammas, betas)
         self.cfg.update({"ldq": dim, "ldk": dim, "ldo": dim, "is_cuda": False})
@@ -1026,7 +1025,7 @@ class InferencePlan:
 
     def _config(self, cfg: dict) -> None:
         """Dice (eval): this call's eps, which the module refreshes from its BatchNorm."""
-        if self.variances:
+        if self.dice:
             cfg["bn_eps"] = float(self.params.eps)
 
     def valid(self) -> bool:
