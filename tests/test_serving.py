@@ -242,7 +242,11 @@ def build_cpp_demo(out: Path) -> Path:
     """Compile examples/serving_cpp/din_serve.cpp against the torch wheel's libtorch.
 
     The compiler is called directly rather than through CMake's find_package(Torch),
-    which with a CUDA build of torch also wants the CUDA toolkit (not on CPU CI)."""
+    which with a CUDA build of torch also wants the CUDA toolkit (not on CPU CI).
+    `--no-as-needed` keeps libtorch.so among the demo's libraries although it calls
+    nothing in it: the AOTInductor runner of torch 2.9 dlopens the model with libtorch.so
+    as a dependency, which the demo's RUNPATH does not reach, and GCC on Debian and Ubuntu
+    links as-needed by default."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
@@ -250,7 +254,7 @@ def build_cpp_demo(out: Path) -> Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-O1", str(src), "-o", str(out),
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
-           f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10"]
+           f"-L{lib}", f"-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return out
