@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import TORCH_2_4, param_tensors, random_params
+from common import CAPTURE_NEEDS_FLAG, param_tensors, random_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd, make_jagged
 
 import din_fused
@@ -105,8 +105,9 @@ def test_jagged_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     results = []
-    # (torch 2.4 captures the op's data-dependent output shape only when told to: README, Build)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if TORCH_2_4 else nullcontext():
+    # (torch < 2.10 captures the op's data-dependent output shape only when told to: README, Build)
+    flag = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+    with flag if CAPTURE_NEEDS_FLAG else nullcontext():
         for fn in (f, compiled):
             qq, vv = q.clone().requires_grad_(), v.clone().requires_grad_()
             loss = fn(qq, vv)
