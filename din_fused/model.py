@@ -154,8 +154,10 @@ class _EmbeddingMLP(nn.Module):
     # -- pieces ------------------------------------------------------------ #
     def embed(self, target: Tensor, history: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per attribute a: query [B, E] and keys [B, T, E] from the same table."""
-        queries = [_lookup(emb, target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
-        keys = [_lookup(emb, history[:, :, a]) for a, emb in enumerate(self.attr_embeddings)]
+        # select, not target[:, a]: the full slice of a dynamic dim makes torch.export 2.5-2.7
+        # guard that dim != int_oo and reject it (batch and length as dynamic dims; README, Build).
+        queries = [_lookup(emb, target.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
+        keys = [_lookup(emb, history.select(2, a)) for a, emb in enumerate(self.attr_embeddings)]
         return queries, keys
 
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
@@ -200,7 +202,7 @@ class _EmbeddingMLP(nn.Module):
         return self._head(queries, interest, context)
 
     def _head(self, queries: list[Tensor], interest: Tensor, context: Tensor | None) -> Tensor:
-        parts = [_lookup(emb, context[:, f]) for f, emb in enumerate(self.context_embeddings)]
+        parts = [_lookup(emb, context.select(1, f)) for f, emb in enumerate(self.context_embeddings)]
         x = torch.cat([*parts, *queries, interest], dim=1)
         return self.out(self.mlp(x)).squeeze(1)
 
@@ -223,7 +225,7 @@ class _EmbeddingMLP(nn.Module):
         Each behaviour is embedded once, however many rows share its history.
         """
         self._check_jagged(target, values, offsets, context, row_seq)
-        queries = [_lookup(emb, target[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        queries = [_lookup(emb, target.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
         interest = self.pool_jagged(queries, values, offsets, row_seq)  # [R, A*E]
         return self._head(queries, interest, context)
 
@@ -381,7 +383,7 @@ class DIN(_EmbeddingMLP):
     ) -> Tensor:
         """Attention pooling of unpadded histories: every behaviour is embedded once ([N, E] per
         attribute), however many rows share its history -> [R, A*E]."""
-        keys = [_lookup(emb, values[:, a]) for a, emb in enumerate(self.attr_embeddings)]
+        keys = [_lookup(emb, values.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
         if self.attention == "concat":
             queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
         return torch.cat(
