@@ -30,6 +30,11 @@ which they raise.  The data-dependent input checks of the fused op cannot live i
 ahead-of-time compiled graph: out-of-range lengths are clamped to [0, T] (as the kernels
 do), values outside [offsets[0], offsets[S]) belong to no sequence; validate offsets
 before serving.
+
+Torch versions: the three paths pass their tests from torch 2.7 (tested: 2.7.1, 2.9.1,
+2.13.0).  Older torch gets an error that names what it lacks from :func:`onnx_export`, from
+a jagged :func:`export` and, before 2.6, from :func:`aoti_package`; :func:`export` of the
+padded layout works from torch 2.4.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ from . import ops  # noqa: F401  (registers torch.ops.din_fused.*)
 
 __all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes",
            "jagged_dynamic_shapes", "export", "to_aten", "aoti_package", "onnx_export"]
+
+# The oldest torch on which every serving path passes its tests: before it, the ONNX exporter
+# takes no ExportedProgram (2.4) or fails to translate the MLP's batch norm (2.5, 2.6), and
+# torch.export fails inside torch on the jagged op with dynamic rows (2.4-2.6).  AOTInductor
+# packages exist from 2.6.
+SERVING_TORCH = (2, 7)
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -236,6 +248,9 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
     if model.training:
         raise ValueError("export an eval-mode model (model.eval()): training-mode Dice updates "
                          "running statistics and uses batch statistics")
+    if kwargs and "offsets" in kwargs and _TORCH < SERVING_TORCH:
+        _needs_newer_torch("serving.export of the jagged layout", "torch.export fails inside torch on "
+                           "the jagged op with dynamic rows (2.4, 2.5; 2.6 when rows share sequences)")
     if dynamic_shapes is None and _is_din_like(model, args):
         dynamic_shapes = din_dynamic_shapes(context=len(args) == 4)
     return torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
@@ -261,8 +276,9 @@ def _program(model_or_ep, args, dynamic_shapes) -> torch.export.ExportedProgram:
 
 
 def _needs_newer_torch(what: str, why: str) -> None:
-    raise RuntimeError(f"{what} needs a newer torch than {torch.__version__}: {why} (the serving paths are "
-                       f"tested with torch 2.13; the op, the modules and the model work from torch 2.4)")
+    raise RuntimeError(f"{what} needs a newer torch than {_TORCH}: {why} (the serving paths are "
+                       f"tested with torch 2.7.1, 2.9.1 and 2.13.0; the op, the modules, the model and "
+                       f"serving.export of the padded layout work from torch 2.4)")
 
 
 def aoti_package(model_or_ep, path: str | Path, args: tuple | None = None, dynamic_shapes=None) -> str:
@@ -283,8 +299,9 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
     operators through :func:`to_aten`; dynamic dims stay dynamic.  For a DIN module
     the inputs default to the names target, history, lengths[, context] and the output to
     logit.  Returns the ``torch.onnx.ONNXProgram``."""
-    if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
-        _needs_newer_torch("serving.onnx_export", "torch 2.4's torch.onnx.export takes no ExportedProgram")
+    if _TORCH < SERVING_TORCH:
+        _needs_newer_torch("serving.onnx_export", "the ONNX exporter of older torch takes no ExportedProgram "
+                           "(2.4) or fails on the model's batch norm (2.5, 2.6)")
     if _is_din_like(model_or_ep, args):
         input_names = input_names or ["target", "history", "lengths", "context"][:len(args)]
         output_names = output_names or ["logit"]

@@ -8,10 +8,6 @@ from pathlib import Path
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# torch 2.4, the oldest torch din_fused supports (README, Build): it has no ONNX export of an
-# ExportedProgram, no AOTInductor packages, and cannot export the jagged op with dynamic rows.
-TORCH_2_4 = torch.torch_version.TorchVersion(torch.__version__) < (2, 5)
-NEWER_TORCH = "needs a newer torch than 2.4 (README, Build: tested with 2.4.1 and 2.13)"
 # Before torch 2.10, torch.compile(fullgraph=True) did not capture data-dependent output shapes
 # (the jagged op's weights) unless capture_dynamic_output_shape_ops was set (pytorch#163123).
 CAPTURE_NEEDS_FLAG = torch.torch_version.TorchVersion(torch.__version__) < (2, 10)

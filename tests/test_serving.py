@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import NEWER_TORCH, TORCH_2_4, random_params
+from common import random_params
 
 from din_fused import FusedDINAttention, serving
 from din_fused.model import DIN
@@ -21,6 +21,12 @@ from din_fused.ops import din_fwd, din_jagged_fwd
 from din_fused.reference import ACTIVATIONS, NORMALIZATIONS, din_attention_ref
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the installed torch lacks (serving.SERVING_TORCH; README, Build): the serving paths
+# are tested from torch 2.7, AOTInductor packages exist from 2.6.
+OLD_TORCH = serving._TORCH < serving.SERVING_TORCH
+NO_AOTI = not hasattr(torch._inductor, "aoti_compile_and_package")
+needs_serving_torch = pytest.mark.skipif(OLD_TORCH, reason=f"needs torch >= 2.7, not {torch.__version__}")
+needs_aoti = pytest.mark.skipif(NO_AOTI, reason=f"torch {torch.__version__} has no AOTInductor packages")
 # (B, T) shapes served after exporting with example (6, 7): covers B=1, T=1 and longer T.
 SHAPES = [(1, 1), (3, 20), (33, 50)]
 
@@ -219,7 +225,7 @@ def aoti_package(tmp_path_factory):
     return path
 
 
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_aoti
 def test_aoti_package_runs_without_din_fused(trained_dice, aoti_package, tmp_path):
     batches = [din_inputs(B, T, seed=B) for B, T in SHAPES]
     torch.save(batches, tmp_path / "inputs.pt")
@@ -260,7 +266,7 @@ def build_cpp_demo(out: Path) -> Path:
     return out
 
 
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_aoti
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                     reason="the C++ serving demo needs a C++ compiler")
 def test_aoti_cpp_serving_demo(trained_dice, aoti_package, tmp_path):
@@ -283,7 +289,7 @@ def test_aoti_cpp_serving_demo(trained_dice, aoti_package, tmp_path):
 # --------------------------------------------------------------------------------------
 # ONNX under onnxruntime
 # --------------------------------------------------------------------------------------
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_serving_torch
 def test_onnx_export_onnxruntime_dynamic_batch_and_length(trained, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -360,7 +366,7 @@ def test_din_jagged_fwd_aten_matches_op(shared, activation, normalization):
             check(got, ref)
 
 
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_serving_torch
 @pytest.mark.parametrize("shared", [False, True])
 def test_export_jagged_dynamic_rows_and_values(shared):
     m, ep = jagged_scorer(shared)
@@ -375,7 +381,7 @@ def test_export_jagged_dynamic_rows_and_values(shared):
             assert_close_rel(aten.module()(*x, **kw), eager)
 
 
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_serving_torch
 def test_aoti_jagged_shared_history(tmp_path):
     """The serving case of the jagged layout: many candidates against one user's history."""
     m, ep = jagged_scorer(shared=True)
@@ -386,7 +392,7 @@ def test_aoti_jagged_shared_history(tmp_path):
             assert_close_rel(runner(*x, **kw), m(*x, **kw))
 
 
-@pytest.mark.skipif(TORCH_2_4, reason=NEWER_TORCH)
+@needs_serving_torch
 @pytest.mark.parametrize("shared", [False, True])
 def test_onnx_jagged_onnxruntime(shared, tmp_path):
     pytest.importorskip("onnx")
@@ -403,8 +409,23 @@ def test_onnx_jagged_onnxruntime(shared, tmp_path):
             assert_close_rel(torch.from_numpy(got), m(*x, **kw))
 
 
-@pytest.mark.skipif(not TORCH_2_4, reason="checks the error that torch 2.4 gets")
-def test_serving_paths_name_the_torch_they_need_on_torch_2_4(tmp_path):
-    for fn in (serving.aoti_package, serving.onnx_export):  # (they refuse before exporting)
-        with pytest.raises(RuntimeError, match=r"needs a newer torch than 2\.4"):
-            fn(torch.nn.Linear(2, 1), tmp_path / "x", (torch.randn(3, 2),))
+def test_serving_paths_name_the_torch_they_need(monkeypatch, tmp_path):
+    """On torch older than serving.SERVING_TORCH (or without AOTInductor packages) the paths
+    that would fail inside torch refuse first, with an error naming the torch they need.  The
+    version is patched, so this runs on any torch; the real old ones were checked by hand
+    (README, Build)."""
+    monkeypatch.setattr(serving, "_TORCH", torch.torch_version.TorchVersion("2.6.0"))
+    monkeypatch.delattr(torch._inductor, "aoti_compile_and_package", raising=False)
+    linear = torch.nn.Linear(2, 1).eval()
+    m = FusedDINAttention(embedding_dim=8, att_hidden_units=(16, 8)).eval()
+    args, kwargs = jagged_inputs(5, [3, 0, 5, 2], False, 0)
+    x = (torch.randn(3, 2),)
+    calls = {"serving.onnx_export": lambda: serving.onnx_export(linear, tmp_path / "x.onnx", x),
+             "serving.aoti_package": lambda: serving.aoti_package(linear, tmp_path / "x.pt2", x),
+             "serving.export of the jagged layout": lambda: serving.export(
+                 m, args, serving.jagged_dynamic_shapes(False), kwargs=kwargs)}
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^{what} needs a newer torch than 2\.6\.0: "):
+            call()
+    ep = serving.export(train_din(steps=0), din_inputs(6, 7, 0))  # the padded layout still exports
+    assert "din_fused.din_fwd.default" in {str(n.target) for n in ep.graph.nodes}
