@@ -53,8 +53,8 @@ __all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic
 
 # The oldest torch on which every serving path passes its tests: before it, the ONNX exporter
 # takes no ExportedProgram (2.4) or fails to translate the MLP's batch norm (2.5, 2.6), and
-# torch.export fails inside torch on the jagged op with dynamic rows (2.4-2.6).  AOTInductor
-# packages exist from 2.6.
+# torch.export fails inside torch on the jagged op with dynamic rows (2.4, 2.5; 2.6 when rows
+# share sequences).  AOTInductor packages exist from 2.6.
 SERVING_TORCH = (2, 7)
 _TORCH = torch.torch_version.TorchVersion(torch.__version__)
 
