@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # are tested from torch 2.7, AOTInductor packages exist from 2.6.
 OLD_TORCH = serving._TORCH < serving.SERVING_TORCH
 NO_AOTI = not hasattr(torch._inductor, "aoti_compile_and_package")
-needs_serving_torch = pytest.mark.skipif(OLD_TORCH, reason=f"needs torch >= 2.7, not {torch.__version__}")
+needs_serving_torch = pytest.mark.skipif(
+    OLD_TORCH, reason=f"needs torch >= {'.'.join(map(str, serving.SERVING_TORCH))}, not {torch.__version__}")
 needs_aoti = pytest.mark.skipif(NO_AOTI, reason=f"torch {torch.__version__} has no AOTInductor packages")
 # (B, T) shapes served after exporting with example (6, 7): covers B=1, T=1 and longer T.
 SHAPES = [(1, 1), (3, 20), (33, 50)]
