@@ -253,13 +253,14 @@ def build_cpp_demo(out: Path) -> Path:
     `--no-as-needed` keeps libtorch.so among the demo's libraries although it calls
     nothing in it: the AOTInductor runner of torch 2.9 dlopens the model with libtorch.so
     as a dependency, which the demo's RUNPATH does not reach, and GCC on Debian and Ubuntu
-    links as-needed by default."""
+    links as-needed by default.  C++20: torch 2.14's headers need it (`requires` clauses);
+    torch's own cpp_extension builds with it since 2.13, and 2.7's headers compile with it."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
     src = ROOT / "examples" / "serving_cpp" / "din_serve.cpp"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-O1", str(src), "-o", str(out),
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", str(src), "-o", str(out),
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
            f"-L{lib}", f"-Wl,-rpath,{lib}", "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
