@@ -31,10 +31,11 @@ ahead-of-time compiled graph: out-of-range lengths are clamped to [0, T] (as the
 do), values outside [offsets[0], offsets[S]) belong to no sequence; validate offsets
 before serving.
 
-Torch versions: the three paths pass their tests from torch 2.7 (tested: 2.7.1, 2.8.0,
-2.9.1, 2.11.0, 2.13.0).  Older torch gets an error that names what it lacks from :func:`onnx_export`, from
-a jagged :func:`export` and, before 2.6, from :func:`aoti_package`; :func:`export` of the
-padded layout works from torch 2.4.
+Torch versions: the three paths pass their tests from torch 2.7 (tested: 2.7.1 to 2.15.0;
+on 2.10.0 a fresh process must ``import torch._inductor.codecache`` before
+``aoti_load_package``, pytorch#173706).  Older torch gets an error that names what it
+lacks from :func:`onnx_export`, from a jagged :func:`export` and, before 2.6, from
+:func:`aoti_package`; :func:`export` of the padded layout works from torch 2.4.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def _program(model_or_ep, args, dynamic_shapes) -> torch.export.ExportedProgram:
 
 def _needs_newer_torch(what: str, why: str) -> None:
     raise RuntimeError(f"{what} needs a newer torch than {_TORCH}: {why} (the serving paths are "
-                       f"tested with torch 2.7.1 to 2.13.0; the op, the modules, the model and "
+                       f"tested with torch 2.7.1 to 2.15.0; the op, the modules, the model and "
                        f"serving.export of the padded layout work from torch 2.4)")
 
 
