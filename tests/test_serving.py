@@ -256,7 +256,7 @@ def build_cpp_demo(out: Path) -> Path:
     nothing in it: the AOTInductor runner of torch 2.9 dlopens the model with libtorch.so
     as a dependency, which the demo's RUNPATH does not reach, and GCC on Debian and Ubuntu
     links as-needed by default.  C++20: torch 2.14's headers need it (`requires` clauses);
-    torch 2.13's own cpp_extension builds with it, and 2.7's headers compile with it."""
+    torch 2.13's own cpp_extension builds with it, and older headers (2.7.1 up) compile with it."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
