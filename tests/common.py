@@ -8,9 +8,6 @@ from pathlib import Path
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# Before torch 2.10, torch.compile(fullgraph=True) did not capture data-dependent output shapes
-# (the jagged op's weights) unless capture_dynamic_output_shape_ops was set (pytorch#163123).
-CAPTURE_NEEDS_FLAG = torch.torch_version.TorchVersion(torch.__version__) < (2, 10)
 
 
 def random_params(D, hidden, activation, dtype=torch.float64, device="cpu", gen=None, requires_grad=True):

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import CAPTURE_NEEDS_FLAG, param_tensors, random_params
+from common import param_tensors, random_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd, make_jagged
 
 import din_fused
 from din_fused import din_attention_jagged
 
 ACTS = ["sigmoid", "relu", "prelu", "dice", "dice-train"]
+# Before torch 2.10, torch.compile(fullgraph=True) did not capture data-dependent output shapes
+# (the jagged op's weights) unless capture_dynamic_output_shape_ops was set (pytorch#163123).
+CAPTURE_NEEDS_FLAG = torch.torch_version.TorchVersion(torch.__version__) < (2, 10)
 
 
 @pytest.mark.parametrize("norm", ["none", "softmax"])
@@ -106,8 +109,8 @@ def test_jagged_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     results = []
     # (torch < 2.10 captures the op's data-dependent output shape only when told to: README, Build)
-    flag = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
-    with flag if CAPTURE_NEEDS_FLAG else nullcontext():
+    with (torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if CAPTURE_NEEDS_FLAG
+          else nullcontext()):
         for fn in (f, compiled):
             qq, vv = q.clone().requires_grad_(), v.clone().requires_grad_()
             loss = fn(qq, vv)
