@@ -83,16 +83,114 @@ class _LookupIndexAdd(torch.autograd.Function):
                                   ctx.padding_idx), None, None
 
 
-def _lookup(emb: nn.Embedding, idx: Tensor) -> Tensor:
-    """emb(idx), with the faster table gradient on CPU in plain eager training.  Other
-    devices keep nn.Embedding (CUDA's index_add_ adds with atomics, in no fixed order), and
-    so do compiled, exported, traced and functorch calls, which should see the plain aten op,
-    and tables with sparse gradients, max_norm or scale_grad_by_freq."""
+def _fast_table(emb: nn.Embedding) -> bool:
+    """Whether emb's lookups may take the table gradient of ops.embedding_grad: on the CPU in
+    plain eager training.  Other devices keep nn.Embedding (CUDA's index_add_ adds with
+    atomics, in no fixed order), and so do compiled, exported, traced and functorch calls,
+    which should see the plain aten op, and tables with sparse gradients, max_norm or
+    scale_grad_by_freq."""
     w = emb.weight
-    if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or emb.sparse
-            or emb.max_norm is not None or emb.scale_grad_by_freq or not ops.plain_eager()):
+    return (w.device.type == "cpu" and torch.is_grad_enabled() and w.requires_grad and not emb.sparse
+            and emb.max_norm is None and not emb.scale_grad_by_freq and ops.plain_eager())
+
+
+def _lookup(emb: nn.Embedding, idx: Tensor) -> Tensor:
+    """emb(idx), with the faster table gradient where _fast_table allows it."""
+    if not _fast_table(emb):
         return emb(idx)
-    return _LookupIndexAdd.apply(w, idx, emb.padding_idx)
+    return _LookupIndexAdd.apply(emb.weight, idx, emb.padding_idx)
+
+
+class _JointLookup(torch.autograd.Function):
+    """The candidates' and the behaviours' rows of every attribute table in one node:
+    q_ids [R, A] and k_ids [..., A] -> with concat, queries [R, A*E] and keys [..., A*E]
+    (attribute a in columns a*E:(a+1)*E, written in place by ops.lookup_rows: no
+    torch.cat); without, A queries [R, E] then A keys [..., E].  Each table's gradient is
+    one ops.embedding_grad over both lookups, candidates first, instead of two tables'
+    worth of gradients that autograd then adds."""
+
+    @staticmethod
+    def forward(ctx, q_ids: Tensor, k_ids: Tensor, concat: bool, paddings: tuple, *weights: Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q_ids, k_ids)
+        ctx.concat, ctx.paddings, ctx.rows = concat, paddings, [w.shape[0] for w in weights]
+        lead = k_ids.shape[:-1]
+        if concat:
+            keys = ops.lookup_rows(weights, k_ids.reshape(-1, len(weights)))
+            return ops.lookup_rows(weights, q_ids), keys.reshape(*lead, keys.shape[1])
+        return (*(F.embedding(q_ids.select(1, a), w) for a, w in enumerate(weights)),
+                *(F.embedding(k_ids.select(-1, a), w) for a, w in enumerate(weights)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q_ids, k_ids = ctx.saved_tensors
+        A = len(ctx.rows)
+        k_ids = k_ids.reshape(-1, A)
+        if ctx.concat:
+            E = (grads[0] if grads[0] is not None else grads[1]).shape[-1] // A
+            gq, gk = grads[0], None if grads[1] is None else grads[1].reshape(-1, A * E)
+            gq = [None if gq is None else gq[:, a * E:(a + 1) * E] for a in range(A)]
+            gk = [None if gk is None else gk[:, a * E:(a + 1) * E] for a in range(A)]
+        else:
+            gq = list(grads[:A])
+            gk = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads[A:]]
+        table_grads = []
+        for a in range(A):
+            pairs = [(ids.select(1, a), g) for ids, g in ((q_ids, gq[a]), (k_ids, gk[a])) if g is not None]
+            table_grads.append(None if not pairs else ops.embedding_grad(
+                [i for i, _ in pairs], [g for _, g in pairs], ctx.rows[a], ctx.paddings[a]))
+        return None, None, None, None, *table_grads
+
+
+def _joint_lookup(tables: Sequence[nn.Embedding], q_ids: Tensor, k_ids: Tensor | None,
+                  concat: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Candidate rows q_ids [R, A] and, unless k_ids is None, behaviour rows k_ids [..., A]
+    of the attribute tables: (queries, keys), per attribute ([R, E], [..., E]) or, with
+    concat, one each ([R, A*E], [..., A*E]; attribute a in columns a*E:(a+1)*E).  In
+    plain eager CPU training with two lookups this is _JointLookup's single node; otherwise
+    one lookup per table and side."""
+    if k_ids is not None and all(_fast_table(emb) for emb in tables):
+        out = _JointLookup.apply(q_ids, k_ids, concat, tuple(emb.padding_idx for emb in tables),
+                                 *(emb.weight for emb in tables))
+        return ([out[0]], [out[1]]) if concat else (list(out[:len(tables)]), list(out[len(tables):]))
+    # select, not ids[:, a]: the full slice of a dynamic dim makes torch.export 2.5-2.7
+    # guard that dim != int_oo and reject it (batch and length as dynamic dims; README, Build).
+    queries = [_lookup(emb, q_ids.select(1, a)) for a, emb in enumerate(tables)]
+    keys = [] if k_ids is None else [_lookup(emb, k_ids.select(-1, a)) for a, emb in enumerate(tables)]
+    if concat:
+        return [_cat(queries, 1)], ([_cat(keys, -1)] if keys else [])
+    return queries, keys
+
+
+def _cat(ts: Sequence[Tensor], dim: int) -> Tensor:
+    """torch.cat, without the copy that torch.cat makes of a single tensor."""
+    return ts[0] if len(ts) == 1 else torch.cat(list(ts), dim)
+
+
+class _PReLUFn(torch.autograd.Function):
+    """torch.prelu on x [N, C] whose backward is one pass of ops.prelu_backward (aten's
+    CPU kernel took ~0.5 ms on the MLP's [1024, 200], ~5x our pass there)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.prelu(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        return ops.prelu_backward(grad, x, weight)
+
+
+class PReLU(nn.PReLU):
+    """nn.PReLU (same parameter and state-dict key), with _PReLUFn's backward for [N, C]
+    inputs in plain eager CPU training; elsewhere (CUDA, compile, export) nn.PReLU's own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dim() == 2 and x.device.type == "cpu" and torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad) and ops.plain_eager()):
+            return _PReLUFn.apply(x, self.weight)
+        return super().forward(x)
 
 
 def _activation(name: str, width: int) -> nn.Module:
@@ -100,12 +198,16 @@ def _activation(name: str, width: int) -> nn.Module:
         return Dice(width, dim=2)
     if name == "prelu":
         # One slope per channel; 0.25 is PyTorch's (and the PReLU paper's) default.
-        return nn.PReLU(width)
+        return PReLU(width)
     raise ValueError(f"activation must be one of {MLP_ACTIVATIONS}, got {name!r}")
 
 
 class _EmbeddingMLP(nn.Module):
     """Embeddings + MLP shared by :class:`DIN` and :class:`BaseModel`; subclasses define ``pool``."""
+
+    # The forward looks the attributes up side by side ([B, A*E] queries, [B, T, A*E] keys)
+    # when the pooling would concatenate them anyway.
+    _concat_embeddings = False
 
     def __init__(
         self,
@@ -152,13 +254,12 @@ class _EmbeddingMLP(nn.Module):
         self.activation = activation
 
     # -- pieces ------------------------------------------------------------ #
-    def embed(self, target: Tensor, history: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per attribute a: query [B, E] and keys [B, T, E] from the same table."""
-        # select, not target[:, a]: the full slice of a dynamic dim makes torch.export 2.5-2.7
-        # guard that dim != int_oo and reject it (batch and length as dynamic dims; README, Build).
-        queries = [_lookup(emb, target.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
-        keys = [_lookup(emb, history.select(2, a)) for a, emb in enumerate(self.attr_embeddings)]
-        return queries, keys
+    def embed(
+        self, target: Tensor, history: Tensor, concat: bool = False
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per attribute a: query [B, E] and keys [B, T, E] from the same table; with concat,
+        one query [B, A*E] and one keys [B, T, A*E] (the attributes side by side)."""
+        return _joint_lookup(self.attr_embeddings, target, history, concat)
 
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
         """queries[a] [B, E], keys[a] [B, T, E], lengths [B] -> interest [B, A*E]."""
@@ -197,7 +298,7 @@ class _EmbeddingMLP(nn.Module):
         if isinstance(target, Batch):
             target, history, lengths, context = target.target, target.history, target.lengths, target.context
         self._check(target, history, lengths, context)
-        queries, keys = self.embed(target, history)
+        queries, keys = self.embed(target, history, self._concat_embeddings)
         interest = self.pool(queries, keys, lengths)  # [B, A*E]
         return self._head(queries, interest, context)
 
@@ -225,9 +326,15 @@ class _EmbeddingMLP(nn.Module):
         Each behaviour is embedded once, however many rows share its history.
         """
         self._check_jagged(target, values, offsets, context, row_seq)
-        queries = [_lookup(emb, target.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
-        interest = self.pool_jagged(queries, values, offsets, row_seq)  # [R, A*E]
+        queries, interest = self._embed_pool_jagged(target, values, offsets, row_seq)  # [R, A*E]
         return self._head(queries, interest, context)
+
+    def _embed_pool_jagged(
+        self, target: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> tuple[list[Tensor], Tensor]:
+        """(queries, interest [R, A*E]): the candidates' embeddings and the pooled histories."""
+        queries, _ = _joint_lookup(self.attr_embeddings, target, None, self._concat_embeddings)
+        return queries, self.pool_jagged(queries, values, offsets, row_seq)
 
     @torch.no_grad()
     def score_shared(
@@ -353,6 +460,7 @@ class DIN(_EmbeddingMLP):
             raise ValueError(f"attention_impl must be 'fused' or 'reference', got {attention_impl!r}")
         self.attention = attention
         self.attention_impl = attention_impl
+        self._concat_embeddings = attention == "concat"
         att_activation = activation if att_activation is None else att_activation
         n_units, dim = (
             (self.num_attrs, embedding_dim)
@@ -371,12 +479,13 @@ class DIN(_EmbeddingMLP):
         )
 
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
-        """Attention pooling: queries[a] [B, E], keys[a] [B, T, E] -> [B, A*E]."""
+        """Attention pooling: queries[a] [B, E], keys[a] [B, T, E] -> [B, A*E] (with ``"concat"``
+        attention, one query [B, A*E] and one keys [B, T, A*E] too)."""
         if self.attention == "separate":
             return torch.cat([att(q, k, lengths) for att, q, k in zip(self.att, queries, keys)], dim=1)
         # Concatenating along E keeps, for each position t, the item and its
         # category side by side, which is the original code's joint key.
-        return self.att[0](torch.cat(queries, dim=1), torch.cat(keys, dim=2), lengths)
+        return self.att[0](_cat(queries, 1), _cat(keys, 2), lengths)
 
     def pool_jagged(
         self, queries: list[Tensor], values: Tensor, offsets: Tensor, row_seq: Tensor | None
@@ -384,11 +493,21 @@ class DIN(_EmbeddingMLP):
         """Attention pooling of unpadded histories: every behaviour is embedded once ([N, E] per
         attribute), however many rows share its history -> [R, A*E]."""
         keys = [_lookup(emb, values.select(1, a)) for a, emb in enumerate(self.attr_embeddings)]
+        return self._attend_jagged(queries, keys, offsets, row_seq)
+
+    def _embed_pool_jagged(
+        self, target: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None
+    ) -> tuple[list[Tensor], Tensor]:
+        queries, keys = _joint_lookup(self.attr_embeddings, target, values, self._concat_embeddings)
+        return queries, self._attend_jagged(queries, keys, offsets, row_seq)
+
+    def _attend_jagged(
+        self, queries: list[Tensor], keys: list[Tensor], offsets: Tensor, row_seq: Tensor | None
+    ) -> Tensor:
         if self.attention == "concat":
-            queries, keys = [torch.cat(queries, dim=1)], [torch.cat(keys, dim=1)]
-        return torch.cat(
-            [att(q, k, offsets=offsets, row_seq=row_seq) for att, q, k in zip(self.att, queries, keys)], dim=1
-        )
+            queries, keys = [_cat(queries, 1)], [_cat(keys, 1)]
+        pooled = [att(q, k, offsets=offsets, row_seq=row_seq) for att, q, k in zip(self.att, queries, keys)]
+        return _cat(pooled, 1)
 
 
 class BaseModel(_EmbeddingMLP):
@@ -421,10 +540,11 @@ class BaseModel(_EmbeddingMLP):
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
         self.pooling = pooling
+        self._concat_embeddings = True
 
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
         """Sum or mean over the valid positions: keys[a] [B, T, E] -> [B, A*E] (queries unused)."""
-        k = torch.cat(keys, dim=2)  # [B, T, A*E]
+        k = _cat(keys, 2)  # [B, T, A*E]
         valid = torch.arange(k.shape[1], device=k.device)[None, :] < lengths[:, None]
         # Mask explicitly rather than trusting the padding rows to be zero: the
         # result must not depend on what a caller puts beyond ``lengths``.

@@ -1101,33 +1101,93 @@ def _call(op, tensors, args, direct: bool):
 
 
 # --------------------------------------------------------------------------------------
-# Embedding tables' gradients (din_fused.model's lookups)
+# din_fused.model's embedding lookups and PReLU gradients
 # --------------------------------------------------------------------------------------
-def embedding_grad(idx: Tensor, grad: Tensor, rows: int, padding_idx: int | None = None) -> Tensor:
+def embedding_grad(idx: Tensor | typing.Sequence[Tensor], grad: Tensor | typing.Sequence[Tensor], rows: int,
+                   padding_idx: int | None = None) -> Tensor:
     """An embedding table's gradient: idx [n] int, grad [n, E] -> [rows, E], the sum of
-    grad's rows per index, padding_idx's row zero (negative: counted from the end).  On the
-    CPU (fp32/fp64) one pass of _C.embedding_grad, each row summed in index order; elsewhere,
-    and when grad needs a graph of its own (create_graph), index_add_.  Raises ValueError on
-    an index outside [0, rows) on the CPU (index_add_ raises its own error)."""
-    n, E = grad.shape
-    _check_index("idx", idx, (n,), grad.device)
+    grad's rows per index, padding_idx's row zero (negative: counted from the end).  idx and
+    grad may also be equal-length sequences of such pairs (lookups of one table whose
+    gradients add up: each pair is added in turn).  On the CPU (fp32/fp64) one pass of
+    _C.embedding_grad per pair, each row summed in index order; elsewhere, and when grad
+    needs a graph of its own (create_graph), index_add_.  Raises ValueError on an index
+    outside [0, rows) on the CPU (index_add_ raises its own error)."""
+    idxs, grads = ([idx], [grad]) if isinstance(grad, Tensor) else (list(idx), list(grad))
+    if not grads or len(idxs) != len(grads):
+        raise ValueError(f"embedding_grad: idx and grad must pair up, got {len(idxs)} and {len(grads)}")
+    E = grads[0].shape[1]
+    for i, g in zip(idxs, grads):
+        _check_index("idx", i, (g.shape[0],), g.device)
+        if g.dim() != 2 or g.shape[1] != E or g.dtype != grads[0].dtype:
+            raise ValueError(f"grad must be [n, {E}] {grads[0].dtype}, got {tuple(g.shape)} {g.dtype}")
     if padding_idx is not None:
         if not -rows <= padding_idx < rows:
             raise ValueError(f"padding_idx must lie in [-rows, rows) = [{-rows}, {rows}), got {padding_idx}")
         padding_idx %= rows  # negative counts from the end, as in nn.Embedding
-    gw = torch.zeros(rows, E, dtype=grad.dtype, device=grad.device)
+    g0 = grads[0]
+    gw = torch.zeros(rows, E, dtype=g0.dtype, device=g0.device)
     # (With create_graph the table gradient must itself be differentiable: index_add_ is.)
-    differentiable = torch.is_grad_enabled() and grad.requires_grad
-    fast = grad.is_cpu and grad.dtype in (torch.float32, torch.float64) and grad.stride(1) == 1
+    differentiable = torch.is_grad_enabled() and any(g.requires_grad for g in grads)
+    fast = g0.is_cpu and g0.dtype in (torch.float32, torch.float64) and all(g.stride(1) == 1 for g in grads)
     if fast and not differentiable:
-        idx = _as(idx, torch.int64)
-        _C.embedding_grad(gw.data_ptr(), rows, E, idx.data_ptr(), n, grad.data_ptr(), grad.stride(0),
-                          -1 if padding_idx is None else padding_idx, _DTYPE_CODE[grad.dtype])
+        for i, g in zip(idxs, grads):
+            i = _as(i, torch.int64)
+            _C.embedding_grad(gw.data_ptr(), rows, E, i.data_ptr(), g.shape[0], g.data_ptr(), g.stride(0),
+                              -1 if padding_idx is None else padding_idx, _DTYPE_CODE[g.dtype])
         return gw
-    gw.index_add_(0, idx, grad)
+    for i, g in zip(idxs, grads):
+        gw = gw.index_add(0, i, g)
     if padding_idx is not None:
         gw[padding_idx] = 0
     return gw
+
+
+def lookup_rows(tables: typing.Sequence[Tensor], ids: Tensor) -> Tensor:
+    """Rows of several tables side by side, no autograd: tables[a] [rows_a, E], ids [n, A]
+    int -> [n, A*E], columns a*E:(a+1)*E holding tables[a][ids[:, a]].  On the CPU
+    (fp32/fp64 contiguous tables) each table's rows are copied straight into place, with
+    no per-table tensor and no torch.cat; elsewhere F.embedding and torch.cat.  Raises
+    ValueError naming the column (CPU fast path) or IndexError on an index outside a table."""
+    A, E = len(tables), tables[0].shape[1]
+    _check_index("ids", ids, (None, A), tables[0].device)
+    if not (tables[0].is_cpu and tables[0].dtype in (torch.float32, torch.float64)
+            and all(t.is_contiguous() and t.dtype == tables[0].dtype and t.shape[1] == E for t in tables)):
+        return torch.cat([torch.nn.functional.embedding(ids.select(1, a), t) for a, t in enumerate(tables)],
+                         1)
+    ids = _as(ids, torch.int64)
+    out = torch.empty(ids.shape[0], A * E, dtype=tables[0].dtype)
+    for a, t in enumerate(tables):
+        try:
+            _C.gather_rows(out.data_ptr() + a * E * out.element_size(), A * E, t.data_ptr(), t.shape[0], E,
+                           ids.data_ptr() + a * ids.element_size(), A, ids.shape[0], _DTYPE_CODE[t.dtype])
+        except ValueError as e:
+            raise ValueError(f"ids[:, {a}] indexes tables[{a}]: {e}") from None
+    return out
+
+
+def prelu_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """PReLU's input and slope gradients for x [N, C], weight [C] or [1]: grad * (x > 0 ? 1
+    : weight) and the sum over rows of (x > 0 ? 0 : grad * x).  On the CPU (fp32/fp64,
+    contiguous) one pass of _C.prelu_backward, the slope's sum in row order (in double for
+    fp32); aten's own kernel took 0.5 ms on [1024, 200] (2 threads), ~20x an elementwise
+    op there.  Elsewhere, and under create_graph, differentiable torch ops."""
+    if x.dim() != 2 or grad.shape != x.shape or weight.numel() not in (1, x.shape[1]):
+        raise ValueError(f"prelu_backward: grad and x must be [N, C] and weight [C] or [1], got "
+                         f"{tuple(grad.shape)}, {tuple(x.shape)} and {tuple(weight.shape)}")
+    C, wC = x.shape[1], weight.numel()
+    graph = torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad or weight.requires_grad)
+    same = grad.dtype == x.dtype == weight.dtype
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64) and same and not graph:
+        x, grad, w = _as(x, x.dtype), _as(grad, x.dtype), _as(weight, x.dtype)
+        gx, gw = torch.empty_like(x), torch.empty(wC, dtype=x.dtype)
+        _C.prelu_backward(gx.data_ptr(), gw.data_ptr(), grad.data_ptr(), x.data_ptr(), w.data_ptr(),
+                          x.shape[0], C, wC, _DTYPE_CODE[x.dtype])
+        return gx, gw.reshape(weight.shape)
+    pos = x > 0
+    gw = torch.where(pos, torch.zeros((), dtype=x.dtype, device=x.device), grad * x)
+    gw = gw.sum(0) if wC > 1 else gw.sum().reshape(1)
+    w = weight.reshape(1, wC) if wC > 1 else weight.reshape(())
+    return torch.where(pos, grad, w * grad), gw.reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------------------

@@ -363,30 +363,54 @@ def test_din_jagged_path_never_pads(monkeypatch):
 
 
 @pytest.mark.parametrize("jagged", [False, True])
-def test_table_gradients_equal_nn_embedding(jagged, monkeypatch):
-    """Eager CPU training looks rows up with a table gradient of its own (ops.embedding_grad):
-    the same gradients as nn.Embedding's own backward, float64, up to summation order, and
-    nothing at the padding row."""
+@pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum"])
+def test_table_gradients_equal_nn_embedding(name, jagged, monkeypatch):
+    """Eager CPU training looks the candidates' and the behaviours' rows up in one node
+    (_JointLookup: both sides of a table, side by side with "concat") with a table gradient of
+    its own (ops.embedding_grad), and runs PReLU's backward in one pass (ops.prelu_backward):
+    the same logits bitwise and the same gradients as nn.Embedding and nn.PReLU, float64, up
+    to summation order, and nothing at the padding row."""
     import din_fused.model as M
 
     target, history, lengths, context = make_batch(b=9, t=6, seed=7)
     values = torch.cat([history[i, : lengths[i]] for i in range(9)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    m0 = models(att_impl="fused")["din-separate"].double()
-    grads = []
-    for lookup in (M._lookup, lambda emb, idx: emb(idx)):
-        monkeypatch.setattr(M, "_lookup", lookup)
+    m0 = models(att_impl="fused")[name].double()
+    grads, outs, nodes = [], [], []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(M, "_fast_table", lambda emb: False)
+            monkeypatch.setattr(M.PReLU, "forward", torch.nn.PReLU.forward)
         m = copy.deepcopy(m0).train()
         if jagged:
             out = m.forward_jagged(target, values, offsets, context)
         else:
             out = m(target, history, lengths, context)
+        nodes.append(_graph_nodes(out.grad_fn))
         (out * torch.linspace(-1, 1, 9, dtype=torch.float64)).sum().backward()
+        outs.append(out.detach())
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    joint = "_JointLookupBackward" in nodes[0] or (jagged and name.startswith("base"))
+    assert joint and "_PReLUFnBackward" in nodes[0], nodes[0]
+    assert not {"_JointLookupBackward", "_PReLUFnBackward", "_LookupIndexAddBackward"} & nodes[1], nodes[1]
+    assert torch.equal(outs[0], outs[1])
     for n, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][n], rtol=1e-12, atol=1e-14, msg=n)
         if "embeddings" in n:
             assert g.abs().sum() > 0 and torch.equal(g[0], torch.zeros_like(g[0])), n
+
+
+def _graph_nodes(fn) -> set:
+    """The names of the autograd nodes that fn reaches."""
+    seen, names, todo = set(), set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(f.name())
+        todo += [g for g, _ in f.next_functions]
+    return names
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -424,6 +448,92 @@ def test_embedding_grad_sums_rows_per_index(dtype, E):
         embedding_grad(idx[:-1], grad.to(dtype), rows)
     with pytest.raises(ValueError, match="padding_idx must lie in"):
         embedding_grad(idx, grad.to(dtype), rows, padding_idx=rows)
+
+
+def test_embedding_grad_adds_pairs_in_turn():
+    """Several lookups of one table: each (idx, grad) pair added in turn, as their separate
+    gradients summed; pairs that do not match are refused."""
+    from din_fused.ops import embedding_grad
+
+    g = torch.Generator().manual_seed(1)
+    idx = [torch.randint(0, 9, (n,), generator=g) for n in (5, 40)]
+    grad = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (5, 40)]
+    want = embedding_grad(idx[0], grad[0], 9, 0) + embedding_grad(idx[1], grad[1], 9, 0)
+    torch.testing.assert_close(embedding_grad(idx, grad, 9, 0), want, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="must pair up"):
+        embedding_grad(idx, grad[:1], 9)
+    with pytest.raises(ValueError, match="grad must be"):
+        embedding_grad(idx, [grad[0], grad[1][:, :2]], 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lookup_rows_writes_tables_side_by_side(dtype):
+    """ops.lookup_rows: tables[a][ids[:, a]] in columns a*E:(a+1)*E, bitwise torch.cat of the
+    lookups (the C++ copy for fp32/fp64, F.embedding and cat otherwise); a bad index is
+    refused with the argument's name before anything is written."""
+    from din_fused.ops import lookup_rows
+
+    g = torch.Generator().manual_seed(2)
+    tables = [torch.randn(r, 5, generator=g).to(dtype) for r in (11, 3, 7)]
+    ids = torch.stack([torch.randint(0, r, (23,), generator=g) for r in (11, 3, 7)], 1)
+    want = torch.cat([t[ids[:, a]] for a, t in enumerate(tables)], 1)
+    for i in (ids, ids.to(torch.int32), ids.t().contiguous().t()):
+        assert torch.equal(lookup_rows(tables, i), want)
+    assert lookup_rows(tables, ids[:0]).shape == (0, 15)
+    bad = ids.clone()
+    bad[4, 1] = 3
+    message = r"ids\[:, 1\] indexes tables\[1\]: indices must lie in \[0, 3\), got indices\[4\] = 3"
+    with pytest.raises((ValueError, IndexError), match=message + "|index out of range"):
+        lookup_rows(tables, bad)
+    with pytest.raises(ValueError, match=r"ids must have shape \[N, 3\]"):
+        lookup_rows(tables, ids[:, :2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C,slopes", [(200, "channel"), (37, "channel"), (3, "one"), (1, "channel")])
+def test_prelu_backward_equals_aten(dtype, C, slopes):
+    """ops.prelu_backward against aten's PReLU backward: the input gradient bitwise (zeros,
+    -0.0 and NaN inputs included), the slope gradient up to summation order; under
+    create_graph (differentiable torch ops) the same, and a second derivative flows."""
+    from din_fused.ops import prelu_backward
+
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(70, C, generator=g, dtype=torch.float64)
+    x[0, 0], x[1, -1], x[2, 0] = 0.0, -0.0, float("nan")
+    grad = torch.randn(70, C, generator=g, dtype=torch.float64)
+    w = torch.rand(C if slopes == "channel" else 1, generator=g, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(torch.prelu(xr, wr), (xr, wr), grad)
+    x, grad, w = x.to(dtype), grad.to(dtype), w.to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    got = prelu_backward(grad, x, w)
+    assert torch.equal(got[0], torch.ops.aten._prelu_kernel_backward(grad, x, w)[0].to(dtype))
+    torch.testing.assert_close(got[0].double(), want[0], equal_nan=True, **tol)
+    torch.testing.assert_close(got[1].double(), want[1], equal_nan=True, **tol)
+    keep = ~torch.isnan(x).any(1)  # the NaN row makes the slope's gradient NaN
+    xc, gc = x[keep].double().requires_grad_(), grad[keep].double().requires_grad_()
+    wc = w.double().requires_grad_()
+    gx, gw = prelu_backward(gc, xc, wc)
+    assert gx.requires_grad and gw.requires_grad
+    xr, wr = xc.detach().requires_grad_(), wc.detach().requires_grad_()
+    torch.testing.assert_close(gw, torch.autograd.grad(torch.prelu(xr, wr), wr, gc.detach())[0], **tol)
+    assert torch.autograd.grad(gw.sum() + gx.square().sum(), wc)[0].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"must be \[N, C\]"):
+        prelu_backward(grad[:5], x, w)
+
+
+def test_model_prelu_gradcheck():
+    """The model's PReLU (nn.PReLU with ops.prelu_backward in eager CPU training) routes
+    through _PReLUFn, whose one-pass backward passes gradcheck in float64."""
+    from din_fused.model import PReLU, _PReLUFn
+
+    act = PReLU(6).double()
+    x = (torch.randn(9, 6, dtype=torch.float64) + 0.3).requires_grad_()
+    assert act(x).grad_fn.name() == "_PReLUFnBackward"
+    with torch.no_grad():
+        assert act(x).grad_fn is None
+    w = torch.linspace(-0.5, 1.5, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(_PReLUFn.apply, (x, w))
 
 
 def test_table_gradients_support_double_backward():
