@@ -205,11 +205,11 @@ PYBIND11_MODULE(_C, m) {
                        padding_idx, static_cast<DType>(dtype));
   });
   m.def("gather_rows", [](uint64_t out, int64_t ldo, uint64_t table, int64_t rows, int64_t E, uint64_t idx,
-                          int64_t sidx, int64_t n, int dtype) {
+                          int64_t sidx, int64_t n, int dtype, int num_threads) {
     if (rows < 0 || E < 0 || n < 0 || ldo < E) throw std::invalid_argument("gather_rows: bad sizes");
     py::gil_scoped_release nogil;
     gather_rows_cpu(as_addr<void*>(out), ldo, as_addr<const void*>(table), rows, E, as_addr<const int64_t*>(idx),
-                    sidx, n, static_cast<DType>(dtype));
+                    sidx, n, static_cast<DType>(dtype), num_threads);
   });
   m.def("prelu_backward", [](uint64_t gx, uint64_t gw, uint64_t g, uint64_t x, uint64_t w, int64_t n, int64_t C,
                              int64_t wC, int dtype) {

@@ -1202,9 +1202,18 @@ void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, i
 }
 
 namespace {
+// Rows split into contiguous ranges over threads when there are enough: the copies are
+// independent, and a big lookup's random table reads wait on the caches (the lookups of a
+// B=1024, T=50 training step took ~4x as long in the step as alone, after the attention
+// has swept the caches).
 template <typename T>
-void gather_rows_impl(T* out, int64_t ldo, const T* table, int64_t E, const int64_t* idx, int64_t sidx, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * ldo, table + idx[i * sidx] * E, sizeof(T) * E);
+void gather_rows_impl(T* out, int64_t ldo, const T* table, int64_t E, const int64_t* idx, int64_t sidx, int64_t n,
+                      int num_threads) {
+  const int nt = n * E < 65536 ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n / 2048)));
+  Pool::run(nt, [&](int tid) {
+    for (int64_t i = n * tid / nt, end = n * (tid + 1) / nt; i < end; ++i)
+      std::memcpy(out + i * ldo, table + idx[i * sidx] * E, sizeof(T) * E);
+  });
 }
 
 // PReLU's backward, as aten's: gx = x > 0 ? g : w * g, and the slope's share
@@ -1259,15 +1268,16 @@ void prelu_backward_impl(T* gx, T* gw, const T* g, const T* x, const T* w, int64
 }  // namespace
 
 void gather_rows_cpu(void* out, int64_t ldo, const void* table, int64_t rows, int64_t E, const int64_t* idx,
-                     int64_t sidx, int64_t n, DType dtype) {
+                     int64_t sidx, int64_t n, DType dtype, int num_threads) {
   for (int64_t i = 0; i < n; ++i)
     if (idx[i * sidx] < 0 || idx[i * sidx] >= rows)
       throw std::invalid_argument("indices must lie in [0, " + std::to_string(rows) + "), got indices[" +
                                   std::to_string(i) + "] = " + std::to_string(idx[i * sidx]));
   if (dtype == DType::F32)
-    gather_rows_impl(static_cast<float*>(out), ldo, static_cast<const float*>(table), E, idx, sidx, n);
+    gather_rows_impl(static_cast<float*>(out), ldo, static_cast<const float*>(table), E, idx, sidx, n, num_threads);
   else if (dtype == DType::F64)
-    gather_rows_impl(static_cast<double*>(out), ldo, static_cast<const double*>(table), E, idx, sidx, n);
+    gather_rows_impl(static_cast<double*>(out), ldo, static_cast<const double*>(table), E, idx, sidx, n,
+                     num_threads);
   else
     throw std::invalid_argument("gather_rows: float32 or float64 only");
 }

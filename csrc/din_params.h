@@ -205,10 +205,10 @@ JaggedFacts jagged_layout_cpu(const int64_t* offsets, int64_t S, int64_t N, int6
 void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, int64_t n, const void* g, int64_t ldg,
                         int64_t padding_idx, DType dtype);
 // out[i, :] = table[idx[i * sidx], :] for i < n (out's row stride ldo, the table's E):
-// lookups written straight into a wider tensor.  Throws on an index outside [0, rows)
-// before it writes anything.
+// lookups written straight into a wider tensor, on up to num_threads threads.  Throws
+// on an index outside [0, rows) before it writes anything.
 void gather_rows_cpu(void* out, int64_t ldo, const void* table, int64_t rows, int64_t E, const int64_t* idx,
-                     int64_t sidx, int64_t n, DType dtype);
+                     int64_t sidx, int64_t n, DType dtype, int num_threads);
 // PReLU's backward on contiguous x, g [n, C] with wC = 1 or C slopes w: gx [n, C] and the
 // slopes' gradient gw [wC], summed over rows in order (in double for float32).
 void prelu_backward_cpu(void* gx, void* gw, const void* g, const void* x, const void* w, int64_t n, int64_t C,

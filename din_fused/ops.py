@@ -1159,7 +1159,8 @@ def lookup_rows(tables: typing.Sequence[Tensor], ids: Tensor) -> Tensor:
     for a, t in enumerate(tables):
         try:
             _C.gather_rows(out.data_ptr() + a * E * out.element_size(), A * E, t.data_ptr(), t.shape[0], E,
-                           ids.data_ptr() + a * ids.element_size(), A, ids.shape[0], _DTYPE_CODE[t.dtype])
+                           ids.data_ptr() + a * ids.element_size(), A, ids.shape[0], _DTYPE_CODE[t.dtype],
+                           torch.get_num_threads())
         except ValueError as e:
             raise ValueError(f"ids[:, {a}] indexes tables[{a}]: {e}") from None
     return out

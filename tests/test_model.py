@@ -480,6 +480,15 @@ def test_lookup_rows_writes_tables_side_by_side(dtype):
     for i in (ids, ids.to(torch.int32), ids.t().contiguous().t()):
         assert torch.equal(lookup_rows(tables, i), want)
     assert lookup_rows(tables, ids[:0]).shape == (0, 15)
+    big = [torch.randn(r, 16, generator=g).to(dtype) for r in (50, 9)]
+    big_ids = torch.stack([torch.randint(0, r, (5000,), generator=g) for r in (50, 9)], 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 5000 rows of 16: copied by two threads, each its own rows
+        got = lookup_rows(big, big_ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, torch.cat([t[big_ids[:, a]] for a, t in enumerate(big)], 1))
     bad = ids.clone()
     bad[4, 1] = 3
     message = r"ids\[:, 1\] indexes tables\[1\]: indices must lie in \[0, 3\), got indices\[4\] = 3"
