@@ -369,13 +369,19 @@ class _EmbeddingMLP(nn.Module):
         n = values.shape[0] if values.dim() == 2 else -1
         if values.dim() != 2 or values.shape[1] != self.num_attrs:
             raise ValueError(f"values must be [N, {self.num_attrs}], got {tuple(values.shape)}")
-        if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        # The values of offsets and row_seq are checked in eager calls only: a traced graph
+        # (torch.export, torch.compile) cannot branch on data (docs/serving.md, "Not checked
+        # at run time").
+        check_data = not torch.compiler.is_compiling()
+        if check_data and (int(offsets[0]) != 0 or int(offsets[-1]) != n
+                           or bool((offsets[1:] < offsets[:-1]).any())):
             raise ValueError(f"offsets must start at 0, not decrease and end at values.shape[0] = {n}")
         s = offsets.numel() - 1
         if row_seq is None:
             if s != r:
                 raise ValueError(f"without row_seq, offsets must be [R+1] = [{r + 1}], got [{s + 1}]")
-        elif row_seq.shape != (r,) or (r and (int(row_seq.min()) < 0 or int(row_seq.max()) >= s)):
+        elif row_seq.shape != (r,) or (check_data and r and (int(row_seq.min()) < 0
+                                                            or int(row_seq.max()) >= s)):
             raise ValueError(f"row_seq must be [{r}] with values in [0, {s}), got {tuple(row_seq.shape)}")
         if self.num_context and (context is None or context.shape != (r, self.num_context)):
             got = None if context is None else tuple(context.shape)

@@ -21,6 +21,9 @@ to every artifact.  The price is that the served graph runs Inductor's (or onnxr
 kernels instead of the fused one: a served forward in eval mode is a few small GEMMs and
 elementwise ops, and its outputs match the fused op within fp32 rounding.
 
+A ``din_fused.model`` model's jagged forward is exported through :class:`JaggedDIN`,
+which takes plain tensors rather than a JaggedBatch.
+
 Supported by the decompositions: eval mode (Dice with running statistics), every
 activation ("sigmoid", "relu", "prelu", "dice"), both normalisations, lengths and/or
 mask, the jagged layout with and without shared sequences (row_seq), float32/float64
@@ -50,7 +53,8 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers torch.ops.din_fused.*)
 
 __all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic_shapes",
-           "jagged_dynamic_shapes", "export", "to_aten", "aoti_package", "onnx_export"]
+           "JaggedDIN", "din_jagged_dynamic_shapes", "jagged_dynamic_shapes", "export", "to_aten",
+           "aoti_package", "onnx_export"]
 
 # The oldest torch on which every serving path passes its tests: before it, the ONNX exporter
 # takes no ExportedProgram (2.4) or fails to translate the MLP's batch norm (2.5, 2.6), and
@@ -225,6 +229,46 @@ def din_dynamic_shapes(context: bool = False, min_batch: int = 1, min_len: int =
     return (*shapes, {0: batch}) if context else shapes
 
 
+class JaggedDIN(torch.nn.Module):
+    """A ``din_fused.model`` model's jagged forward (:meth:`~din_fused.model.DIN.forward_jagged`)
+    as the forward of a module of plain tensors, the form that torch.export, a saved program
+    and a runtime without Python take (a :class:`~din_fused.data.JaggedBatch` is a Python
+    type)::
+
+        forward(target [R, A], values [N, A], offsets [S+1], row_seq [R] or None,
+                context [R, F] or None) -> logits [R]
+
+    shared=False: one history per row (S == R, row_seq None); shared=True: rows pick their
+    history with row_seq (many candidates against one user's history, scored with each
+    history embedded once).  It shares the model's parameters and starts in its mode."""
+
+    def __init__(self, model: torch.nn.Module, shared: bool = False):
+        super().__init__()
+        from .model import _EmbeddingMLP
+        if not isinstance(model, _EmbeddingMLP):
+            raise TypeError(f"model must be a din_fused.model DIN or BaseModel, got {type(model).__name__}")
+        self.model, self.shared = model, bool(shared)
+        self.train(model.training)
+
+    def forward(self, target: Tensor, values: Tensor, offsets: Tensor, row_seq: Tensor | None = None,
+                context: Tensor | None = None) -> Tensor:
+        if (row_seq is not None) != self.shared:
+            raise ValueError(f"row_seq must be {'given' if self.shared else 'None'} for "
+                             f"JaggedDIN(shared={self.shared})")
+        return self.model.forward_jagged(target, values, offsets, context, row_seq)
+
+
+def din_jagged_dynamic_shapes(shared: bool = False, context: bool = False, min_rows: int = 1,
+                              min_values: int = 1) -> tuple:
+    """``dynamic_shapes`` for :class:`JaggedDIN`'s ``(target, values, offsets, row_seq,
+    context)``: rows R and values N dynamic, and with shared, the histories S too (offsets
+    [S+1]); without, offsets [R+1].  row_seq and context are None unless shared / context."""
+    rows = torch.export.Dim("rows", min=min_rows)
+    seqs = torch.export.Dim("sequences", min=1) if shared else rows
+    return ({0: rows}, {0: torch.export.Dim("values", min=min_values)}, {0: seqs + 1},
+            {0: rows} if shared else None, {0: rows} if context else None)
+
+
 def jagged_dynamic_shapes(shared: bool, min_rows: int = 1, min_values: int = 1) -> dict:
     """``dynamic_shapes`` for ``FusedDINAttention``'s explicit jagged forward
     ``(query [R, E], keys=values [N, E], offsets=[S+1], row_seq=[R])``: rows R, values N and
@@ -243,16 +287,24 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
     """``torch.export.export`` of an eval-mode model (the graph keeps the fused op).
 
     dynamic_shapes: as torch.export's; None picks :func:`din_dynamic_shapes` for a
-    ``din_fused.model.DIN``-like model (a 3- or 4-tuple of inputs), else all static
+    ``din_fused.model.DIN``-like model (a 3- or 4-tuple of inputs) and
+    :func:`din_jagged_dynamic_shapes` for a :class:`JaggedDIN`; else all static
     (:func:`jagged_dynamic_shapes` serves the jagged forward of FusedDINAttention).
     """
     if model.training:
         raise ValueError("export an eval-mode model (model.eval()): training-mode Dice updates "
                          "running statistics and uses batch statistics")
-    if kwargs and "offsets" in kwargs and _TORCH < SERVING_TORCH:
+    from .data import JaggedBatch
+    if any(isinstance(a, JaggedBatch) for a in args or ()):
+        raise TypeError("export serving.JaggedDIN(model) with (target, values, offsets, row_seq, context) "
+                        "instead of a JaggedBatch: a program's inputs must be tensors for a runtime "
+                        "without Python")
+    if (isinstance(model, JaggedDIN) or (kwargs and "offsets" in kwargs)) and _TORCH < SERVING_TORCH:
         _needs_newer_torch("serving.export of the jagged layout", "torch.export fails inside torch on "
                            "the jagged op with dynamic rows (2.4, 2.5; 2.6 when rows share sequences)")
-    if dynamic_shapes is None and _is_din_like(model, args):
+    if dynamic_shapes is None and isinstance(model, JaggedDIN):
+        dynamic_shapes = din_jagged_dynamic_shapes(model.shared, len(args) > 4 and args[4] is not None)
+    elif dynamic_shapes is None and _is_din_like(model, args):
         dynamic_shapes = din_dynamic_shapes(context=len(args) == 4)
     return torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
 
@@ -305,6 +357,10 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
                            "(2.4) or fails on the model's batch norm (2.5, 2.6)")
     if _is_din_like(model_or_ep, args):
         input_names = input_names or ["target", "history", "lengths", "context"][:len(args)]
+        output_names = output_names or ["logit"]
+    elif isinstance(model_or_ep, JaggedDIN) and args is not None:
+        names = ("target", "values", "offsets", "row_seq", "context")
+        input_names = input_names or [n for n, a in zip(names, args) if a is not None]
         output_names = output_names or ["logit"]
     ep = to_aten(_program(model_or_ep, args, dynamic_shapes))
     prog = torch.onnx.export(ep, dynamo=True, input_names=input_names, output_names=output_names)

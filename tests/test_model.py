@@ -172,6 +172,27 @@ def test_bad_arguments():
         m(target, history, lengths, None)
 
 
+@pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum"])
+def test_bad_jagged_arguments(name):
+    """Eager jagged calls check offsets' and row_seq's values (a traced graph cannot: serving
+    skips them, docs/serving.md), naming the argument, before any lookup or kernel."""
+    m = models(att_impl="fused")[name]
+    target, history, lengths, context = make_batch(b=4, t=3, seed=9)
+    lengths = torch.tensor([2, 0, 3, 1])
+    values = torch.cat([history[i, : lengths[i]] for i in range(4)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    m.forward_jagged(target, values, offsets, context)  # the good call
+    for bad in (offsets + 1, offsets.flip(0), torch.cat([offsets[:-1], offsets[-1:] - 1])):
+        with pytest.raises(ValueError, match="offsets must start at 0, not decrease and end at"):
+            m.forward_jagged(target, values, bad, context)
+    with pytest.raises(ValueError, match=r"without row_seq, offsets must be \[R\+1\]"):
+        m.forward_jagged(target, values[: int(offsets[-2])], offsets[:-1], context)
+    two = torch.tensor([0, 2, 2])  # two histories for four rows
+    for row_seq in (torch.tensor([0, 1, 2, 0]), torch.tensor([0, -1, 0, 1]), torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match=r"row_seq must be \[4\] with values in \[0, 2\)"):
+            m.forward_jagged(target, values[:2], two, context, row_seq)
+
+
 def test_build_model():
     m = build_model(
         "din", VOCAB, CTX, embedding_dim=4, activation="dice", attention="concat", attention_impl="reference"

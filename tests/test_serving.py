@@ -16,6 +16,7 @@ import torch
 from common import random_params
 
 from din_fused import FusedDINAttention, serving
+from din_fused.data import JaggedBatch
 from din_fused.model import DIN
 from din_fused.ops import din_fwd, din_jagged_fwd
 from din_fused.reference import ACTIVATIONS, NORMALIZATIONS, din_attention_ref
@@ -413,6 +414,116 @@ def test_onnx_jagged_onnxruntime(shared, tmp_path):
             assert_close_rel(torch.from_numpy(got), m(*x, **kw))
 
 
+# --------------------------------------------------------------------------------------
+# din_fused.model.DIN on the jagged layout (serving.JaggedDIN)
+# --------------------------------------------------------------------------------------
+def din_jagged_inputs(B: int, T: int, seed: int, shared: bool) -> tuple:
+    """JaggedDIN's (target, values, offsets, row_seq, context), from din_inputs(B, T, seed):
+    one history per row, or with shared, the first min(B, 3) rows' histories, which the rows
+    pick in turn (row_seq)."""
+    target, history, lengths, context = din_inputs(B, T, seed)
+    S = min(B, 3) if shared else B
+    values = torch.cat([history[i, :n] for i, n in enumerate(lengths[:S].tolist())])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths[:S].cumsum(0)])
+    return target, values, offsets, torch.arange(B) % S if shared else None, context
+
+
+DIN_JAGGED_SHAPES = [(6, 7), (1, 1), (2, 50), (9, 3)]  # (rows, max history length)
+
+
+@functools.cache
+def din_jagged_program(config: str, shared: bool) -> tuple[serving.JaggedDIN, torch.export.ExportedProgram]:
+    m = serving.JaggedDIN(trained_model(config), shared)
+    return m, serving.export(m, din_jagged_inputs(6, 7, 0, shared))
+
+
+@needs_serving_torch
+@pytest.mark.parametrize("shared", [False, True])
+def test_export_din_jagged_dynamic_rows_and_values(trained, shared, tmp_path):
+    """A trained DIN's jagged forward (serving.JaggedDIN) exports with rows, values and shared
+    histories dynamic: bitwise the eager model at other shapes, after a save and a load in a
+    fresh process too; and the eager jagged forward is the padded one (rows tiled by row_seq)."""
+    m = serving.JaggedDIN(trained, shared)
+    ep = serving.export(m, din_jagged_inputs(6, 7, 0, shared))
+    assert "din_fused.din_jagged_fwd.default" in {str(n.target) for n in ep.graph.nodes}
+    batches = [din_jagged_inputs(B, T, B + T, shared) for B, T in DIN_JAGGED_SHAPES]
+    with torch.no_grad():
+        eager = [m(*x) for x in batches]
+        for (B, T), x, e in zip(DIN_JAGGED_SHAPES, batches, eager):
+            assert torch.equal(ep.module()(*x), e)
+            target, history, lengths, context = din_inputs(B, T, B + T)
+            rows = x[3] if shared else torch.arange(B)  # each row's own padded history
+            torch.testing.assert_close(e, trained(target, history[rows], lengths[rows], context),
+                                       rtol=1e-5, atol=1e-6)
+    torch.export.save(ep, tmp_path / "jagged.pt2")
+    torch.save(batches, tmp_path / "inputs.pt")
+    run_python(f"""
+        import torch
+        import din_fused  # registers the op the saved graph calls
+        torch.set_num_threads({torch.get_num_threads()})
+        ep = torch.export.load("jagged.pt2")
+        with torch.no_grad():
+            torch.save([ep.module()(*x) for x in torch.load("inputs.pt")], "outputs.pt")
+    """, cwd=tmp_path, with_repo=True)
+    for got, ref in zip(torch.load(tmp_path / "outputs.pt"), eager):
+        assert torch.equal(got, ref)
+
+
+@needs_aoti
+def test_aoti_din_jagged_shared_history_without_din_fused(tmp_path):
+    """The serving case: a trained DIN scoring candidates against shared histories, as an
+    AOTInductor package run in a process that never imports din_fused."""
+    m, ep = din_jagged_program("dice-separate", True)
+    path = serving.aoti_package(ep, tmp_path / "din_jagged.pt2")
+    batches = [din_jagged_inputs(B, T, B + T, True) for B, T in DIN_JAGGED_SHAPES]
+    torch.save(batches, tmp_path / "inputs.pt")
+    out = run_python(f"""
+        import sys
+        sys.modules["din_fused"] = None  # any attempt to import it now fails
+        import torch
+        if torch.__version__.startswith("2.10."):
+            import torch._inductor.codecache  # pytorch#173706: 2.10's loader needs it imported
+        runner = torch._inductor.aoti_load_package({str(path)!r})
+        torch.save([runner(*x) for x in torch.load("inputs.pt")], "outputs.pt")
+        print(sorted(k for k in sys.modules if k.startswith("din_fused")))
+    """, cwd=tmp_path, with_repo=False)
+    assert out.strip() == "['din_fused']"  # only the blocking None entry
+    with torch.no_grad():
+        for got, x in zip(torch.load(tmp_path / "outputs.pt"), batches):
+            assert_close_rel(got, m(*x))
+
+
+@needs_serving_torch
+@pytest.mark.parametrize("shared", [False, True])
+def test_onnx_din_jagged_onnxruntime(shared, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    m, _ = din_jagged_program("prelu-concat-softmax", shared)
+    serving.onnx_export(m, tmp_path / "din_jagged.onnx", din_jagged_inputs(6, 7, 0, shared))
+    sess = ort.InferenceSession(str(tmp_path / "din_jagged.onnx"), providers=["CPUExecutionProvider"])
+    names = ["target", "values", "offsets", "row_seq", "context"]
+    assert [i.name for i in sess.get_inputs()] == [n for n in names if shared or n != "row_seq"]
+    with torch.no_grad():
+        for B, T in DIN_JAGGED_SHAPES:
+            x = din_jagged_inputs(B, T, B + T, shared)
+            (got,) = sess.run(None, {n: t.numpy() for n, t in zip(names, x) if t is not None})
+            assert_close_rel(torch.from_numpy(got), m(*x))
+
+
+def test_jagged_din_refuses_what_it_cannot_serve():
+    model = trained_model("dice-separate")
+    target, values, offsets, row_seq, context = din_jagged_inputs(4, 5, 0, True)
+    with pytest.raises(ValueError, match=r"row_seq must be given for JaggedDIN\(shared=True\)"):
+        serving.JaggedDIN(model, shared=True)(target, values, offsets, None, context)
+    with pytest.raises(ValueError, match=r"row_seq must be None for JaggedDIN\(shared=False\)"):
+        serving.JaggedDIN(model)(target, values, offsets, row_seq, context)
+    with pytest.raises(TypeError, match="model must be a din_fused.model DIN or BaseModel"):
+        serving.JaggedDIN(torch.nn.Linear(2, 1))
+    batch = JaggedBatch(torch.arange(4), target, values, offsets, context, torch.zeros(4))
+    with pytest.raises(TypeError, match=r"export serving.JaggedDIN\(model\) .* instead of a JaggedBatch"):
+        serving.export(model, (batch,))
+
+
 def test_serving_paths_name_the_torch_they_need(monkeypatch, tmp_path):
     """On torch older than serving.SERVING_TORCH (or without AOTInductor packages) the paths
     that would fail inside torch refuse first, with an error naming the torch they need.  The
@@ -424,11 +535,13 @@ def test_serving_paths_name_the_torch_they_need(monkeypatch, tmp_path):
     m = FusedDINAttention(embedding_dim=8, att_hidden_units=(16, 8)).eval()
     args, kwargs = jagged_inputs(5, [3, 0, 5, 2], False, 0)
     x = (torch.randn(3, 2),)
-    calls = {"serving.onnx_export": lambda: serving.onnx_export(linear, tmp_path / "x.onnx", x),
-             "serving.aoti_package": lambda: serving.aoti_package(linear, tmp_path / "x.pt2", x),
-             "serving.export of the jagged layout": lambda: serving.export(
-                 m, args, serving.jagged_dynamic_shapes(False), kwargs=kwargs)}
-    for what, call in calls.items():
+    jagged = "serving.export of the jagged layout"
+    calls = [("serving.onnx_export", lambda: serving.onnx_export(linear, tmp_path / "x.onnx", x)),
+             ("serving.aoti_package", lambda: serving.aoti_package(linear, tmp_path / "x.pt2", x)),
+             (jagged, lambda: serving.export(m, args, serving.jagged_dynamic_shapes(False), kwargs=kwargs)),
+             (jagged, lambda: serving.export(serving.JaggedDIN(train_din(steps=0)),
+                                             din_jagged_inputs(6, 7, 0, False)))]
+    for what, call in calls:
         with pytest.raises(RuntimeError, match=rf"^{what} needs a newer torch than 2\.6\.0: "):
             call()
     ep = serving.export(train_din(steps=0), din_inputs(6, 7, 0))  # the padded layout still exports
