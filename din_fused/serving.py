@@ -240,7 +240,8 @@ class JaggedDIN(torch.nn.Module):
 
     shared=False: one history per row (S == R, row_seq None); shared=True: rows pick their
     history with row_seq (many candidates against one user's history, scored with each
-    history embedded once).  It shares the model's parameters and starts in its mode."""
+    history embedded once).  It shares the model's parameters; serving.export reads the
+    model's mode."""
 
     def __init__(self, model: torch.nn.Module, shared: bool = False):
         super().__init__()
@@ -291,7 +292,7 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
     :func:`din_jagged_dynamic_shapes` for a :class:`JaggedDIN`; else all static
     (:func:`jagged_dynamic_shapes` serves the jagged forward of FusedDINAttention).
     """
-    if model.training:
+    if (model.model if isinstance(model, JaggedDIN) else model).training:
         raise ValueError("export an eval-mode model (model.eval()): training-mode Dice updates "
                          "running statistics and uses batch statistics")
     from .data import JaggedBatch
@@ -303,7 +304,8 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
         _needs_newer_torch("serving.export of the jagged layout", "torch.export fails inside torch on "
                            "the jagged op with dynamic rows (2.4, 2.5; 2.6 when rows share sequences)")
     if dynamic_shapes is None and isinstance(model, JaggedDIN):
-        dynamic_shapes = din_jagged_dynamic_shapes(model.shared, len(args) > 4 and args[4] is not None)
+        context = len(args) > 4 and args[4] is not None
+        dynamic_shapes = din_jagged_dynamic_shapes(model.shared, context)[:len(args)]
     elif dynamic_shapes is None and _is_din_like(model, args):
         dynamic_shapes = din_dynamic_shapes(context=len(args) == 4)
     return torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)

@@ -510,6 +510,22 @@ def test_onnx_din_jagged_onnxruntime(shared, tmp_path):
             assert_close_rel(torch.from_numpy(got), m(*x))
 
 
+@needs_serving_torch
+def test_export_din_jagged_without_context_or_row_seq():
+    """A model without context features exports from (target, values, offsets) alone; the
+    wrapper follows the model's mode."""
+    torch.manual_seed(0)
+    model = DIN((30, 8), (), embedding_dim=8, att_hidden_units=(16, 8), mlp_hidden_units=(32, 16))
+    jm = serving.JaggedDIN(model)
+    model.eval()  # after wrapping: export reads the model's mode
+    target, values, offsets, _, _ = din_jagged_inputs(6, 7, 0, False)
+    ep = serving.export(jm, (target, values, offsets))
+    for B, T in DIN_JAGGED_SHAPES:
+        x = din_jagged_inputs(B, T, B + T, False)[:3]
+        with torch.no_grad():
+            assert torch.equal(ep.module()(*x), jm(*x))
+
+
 def test_jagged_din_refuses_what_it_cannot_serve():
     model = trained_model("dice-separate")
     target, values, offsets, row_seq, context = din_jagged_inputs(4, 5, 0, True)
