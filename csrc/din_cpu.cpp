@@ -1204,7 +1204,7 @@ void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, i
 namespace {
 // Rows split into contiguous ranges over threads when there are enough: the copies are
 // independent, and a big lookup's random table reads wait on the caches (the lookups of a
-// B=1024, T=50 training step took ~4x as long in the step as alone, after the attention
+// B=1024, T=50 training step took 2-4x as long in the step as alone, after the attention
 // has swept the caches).
 template <typename T>
 void gather_rows_impl(T* out, int64_t ldo, const T* table, int64_t E, const int64_t* idx, int64_t sidx, int64_t n,
