@@ -1185,14 +1185,19 @@ void add_rows(T* gw, int64_t E, const int64_t* idx, int64_t n, const T* g, int64
     for (; e < E; ++e) dst[e] += src[e];
   }
 }
+
+// Table lookups and their gradients refuse an index outside [0, rows) before they touch memory.
+void check_indices(const int64_t* idx, int64_t sidx, int64_t n, int64_t rows) {
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i * sidx] < 0 || idx[i * sidx] >= rows)
+      throw std::invalid_argument("indices must lie in [0, " + std::to_string(rows) + "), got indices[" +
+                                  std::to_string(i) + "] = " + std::to_string(idx[i * sidx]));
+}
 }  // namespace
 
 void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, int64_t n, const void* g, int64_t ldg,
                         int64_t padding_idx, DType dtype) {
-  for (int64_t i = 0; i < n; ++i)
-    if (idx[i] < 0 || idx[i] >= rows)
-      throw std::invalid_argument("indices must lie in [0, " + std::to_string(rows) + "), got indices[" +
-                                  std::to_string(i) + "] = " + std::to_string(idx[i]));
+  check_indices(idx, 1, n, rows);
   if (dtype == DType::F32)
     add_rows(static_cast<float*>(gw), E, idx, n, static_cast<const float*>(g), ldg, padding_idx);
   else if (dtype == DType::F64)
@@ -1269,10 +1274,7 @@ void prelu_backward_impl(T* gx, T* gw, const T* g, const T* x, const T* w, int64
 
 void gather_rows_cpu(void* out, int64_t ldo, const void* table, int64_t rows, int64_t E, const int64_t* idx,
                      int64_t sidx, int64_t n, DType dtype, int num_threads) {
-  for (int64_t i = 0; i < n; ++i)
-    if (idx[i * sidx] < 0 || idx[i * sidx] >= rows)
-      throw std::invalid_argument("indices must lie in [0, " + std::to_string(rows) + "), got indices[" +
-                                  std::to_string(i) + "] = " + std::to_string(idx[i * sidx]));
+  check_indices(idx, sidx, n, rows);
   if (dtype == DType::F32)
     gather_rows_impl(static_cast<float*>(out), ldo, static_cast<const float*>(table), E, idx, sidx, n, num_threads);
   else if (dtype == DType::F64)

@@ -360,9 +360,7 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
     if _is_din_like(model_or_ep, args):
         input_names = input_names or ["target", "history", "lengths", "context"][:len(args)]
         output_names = output_names or ["logit"]
-    elif isinstance(model_or_ep, JaggedDIN) and args is not None:
-        names = ("target", "values", "offsets", "row_seq", "context")
-        input_names = input_names or [n for n, a in zip(names, args) if a is not None]
+    elif isinstance(model_or_ep, JaggedDIN):  # its inputs take forward's names already
         output_names = output_names or ["logit"]
     ep = to_aten(_program(model_or_ep, args, dynamic_shapes))
     prog = torch.onnx.export(ep, dynamo=True, input_names=input_names, output_names=output_names)

@@ -431,12 +431,6 @@ def din_jagged_inputs(B: int, T: int, seed: int, shared: bool) -> tuple:
 DIN_JAGGED_SHAPES = [(6, 7), (1, 1), (2, 50), (9, 3)]  # (rows, max history length)
 
 
-@functools.cache
-def din_jagged_program(config: str, shared: bool) -> tuple[serving.JaggedDIN, torch.export.ExportedProgram]:
-    m = serving.JaggedDIN(trained_model(config), shared)
-    return m, serving.export(m, din_jagged_inputs(6, 7, 0, shared))
-
-
 @needs_serving_torch
 @pytest.mark.parametrize("shared", [False, True])
 def test_export_din_jagged_dynamic_rows_and_values(trained, shared, tmp_path):
@@ -473,8 +467,8 @@ def test_export_din_jagged_dynamic_rows_and_values(trained, shared, tmp_path):
 def test_aoti_din_jagged_shared_history_without_din_fused(tmp_path):
     """The serving case: a trained DIN scoring candidates against shared histories, as an
     AOTInductor package run in a process that never imports din_fused."""
-    m, ep = din_jagged_program("dice-separate", True)
-    path = serving.aoti_package(ep, tmp_path / "din_jagged.pt2")
+    m = serving.JaggedDIN(trained_model("dice-separate"), shared=True)
+    path = serving.aoti_package(m, tmp_path / "din_jagged.pt2", din_jagged_inputs(6, 7, 0, True))
     batches = [din_jagged_inputs(B, T, B + T, True) for B, T in DIN_JAGGED_SHAPES]
     torch.save(batches, tmp_path / "inputs.pt")
     out = run_python(f"""
@@ -498,11 +492,12 @@ def test_aoti_din_jagged_shared_history_without_din_fused(tmp_path):
 def test_onnx_din_jagged_onnxruntime(shared, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    m, _ = din_jagged_program("prelu-concat-softmax", shared)
+    m = serving.JaggedDIN(trained_model("prelu-concat-softmax"), shared)
     serving.onnx_export(m, tmp_path / "din_jagged.onnx", din_jagged_inputs(6, 7, 0, shared))
     sess = ort.InferenceSession(str(tmp_path / "din_jagged.onnx"), providers=["CPUExecutionProvider"])
     names = ["target", "values", "offsets", "row_seq", "context"]
     assert [i.name for i in sess.get_inputs()] == [n for n in names if shared or n != "row_seq"]
+    assert [o.name for o in sess.get_outputs()] == ["logit"]
     with torch.no_grad():
         for B, T in DIN_JAGGED_SHAPES:
             x = din_jagged_inputs(B, T, B + T, shared)
