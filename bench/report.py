@@ -18,6 +18,10 @@ What it measures (all providers share the weights, see cases.py):
 4. linearity in sum(L): every row at length L for L doubling up to 5000, with T = L
    (tight) and T = 5000 (padded); the time should double with L and padding
    should cost nothing.
+5. (CPU) the whole DIN training step of train_step.py, Dice and sigmoid attention.
+6. (CPU) issue 12's targets in one table, each against this run's own numbers: the
+   value reached, and for each target not met, what it would need of the measured
+   FMA peak (and of the fused call's fixed cost, measured here on a B=1, T=1 call).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +48,13 @@ import torch  # noqa: E402
 # measured peak each would need.  A forward+backward recomputes the activations (a rule of the
 # design), so it does ~4x the forward's FLOPs: the forward, then the backward's forward, dX and dW.
 TARGET_FWD, TARGET_FWDBWD, FWDBWD_FLOPS = 25.0, 14.0, 4.0
+TARGET_PEAK, TARGET_BWD = 0.50, 2.0            # forward >= 50% of the peak; backward <= 2x the forward
+TARGET_DICE_REF, TARGET_DICE_DEEPCTR = 5.0, 15.0
+TARGET_SMALL_FWD, TARGET_SMALL_FWDBWD = 5.0, 4.0  # B=128, T=10
+TARGET_STEP = 10.0
+DICE = replace(cases.HEADLINE, activation="dice", compile=False, tags=())
+SMALL = replace(cases.HEADLINE, B=128, T=10, compile=False, tags=())
+FIXED = replace(cases.HEADLINE, B=1, T=1, compile=False, tags=())  # nothing to compute: the call's cost
 
 LABELS = {
     "fused": "fused (din_fused)",
@@ -504,6 +515,120 @@ def linearity_section(args, lines: list, data: dict) -> list:
     return rows
 
 
+def step_section(args, lines: list, data: dict) -> dict:
+    """The whole DIN training step of train_step.py, in this session: {attention: its medians}."""
+    import train_step
+
+    quick = args.quick
+    shape = train_step.QUICK if quick else train_step.Shape()
+    a = argparse.Namespace(rounds=2 if quick else 5, steps=2 if quick else 4, warmup=1 if quick else 2,
+                           memory=() if (args.skip_mem or quick) else train_step.ATTENTIONS,
+                           peak=data.get("fma_peak_gflops"))
+    lines += train_step.header(shape, a)
+    steps = {att: train_step.section(att, shape, a, lines) for att in train_step.ATTENTIONS}
+    data["train_step"] = {"shape": asdict(shape), "seconds": steps}
+    return steps
+
+
+def _medians(args, data: dict, case: cases.Case, providers: list, rounds: int) -> dict:
+    """{mode: {provider: median seconds}} of ``case``: the extra section's, when it ran the case."""
+    for e in data.get("extra", []):
+        if cases.Case.from_dict(e["case"]) == case:
+            return {m: {p: med(t) for p, t in e["times"][m].items()} for m in ("fwd", "fwdbwd")}
+    res = session(case, args.device, providers, rounds)
+    return {m: {p: med(t) for p, t in res[m].items()} for m in ("fwd", "fwdbwd")}
+
+
+def targets_section(args, data: dict, steps: dict) -> list:
+    """Issue 12's targets against this run: the value reached and, for one not met, what it would
+    need. A target stated as a ratio to a baseline is turned into the GFLOP/s the fused op would
+    have to reach (napkin FLOPs; a forward+backward does FWDBWD_FLOPS times the forward's, the
+    backward recomputing the activations) in the time the ratio allows, minus, for the small case,
+    the fixed cost of a fused call measured here on a B=1, T=1 call."""
+    peak = data.get("fma_peak_gflops")
+    rows = []
+
+    def need(gflop, seconds):
+        if seconds <= 0:
+            return "impossible: the fused call's fixed cost alone is over the time allowed"
+        rate = gflop / seconds
+        pct = f", {100 * rate / peak:.0f}% of the measured FMA peak" if peak else ""
+        return f"needs {rate:.0f} GFLOP/s{pct}"
+
+    def add(target, now, met, limit):
+        rows.append({"target": target, "now": now, "met": bool(met), "limit": "" if met else limit})
+
+    def pct(rate):
+        return f"{100 * rate / peak:.0f}% of the peak" if peak else f"{rate:.0f} GFLOP/s"
+
+    h = data["headline"]
+    hf = {m: {p: med(t) for p, t in h["times"][m].items()} for m in ("fwd", "fwdbwd")}
+    f, fb = hf["fwd"]["fused"], hf["fwdbwd"]["fused"]
+    g = cases.forward_flops(cases.HEADLINE, h["sum_lengths"]) / 1e9
+    if peak:
+        add(f"headline forward >= {TARGET_PEAK:.0%} of the FMA peak", f"{100 * g / f / peak:.0f}% "
+            f"({g / f:.0f} of {peak:.0f} GFLOP/s)", g / f >= TARGET_PEAK * peak,
+            f"{TARGET_PEAK:.0%} is a forward in {g / (TARGET_PEAK * peak) * 1e3:.2f} ms, "
+            f"against {fmt_ms(f)} ms")
+    bwd = fb - f
+    add(f"headline backward <= {TARGET_BWD:.0f}x the forward", f"{bwd / f:.1f}x ({fmt_ms(bwd)} ms)",
+        bwd <= TARGET_BWD * f,
+        f"the backward does ~{FWDBWD_FLOPS - 1:.0f}x the forward's FLOPs (it recomputes the activations) and "
+        f"runs at {pct((FWDBWD_FLOPS - 1) * g / bwd)}; in {TARGET_BWD:.0f}x the forward's time it "
+        + need((FWDBWD_FLOPS - 1) * g, TARGET_BWD * f))
+    if "deepctr" in hf["fwd"]:
+        d, dfb = hf["fwd"]["deepctr"], hf["fwdbwd"]["deepctr"]
+        add(f"headline forward >= {TARGET_FWD:.0f}x DeepCTR-Torch", f"{d / f:.1f}x", d / f >= TARGET_FWD,
+            need(g, d / TARGET_FWD) + f" (the fused forward: {pct(g / f)})")
+        add(f"headline forward+backward >= {TARGET_FWDBWD:.0f}x DeepCTR-Torch", f"{dfb / fb:.1f}x",
+            dfb / fb >= TARGET_FWDBWD, need(FWDBWD_FLOPS * g, dfb / TARGET_FWDBWD)
+            + f" (the fused forward+backward: {pct(FWDBWD_FLOPS * g / fb)})")
+
+    dice = _medians(args, data, DICE, ["fused", "reference", "deepctr"], max(5, args.rounds // 2))["fwdbwd"]
+    df = dice["fused"]
+    for base, label, target in (("reference", "the eager reference", TARGET_DICE_REF),
+                                ("deepctr", "DeepCTR-Torch", TARGET_DICE_DEEPCTR)):
+        if base in dice:
+            add(f"Dice, training, forward+backward >= {target:.0f}x {label}", f"{dice[base] / df:.1f}x "
+                f"({fmt_ms(df)} ms)", dice[base] / df >= target,
+                need(FWDBWD_FLOPS * g, dice[base] / target) + f" at the least (the fused Dice forward+"
+                f"backward: {pct(FWDBWD_FLOPS * g / df)} on the same count; its statistics passes add more)")
+
+    fixed = session(FIXED, args.device, ["fused"], 300)
+    small = session(SMALL, args.device, ["fused", "deepctr"], max(45, args.rounds))
+    gs = cases.forward_flops(SMALL, small["sum_lengths"]) / 1e9
+    for mode, target, flops in (("fwd", TARGET_SMALL_FWD, gs),
+                                ("fwdbwd", TARGET_SMALL_FWDBWD, FWDBWD_FLOPS * gs)):
+        if "deepctr" not in small[mode]:
+            continue
+        t, d, c = med(small[mode]["fused"]), med(small[mode]["deepctr"]), med(fixed[mode]["fused"])
+        name = "forward" if mode == "fwd" else "forward+backward"
+        add(f"B={SMALL.B}, T={SMALL.T}, {name} >= {target:.0f}x DeepCTR-Torch",
+            f"{d / t:.1f}x ({fmt_ms(t)} ms)", d / t >= target,
+            f"{target:.0f}x is {fmt_ms(d / target)} ms; the fused call's fixed cost (B=1, T=1) is "
+            f"{fmt_ms(c)} ms, so the rest, {flops * 1e3:.1f} MFLOP, " + need(flops, d / target - c)
+            + f" (the fused call: {pct(flops / t)})")
+
+    for att, st in steps.items():
+        if "deepctr" not in st:
+            continue
+        allowed, unit = st["deepctr"] / TARGET_STEP, st["attention"]
+        add(f"whole DIN training step, {att} attention, >= {TARGET_STEP:.0f}x DeepCTR-Torch",
+            f"{st['deepctr'] / st['din_fused']:.1f}x ({st['din_fused'] * 1e3:.1f} ms)",
+            st["deepctr"] / st["din_fused"] >= TARGET_STEP,
+            f"{TARGET_STEP:.0f}x is {allowed * 1e3:.1f} ms; the attention unit's forward+backward alone "
+            f"takes {unit * 1e3:.1f} ms ({pct(FWDBWD_FLOPS * st['att_flops'] / 1e9 / unit)}), the rest of "
+            f"the step {(st['din_fused'] - unit) * 1e3:.1f} ms")
+    data["targets"] = rows
+    out = ["### Issue 12's targets in this run", "",
+           "Each against this session's own numbers (medians). A target not met says what it would need: "
+           "the GFLOP/s of the napkin count (forward+backward: "
+           f"{FWDBWD_FLOPS:.0f}x the forward's) in the time the target allows, against the FMA peak measured "
+           "above.", "", "| target | this run | met | what it would need |", "|---|---|---|---|"]
+    out += [f"| {r['target']} | {r['now']} | {'yes' if r['met'] else 'no'} | {r['limit']} |" for r in rows]
+    return out + [""]
+
+
 def plot(args, sweep_rows, lin_rows, path: Path) -> None:
     import matplotlib
 
@@ -554,6 +679,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-gemm", action="store_true")
     ap.add_argument("--skip-extra", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-step", action="store_true", help="skip the whole training step (CPU)")
     ap.add_argument("--tmax", type=int, default=5000)
     ap.add_argument("--sweep-batch", type=int, default=0,
                     help="B of the T sweep (default 128 CPU, 1024 CUDA)")
@@ -592,10 +718,14 @@ def main(argv=None) -> int:
     lines.append("")
     data = {"machine": {k: str(v) for k, v in info.items()}, "device": args.device}
 
+    top = len(lines)  # issue 12's targets go first, once everything they read has run
     with BackgroundLoad() as load:
         headline_section(args, lines, data)
         if not args.skip_extra and not args.quick:
             extra_section(args, lines, data)
+        steps = {} if (cuda or args.skip_step) else step_section(args, lines, data)
+        if not cuda:
+            lines[top:top] = targets_section(args, data, steps)
         sweep_rows, lin_rows = [], []
         if not args.skip_sweep:
             sweep_rows = t_sweep_section(args, lines, data)

@@ -81,7 +81,7 @@ from din_fused.train import adam  # noqa: E402
 
 PROVIDERS = ("deepctr", "deepctr_swapped", "din_fused")
 ATTENTIONS = ("dice", "sigmoid")
-TARGET_STEP = 10.0  # issue 12: a whole step >= 10x DeepCTR-Torch's
+TARGET_STEP = report.TARGET_STEP  # issue 12: a whole step >= 10x DeepCTR-Torch's
 FWDBWD_FLOPS = report.FWDBWD_FLOPS
 LABELS = {
     "deepctr": "DeepCTR-Torch `DIN`",
@@ -314,7 +314,10 @@ def limit_note(t: dict, att_flops: float, peak: float | None) -> str:
     return text
 
 
-def section(attention: str, shape: Shape, a, lines: list) -> None:
+def section(attention: str, shape: Shape, a, lines: list) -> dict:
+    """Times one attention activation's step for every provider and appends its table to
+    ``lines``; returns the medians (seconds per step, with "attention": the unit alone) and
+    the napkin FLOPs of the unit's forward ("att_flops")."""
     names = available_providers()
     built = {k: build(k, attention, shape) for k in names}
     steps = {k: p.step for k, p in built.items()}
@@ -341,6 +344,23 @@ def section(attention: str, shape: Shape, a, lines: list) -> None:
     lines += ["", limit_note(t, att_flops, a.peak)]
     lines.append("")
     print("\n".join(lines[lines.index(f"#### {attention.capitalize()} attention"):]), flush=True)
+    return {**t, "att_flops": att_flops}
+
+
+def header(shape: Shape, a) -> list:
+    """The markdown heading of the step tables (``a``: rounds, steps)."""
+    h = "-".join(map(str, shape.att_hidden)), "-".join(map(str, shape.mlp_hidden))
+    lines = [f"### Whole DIN training step: B={shape.B}, T={shape.T} (lengths uniform in 1..{shape.T}), "
+             f"item ({shape.items:,} ids) + category ({shape.categories} ids), E={shape.E}, "
+             f"attention {h[0]}, MLP {h[1]} PReLU, Adam, fp32, din_fused.model.DIN fed {shape.layout} "
+             "batches; "
+             f"{torch.get_num_threads()} threads, "
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+             f"median of {a.rounds} interleaved rounds of {a.steps} steps; step peak = peak RSS above "
+             "the resident model during one step, inputs included", ""]
+    if not cases.deepctr_available():
+        lines += ["DeepCTR-Torch is not importable: din_fused.model.DIN only.", ""]
+    return lines
 
 
 def main() -> int:
@@ -370,17 +390,7 @@ def main() -> int:
         a.rounds, a.steps, a.warmup = 2, 2, 1
         a.memory = a.memory[:1]
     shape = replace(shape, layout=a.layout)
-    h = "-".join(map(str, shape.att_hidden)), "-".join(map(str, shape.mlp_hidden))
-    lines = [f"### Whole DIN training step: B={shape.B}, T={shape.T} (lengths uniform in 1..{shape.T}), "
-             f"item ({shape.items:,} ids) + category ({shape.categories} ids), E={shape.E}, "
-             f"attention {h[0]}, MLP {h[1]} PReLU, Adam, fp32, din_fused.model.DIN fed {shape.layout} "
-             "batches; "
-             f"{torch.get_num_threads()} threads, "
-             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-             f"median of {a.rounds} interleaved rounds of {a.steps} steps; step peak = peak RSS above "
-             "the resident model during one step, inputs included", ""]
-    if not cases.deepctr_available():
-        lines += ["DeepCTR-Torch is not importable: din_fused.model.DIN only.", ""]
+    lines = header(shape, a)
     print("\n".join(lines), flush=True)
     for att in [a.attention] if a.attention else ATTENTIONS:
         section(att, shape, a, lines)
