@@ -197,12 +197,12 @@ PYBIND11_MODULE(_C, m) {
     }
     return py::make_tuple(f.max_len, f.total, f.shared);
   });
-  m.def("embedding_grad", [](uint64_t gw, int64_t rows, int64_t E, uint64_t idx, int64_t n, uint64_t g, int64_t ldg,
-                             int64_t padding_idx, int dtype) {
+  m.def("embedding_grad", [](uint64_t gw, int64_t rows, int64_t E, uint64_t idx, int64_t sidx, int64_t n, uint64_t g,
+                             int64_t ldg, int64_t padding_idx, int dtype) {
     if (rows < 0 || E < 0 || n < 0) throw std::invalid_argument("embedding_grad: bad sizes");
     py::gil_scoped_release nogil;
-    embedding_grad_cpu(as_addr<void*>(gw), rows, E, as_addr<const int64_t*>(idx), n, as_addr<const void*>(g), ldg,
-                       padding_idx, static_cast<DType>(dtype));
+    embedding_grad_cpu(as_addr<void*>(gw), rows, E, as_addr<const int64_t*>(idx), sidx, n, as_addr<const void*>(g),
+                       ldg, padding_idx, static_cast<DType>(dtype));
   });
   m.def("gather_rows", [](uint64_t out, int64_t ldo, uint64_t table, int64_t rows, int64_t E, uint64_t idx,
                           int64_t sidx, int64_t n, int dtype, int num_threads) {

@@ -199,11 +199,11 @@ struct JaggedFacts {
 };
 JaggedFacts jagged_layout_cpu(const int64_t* offsets, int64_t S, int64_t N, int64_t D, const int64_t* row_seq,
                               int64_t R, int64_t* out);
-// An embedding table's gradient: gw [rows, E] += g [n, E] (row stride ldg) at rows idx [n],
-// in index order, padding_idx's row (or none: -1) left alone.  Throws on an index outside
-// [0, rows) before it writes anything.
-void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, int64_t n, const void* g, int64_t ldg,
-                        int64_t padding_idx, DType dtype);
+// An embedding table's gradient: gw [rows, E] += g [n, E] (row stride ldg) at rows
+// idx[i * sidx], in index order, padding_idx's row (or none: -1) left alone.  Throws on an
+// index outside [0, rows) before it writes anything.
+void embedding_grad_cpu(void* gw, int64_t rows, int64_t E, const int64_t* idx, int64_t sidx, int64_t n, const void* g,
+                        int64_t ldg, int64_t padding_idx, DType dtype);
 // out[i, :] = table[idx[i * sidx], :] for i < n (out's row stride ldo, the table's E):
 // lookups written straight into a wider tensor, on up to num_threads threads.  Throws
 // on an index outside [0, rows) before it writes anything.

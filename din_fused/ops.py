@@ -1131,9 +1131,10 @@ def embedding_grad(idx: Tensor | typing.Sequence[Tensor], grad: Tensor | typing.
     fast = g0.is_cpu and g0.dtype in (torch.float32, torch.float64) and all(g.stride(1) == 1 for g in grads)
     if fast and not differentiable:
         for i, g in zip(idxs, grads):
-            i = _as(i, torch.int64)
-            _C.embedding_grad(gw.data_ptr(), rows, E, i.data_ptr(), g.shape[0], g.data_ptr(), g.stride(0),
-                              -1 if padding_idx is None else padding_idx, _DTYPE_CODE[g.dtype])
+            # A strided int64 column (one attribute of [n, A] ids) is read in place.
+            i = i if i.dtype == torch.int64 else i.to(torch.int64)
+            _C.embedding_grad(gw.data_ptr(), rows, E, i.data_ptr(), i.stride(0), g.shape[0], g.data_ptr(),
+                              g.stride(0), -1 if padding_idx is None else padding_idx, _DTYPE_CODE[g.dtype])
         return gw
     for i, g in zip(idxs, grads):
         gw = gw.index_add(0, i, g)

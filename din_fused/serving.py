@@ -34,7 +34,7 @@ ahead-of-time compiled graph: out-of-range lengths are clamped to [0, T] (as the
 do), values outside [offsets[0], offsets[S]) belong to no sequence; validate offsets
 before serving.
 
-Torch versions: the three paths pass their tests from torch 2.7 (tested: 2.7.1 to 2.15.0;
+Torch versions: the three paths pass their tests from torch 2.7 (the range tested is ``SERVING_TESTED``;
 on 2.10.0 a fresh process must ``import torch._inductor.codecache`` before
 ``aoti_load_package``, pytorch#173706).  Older torch gets an error that names what it
 lacks from :func:`onnx_export`, from a jagged :func:`export` and, before 2.6, from
@@ -61,6 +61,8 @@ __all__ = ["din_fwd_aten", "din_jagged_fwd_aten", "decompositions", "din_dynamic
 # torch.export fails inside torch on the jagged op with dynamic rows (2.4, 2.5; 2.6 when rows
 # share sequences).  AOTInductor packages exist from 2.6.
 SERVING_TORCH = (2, 7)
+# The oldest and newest torch on which the serving tests have passed (README, "Build").
+SERVING_TESTED = ("2.7.1", "2.15.0")
 _TORCH = torch.torch_version.TorchVersion(torch.__version__)
 
 
@@ -332,8 +334,8 @@ def _program(model_or_ep, args, dynamic_shapes) -> torch.export.ExportedProgram:
 
 def _needs_newer_torch(what: str, why: str) -> None:
     raise RuntimeError(f"{what} needs a newer torch than {_TORCH}: {why} (the serving paths are "
-                       f"tested with torch 2.7.1 to 2.15.0; the op, the modules, the model and "
-                       f"serving.export of the padded layout work from torch 2.4)")
+                       f"tested with torch {SERVING_TESTED[0]} to {SERVING_TESTED[1]}; the op, the modules, "
+                       f"the model and serving.export of the padded layout work from torch 2.4)")
 
 
 def aoti_package(model_or_ep, path: str | Path, args: tuple | None = None, dynamic_shapes=None) -> str:

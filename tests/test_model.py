@@ -463,9 +463,15 @@ def test_embedding_grad_sums_rows_per_index(dtype, E):
         torch.testing.assert_close(embedding_grad(idx, other, rows, padding_idx=5), want.to(dtype), **tol)
     torch.testing.assert_close(embedding_grad(idx, grad.to(dtype), rows, padding_idx=5 - rows),
                                want.to(dtype), **tol)  # negative: from the end, as nn.Embedding
+    ids = torch.randint(0, rows, (n, 3), generator=g)
+    ids[:, 1] = idx  # one attribute's column of [n, A] ids, read in place at stride 3
+    assert torch.equal(embedding_grad(ids[:, 1], grad.to(dtype), rows, padding_idx=5),
+                       embedding_grad(idx.clone(), grad.to(dtype), rows, padding_idx=5))
     for bad in (rows, -1):
         with pytest.raises(ValueError, match="indices must lie in"):
             embedding_grad(torch.tensor([0, bad]), grad[:2].to(dtype), rows)
+        with pytest.raises(ValueError, match=r"indices\[1\] = " + str(bad)):
+            embedding_grad(torch.tensor([[0, 9], [bad, 9]])[:, 0], grad[:2].to(dtype), rows)
     with pytest.raises(ValueError, match="idx must have shape"):
         embedding_grad(idx[:-1], grad.to(dtype), rows)
     with pytest.raises(ValueError, match="padding_idx must lie in"):
