@@ -340,7 +340,8 @@ def section(attention: str, shape: Shape, a, lines: list) -> dict:
         lines.append(f"| {LABELS[k]} | {t[k] * 1e3:.1f} | {shape.B / t[k]:,.0f} | {speed} | {peak} | "
                      f"{peak_ratio} | {state} |")
     if attention not in a.memory:
-        lines += ["", "Peak memory not measured here (--quick or --no-memory)."]
+        lines += ["", "Peak memory not measured in this run (train_step.py: --quick or --no-memory; "
+                  "report.py: --quick or --skip-mem)."]
     lines += ["", limit_note(t, att_flops, a.peak)]
     lines.append("")
     print("\n".join(lines[lines.index(f"#### {attention.capitalize()} attention"):]), flush=True)
