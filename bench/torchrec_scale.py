@@ -63,7 +63,7 @@ def main() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = D.make_synthetic(num_users=a.users, max_len=50, seed=0, num_items=a.items)
-    train, _ = D.split_by_user(ds, 0.2, 0)
+    train, _, _ = D.split_by_user(ds, 0.0, 0.2, 0)  # 80% of the users train, as before validation existed
     names = (ds.attr_names, ds.context_names)
     rss_data = _rss_mib()
     torch.manual_seed(0)

@@ -221,3 +221,20 @@ def test_module_takes_a_torchrec_jagged_tensor():
     assert values.grad is not None and values.grad[3:3].numel() == 0
     with pytest.raises(ValueError, match="carries its offsets"):
         att(query, jt, offsets=jt.offsets())
+
+
+@pytest.mark.parametrize("mode", ["sharded", "replicated"])
+def test_scale_benchmark_runs(mode):
+    """bench/torchrec_scale.py (README, "Scaling out") on a tiny vocabulary, one process: it
+    trains its steps and reports the table sizes it measured (it had fallen behind a change
+    of data.split_by_user's signature, and no test ran it)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "torchrec_scale.py"), "--mode", mode, "--items", "500",
+           "--dim", "8", "--users", "40", "--steps", "2", "--warmup", "1", "--batch-size", "16"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["mode"] == mode and out["world_size"] == 1 and out["samples_per_second"] > 0
+    (rank,) = out["ranks"]
+    assert rank["samples"] == 2 * 16
+    tables = (500 + 1) * 8 * 4  # at least the item table, fp32
+    assert rank["table_mib"] * 2**20 >= tables
