@@ -547,12 +547,13 @@ def _medians(args, data: dict, case: cases.Case, providers: list, rounds: int) -
 class _PassClock:
     """Stands in for din_fused.ops._C and times each kernel pass of a call: the Dice statistics
     per layer, the forward, the backward's reductions per layer and the full backward.
-    ``seconds``: the total per pass; ``per_call``: the kernels' time of each op call (a new
-    one at each forward pass; the backward's passes add to the latest).  Its own cost, a
-    Python wrapper per pass, falls inside the timed calls (~1 us a pass)."""
+    ``seconds``: the total per pass; ``per_call``: the kernels' time of each op call (one
+    starts at a forward pass, or at the statistics passes that precede a training-mode Dice
+    forward; the backward's passes add to the latest).  Its own cost, a Python wrapper per
+    pass, falls inside the timed calls (~1 us a pass)."""
 
     def __init__(self, real):
-        self.real, self.seconds, self.per_call = real, {}, []
+        self.real, self.seconds, self.per_call, self._last = real, {}, [], None
         for name in ("stats", "forward", "backward"):  # set once: no __getattr__ per call
             setattr(self, name, self._timed(name, getattr(real, name)))
 
@@ -571,9 +572,11 @@ class _PassClock:
             out = fn(cfg)
             dt = time.perf_counter() - t0
             self.seconds[key] = self.seconds.get(key, 0.0) + dt
-            if name == "forward" or not self.per_call:
+            if not self.per_call or (name != "backward" and self._last == "backward") \
+                    or (name == "forward" and self._last == "forward"):
                 self.per_call.append(0.0)
             self.per_call[-1] += dt
+            self._last = name
             return out
         return timed
 
