@@ -504,6 +504,7 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
     prep.set_stats(stats)
     prep.workspace("stats")
     prep.zcache()
+    unbiased = (nf - 1).clamp_min(1.0)
     for l in range(L):
         h = prep.hidden[l]
         # The kernels return the mean and M2 = sum((z - mean)^2), merged with Chan's
@@ -511,11 +512,10 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
         mean_m2 = torch.empty(2, h, dtype=torch.float64, device=prep.k.device)
         prep.zcache_holds(l)
         _C.stats({**prep.cfg, "stats_layer": l, "stats_out": mean_m2.data_ptr()})
-        mean = mean_m2[0]
-        var = mean_m2[1] / nf
-        stats[l, 0, :h] = mean.to(prep.acc)
-        stats[l, 1, :h] = torch.rsqrt(var + eps).to(prep.acc)
-        stats[l, 2, :h] = (var * nf / (nf - 1).clamp_min(1.0)).to(prep.acc)
+        mean, m2 = mean_m2.unbind()
+        var = m2 / nf
+        # The next layer's pass reads these rows: written here, per layer, in one copy.
+        stats[l, :, :h] = torch.stack((mean, torch.rsqrt(var + eps), var * nf / unbiased)).to(prep.acc)
     return stats
 
 
