@@ -572,8 +572,9 @@ class _PassClock:
             out = fn(cfg)
             dt = time.perf_counter() - t0
             self.seconds[key] = self.seconds.get(key, 0.0) + dt
-            if not self.per_call or (name != "backward" and self._last == "backward") \
-                    or (name == "forward" and self._last == "forward"):
+            # A call's passes run statistics*, forward, backward*: a new call starts at a
+            # statistics or forward pass that no statistics pass precedes.
+            if not self.per_call or (name != "backward" and self._last != "stats"):
                 self.per_call.append(0.0)
             self.per_call[-1] += dt
             self._last = name
