@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -607,6 +608,29 @@ def test_dice_training_cache_jagged_layouts(layout, monkeypatch):
     monkeypatch.setattr(ops, "ZCACHE_MAX_BYTES", 0)
     for a, b in zip(cached, jagged_fwd_bwd(layout, torch.float32, "cpu")):
         assert torch.equal(a, b)
+
+
+def test_kernel_threads_are_the_calling_threads_torch_count(monkeypatch):
+    """The kernels take torch.get_num_threads() of the thread that calls the op, as torch's own
+    ops do: a serving worker that set its own count gets it, whatever the main thread set."""
+    from din_fused import ops
+    q, k, lengths, mask, p, _, _ = _long_problem(3, 9, "sigmoid", "lengths", seed=8)
+    seen = []
+    real = ops._C.forward
+    monkeypatch.setattr(ops._C, "forward", lambda cfg: seen.append(cfg["num_threads"]) or real(cfg))
+
+    def call(n):
+        torch.set_num_threads(n)
+        return din_fused.din_attention(q, k, lengths, **p)
+
+    with _threads(2):
+        main = call(2)
+        with ThreadPoolExecutor(1) as pool:
+            worker = pool.submit(call, 1).result()
+        assert torch.get_num_threads() == 2  # the worker's count stayed in the worker
+        again = call(2)
+    assert seen == [2, 1, 2]
+    assert torch.equal(main, worker) and torch.equal(main, again)
 
 
 def test_dice_training_cache_is_kept_per_thread_and_released():
