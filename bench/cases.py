@@ -145,11 +145,34 @@ def sum_lengths(inputs: dict) -> int:
     return int(inputs["lengths"].sum())
 
 
-def forward_flops(case: Case, n_valid: int) -> float:
-    """Napkin forward FLOPs with the fold: 2*(D*H1 + sum H_{l-1} H_l + H_L + D) per valid position."""
+def forward_flops(case: Case, n_valid: int, folded: bool = True) -> float:
+    """Napkin forward FLOPs with the fold: 2*(D*H1 + sum H_{l-1} H_l + H_L + D) per valid position.
+    folded=False: a chain of ops (DeepCTR-Torch, the eager reference), whose first Linear reads
+    the 4D-wide [q, k, q-k, q*k] (4*D*H1 instead of D*H1)."""
     hs = case.hidden
-    per = case.D * hs[0] + sum(a * b for a, b in zip(hs[:-1], hs[1:])) + hs[-1] + case.D
+    first = (1 if folded else 4) * case.D * hs[0]
+    per = first + sum(a * b for a, b in zip(hs[:-1], hs[1:])) + hs[-1] + case.D
     return 2.0 * per * n_valid
+
+
+def ratio_bound(case: Case, n_valid: int, target: float, base_s: float, fused_s: float, peak) -> str:
+    """What a forward ``target`` times faster than a chain-of-ops baseline taking ``base_s`` needs:
+    the fused napkin FLOPs in base_s / target, beside the rate the fused call (``fused_s``) ran at,
+    against ``peak`` ((GFLOP/s, ISA) or None). Both sides' counts are given: the baseline's first
+    Linear does 4x the folded one's work."""
+    fused, chain = forward_flops(case, n_valid), forward_flops(case, n_valid, folded=False)
+    need, ran = fused * target / base_s / 1e9, fused / fused_s / 1e9
+
+    def pct(rate):
+        return f" ({100 * rate / peak[0]:.0f}%)" if peak else ""
+
+    base = chain / base_s / 1e9
+    text = (f"Napkin: the fused call {fused / 1e6:,.1f} MFLOP, run at {ran:.0f} GFLOP/s{pct(ran)}; "
+            f"DeepCTR-Torch {chain / 1e6:,.1f} MFLOP, run at {base:.0f} GFLOP/s{pct(base)}. "
+            f"{target:g}x its time is {base_s / target * 1e3:.3f} ms: {need:.0f} GFLOP/s{pct(need)}")
+    if peak:
+        text += f" of the {peak[1]} FMA peak measured now ({peak[0]:.0f} GFLOP/s)"
+    return text + "."
 
 
 # ----------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases) and the checkout (din_fused)
 import cases  # noqa: E402
 import peakmem  # noqa: E402
+import report  # noqa: E402
 
 from din_fused import FusedDINAttention  # noqa: E402
 
@@ -161,7 +162,8 @@ def linearity(rounds: int, lines: list) -> None:
     print("\n".join(lines[-len(variants) - 6:]), flush=True)
 
 
-def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> None:
+def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> dict:
+    """Times and peak memory of each provider of ``specs`` as a table; returns the times."""
     built = {k: build_case(**s) for k, s in specs.items()}
     t = timed({k: b[0] for k, b in built.items()}, rounds)
     mem = {k: peak_memory(s) for k, s in specs.items()}
@@ -175,6 +177,7 @@ def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> Non
         lines.append(f"| {k} | {desc} | {t[k] * 1e3:.2f} | {t[k] / t[base]:.1f}x | {mt} | {mr} |")
     lines.append("")
     print("\n".join(lines[-len(built) - 4:]), flush=True)
+    return t
 
 
 def main() -> int:
@@ -202,13 +205,19 @@ def main() -> int:
     if a.only in (None, "linear"):
         linearity(a.rounds, lines)
     if a.only in (None, "shared"):
+        peak = None
         for T, C in SHARED:
             specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
             if deepctr and C * T * 4 * D <= a.deepctr_max_elems:
                 specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
-            section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
-                    " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
-                    "shared", specs, a.rounds, lines)
+            t = section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
+                        " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
+                        "shared", specs, a.rounds, lines)
+            if "deepctr" in t:  # issue 9's target: T=200, C=1000 forward >= 15x DeepCTR-Torch
+                peak = peak or report.fma_peak_gflops(torch.get_num_threads())
+                lines += [cases.ratio_bound(cases.Case(B=C, T=T, D=D, hidden=HIDDEN), C * T, 15.0,
+                                            t["deepctr"], t["shared"], peak), ""]
+                print(lines[-2], flush=True)
     cases.write_markdown("\n".join(lines) + "\n", a.out, "layouts")
     return 0
 

@@ -28,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ (cases) and the checkout (din_fused)
 import cases  # noqa: E402
+import report  # noqa: E402
 
 from din_fused import ops  # noqa: E402
 
@@ -160,13 +161,16 @@ def main() -> int:
     lines += [f"| {k} | {v * 1e3:.3f} | {v / s:.1f}x |" for k, v in user.items()]
     dc = user.get("DeepCTR-Torch (tiled keys)")
     if dc is not None:
+        T, C = USER["T"], USER["C"]
         tiled = user["fused padded (tiled keys)"]
         per_round = sorted(d / f for d, f in zip(rounds["DeepCTR-Torch (tiled keys)"],
                                                   rounds["fused shared (history once)"]))
         lines += ["", f"DeepCTR-Torch / fused: shared path {dc / s:.1f}x, padded path on tiled keys "
                   f"{dc / tiled:.1f}x (target >= 5x). Round by round, the shared path's ratio ran "
                   f"{per_round[0]:.1f}x to {per_round[-1]:.1f}x, >= 5x in {sum(r >= 5 for r in per_round)} "
-                  f"of {len(per_round)} rounds."]
+                  f"of {len(per_round)} rounds.",
+                  "", cases.ratio_bound(cases.Case(B=C, T=T, D=USER["D"]), C * T, 5.0, dc, s,
+                                        report.fma_peak_gflops(torch.get_num_threads()))]
     text = "\n".join(lines) + "\n"
     print(text)
     cases.write_markdown(text, a.out, "serving")
