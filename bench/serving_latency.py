@@ -12,8 +12,8 @@
    path (the history stored once, ``row_seq``). Median of interleaved rounds.
 
 DeepCTR-Torch's and the eager reference's multi-MB temporaries go back to the OS when freed
-(glibc's defaults), and each call faults them in again: 200k to 990k minor faults in 500 calls
-of the second case, where those calls then took 2-3x as long. ``--keep-freed-memory`` re-runs
+(glibc's defaults), and each call faults them in again: 220k to 990k minor faults in 500
+DeepCTR-Torch calls of the second case, and up to 2-3x the time. ``--keep-freed-memory`` re-runs
 the script with glibc told to keep freed memory (as jemalloc or tcmalloc, common in serving,
 do), so the chains of ops are timed without those faults.
 
