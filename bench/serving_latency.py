@@ -177,7 +177,7 @@ def main() -> int:
     if dc is not None:
         T, C = USER["T"], USER["C"]
         tiled = user["fused padded (tiled keys)"]
-        per_round = sorted(d / f for d, f in zip(rounds["DeepCTR-Torch (tiled keys)"],
+        per_round = sorted(d / u for d, u in zip(rounds["DeepCTR-Torch (tiled keys)"],
                                                   rounds["fused shared (history once)"]))
         lines += ["", f"DeepCTR-Torch / fused: shared path {dc / s:.1f}x, padded path on tiled keys "
                   f"{dc / tiled:.1f}x (target >= 5x). Round by round, the shared path's ratio ran "
