@@ -24,6 +24,7 @@ freed buffers leave RSS, as in report.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -87,7 +88,7 @@ def build_case(kind: str, provider: str, T: int = 0, C: int = 0, factor: float =
             offsets = torch.zeros(B + 1, dtype=torch.int64)
             offsets[1:] = lengths.cumsum(0)
             values = [torch.randn(int(offsets[-1]), D, generator=g) for _ in range(copies)]
-            turn = iter(range(1 << 62))
+            turn = itertools.count()
             return ((lambda: mods["fused"](q, values[next(turn) % copies], offsets=offsets)),
                     f"values [{values[0].shape[0]}, {D}]", _nbytes(q, values[0], offsets))
         keys = torch.randn(B, Tmax, D, generator=g)
