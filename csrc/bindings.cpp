@@ -185,6 +185,11 @@ PYBIND11_MODULE(_C, m) {
     }
     return phase == "backward" ? backward_workspace_bytes_cpu(p) : 0;
   });
+  m.def("row_parts", [](const py::dict& d) {
+    py::list parts;
+    for (const RowPart& rp : row_parts_cpu(from_dict(d))) parts.append(py::make_tuple(rp.row, rp.t0, rp.t1));
+    return parts;
+  });
   m.def("jagged_layout", [](uint64_t offsets, int64_t S, int64_t N, int64_t D, uint64_t row_seq, int64_t R,
                             uint64_t out) {
     // (An empty row_seq may have address 0: then R = 0 and no row is read.)

@@ -1148,6 +1148,14 @@ void backward_cpu(const DinParams& p) {
   by_dtype(p, backward_impl<float>, backward_impl<double>);
 }
 
+std::vector<RowPart> row_parts_cpu(const DinParams& p) {
+  check_common(p);
+  const Plan plan(p);
+  std::vector<RowPart> parts;
+  for (const Span& sp : plan.spans) parts.push_back({sp.r, sp.t0, sp.t1});
+  return parts;
+}
+
 int64_t zcache_bytes_cpu(const DinParams& p) {
   check_common(p);
   int64_t slots = 0;

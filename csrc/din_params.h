@@ -10,6 +10,7 @@
 //     valid(r, t)            = t < seq_len[s] && (!mask || mask[s * ld_mask + t])
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace din {
 
@@ -189,6 +190,12 @@ void stats_cpu(const DinParams& p);        // stats_out for stats_layer
 void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
 int64_t backward_workspace_bytes_cpu(const DinParams& p);
 int64_t zcache_bytes_cpu(const DinParams& p);  // bytes of zcache for these rows
+// How the CPU kernels cut rows over positions for these params and num_threads: the
+// parts (row, positions [t0, t1)) in order, or none when every row runs whole.
+struct RowPart {
+  int64_t row, t0, t1;
+};
+std::vector<RowPart> row_parts_cpu(const DinParams& p);
 // The jagged layout (ops._jagged_layout) from offsets [S+1] and row_seq [R] (null: row r
 // uses sequence r, R == S), checked, all int64 on the host: out [2S + 2R] gets seq_start
 // (element offsets), seq_len, the rows' lengths and their weights' starts (the sum of the

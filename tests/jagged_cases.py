@@ -63,8 +63,9 @@ def _run(fn, query, keys, idx1, idx2, p, dtype, training, norm, gout, gw_seed, j
 
 def check_jagged(layout, act, norm, dtype, device, seed=0):
     """Fused jagged op == reference on the tiled input: outputs, weights, every gradient
-    (query, values, parameters) and the running statistics."""
-    lens, row_seq, D, hidden = LAYOUTS[layout]
+    (query, values, parameters) and the running statistics.  layout: a LAYOUTS name, or a
+    (sequence lengths, row_seq, D, hidden) tuple."""
+    lens, row_seq, D, hidden = LAYOUTS[layout] if isinstance(layout, str) else layout
     q, v, off, rs, p, gout = make_jagged(lens, row_seq, D, hidden, act, device, seed)
     training = act == "dice-train"
     args = (q, v, off, rs, p)

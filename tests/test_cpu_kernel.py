@@ -19,6 +19,7 @@ from kernel_cases import DOMINANT_SOFTMAX_CASES, check_dominant_softmax
 from test_op import run, run_forward
 
 import din_fused
+from din_fused import ops
 from din_fused.reference import din_attention_ref
 
 
@@ -125,6 +126,43 @@ def test_split_rows_bitwise_reproducible_and_close_across_thread_counts(act):
     for other in per_threads[1:]:
         for a, b in zip(per_threads[0], other):
             assert max_rel_err(a, b) <= TOL64
+
+
+def _row_parts(lengths, threads, row_seq=None):
+    """The CPU kernels' cut (_C.row_parts) of jagged sequences of these lengths, or of padded
+    rows when row_seq is "padded": [(row, t0, t1)], empty when every row runs whole."""
+    D, p = 4, random_params(4, (6,), "sigmoid", dtype=torch.float32, requires_grad=False)
+    args = (p["weights"], p["biases"], [], [], [], "sigmoid", "none", 1.0)
+    if row_seq == "padded":
+        T = max(lengths)
+        prep = ops._Prepared(torch.zeros(len(lengths), D), torch.zeros(len(lengths), T, D),
+                             torch.tensor(lengths), None, *args)
+    else:
+        offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        rs = None if row_seq is None else torch.tensor(row_seq)
+        prep = ops._jagged_prepared(torch.zeros(len(row_seq or lengths), D), torch.zeros(int(offsets[-1]), D),
+                                    offsets, rs, *args, False, gather=False)
+    prep.cfg["num_threads"] = threads
+    return ops._C.row_parts(prep.cfg)
+
+
+def test_rows_are_cut_over_positions_when_fewer_than_four_a_thread():
+    """The cut itself, padded, jagged and shared (the tests above check its results, which
+    would also hold if no row were cut): parts of whole 32-key tiles, in order, covering each
+    long row, at most one per thread; rows under 2 x 256 positions stay whole."""
+    assert _row_parts([4000], 2, "padded") == [(0, 0, 2016), (0, 2016, 4000)]
+    assert _row_parts([4000], 1, "padded") == [(0, 0, 4000)]  # one part: the single thread
+    assert _row_parts([1500, 0, 700], 2, [0, 2, 0]) == [
+        (0, 0, 768), (0, 768, 1500), (1, 0, 352), (1, 352, 700), (2, 0, 768), (2, 768, 1500)]
+    assert _row_parts([100, 4000], 3) == [(0, 0, 100), (1, 0, 1344), (1, 1344, 2688), (1, 2688, 4000)]
+    assert _row_parts([4000] * 8, 2, "padded") == []  # 4 rows a thread: rows run whole
+    for lengths, threads in (([4000], 2), ([1500, 700, 9000], 2), ([600, 513], 3)):
+        parts = _row_parts(lengths, threads)
+        for r, n in enumerate(lengths):
+            mine = [(t0, t1) for row, t0, t1 in parts if row == r]
+            assert mine[0][0] == 0 and mine[-1][1] == n and len(mine) <= threads
+            assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+            assert all(t0 % 32 == 0 for t0, _ in mine)
 
 
 # ---------------------------------------------------------------------------------------

@@ -119,6 +119,55 @@ def test_jagged_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+# Fewer than 4 rows a thread, rows over 2 x 256 positions: the CPU cuts each row into parts
+# over positions (csrc/din_cpu.cpp, Plan), forward and backward, for jagged and shared rows alike.
+# Rows 0 and 2 share sequence 0; row 1 reads sequence 2 (sequence 1 is empty).
+LONG_ROWS = ([1500, 0, 700], [0, 2, 0], 6, (8, 4))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
+def test_long_rows_cut_over_threads_match_tiled_reference(act, norm, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_jagged(LONG_ROWS, act, norm, torch.float64, "cpu", seed=threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_jagged_module_torch_compile_inductor_dice_training():
+    """The module on jagged keys under torch.compile(fullgraph=True) with inductor, Dice in
+    training: outputs, gradients and the running statistics as in eager mode."""
+    lens, row_seq, D, hidden = LAYOUTS["shared-mixed"]
+    q, v, off, rs, _, _ = make_jagged(lens, row_seq, D, hidden, "dice", "cpu", seed=5)
+    q, v = q.float(), v.float()
+    torch._dynamo.reset()
+    eager = din_fused.FusedDINAttention(embedding_dim=D, att_hidden_units=hidden, att_activation="dice",
+                                        weight_normalization=True)
+    mod = din_fused.FusedDINAttention(embedding_dim=D, att_hidden_units=hidden, att_activation="dice",
+                                      weight_normalization=True)
+    mod.load_state_dict(eager.state_dict())
+    compiled = torch.compile(mod, fullgraph=True)
+    results = []
+    with (torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if CAPTURE_NEEDS_FLAG
+          else nullcontext()):
+        for m in (eager, compiled):
+            qq, vv = q[:, None].clone().requires_grad_(), v.clone().requires_grad_()
+            out = m(qq, vv, offsets=off, row_seq=rs)
+            out.square().sum().backward()
+            results.append((out.detach(), qq.grad, vv.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p1, p2 in zip(eager.parameters(), mod.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6)
+    for b1, b2 in zip(eager.buffers(), mod.buffers()):
+        torch.testing.assert_close(b1, b2)
+    assert any(not torch.equal(b, torch.zeros_like(b)) and not torch.equal(b, torch.ones_like(b))
+               for b in mod.buffers()), "the running statistics were not updated"
+
+
 @pytest.mark.parametrize("layout", ["shared-one", "shared-mixed", "long-tiles"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_shared_sequence_gradients_bitwise_reproducible(layout, threads):
