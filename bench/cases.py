@@ -318,6 +318,25 @@ def call_for(mode: str):
     raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
 
 
+# No mmap for large blocks and no trimming: freed memory stays in the process for reuse, as
+# jemalloc or tcmalloc (common in serving) keep it. With glibc's defaults, a chain of ops'
+# multi-MB temporaries go back to the OS when freed and each call faults them in again.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def allocator_mode(keep_freed_memory: bool) -> str:
+    """The glibc mode this process runs in, for a table's header. Asked to keep freed memory
+    and not yet doing so, the script runs again with KEEP_FREED_MEMORY (glibc reads it at
+    start-up)."""
+    import os
+    import sys
+
+    keep = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
+    if keep_freed_memory and not keep:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    return "glibc keeping freed memory" if keep else "glibc defaults"
+
+
 def write_markdown(text: str, out, tag: str) -> None:
     """Write a benchmark's markdown to ``out`` (parents created) and say where."""
     from pathlib import Path

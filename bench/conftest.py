@@ -4,6 +4,7 @@
     pytest bench --bench-full          # the big sweep (or DIN_BENCH_FULL=1)
     pytest bench --bench-device cuda   # the same on CUDA (timed with a synchronise in the call)
     pytest bench -k headline           # only the headline shape
+    pytest bench -k "test_layout or test_long"   # issue 9: jagged, shared, long sequences (CPU)
 
 Groups are "<fwd|fwd+bwd> <case id>", so each table compares the providers of one
 case side by side.
@@ -47,10 +48,25 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
+    cfg = metafunc.config
+    full = cfg.getoption("--bench-full")
+    if "layout" in metafunc.fixturenames:  # issue 9's jagged and shared layouts
+        import layouts
+
+        metafunc.parametrize("layout", [pytest.param((g, s), id=f"{g}-{p}".replace(" ", "-"))
+                                        for g, p, s in layouts.bench_specs(full)])
+        return
+    if "long_shape" in metafunc.fixturenames:  # issue 9's long sequences, 1 and 2 threads
+        import long_seq
+
+        shapes = long_seq.SHAPES if full else [s for s in long_seq.SHAPES if s[0] == 1]
+        metafunc.parametrize("long_shape", shapes, ids=[f"B{b}-T{t}" for b, t in shapes])
+        metafunc.parametrize("mode", ("fwd", "fwdbwd") if full else ("fwd",))
+        metafunc.parametrize("threads", long_seq.THREADS)
+        return
     if "case" not in metafunc.fixturenames:
         return
-    cfg = metafunc.config
-    sweep = cases.full_sweep() if cfg.getoption("--bench-full") else cases.default_sweep()
+    sweep = cases.full_sweep() if full else cases.default_sweep()
     wanted = [p for p in cfg.getoption("--bench-providers").split(",") if p] or list(cases.PROVIDERS)
     unknown = set(wanted) - set(cases.PROVIDERS)
     if unknown:

@@ -18,7 +18,10 @@ process per provider: the bytes of its inputs plus the peak RSS above them durin
 the padded or tiled input is itself what those layouts cost (glibc's mmap threshold pinned so
 freed buffers leave RSS, as in report.py).
 
-    python bench/layouts.py [--rounds 5] [--out bench/results/local/layouts.md]
+DeepCTR-Torch's temporaries go back to the OS when freed (glibc's defaults) and each call faults
+them in again; ``--keep-freed-memory`` times it without those faults (see serving_latency.py).
+
+    python bench/layouts.py [--rounds 5] [--keep-freed-memory] [--out bench/results/local/layouts.md]
 """
 
 from __future__ import annotations
@@ -221,6 +224,54 @@ def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> dic
     return t
 
 
+def bench_specs(full: bool) -> list:
+    """(group, provider, build_case spec) of the pytest-benchmark suite's layout groups: the
+    skewed batch, and the shared history at T=200 with C=100 and 1000 (full: every SHARED
+    case, DeepCTR-Torch where its [C, T, 4D] input stays under 1.2e8 elements)."""
+    deepctr = cases.deepctr_available()
+    out = [("skewed B=1024", p, {"kind": "skewed", "provider": p}) for p in ("jagged", "padded", "deepctr")
+           if p != "deepctr" or deepctr]
+    for T, C in SHARED if full else [(200, 100), (200, 1000)]:
+        for p in ("shared", "tiled", "deepctr"):
+            if p != "deepctr" or (deepctr and C * T * 4 * D <= 1.2e8):
+                out.append((f"shared T={T} C={C}", p, {"kind": "shared", "provider": p, "T": T, "C": C}))
+    return out
+
+
+def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, shared=tuple(SHARED),
+        mode: str = "") -> list:
+    """The markdown lines of the sections (all, or only one), timed and measured now; mode:
+    the allocator mode, for the header."""
+    deepctr = cases.deepctr_available()
+    lines = [f"### Layouts: fp32, D={D}, H={HIDDEN}, sigmoid, forward (eval, no_grad), "
+             f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds"
+             + (f", {mode}" if mode else ""), ""]
+    if only in (None, "skewed"):
+        lens = skewed_lengths()
+        specs = {p: {"kind": "skewed", "provider": p} for p in ("jagged", "padded", "deepctr")
+                 if p != "deepctr" or deepctr}
+        section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
+                f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
+                rounds, lines)
+    if only in (None, "linear"):
+        linearity(rounds, lines)
+    if only in (None, "shared"):
+        peak = None
+        for T, C in shared:
+            specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
+            if deepctr and C * T * 4 * D <= deepctr_max_elems:
+                specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
+            t = section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
+                        " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
+                        "shared", specs, rounds, lines)
+            if "deepctr" in t:  # issue 9's target: T=200, C=1000 forward >= 15x DeepCTR-Torch
+                peak = peak or report.fma_peak_gflops(torch.get_num_threads())
+                lines += [cases.ratio_bound(cases.Case(B=C, T=T, D=D, hidden=HIDDEN), C * T, 15.0,
+                                            t["deepctr"], t["shared"], peak), ""]
+                print(lines[-2], flush=True)
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -228,37 +279,15 @@ def main() -> int:
                     help="skip DeepCTR-Torch where C*T*4D exceeds this (its input alone is 4 bytes each)")
     ap.add_argument("--only", choices=("skewed", "shared", "linear"))
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "layouts.md"))
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed memory (no per-call page faults for DeepCTR-Torch's temporaries)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return 0
-    deepctr = cases.deepctr_available()
-    lines = [f"### Layouts: fp32, D={D}, H={HIDDEN}, sigmoid, forward (eval, no_grad), "
-             f"{torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds", ""]
-    if a.only in (None, "skewed"):
-        lens = skewed_lengths()
-        specs = {p: {"kind": "skewed", "provider": p} for p in ("jagged", "padded", "deepctr")
-                 if p != "deepctr" or deepctr}
-        section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
-                f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
-                a.rounds, lines)
-    if a.only in (None, "linear"):
-        linearity(a.rounds, lines)
-    if a.only in (None, "shared"):
-        peak = None
-        for T, C in SHARED:
-            specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
-            if deepctr and C * T * 4 * D <= a.deepctr_max_elems:
-                specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
-            t = section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
-                        " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
-                        "shared", specs, a.rounds, lines)
-            if "deepctr" in t:  # issue 9's target: T=200, C=1000 forward >= 15x DeepCTR-Torch
-                peak = peak or report.fma_peak_gflops(torch.get_num_threads())
-                lines += [cases.ratio_bound(cases.Case(B=C, T=T, D=D, hidden=HIDDEN), C * T, 15.0,
-                                            t["deepctr"], t["shared"], peak), ""]
-                print(lines[-2], flush=True)
+    mode = cases.allocator_mode(a.keep_freed_memory)
+    lines = run(a.rounds, a.only, a.deepctr_max_elems, mode=mode)
     cases.write_markdown("\n".join(lines) + "\n", a.out, "layouts")
     return 0
 

@@ -29,21 +29,17 @@ SHAPES = [(1, 10_000), (1, 100_000), (4, 10_000), (4, 100_000)]
 THREADS = (1, 2)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--norm", default="softmax", choices=("none", "softmax"))
-    ap.add_argument("--shape", action="append", metavar="B,T", help="only these shapes (repeatable)")
-    a = ap.parse_args()
-    shapes = [tuple(int(x) for x in s.split(",")) for s in a.shape] if a.shape else SHAPES
+def table(shapes, rounds: int, norm: str = "softmax") -> list:
+    """Markdown lines: each shape's forward and forward+backward on 1 and 2 threads, timed
+    interleaved, round by round; the caller's thread count is restored."""
     before = torch.get_num_threads()
-    print(f"fp32, D=36, H=(80, 40), sigmoid, {a.norm}, full rows; median of {a.rounds} interleaved rounds "
-          f"(best in brackets); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    print("| B | T | mode | 1 thread ms | 2 threads ms | speed-up |")
-    print("|---:|---:|---|---:|---:|---:|")
+    lines = [f"fp32, D=36, H=(80, 40), sigmoid, {norm}, full rows; median of {rounds} interleaved rounds "
+             f"(best in brackets); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", "",
+             "| B | T | mode | 1 thread ms | 2 threads ms | speed-up |", "|---:|---:|---|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     try:
         for B, T in shapes:
-            case = replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization=a.norm, compile=False)
+            case = replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization=norm, compile=False)
             inputs = cases.make_inputs(case)
             module = cases.ProviderSet(case).get("fused")
             for mode in ("fwd", "fwdbwd"):
@@ -52,7 +48,7 @@ def main() -> None:
                 for n in THREADS:
                     torch.set_num_threads(n)
                     fn()  # warm-up
-                for _ in range(a.rounds):
+                for _ in range(rounds):
                     for n in THREADS:
                         torch.set_num_threads(n)
                         t0 = time.perf_counter()
@@ -60,10 +56,22 @@ def main() -> None:
                         times[n].append(1e3 * (time.perf_counter() - t0))
                 med = {n: statistics.median(v) for n, v in times.items()}
                 best = {n: min(v) for n, v in times.items()}
-                print(f"| {B} | {T:,} | {mode} | {med[1]:.1f} ({best[1]:.1f}) | "
-                      f"{med[2]:.1f} ({best[2]:.1f}) | {med[1] / med[2]:.2f}x |", flush=True)
+                lines.append(f"| {B} | {T:,} | {mode} | {med[1]:.1f} ({best[1]:.1f}) | "
+                             f"{med[2]:.1f} ({best[2]:.1f}) | {med[1] / med[2]:.2f}x |")
+                print(lines[-1], flush=True)
     finally:
         torch.set_num_threads(before)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--norm", default="softmax", choices=("none", "softmax"))
+    ap.add_argument("--shape", action="append", metavar="B,T", help="only these shapes (repeatable)")
+    a = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in a.shape] if a.shape else SHAPES
+    table(shapes, a.rounds, a.norm)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ What it measures (all providers share the weights, see cases.py):
    value reached, and for each target not met, what bounds it (for a ratio, the GFLOP/s
    it would need against the measured FMA peak; for the small case, the call's kernels
    against the rest of the call).
+7. (CPU) issue 9's layouts: layouts.py's skewed, linearity and shared-history tables (time and
+   peak memory; --quick: the shared history at T=200, C=1000 only) and long_seq.py's long rows
+   on 1 and 2 threads (--quick: B=1, T=100k).
 """
 
 from __future__ import annotations
@@ -517,6 +520,18 @@ def linearity_section(args, lines: list, data: dict) -> list:
     return rows
 
 
+def layouts_section(args, lines: list) -> None:
+    """Issue 9's layouts and long sequences, from layouts.py and long_seq.py, in this session."""
+    import layouts
+    import long_seq
+
+    rounds = 3 if args.quick else 5
+    lines += layouts.run(rounds, "shared" if args.quick else None,
+                         shared=[(200, 1000)] if args.quick else layouts.SHARED)
+    lines += ["### Long sequences: 2 threads against 1", "",
+              *long_seq.table([(1, 100_000)] if args.quick else long_seq.SHAPES, rounds), ""]
+
+
 def step_section(args, lines: list, data: dict) -> dict:
     """The whole DIN training step of train_step.py, in this session: {attention: its medians}."""
     import train_step
@@ -764,6 +779,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-extra", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-step", action="store_true", help="skip the whole training step (CPU)")
+    ap.add_argument("--skip-layouts", action="store_true", help="skip issue 9's layouts and long rows (CPU)")
     ap.add_argument("--tmax", type=int, default=5000)
     ap.add_argument("--sweep-batch", type=int, default=0,
                     help="B of the T sweep (default 128 CPU, 1024 CUDA)")
@@ -817,6 +833,8 @@ def main(argv=None) -> int:
             png = out / f"perf_{tag}.png"
             plot(args, sweep_rows, lin_rows, png)
             lines += [f"![speed-up vs T and time vs sum(L)]({png.name})", ""]
+        if not (cuda or args.skip_layouts):
+            layouts_section(args, lines)
     data["background_load"] = load.fraction
     lines.append(f"Session took {time.time() - t_start:.0f} s. Whole session: " + load_note(load))
     md = "\n".join(lines) + "\n"

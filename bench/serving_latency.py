@@ -23,7 +23,6 @@ do), so the chains of ops are timed without those faults.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -41,8 +40,6 @@ from din_fused import ops  # noqa: E402
 
 SMALL = cases.Case(B=1, T=1, D=8, lengths="full")
 USER = {"T": 50, "C": 100, "D": 36}
-# No mmap for large blocks and no trimming: freed memory stays in the process for reuse.
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 def best_of(fn, n: int) -> float:
@@ -151,16 +148,14 @@ def main() -> int:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc keeps freed memory (no per-call page faults for the chains of ops)")
     a = ap.parse_args()
-    keep = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
-    if a.keep_freed_memory and not keep:  # glibc reads these at start-up: run again with them
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    mode = cases.allocator_mode(a.keep_freed_memory)
     small = small_call(a.rounds, 500 // a.rounds + 1)
     dice = small_dice_call(a.rounds, 500 // a.rounds + 1)
     rounds = user_latency(a.rounds, 20)
     user = {k: statistics.median(v) for k, v in rounds.items()}
     f = small["fused"]
     lines = [f"### Serving-sized calls: fp32, eval, no_grad, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, glibc {'keeping freed memory' if keep else 'defaults'}", "",
+             f"torch {torch.__version__}, {mode}", "",
              "#### Small call: B=1, T=1, D=8, H=(80, 40), sigmoid (best of 500 calls)", "",
              "| provider | us per call | vs fused |", "|---|---:|---:|"]
     lines += [f"| {k} | {v * 1e6:.1f} | {v / f:.2f}x |" for k, v in small.items()]

@@ -4,14 +4,17 @@ Each case is timed for every provider in two groups, forward ("fwd") and
 forward+backward ("fwd+bwd"); see conftest.py for the options and cases.py for
 the shapes and providers.  The CUDA timings synchronise inside the timed call.
 The "train step" groups time one whole DIN training step of the models in
-train_step.py (CPU only; ``--bench-providers`` does not apply to them).
+train_step.py; the "layout" groups compare layouts.py's jagged, shared, padded, tiled and
+DeepCTR-Torch providers of one case; the "long" groups time long_seq.py's long rows on 1 and 2
+threads (all CPU only; ``--bench-providers`` does not apply to them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import cases
+import layouts
 import pytest
 import torch
 import train_step
@@ -76,3 +79,39 @@ def test_train_step(benchmark, provider, attention, device, rounds):
     benchmark.extra_info.update(provider=provider, attention=attention, shape=asdict(shape),
                                 threads=torch.get_num_threads())
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def test_layout(benchmark, layout, device, rounds):
+    """One forward (eval, no_grad) of a layouts.py provider: jagged or padded on the skewed batch,
+    shared or tiled (and DeepCTR-Torch) on one user's history against C candidates."""
+    if device != "cpu":
+        pytest.skip("the layout groups are CPU only")
+    group, spec = layout
+    fn, desc, _ = layouts.build_case(**spec)
+
+    def call():
+        with torch.no_grad():
+            fn()
+
+    call()
+    benchmark.group = f"layout {group}"
+    benchmark.extra_info.update(spec=spec, input=desc, threads=torch.get_num_threads())
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def test_long(benchmark, long_shape, mode, threads, device, rounds):
+    """One long row (or four) on 1 and 2 threads: the CPU cuts rows over positions."""
+    if device != "cpu":
+        pytest.skip("the long-sequence groups are CPU only")
+    B, T = long_shape
+    case = replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization="softmax", compile=False)
+    fn = cases.call_for(mode)(cases.ProviderSet(case).get("fused"), cases.make_inputs(case))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn()
+        benchmark.group = f"long {mode} B={B} T={T}"
+        benchmark.extra_info.update(B=B, T=T, mode=mode, threads=threads)
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(before)
