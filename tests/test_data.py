@@ -9,6 +9,7 @@ import torch
 from common import movielens_dir
 
 from din_fused import data as D
+from din_fused.data.batching import gather_jagged
 
 MOVIES = """movieId,title,genres
 10,"Heat, The (1995)",Action|Crime|Thriller
@@ -260,3 +261,29 @@ def test_real_movielens_small():
     assert 0.45 < ds.label.mean().item() < 0.51
     tr, va, te = D.split_by_user(ds, 0.1, 0.1, seed=0)
     assert te.num_users == 61 and va.num_users == 61 and len(tr) + len(va) + len(te) == len(ds)
+
+
+def test_gather_jagged_windows():
+    seq = torch.arange(20).reshape(10, 2)
+    values, offsets = gather_jagged(seq, torch.tensor([3, 0, 9, 5]), torch.tensor([2, 0, 1, 4]))
+    assert offsets.tolist() == [0, 2, 2, 3, 7]
+    assert values.tolist() == [[6, 7], [8, 9], [18, 19], [10, 11], [12, 13], [14, 15], [16, 17]]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_jagged_batches_hold_the_padded_batches_without_padding(shuffle):
+    """iterate_batches(layout="jagged") yields the same samples, in the same order, as the padded
+    layout, each row's valid behaviours back to back and nothing else."""
+    ds = D.make_synthetic(num_users=30, seed=2, max_len=9)
+    padded = list(D.iterate_batches(ds, 7, shuffle=shuffle, seed=4))
+    jagged = list(D.iterate_batches(ds, 7, shuffle=shuffle, seed=4, layout="jagged"))
+    assert len(padded) == len(jagged) > 1
+    for p, j in zip(padded, jagged):
+        assert isinstance(j, D.JaggedBatch)
+        for f in ("user", "target", "context", "label"):
+            assert torch.equal(getattr(p, f), getattr(j, f)), f
+        assert torch.equal(j.lengths, p.lengths) and j.offsets[0] == 0
+        valid = torch.arange(p.history.shape[1])[None, :] < p.lengths[:, None]
+        assert j.values.shape[0] == int(p.lengths.sum())
+        assert torch.equal(j.values, p.history[valid])
+    assert any(bool((p.lengths < p.history.shape[1]).any()) for p in padded)  # some rows were padded

@@ -224,6 +224,7 @@ BAD = {
     "values dim": (dict(values=torch.randn(5, 3, dtype=torch.float64)), ValueError, "dim"),
     "values device": (dict(values=torch.randn(5, 4, dtype=torch.float64, device="meta")), ValueError, "meta"),
     "offsets device": (dict(offsets=torch.tensor([0, 3, 3, 5], device="meta")), ValueError, "offsets"),
+    "row_seq device": (dict(row_seq=torch.tensor([0, 2, 1, 0], device="meta")), ValueError, "row_seq"),
 }
 
 

@@ -221,6 +221,10 @@ def test_module_takes_a_torchrec_jagged_tensor():
     assert values.grad is not None and values.grad[3:3].numel() == 0
     with pytest.raises(ValueError, match="carries its offsets"):
         att(query, jt, offsets=jt.offsets())
+    # One history per user, several candidates each (row_seq): as the explicit call.
+    rs = torch.tensor([2, 0, 2, 3, 2])
+    q5 = torch.randn(5, 8, dtype=torch.float64)
+    assert torch.equal(att(q5, jt, row_seq=rs), att(q5, values, offsets=jt.offsets(), row_seq=rs))
 
 
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
