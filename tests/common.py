@@ -135,3 +135,15 @@ def movielens_dir():
         if (c / "ratings.csv").is_file() and (c / "movies.csv").is_file():
             return c
     return None
+
+
+def assert_modules_agree(results, a, b, rtol=1e-5, atol=1e-6):
+    """Module a and its copy b after one forward+backward each (eager against compiled): results
+    holds one tuple of outputs and input gradients per module; then the parameter gradients and
+    the buffers (Dice's running statistics) must agree too."""
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    for p1, p2 in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol)
+    for b1, b2 in zip(a.buffers(), b.buffers()):
+        torch.testing.assert_close(b1, b2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import param_tensors, random_params
+from common import assert_modules_agree, param_tensors, random_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd, make_jagged
 
 import din_fused
@@ -158,12 +158,7 @@ def test_jagged_module_torch_compile_inductor_dice_training():
             out = m(qq, vv, offsets=off, row_seq=rs)
             out.square().sum().backward()
             results.append((out.detach(), qq.grad, vv.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for p1, p2 in zip(eager.parameters(), mod.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6)
-    for b1, b2 in zip(eager.buffers(), mod.buffers()):
-        torch.testing.assert_close(b1, b2)
+    assert_modules_agree(results, eager, mod)
     assert any(not torch.equal(b, torch.zeros_like(b)) and not torch.equal(b, torch.ones_like(b))
                for b in mod.buffers()), "the running statistics were not updated"
 

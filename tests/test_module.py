@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from common import TOL64, max_rel_err, randomise_
+from common import TOL64, assert_modules_agree, max_rel_err, randomise_
 
 import din_fused
 from din_fused import FusedDINAttention
@@ -148,13 +148,7 @@ def test_torch_compile_fullgraph_forward_backward(act):
         out = mod(qq, kk, lengths)
         out.square().sum().backward()
         results.append((out.detach(), qq.grad, kk.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for p1, p2 in zip(eager.parameters(), compiled_mod.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6)
-    if act == "dice":  # running statistics were updated through the compiled graph too
-        for b1, b2 in zip(eager.buffers(), compiled_mod.buffers()):
-            torch.testing.assert_close(b1, b2)
+    assert_modules_agree(results, eager, compiled_mod)  # Dice: its running statistics too
 
 
 def test_exports():
