@@ -333,7 +333,8 @@ def allocator_mode(keep_freed_memory: bool) -> str:
 
     keep = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
     if keep_freed_memory and not keep:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+        argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]  # with interpreter flags
+        os.execve(sys.executable, argv, {**os.environ, **KEEP_FREED_MEMORY})
     return "glibc keeping freed memory" if keep else "glibc defaults"
 
 

@@ -153,6 +153,8 @@ def timed(fns: dict, rounds: int, calls: int = 3) -> dict:
 
 
 COLD_BYTES = 96 * 2**20  # keys cycled per linearity variant: 3x a 32 MB last-level cache
+# Samples of tens of ms, 14 of them a round: a median of 5 rounds still moved by ~10%.
+LINEARITY_MIN_ROUNDS = 11
 
 
 def linearity(rounds: int, lines: list) -> None:
@@ -168,8 +170,7 @@ def linearity(rounds: int, lines: list) -> None:
     variants = {f"B={b}": (1.0, b) for b in (512, 1024, 2048, 4096)}
     variants.update({f"lengths x{f:g}": (f, 0) for f in (0.5, 2.0, 4.0)})
     sums = {k: int(scaled_lengths(f, b).sum()) for k, (f, b) in variants.items()}
-    # Samples of tens of ms, 14 of them a round: a median of 5 rounds still moved by ~10%.
-    rounds = max(rounds, 11)
+    rounds = max(rounds, LINEARITY_MIN_ROUNDS)
     built = {}
     for k, (f, b) in variants.items():
         copies = -(-COLD_BYTES // (sums[k] * D * 4))
@@ -203,14 +204,15 @@ def linearity(rounds: int, lines: list) -> None:
               f"{worst(cold, False):.1f}% including scaled lengths (target: within 10%). The same input "
               "every call: "
               f"{worst(warm, True):.1f}% and {worst(warm, False):.1f}%.", ""]
-    print("\n".join(lines[-len(variants) - 6:]), flush=True)
+    print("\n".join(lines[-len(variants) - 7:]), flush=True)
 
 
-def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> dict:
-    """Times and peak memory of each provider of ``specs`` as a table; returns the times."""
+def section(title: str, base: str, specs: dict, rounds: int, lines: list, memory: bool = True) -> dict:
+    """Times and peak memory (unless not memory: n/a) of each provider of ``specs`` as a table;
+    returns the times."""
     built = {k: build_case(**s) for k, s in specs.items()}
     t = timed({k: b[0] for k, b in built.items()}, rounds)
-    mem = {k: peak_memory(s) for k, s in specs.items()}
+    mem = {k: peak_memory(s) if memory else None for k, s in specs.items()}
     lines += [f"#### {title}", "",
               "| provider | input | forward ms | vs fused | peak memory MB (inputs included) | vs fused |",
               "|---|---|---:|---:|---:|---:|"]
@@ -220,7 +222,7 @@ def section(title: str, base: str, specs: dict, rounds: int, lines: list) -> dic
         mr = "n/a" if m is None or not mem[base] else f"{m / mem[base]:.1f}x"
         lines.append(f"| {k} | {desc} | {t[k] * 1e3:.2f} | {t[k] / t[base]:.1f}x | {mt} | {mr} |")
     lines.append("")
-    print("\n".join(lines[-len(built) - 4:]), flush=True)
+    print("\n".join(lines[-len(built) - 5:]), flush=True)
     return t
 
 
@@ -239,12 +241,13 @@ def bench_specs(full: bool) -> list:
 
 
 def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, shared=tuple(SHARED),
-        mode: str = "") -> list:
+        mode: str = "", memory: bool = True) -> list:
     """The markdown lines of the sections (all, or only one), timed and measured now; mode:
-    the allocator mode, for the header."""
+    the allocator mode, for the header; memory=False: no peak-memory child processes."""
     deepctr = cases.deepctr_available()
+    lin = f" (linearity: {max(rounds, LINEARITY_MIN_ROUNDS)})" if only in (None, "linear") else ""
     lines = [f"### Layouts: fp32, D={D}, H={HIDDEN}, sigmoid, forward (eval, no_grad), "
-             f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds"
+             f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds{lin}"
              + (f", {mode}" if mode else ""), ""]
     if only in (None, "skewed"):
         lens = skewed_lengths()
@@ -252,7 +255,7 @@ def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, 
                  if p != "deepctr" or deepctr}
         section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
                 f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
-                rounds, lines)
+                rounds, lines, memory)
     if only in (None, "linear"):
         linearity(rounds, lines)
     if only in (None, "shared"):
@@ -263,7 +266,7 @@ def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, 
                 specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
             t = section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
                         " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
-                        "shared", specs, rounds, lines)
+                        "shared", specs, rounds, lines, memory)
             if "deepctr" in t:  # issue 9's target: T=200, C=1000 forward >= 15x DeepCTR-Torch
                 peak = peak or report.fma_peak_gflops(torch.get_num_threads())
                 lines += [cases.ratio_bound(cases.Case(B=C, T=T, D=D, hidden=HIDDEN), C * T, 15.0,

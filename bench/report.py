@@ -527,7 +527,7 @@ def layouts_section(args, lines: list) -> None:
 
     rounds = 3 if args.quick else 5
     lines += layouts.run(rounds, "shared" if args.quick else None, mode=cases.allocator_mode(False),
-                         shared=[(200, 1000)] if args.quick else layouts.SHARED)
+                         shared=[(200, 1000)] if args.quick else layouts.SHARED, memory=not args.skip_mem)
     lines += ["### Long sequences: 2 threads against 1", "",
               *long_seq.table([(1, 100_000)] if args.quick else long_seq.SHAPES, rounds), ""]
 

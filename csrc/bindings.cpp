@@ -186,8 +186,10 @@ PYBIND11_MODULE(_C, m) {
     return phase == "backward" ? backward_workspace_bytes_cpu(p) : 0;
   });
   m.def("row_parts", [](const py::dict& d) {
+    const DinParams p = from_dict(d);  // the plan reads seq_len and row_seq on the host
+    if (p.is_cuda) throw std::invalid_argument("row_parts: the CPU kernels' plan takes CPU params");
     py::list parts;
-    for (const RowPart& rp : row_parts_cpu(from_dict(d))) parts.append(py::make_tuple(rp.row, rp.t0, rp.t1));
+    for (const RowPart& rp : row_parts_cpu(p)) parts.append(py::make_tuple(rp.row, rp.t0, rp.t1));
     return parts;
   });
   m.def("jagged_layout", [](uint64_t offsets, int64_t S, int64_t N, int64_t D, uint64_t row_seq, int64_t R,

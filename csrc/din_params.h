@@ -191,7 +191,8 @@ void backward_cpu(const DinParams& p);     // dq, dk, dW... or reduce_out
 int64_t backward_workspace_bytes_cpu(const DinParams& p);
 int64_t zcache_bytes_cpu(const DinParams& p);  // bytes of zcache for these rows
 // How the CPU kernels cut rows over positions for these params and num_threads: the
-// parts (row, positions [t0, t1)) in order, or none when every row runs whole.
+// parts (row, positions [t0, t1)) in order, a row too short to cut being one part
+// (r, 0, len); none when rows are not cut (no rows, or at least 4 a thread).
 struct RowPart {
   int64_t row, t0, t1;
 };

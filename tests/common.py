@@ -144,6 +144,7 @@ def assert_modules_agree(results, a, b, rtol=1e-5, atol=1e-6):
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
     for p1, p2 in zip(a.parameters(), b.parameters()):
+        assert p1.grad is not None and p2.grad is not None
         torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol)
     for b1, b2 in zip(a.buffers(), b.buffers()):
         torch.testing.assert_close(b1, b2)
