@@ -152,9 +152,22 @@ def timed(fns: dict, rounds: int, calls: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in timed_rounds(fns, rounds, calls).items()}
 
 
+DEEPCTR_MAX_ELEMS = 1.2e8  # DeepCTR-Torch left out where its [C, T, 4D] input would pass this
+
+
+def specs_of(kind: str, T: int = 0, C: int = 0, deepctr_max_elems: float = DEEPCTR_MAX_ELEMS) -> dict:
+    """provider -> build_case spec of one case: jagged, padded and DeepCTR-Torch on the skewed
+    batch; shared, tiled and DeepCTR-Torch (within deepctr_max_elems) on one user's history."""
+    names = ("jagged", "padded", "deepctr") if kind == "skewed" else ("shared", "tiled", "deepctr")
+    keep_deepctr = cases.deepctr_available() and (kind == "skewed" or C * T * 4 * D <= deepctr_max_elems)
+    extra = {} if kind == "skewed" else {"T": T, "C": C}
+    return {p: {"kind": kind, "provider": p, **extra} for p in names if p != "deepctr" or keep_deepctr}
+
+
 COLD_BYTES = 96 * 2**20  # keys cycled per linearity variant: 3x a 32 MB last-level cache
 # Samples of tens of ms, 14 of them a round: a median of 5 rounds still moved by ~10%.
 LINEARITY_MIN_ROUNDS = 11
+SAME = "same input "  # prefix of the variants timed on one input every call
 
 
 def linearity(rounds: int, lines: list) -> None:
@@ -171,24 +184,23 @@ def linearity(rounds: int, lines: list) -> None:
     variants.update({f"lengths x{f:g}": (f, 0) for f in (0.5, 2.0, 4.0)})
     sums = {k: int(scaled_lengths(f, b).sum()) for k, (f, b) in variants.items()}
     rounds = max(rounds, LINEARITY_MIN_ROUNDS)
-    built = {}
+    built, n = {}, {}  # timed call and its positions, keys not cached (k) and the same input (SAME + k)
     for k, (f, b) in variants.items():
         copies = -(-COLD_BYTES // (sums[k] * D * 4))
         built[k] = build_case("skewed", "jagged", factor=f, batch=b, copies=copies)[0]
-        built["same input " + k] = build_case("skewed", "jagged", factor=f, batch=b)[0]
+        built[SAME + k] = build_case("skewed", "jagged", factor=f, batch=b)[0]
+        n[k] = n[SAME + k] = sums[k]
     # The same number of positions per sample for every variant, and each variant judged
     # against B=1024 timed in the same round: this machine's speed drifts by ~10% within
     # seconds, which a ratio of medians taken at different moments would count as non-linearity.
-    calls = {k: max(3, round(3 * max(sums.values()) / sums[k.removeprefix("same input ")])) for k in built}
-    tr = timed_rounds(built, rounds, calls)
+    tr = timed_rounds(built, rounds, {k: max(3, round(3 * max(sums.values()) / n[k])) for k in built})
 
     def rel(k: str, base: str) -> float:
-        n, nb = sums[k.removeprefix("same input ")], sums["B=1024"]
-        return statistics.median(a / n / (b / nb) for a, b in zip(tr[k], tr[base]))
+        return statistics.median(a / n[k] / (b / n[base]) for a, b in zip(tr[k], tr[base]))
 
     t = {k: statistics.median(v) for k, v in tr.items()}
     cold = {k: rel(k, "B=1024") for k in variants}
-    warm = {k: rel("same input " + k, "same input B=1024") for k in variants}
+    warm = {k: rel(SAME + k, SAME + "B=1024") for k in variants}
     lines += ["#### Linearity: jagged forward against the sum of lengths", "",
               "| batch | sum of lengths | forward ms | ns per position | vs B=1024 (median of rounds) "
               "| the same input every call: vs B=1024 |", "|---|---:|---:|---:|---:|---:|"]
@@ -230,18 +242,14 @@ def bench_specs(full: bool) -> list:
     """(group, provider, build_case spec) of the pytest-benchmark suite's layout groups: the
     skewed batch, and the shared history at T=200 with C=100 and 1000 (full: every SHARED
     case, DeepCTR-Torch where its [C, T, 4D] input stays under 1.2e8 elements)."""
-    deepctr = cases.deepctr_available()
-    out = [("skewed B=1024", p, {"kind": "skewed", "provider": p}) for p in ("jagged", "padded", "deepctr")
-           if p != "deepctr" or deepctr]
+    out = [("skewed B=1024", p, s) for p, s in specs_of("skewed").items()]
     for T, C in SHARED if full else [(200, 100), (200, 1000)]:
-        for p in ("shared", "tiled", "deepctr"):
-            if p != "deepctr" or (deepctr and C * T * 4 * D <= 1.2e8):
-                out.append((f"shared T={T} C={C}", p, {"kind": "shared", "provider": p, "T": T, "C": C}))
+        out += [(f"shared T={T} C={C}", p, s) for p, s in specs_of("shared", T, C).items()]
     return out
 
 
-def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, shared=tuple(SHARED),
-        mode: str = "", memory: bool = True) -> list:
+def run(rounds: int, only: str | None = None, deepctr_max_elems: float = DEEPCTR_MAX_ELEMS,
+        shared=tuple(SHARED), mode: str = "", memory: bool = True) -> list:
     """The markdown lines of the sections (all, or only one), timed and measured now; mode:
     the allocator mode, for the header; memory=False: no peak-memory child processes."""
     deepctr = cases.deepctr_available()
@@ -251,19 +259,15 @@ def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, 
              + (f", {mode}" if mode else ""), ""]
     if only in (None, "skewed"):
         lens = skewed_lengths()
-        specs = {p: {"kind": "skewed", "provider": p} for p in ("jagged", "padded", "deepctr")
-                 if p != "deepctr" or deepctr}
         section(f"Skewed lengths: B={SKEWED['B']}, lognormal mean {float(lens.double().mean()):.1f}, "
-                f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged", specs,
-                rounds, lines, memory)
+                f"max {int(lens.max())} (cap {SKEWED['cap']}), sum {int(lens.sum())}", "jagged",
+                specs_of("skewed"), rounds, lines, memory)
     if only in (None, "linear"):
         linearity(rounds, lines)
     if only in (None, "shared"):
         peak = None
         for T, C in shared:
-            specs = {p: {"kind": "shared", "provider": p, "T": T, "C": C} for p in ("shared", "tiled")}
-            if deepctr and C * T * 4 * D <= deepctr_max_elems:
-                specs["deepctr"] = {"kind": "shared", "provider": "deepctr", "T": T, "C": C}
+            specs = specs_of("shared", T, C, deepctr_max_elems)
             t = section(f"Shared history: T={T}, C={C}" + ("" if "deepctr" in specs or not deepctr else
                         " (DeepCTR-Torch left out: its [C, T, 4D] input passes --deepctr-max-elems)"),
                         "shared", specs, rounds, lines, memory)
@@ -278,7 +282,7 @@ def run(rounds: int, only: str | None = None, deepctr_max_elems: float = 1.2e8, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--deepctr-max-elems", type=float, default=1.2e8,
+    ap.add_argument("--deepctr-max-elems", type=float, default=DEEPCTR_MAX_ELEMS,
                     help="skip DeepCTR-Torch where C*T*4D exceeds this (its input alone is 4 bytes each)")
     ap.add_argument("--only", choices=("skewed", "shared", "linear"))
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "layouts.md"))

@@ -29,6 +29,11 @@ SHAPES = [(1, 10_000), (1, 100_000), (4, 10_000), (4, 100_000)]
 THREADS = (1, 2)
 
 
+def case(B: int, T: int, norm: str = "softmax") -> cases.Case:
+    """The headline's layer on B full rows of T keys."""
+    return replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization=norm, compile=False)
+
+
 def table(shapes, rounds: int, norm: str = "softmax") -> list:
     """Markdown lines: each shape's forward and forward+backward on 1 and 2 threads, timed
     interleaved, round by round; the caller's thread count is restored."""
@@ -39,9 +44,9 @@ def table(shapes, rounds: int, norm: str = "softmax") -> list:
     print("\n".join(lines), flush=True)
     try:
         for B, T in shapes:
-            case = replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization=norm, compile=False)
-            inputs = cases.make_inputs(case)
-            module = cases.ProviderSet(case).get("fused")
+            c = case(B, T, norm)
+            inputs = cases.make_inputs(c)
+            module = cases.ProviderSet(c).get("fused")
             for mode in ("fwd", "fwdbwd"):
                 fn = cases.call_for(mode)(module, inputs)
                 times = {n: [] for n in THREADS}

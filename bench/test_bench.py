@@ -11,10 +11,11 @@ threads (all CPU only; ``--bench-providers`` does not apply to them).
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import cases
 import layouts
+import long_seq
 import pytest
 import torch
 import train_step
@@ -104,7 +105,7 @@ def test_long(benchmark, long_shape, mode, threads, device, rounds):
     if device != "cpu":
         pytest.skip("the long-sequence groups are CPU only")
     B, T = long_shape
-    case = replace(cases.HEADLINE, B=B, T=T, lengths="full", normalization="softmax", compile=False)
+    case = long_seq.case(B, T)
     fn = cases.call_for(mode)(cases.ProviderSet(case).get("fused"), cases.make_inputs(case))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

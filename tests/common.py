@@ -148,3 +148,17 @@ def assert_modules_agree(results, a, b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol)
     for b1, b2 in zip(a.buffers(), b.buffers()):
         torch.testing.assert_close(b1, b2)
+
+
+class num_threads:
+    """torch.set_num_threads(n) inside a with-block (the op passes it to the kernel)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)

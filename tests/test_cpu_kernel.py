@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import TOL64, max_rel_err, random_params
+from common import num_threads as _threads
 from kernel_cases import DOMINANT_SOFTMAX_CASES, check_dominant_softmax
 from test_op import run, run_forward
 
@@ -52,20 +53,6 @@ def isa(request, monkeypatch):
             pytest.skip("this CPU has no AVX2+FMA: the AVX2 path cannot run here")
         monkeypatch.setenv("DIN_FUSED_CPU_ISA", request.param)
     return request.param
-
-
-class _threads:
-    """torch.set_num_threads(n) inside a with-block (the op passes it to the kernel)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
 
 
 def _long_problem(B, T, act, validity, seed, D=5, hidden=(6, 3)):
@@ -130,7 +117,7 @@ def test_split_rows_bitwise_reproducible_and_close_across_thread_counts(act):
 
 def _row_parts(lengths, threads, row_seq=None):
     """The CPU kernels' cut (_C.row_parts) of jagged sequences of these lengths, or of padded
-    rows when row_seq is "padded": [(row, t0, t1)], empty when every row runs whole."""
+    rows when row_seq is "padded": [(row, t0, t1)], empty when rows are not cut."""
     D, p = 4, random_params(4, (6,), "sigmoid", dtype=torch.float32, requires_grad=False)
     args = (p["weights"], p["biases"], [], [], [], "sigmoid", "none", 1.0)
     if row_seq == "padded":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import assert_modules_agree, param_tensors, random_params
+from common import assert_modules_agree, num_threads, param_tensors, random_params
 from jagged_cases import LAYOUTS, check_jagged, jagged_fwd_bwd, make_jagged
 
 import din_fused
@@ -129,12 +129,8 @@ LONG_ROWS = ([1500, 0, 700], [0, 2, 0], 6, (8, 4))
 @pytest.mark.parametrize("norm", ["none", "softmax"])
 @pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
 def test_long_rows_cut_over_threads_match_tiled_reference(act, norm, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         check_jagged(LONG_ROWS, act, norm, torch.float64, "cpu", seed=threads)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_jagged_module_torch_compile_inductor_dice_training():
@@ -166,13 +162,9 @@ def test_jagged_module_torch_compile_inductor_dice_training():
 @pytest.mark.parametrize("layout", ["shared-one", "shared-mixed", "long-tiles"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_shared_sequence_gradients_bitwise_reproducible(layout, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         a = jagged_fwd_bwd(layout, torch.float32, "cpu")
         b = jagged_fwd_bwd(layout, torch.float32, "cpu")
-    finally:
-        torch.set_num_threads(before)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
