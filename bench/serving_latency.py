@@ -1,7 +1,8 @@
 """Serving-sized calls (issue 10), side by side in one process: eval mode, forward only, no_grad.
 
 1. Small call: B=1, T=1, D=8, H=(80, 40), sigmoid; the best of 500 calls per provider
-   (fused module, eager reference module, DeepCTR-Torch), interleaved in rounds; then the same
+   (fused module, eager reference module, DeepCTR-Torch, and the fused module given the history
+   as values/offsets/row_seq), interleaved in rounds; then the same
    call with Dice (eval mode, which reads its running statistics). Beside the sigmoid call,
    the floors the fused call cannot go below: the custom op through the dispatcher
    (``torch.ops.din_fused.din_fwd``, what an autograd-enabled or traced call pays), an empty
@@ -94,6 +95,10 @@ def small_call(rounds: int, calls: int) -> dict:
     mods, inp, fns = _module_calls(SMALL)
     q, k, L = inp["query"], inp["keys"], inp["lengths"]
     fused = mods.get("fused")
+    # The same call with its one-key history as values [1, D], offsets and row_seq: the shared
+    # layout's route (one candidate here; the latency case below has a hundred).
+    hist, offsets, row_seq = k[0], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.int64)
+    fns["fused, history as values/offsets/row_seq"] = lambda: fused(q, hist, offsets=offsets, row_seq=row_seq)
     p = fused._params()
     args = (q[:, 0], k, L[:, 0], None, *p.op_args(), "sigmoid", "none", 1.0, False, 1e-8)
     fns["floor: din_fwd through the dispatcher"] = lambda: torch.ops.din_fused.din_fwd(*args)
