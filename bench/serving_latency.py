@@ -18,7 +18,7 @@ DeepCTR-Torch calls of the second case, and up to 2-3x the time. ``--keep-freed-
 the script with glibc told to keep freed memory (as jemalloc or tcmalloc, common in serving,
 do), so the chains of ops are timed without those faults.
 
-    python bench/serving_latency.py [--rounds 7] [--keep-freed-memory] [--out bench/results/local/serving.md]
+    python bench/serving_latency.py [--rounds 7] [--keep-freed-memory] [--threads N] [--out bench/results/local/serving.md]
 """
 
 from __future__ import annotations
@@ -152,14 +152,19 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "serving.md"))
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc keeps freed memory (no per-call page faults for the chains of ops)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads for every provider (default: torch's; 1 is one serving worker's share)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     mode = cases.allocator_mode(a.keep_freed_memory)
     small = small_call(a.rounds, 500 // a.rounds + 1)
     dice = small_dice_call(a.rounds, 500 // a.rounds + 1)
     rounds = user_latency(a.rounds, 20)
     user = {k: statistics.median(v) for k, v in rounds.items()}
     f = small["fused"]
-    lines = [f"### Serving-sized calls: fp32, eval, no_grad, {torch.get_num_threads()} threads, "
+    n = torch.get_num_threads()
+    lines = [f"### Serving-sized calls: fp32, eval, no_grad, {n} thread{'s' if n > 1 else ''}, "
              f"torch {torch.__version__}, {mode}", "",
              "#### Small call: B=1, T=1, D=8, H=(80, 40), sigmoid (best of 500 calls)", "",
              "| provider | us per call | vs fused |", "|---|---:|---:|"]
