@@ -594,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if distributed and not dist.is_initialized():
         want_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    done = False
     try:
         if args.engine == "torchrec":
             try:
@@ -603,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_torchrec(args)
         else:
             result = run(args)
+        done = True
     except (data_mod.DataError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -611,6 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if distributed and dist.is_initialized():
+            if done:
+                # Every rank past its last collective before any tears gloo down: CI lost a rank
+                # of a 2-process TorchRec run to SIGABRT ("terminate called without an active
+                # exception") twice, a teardown race that tens of reruns did not reproduce
+                # (tests/torchrec_steps.py has had the same barrier since the first).  A rank that
+                # failed skips it: torchrun stops the others.
+                dist.barrier()
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(result))
