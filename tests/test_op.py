@@ -8,6 +8,7 @@ from common import (
     clone_params,
     lowp_bound,
     max_rel_err,
+    num_threads,
     param_tensors,
     random_lengths,
     random_params,
@@ -146,15 +147,11 @@ def test_opcheck(act):
 def test_thread_count_does_not_change_results(act, device):
     q, k, lengths, mask, p, gout, gsc = make_problem(33, 17, 9, (10, 6), act, "lengths", torch.float64,
                                                      device, 5)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2, 3):
+        with num_threads(n):
             results.append(run(din_fused.din_attention, q, k, lengths, mask, p, torch.float64,
                                act == "dice-train", "softmax", True, gout, gsc))
-    finally:
-        torch.set_num_threads(before)
     for other in results[1:]:
         for a, b in zip([results[0][0], *results[0][2]], [other[0], *other[2]]):
             assert max_rel_err(a, b) <= TOL64
