@@ -5,6 +5,7 @@
     pytest bench --bench-device cuda   # the same on CUDA (timed with a synchronise in the call)
     pytest bench -k headline           # only the headline shape
     pytest bench -k "test_layout or test_long"   # issue 9: jagged, shared, long sequences (CPU)
+    pytest bench -k test_serving       # issue 10: the small call and one user against 100 candidates (CPU)
 
 Groups are "<fwd|fwd+bwd> <case id>", so each table compares the providers of one
 case side by side.

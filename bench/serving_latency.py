@@ -18,7 +18,8 @@ DeepCTR-Torch calls of the second case, and up to 2-3x the time. ``--keep-freed-
 the script with glibc told to keep freed memory (as jemalloc or tcmalloc, common in serving,
 do), so the chains of ops are timed without those faults.
 
-    python bench/serving_latency.py [--rounds 7] [--keep-freed-memory] [--threads N] [--out bench/results/local/serving.md]
+    python bench/serving_latency.py [--rounds 7] [--keep-freed-memory] [--threads N]
+                                    [--out bench/results/local/serving.md]
 """
 
 from __future__ import annotations
@@ -85,21 +86,40 @@ def _module_calls(case: cases.Case) -> tuple:
     return mods, inp, fns
 
 
+SHARED_SMALL = "fused, history as values/offsets/row_seq"
+# The providers of each group, by name, for the pytest-benchmark suite (bench/test_bench.py).
+SMALL_PROVIDERS = ("fused", "reference", "deepctr", SHARED_SMALL)
+USER_PROVIDERS = ("fused shared (history once)", "fused padded (tiled keys)", "eager reference (tiled keys)",
+                  "DeepCTR-Torch (tiled keys)")
+
+
+def _small() -> tuple:
+    """_module_calls(SMALL), with the fused module's same call given its one-key history as
+    values [1, D], offsets and row_seq: the shared layout's route (one candidate here; the
+    latency case has a hundred)."""
+    mods, inp, fns = _module_calls(SMALL)
+    q, k = inp["query"], inp["keys"]
+    fused = mods.get("fused")
+    hist, offsets, row_seq = k[0], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.int64)
+    fns[SHARED_SMALL] = lambda: fused(q, hist, offsets=offsets, row_seq=row_seq)
+    return mods, inp, fns
+
+
+def small_calls() -> dict:
+    """provider -> the small call (sigmoid) of its module in eval mode (SMALL_PROVIDERS)."""
+    return _small()[2]
+
+
 def small_dice_call(rounds: int, calls: int) -> dict:
     """provider -> best seconds of the small call with Dice (eval: its running statistics)."""
     return _timed_best(_module_calls(replace(SMALL, activation="dice"))[2], rounds, calls)
 
 
 def small_call(rounds: int, calls: int) -> dict:
-    """provider -> best seconds of a B=1, T=1, D=8 forward."""
-    mods, inp, fns = _module_calls(SMALL)
+    """provider -> best seconds of a B=1, T=1, D=8 forward, and of the floors under it."""
+    mods, inp, fns = _small()
     q, k, L = inp["query"], inp["keys"], inp["lengths"]
-    fused = mods.get("fused")
-    # The same call with its one-key history as values [1, D], offsets and row_seq: the shared
-    # layout's route (one candidate here; the latency case below has a hundred).
-    hist, offsets, row_seq = k[0], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.int64)
-    fns["fused, history as values/offsets/row_seq"] = lambda: fused(q, hist, offsets=offsets, row_seq=row_seq)
-    p = fused._params()
+    p = mods.get("fused")._params()
     args = (q[:, 0], k, L[:, 0], None, *p.op_args(), "sigmoid", "none", 1.0, False, 1e-8)
     fns["floor: din_fwd through the dispatcher"] = lambda: torch.ops.din_fused.din_fwd(*args)
     fns["floor: empty custom op through the dispatcher"] = lambda: torch.ops.din_fused_bench.noop(q)
@@ -110,33 +130,38 @@ def small_call(rounds: int, calls: int) -> dict:
     return _timed_best(fns, rounds, calls)
 
 
-def user_latency(rounds: int, calls: int) -> dict:
-    """provider -> seconds per call of scoring C candidates against one T-long history, one
-    entry per interleaved round."""
+def user_calls() -> dict:
+    """provider -> a call scoring C candidates against one T-long history (eval): the fused
+    shared path, and the fused, eager reference and DeepCTR-Torch modules on the history
+    tiled C times (tiling in the call, as a padded API makes the caller do)."""
     T, C, D = USER["T"], USER["C"], USER["D"]
-    case = cases.Case(B=C, T=T, D=D, lengths="full")
-    mods = cases.ProviderSet(case)
+    mods = cases.ProviderSet(cases.Case(B=C, T=T, D=D, lengths="full"))
     g = torch.Generator().manual_seed(3)
     hist = torch.randn(T, D, generator=g)
     cand = torch.randn(C, 1, D, generator=g)
     offsets = torch.tensor([0, T])
     row_seq = torch.zeros(C, dtype=torch.int64)
     lengths = torch.full((C, 1), T, dtype=torch.int64)
-    fns = {}
+    shared, padded, ref, deepctr = USER_PROVIDERS
     fused = mods.get("fused").eval()
-    fns["fused shared (history once)"] = lambda: fused(cand, hist, offsets=offsets, row_seq=row_seq)
-    fns["fused padded (tiled keys)"] = lambda: fused(cand, hist.expand(C, T, D).contiguous(), lengths)
-    ref = mods.get("reference").eval()
-    fns["eager reference (tiled keys)"] = lambda: ref(cand, hist.expand(C, T, D).contiguous(), lengths)
-    deepctr = mods.get("deepctr")
-    if deepctr is not None:
-        deepctr.eval()
-        fns["DeepCTR-Torch (tiled keys)"] = lambda: deepctr(cand, hist.expand(C, T, D).contiguous(), lengths)
+    fns = {shared: lambda: fused(cand, hist, offsets=offsets, row_seq=row_seq),
+           padded: lambda: fused(cand, hist.expand(C, T, D).contiguous(), lengths)}
+    reference = mods.get("reference").eval()
+    fns[ref] = lambda: reference(cand, hist.expand(C, T, D).contiguous(), lengths)
+    theirs = mods.get("deepctr")
+    if theirs is not None:
+        theirs.eval()
+        fns[deepctr] = lambda: theirs(cand, hist.expand(C, T, D).contiguous(), lengths)
+    return fns
+
+
+def user_latency(rounds: int, calls: int) -> dict:
+    """provider -> seconds per call of user_calls(), one entry per interleaved round."""
+    fns = user_calls()
     times = {k: [] for k in fns}
     with torch.no_grad():
-        base = fns["fused shared (history once)"]()
-        tiled = fns["fused padded (tiled keys)"]()
-        assert torch.allclose(base, tiled, rtol=1e-5, atol=1e-6), "shared and tiled paths disagree"
+        shared, padded = (fns[k]() for k in USER_PROVIDERS[:2])
+        assert torch.allclose(shared, padded, rtol=1e-5, atol=1e-6), "shared and tiled paths disagree"
         for _ in range(rounds):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
@@ -153,7 +178,8 @@ def main() -> int:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc keeps freed memory (no per-call page faults for the chains of ops)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads for every provider (default: torch's; 1 is one serving worker's share)")
+                    help="intra-op threads for every provider (default: torch's; 1: one serving worker's "
+                         "share)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -6,17 +6,20 @@ the shapes and providers.  The CUDA timings synchronise inside the timed call.
 The "train step" groups time one whole DIN training step of the models in
 train_step.py; the "layout" groups compare layouts.py's jagged, shared, padded, tiled and
 DeepCTR-Torch providers of one case; the "long" groups time long_seq.py's long rows on 1 and 2
-threads (all CPU only; ``--bench-providers`` does not apply to them).
+threads; the "serving" groups, serving_latency.py's small call and one user's history against
+100 candidates (all CPU only; ``--bench-providers`` does not apply to them).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 import cases
 import layouts
 import long_seq
 import pytest
+import serving_latency
 import torch
 import train_step
 
@@ -116,3 +119,32 @@ def test_long(benchmark, long_shape, mode, threads, device, rounds):
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     finally:
         torch.set_num_threads(before)
+
+
+_SERVING = [("small", name) for name in serving_latency.SMALL_PROVIDERS] + \
+    [("user", name) for name in serving_latency.USER_PROVIDERS]
+
+
+@pytest.mark.parametrize("call", _SERVING, ids=[re.sub(r"[^A-Za-z0-9]+", "-", f"{g} {n}").strip("-")
+                                                 for g, n in _SERVING])
+def test_serving(benchmark, call, device, rounds):
+    """Serving-sized calls (eval, no_grad): B=1, T=1, D=8, and one user's T=50 history against
+    C=100 candidates, as serving_latency.py times them (issue 10)."""
+    if device != "cpu":
+        pytest.skip("the serving groups are CPU only")
+    group, name = call
+    fn = (serving_latency.small_calls() if group == "small" else serving_latency.user_calls()).get(name)
+    if fn is None:
+        pytest.skip(f"provider {name} unavailable")
+
+    def calls():  # many calls a round: one small call is ~15 us
+        with torch.no_grad():
+            for _ in range(100 if group == "small" else 5):
+                fn()
+
+    calls()
+    benchmark.group = "serving small call B=1 T=1 D=8" if group == "small" else \
+        "serving one user T=50 against C=100, D=36"
+    benchmark.extra_info.update(provider=name, threads=torch.get_num_threads(),
+                                calls_per_round=100 if group == "small" else 5)
+    benchmark.pedantic(calls, rounds=rounds, iterations=1, warmup_rounds=1)
