@@ -137,14 +137,15 @@ def test_serving(benchmark, call, device, rounds):
     if fn is None:
         pytest.skip(f"provider {name} unavailable")
 
-    def calls():  # many calls a round: one small call is ~15 us
+    n = 100 if group == "small" else 5  # many calls a round: one small call is ~15 us
+
+    def calls():
         with torch.no_grad():
-            for _ in range(100 if group == "small" else 5):
+            for _ in range(n):
                 fn()
 
     calls()
     benchmark.group = "serving small call B=1 T=1 D=8" if group == "small" else \
         "serving one user T=50 against C=100, D=36"
-    benchmark.extra_info.update(provider=name, threads=torch.get_num_threads(),
-                                calls_per_round=100 if group == "small" else 5)
+    benchmark.extra_info.update(provider=name, threads=torch.get_num_threads(), calls_per_round=n)
     benchmark.pedantic(calls, rounds=rounds, iterations=1, warmup_rounds=1)
