@@ -347,7 +347,8 @@ class FusedDINAttention(nn.Module):
             shapes_ok = keys.shape[0] == R and R > 0 and keys.shape[1] > 0 and keys_length.numel() == R \
                 and (keys_length.dim() == 1 or (keys_length.dim() == 2 and keys_length.shape[1] == 1))
         dtype = keys.dtype
-        if not shapes_ok or query.dtype != dtype or any(t.dtype != torch.int64 for t in idx) \
+        if not shapes_ok or dtype not in (torch.float32, torch.float64) or query.dtype != dtype \
+                or any(t.dtype != torch.int64 for t in idx) \
                 or not all(t.is_cpu and t.is_contiguous() for t in (query, keys, *idx)):
             return None
         params = self._params()

@@ -1011,16 +1011,21 @@ class InferencePlan:
         self.params = params  # Dice reads its eps per call, as the module sets it
         self.dice = bool(variances)
         # valid() compares every tensor's storage and shape as one list (a per-tensor generator
-        # cost ~0.4 us a tensor; Dice has 17), and a version only where the kernels read a copy
-        # (PReLU's single alpha broadcast per channel), whose source may change in place.
+        # cost ~0.4 us a tensor; Dice has 17).
         self._tensors = tensors
         self._storage = [(t.data_ptr(), t.shape) for t in tensors]
-        self._versioned = []
+        # PReLU's single alpha (one slope shared by the channels): the kernels read a copy per
+        # channel, refreshed per call from the alpha's value (_config).  Its version would not do:
+        # a write through .data leaves it as it was, and an inference tensor has none.
+        self._scalar_alphas = []  # [alpha, its copy per channel, the value the copy holds]
         self.alphas = []
         for a, h in zip(alphas, hidden):
-            if a.numel() != h:
-                self._versioned.append((a, a._version))
-            self.alphas.append(a if a.numel() == h else a.detach().reshape(-1).expand(h).contiguous())
+            if a.numel() == h:
+                self.alphas.append(a)
+            else:
+                copy = a.detach().reshape(-1).expand(h).contiguous()
+                self._scalar_alphas.append([a, copy, copy[0].item()])
+                self.alphas.append(copy)
         self.cfg = _model_cfg(dim, hidden, params.activation, normalization, scale, dtype, weights, biases,
                               self.alphas, gammas, betas)
         self.cfg.update({"ldq": dim, "ldk": dim, "ldo": dim, "is_cuda": False})
@@ -1031,13 +1036,18 @@ class InferencePlan:
             self.cfg["bn_var"] = _ptrs(variances)
 
     def _config(self, cfg: dict) -> None:
-        """Dice (eval): this call's eps, which the module refreshes from its BatchNorm."""
+        """This call's values of what the kernels do not read in place: Dice's eps (eval), which
+        the module refreshes from its BatchNorm, and PReLU's single alphas."""
         if self.dice:
             cfg["bn_eps"] = float(self.params.eps)
+        for held in self._scalar_alphas:
+            value = held[0].item()
+            if value != held[2]:  # (a NaN is copied on every call)
+                held[1].fill_(value)
+                held[2] = value
 
     def valid(self) -> bool:
-        return [(t.data_ptr(), t.shape) for t in self._tensors] == self._storage \
-            and all(t._version == v for t, v in self._versioned)
+        return [(t.data_ptr(), t.shape) for t in self._tensors] == self._storage
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """query [B, D] or [B, 1, D], keys [B, T, D] (contiguous, CPU, the plan's dtype),

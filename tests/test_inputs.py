@@ -638,14 +638,60 @@ def test_small_inference_path_follows_parameter_changes():
         mod(q, k, lengths)
     lin.weight.data = torch.randn(4, 24, dtype=torch.float64)
     agree()
+    alpha = mod.local_att.dnn.activation_layers[0].weight  # PReLU's single alpha: the plan reads a copy
     with torch.no_grad():
-        # PReLU's single alpha, broadcast into a copy by the plan
-        mod.local_att.dnn.activation_layers[0].weight.fill_(0.7)
+        alpha.fill_(0.7)
+    agree()
+    alpha.data.fill_(5.0)  # a write that moves no version counter
+    agree()
+    alpha.data.fill_(float("nan"))
+    with torch.no_grad():
+        nan = mod(q, k, lengths).isnan().all(-1).flatten()
+    assert torch.equal(nan, lengths.flatten() > 0)  # rows with keys NaN, the empty one 0, as the reference
+    alpha.data.fill_(-0.3)
     agree()
     mod.scale = 2.0
     mod.normalization = "softmax"
     ref.scale, ref.normalization = 2.0, "softmax"
     agree()
+
+
+@pytest.mark.parametrize("act", ["prelu", "dice", "sigmoid"])
+def test_small_inference_path_serves_modules_made_in_inference_mode(act, monkeypatch):
+    """A module built (or loaded) under torch.inference_mode() holds inference tensors, which have
+    no version counter: the cached plan serves it, PReLU's single alpha included, and follows a
+    change of that alpha made under inference mode."""
+    q, k = torch.randn(4, 1, 6), torch.randn(4, 5, 6)
+    lengths = torch.tensor([1, 5, 0, 3])
+    calls = _spy_plan(monkeypatch)
+    with torch.inference_mode():
+        mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4, 3), att_activation=act).eval()
+        fast = mod(q, k, lengths)
+        with monkeypatch.context() as m:
+            _general_path(m)
+            assert torch.equal(fast, mod(q, k, lengths))
+        if act == "prelu":
+            mod.local_att.dnn.activation_layers[1].weight.fill_(-2.0)
+            fast = mod(q, k, lengths)
+            with monkeypatch.context() as m:
+                _general_path(m)
+                assert torch.equal(fast, mod(q, k, lengths))
+    assert len(calls) == (2 if act == "prelu" else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_small_inference_path_leaves_other_dtypes_to_the_general_paths_errors(dtype, layout):
+    """Eval, no_grad, CPU: a query and keys of a dtype the kernels do not take get the general
+    path's TypeError, as with gradients on, not an error from inside the plan."""
+    mod = FusedDINAttention(embedding_dim=6, att_hidden_units=(4,)).eval()
+    q, k = torch.ones(3, 1, 6, dtype=dtype), torch.ones(3, 5, 6, dtype=dtype)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="floating-point"):
+            if layout == "padded":
+                mod(q, k, torch.tensor([1, 5, 0]))
+            else:
+                mod(q, k.reshape(15, 6), offsets=torch.tensor([0, 5, 10, 15]))
 
 
 def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
