@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as _fwAD
@@ -244,10 +246,17 @@ class FusedDINAttention(nn.Module):
         if keys_length.dim() == 2 and keys_length.shape[1] == 1:
             keys_length = keys_length.squeeze(1)
         if keys_length.is_floating_point():
-            if not torch.compiler.is_compiling() and not bool((keys_length == keys_length.round()).all()):
-                raise TypeError("keys_length is a float tensor with fractional values; lengths must be "
-                                "whole numbers")
-            keys_length = keys_length.to(torch.int64)
+            if not torch.compiler.is_compiling():
+                # NaN fails both tests; -inf is whole but negative, and +inf means all T positions
+                bad = ~(keys_length >= 0) | (keys_length != keys_length.round())
+                if bool(bad.any()):
+                    v = keys_length[bad][0].item()
+                    if v == float("-inf") or (math.isfinite(v) and v == int(v)):
+                        raise ValueError(f"keys_length must be >= 0, got {v}")
+                    raise TypeError(f"keys_length is a float tensor with a value that is not a whole "
+                                    f"number ({v}); lengths must be whole numbers")
+            # Clamped before the cast, which would wrap 1e30 or inf to a negative int64.
+            keys_length = keys_length.clamp(max=T).to(torch.int64)
         elif keys_length.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"keys_length must be an integer tensor (or float holding whole numbers), "
                             f"got {keys_length.dtype}")

@@ -308,6 +308,28 @@ def test_float_keys_length_and_lengths_above_T_as_deepctr():
         assert max_rel_err(ours(q, k, kl), theirs(q, k, kl)) <= TOL64
     with pytest.raises(TypeError, match="whole numbers"):
         ours(q, k, lengths.double() + 0.5)
+    # Infinite or huge float lengths: above T, so all T positions (a cast before the clamp wrapped
+    # them to a negative int64), in eval under no_grad (the cached plan's route takes only int64) too.
+    for big in (float("inf"), 1e30):
+        kl = lengths.double()
+        kl[1, 0] = big
+        want = theirs(q, k, kl.clamp(max=k.shape[1]))
+        assert max_rel_err(ours(q, k, kl), want) <= TOL64
+        with torch.no_grad():
+            assert max_rel_err(ours(q, k, kl), want) <= TOL64
+    for bad, err, match in ((float("nan"), TypeError, r"not a whole number \(nan\)"),
+                            (float("-inf"), ValueError, r"keys_length must be >= 0, got -inf"),
+                            (-2.0, ValueError, r"keys_length must be >= 0, got -2.0")):
+        kl = lengths.double()
+        kl[2, 0] = bad
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(err, match=match):
+                ours(q, k, kl)
+    for kl in (lengths.int(), lengths):  # negative integer lengths, in eval under no_grad as well
+        kl = kl.clone()
+        kl[3, 0] = -1
+        with torch.no_grad(), pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]"):
+            ours(q, k, kl)
     with pytest.raises(TypeError, match="keys_length"):
         ours(q, k, [1, 2, 3, 4])
 
