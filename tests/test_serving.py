@@ -109,6 +109,43 @@ def run_python(code: str, cwd: Path, with_repo: bool) -> str:
     return res.stdout
 
 
+def reload_in_fresh_process(ep, batches: list, tmp_path: Path) -> list:
+    """ep saved, loaded in a fresh interpreter that imports din_fused (at this process's thread
+    count) and run under no_grad on each (args, kwargs) of batches: the outputs."""
+    torch.export.save(ep, tmp_path / "ep.pt2")
+    torch.save(batches, tmp_path / "inputs.pt")
+    run_python(f"""
+        import torch
+        import din_fused  # registers the op the saved graph calls
+        torch.set_num_threads({torch.get_num_threads()})
+        ep = torch.export.load("ep.pt2").module()
+        with torch.no_grad():
+            torch.save([ep(*a, **kw) for a, kw in torch.load("inputs.pt")], "outputs.pt")
+    """, cwd=tmp_path, with_repo=True)
+    return torch.load(tmp_path / "outputs.pt")
+
+
+def run_without_din_fused(package: Path, batches: list, tmp_path: Path) -> list:
+    """An AOTInductor package loaded and run on each args of batches in a fresh interpreter
+    that cannot import din_fused (not on its path, and blocked in sys.modules): the outputs.
+    Checks that neither din_fused's modules nor its compiled library got in."""
+    torch.save(batches, tmp_path / "inputs.pt")
+    out = run_python(f"""
+        import sys
+        sys.modules["din_fused"] = None  # any attempt to import it now fails
+        import torch
+        if torch.__version__.startswith("2.10."):
+            import torch._inductor.codecache  # pytorch#173706: 2.10's loader needs it imported
+        runner = torch._inductor.aoti_load_package({str(package)!r})
+        torch.save([runner(*x) for x in torch.load("inputs.pt")], "outputs.pt")
+        print(sorted(m for m in sys.modules if m.startswith("din_fused")))
+        with open("/proc/self/maps") as maps:  # the libraries this process mapped
+            print(any("din_fused" in line for line in maps))
+    """, cwd=tmp_path, with_repo=False)
+    assert out.split() == ["['din_fused']", "False"]  # only the blocking None entry; no _C mapped
+    return torch.load(tmp_path / "outputs.pt")
+
+
 # --------------------------------------------------------------------------------------
 # The aten implementation of the op
 # --------------------------------------------------------------------------------------
@@ -164,7 +201,7 @@ def test_din_fwd_aten_refuses_training_dice():
 # torch.export with the fused op
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("masking", [False, True])
-def test_export_fused_module_dynamic_batch_and_length(masking):
+def test_export_fused_module_dynamic_batch_and_length(masking, tmp_path):
     torch.manual_seed(0)
     kw = (dict(att_activation="prelu", weight_normalization=True, supports_masking=True, return_score=True)
           if masking else dict(att_activation="dice"))
@@ -188,32 +225,23 @@ def test_export_fused_module_dynamic_batch_and_length(masking):
     assert "din_fused.din_fwd.default" in ops
     aten = serving.to_aten(ep)
     assert not any("din_fused" in str(n.target) for n in aten.graph.nodes)
-    for B, T in SHAPES:
-        x = inputs(B, T)
-        eager = m(*x)
-        assert torch.equal(ep.module()(*x), eager)
-        assert_close_rel(aten.module()(*x), eager)
+    batches = [inputs(B, T) for B, T in SHAPES]
+    with torch.no_grad():
+        eager = [m(*x) for x in batches]
+    for x, e in zip(batches, eager):
+        assert torch.equal(ep.module()(*x), e)
+        assert_close_rel(aten.module()(*x), e)
+    for got, e in zip(reload_in_fresh_process(ep, [(x, {}) for x in batches], tmp_path), eager):
+        assert torch.equal(got, e)
 
 
 def test_export_din_save_load_fresh_process_bitwise(trained_dice, tmp_path):
     model = trained_dice
     ep = serving.export(model, din_inputs(6, 7, 0))
-    torch.export.save(ep, tmp_path / "din.pt2")
     batches = [din_inputs(B, T, seed=B) for B, T in SHAPES]
     with torch.no_grad():
         eager = [model(*x) for x in batches]
-    torch.save(batches, tmp_path / "inputs.pt")
-    run_python(f"""
-        import torch
-        import din_fused  # registers the op the saved graph calls
-        torch.set_num_threads({torch.get_num_threads()})
-        ep = torch.export.load("din.pt2")
-        batches = torch.load("inputs.pt")
-        with torch.no_grad():
-            torch.save([ep.module()(*x) for x in batches], "outputs.pt")
-    """, cwd=tmp_path, with_repo=True)
-    loaded = torch.load(tmp_path / "outputs.pt")
-    for got, ref in zip(loaded, eager):
+    for got, ref in zip(reload_in_fresh_process(ep, [(x, {}) for x in batches], tmp_path), eager):
         assert torch.equal(got, ref)
 
 
@@ -230,21 +258,8 @@ def aoti_package(tmp_path_factory):
 @needs_aoti
 def test_aoti_package_runs_without_din_fused(trained_dice, aoti_package, tmp_path):
     batches = [din_inputs(B, T, seed=B) for B, T in SHAPES]
-    torch.save(batches, tmp_path / "inputs.pt")
-    out = run_python(f"""
-        import sys
-        sys.modules["din_fused"] = None  # any attempt to import it now fails
-        import torch
-        if torch.__version__.startswith("2.10."):
-            import torch._inductor.codecache  # pytorch#173706: 2.10's loader needs it imported
-        runner = torch._inductor.aoti_load_package({str(aoti_package)!r})
-        batches = torch.load("inputs.pt")
-        torch.save([runner(*x) for x in batches], "outputs.pt")
-        print(sorted(m for m in sys.modules if m.startswith("din_fused")))
-    """, cwd=tmp_path, with_repo=False)
-    assert out.strip() == "['din_fused']"  # only the blocking None entry
     with torch.no_grad():
-        for got, x in zip(torch.load(tmp_path / "outputs.pt"), batches):
+        for got, x in zip(run_without_din_fused(aoti_package, batches, tmp_path), batches):
             assert_close_rel(got, trained_dice(*x))
 
 
@@ -271,24 +286,41 @@ def build_cpp_demo(out: Path) -> Path:
     return out
 
 
+def build_cpp_demo_cmake(build: Path) -> Path:
+    """The README's commands: examples/serving_cpp's CMakeLists.txt, configured from the
+    repository root with the torch wheel's CMake prefix, and built."""
+    prefix = torch.utils.cmake_prefix_path
+    for cmd in (["cmake", "-S", "examples/serving_cpp", "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
+                ["cmake", "--build", str(build)]):
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    return build / "din_serve"
+
+
 @needs_aoti
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                     reason="the C++ serving demo needs a C++ compiler")
-def test_aoti_cpp_serving_demo(trained_dice, aoti_package, tmp_path):
-    exe = build_cpp_demo(tmp_path / "din_serve")
-    x = din_inputs(5, 9, seed=7)
-    lines = [" ".join(map(str, [t.dim(), *t.shape, *t.reshape(-1).tolist()])) for t in x]
-    (tmp_path / "inputs.txt").write_text("\n".join(lines) + "\n")
-    res = subprocess.run([str(exe), str(aoti_package), str(tmp_path / "inputs.txt")],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    rows = [list(map(float, line.split())) for line in res.stdout.strip().splitlines()]
-    got = torch.tensor(rows, dtype=torch.float32)
-    with torch.no_grad():
-        ref = trained_dice(*x)
-    assert got.shape == (5, 2)
-    assert_close_rel(got[:, 0], ref)
-    assert_close_rel(got[:, 1], torch.sigmoid(ref))
+@pytest.mark.parametrize("build", ["compiler", "cmake"])
+def test_aoti_cpp_serving_demo(build, trained_dice, aoti_package, tmp_path):
+    if build == "cmake" and (shutil.which("cmake") is None or torch.version.cuda):
+        pytest.skip("the CMake build needs cmake, and a CPU build of torch (a CUDA one makes "
+                    "find_package(Torch) want the CUDA toolkit: README, Serving)")
+    exe = build_cpp_demo(tmp_path / "din_serve") if build == "compiler" else \
+        build_cpp_demo_cmake(tmp_path / "build")
+    for B, T in ((5, 9), (1, 1)):
+        x = din_inputs(B, T, seed=7)
+        lines = [" ".join(map(str, [t.dim(), *t.shape, *t.reshape(-1).tolist()])) for t in x]
+        (tmp_path / "inputs.txt").write_text("\n".join(lines) + "\n")
+        res = subprocess.run([str(exe), str(aoti_package), str(tmp_path / "inputs.txt")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        rows = [list(map(float, line.split())) for line in res.stdout.strip().splitlines()]
+        got = torch.tensor(rows, dtype=torch.float32)
+        with torch.no_grad():
+            ref = trained_dice(*x)
+        assert got.shape == (B, 2)
+        assert_close_rel(got[:, 0], ref)
+        assert_close_rel(got[:, 1], torch.sigmoid(ref))
 
 
 # --------------------------------------------------------------------------------------
@@ -373,27 +405,31 @@ def test_din_jagged_fwd_aten_matches_op(shared, activation, normalization):
 
 @needs_serving_torch
 @pytest.mark.parametrize("shared", [False, True])
-def test_export_jagged_dynamic_rows_and_values(shared):
+def test_export_jagged_dynamic_rows_and_values(shared, tmp_path):
     m, ep = jagged_scorer(shared)
     assert "din_fused.din_jagged_fwd.default" in {str(n.target) for n in ep.graph.nodes}
     aten = serving.to_aten(ep)
     assert not any("din_fused" in str(n.target) for n in aten.graph.nodes)
+    batches = [jagged_inputs(R, lens, shared, R) for R, lens in JAGGED_SHAPES]
     with torch.no_grad():
-        for R, lens in JAGGED_SHAPES:
-            x, kw = jagged_inputs(R, lens, shared, R)
-            eager = m(*x, **kw)
-            assert torch.equal(ep.module()(*x, **kw), eager)
-            assert_close_rel(aten.module()(*x, **kw), eager)
+        eager = [m(*x, **kw) for x, kw in batches]
+        for (x, kw), e in zip(batches, eager):
+            assert torch.equal(ep.module()(*x, **kw), e)
+            assert_close_rel(aten.module()(*x, **kw), e)
+    for got, e in zip(reload_in_fresh_process(ep, batches, tmp_path), eager):
+        assert torch.equal(got, e)
 
 
 @needs_serving_torch
-def test_aoti_jagged_shared_history(tmp_path):
-    """The serving case of the jagged layout: many candidates against one user's history."""
-    m, ep = jagged_scorer(shared=True)
+@pytest.mark.parametrize("shared", [False, True])
+def test_aoti_jagged_history(shared, tmp_path):
+    """The jagged layout as an AOTInductor package: a sequence per row, and the serving case,
+    many candidates against one user's history."""
+    m, ep = jagged_scorer(shared)
     runner = torch._inductor.aoti_load_package(serving.aoti_package(ep, tmp_path / "jagged.pt2"))
     with torch.no_grad():
         for R, lens in JAGGED_SHAPES:
-            x, kw = jagged_inputs(R, lens, True, R)
+            x, kw = jagged_inputs(R, lens, shared, R)
             assert_close_rel(runner(*x, **kw), m(*x, **kw))
 
 
@@ -449,17 +485,7 @@ def test_export_din_jagged_dynamic_rows_and_values(trained, shared, tmp_path):
             rows = x[3] if shared else torch.arange(B)  # each row's own padded history
             torch.testing.assert_close(e, trained(target, history[rows], lengths[rows], context),
                                        rtol=1e-5, atol=1e-6)
-    torch.export.save(ep, tmp_path / "jagged.pt2")
-    torch.save(batches, tmp_path / "inputs.pt")
-    run_python(f"""
-        import torch
-        import din_fused  # registers the op the saved graph calls
-        torch.set_num_threads({torch.get_num_threads()})
-        ep = torch.export.load("jagged.pt2")
-        with torch.no_grad():
-            torch.save([ep.module()(*x) for x in torch.load("inputs.pt")], "outputs.pt")
-    """, cwd=tmp_path, with_repo=True)
-    for got, ref in zip(torch.load(tmp_path / "outputs.pt"), eager):
+    for got, ref in zip(reload_in_fresh_process(ep, [(x, {}) for x in batches], tmp_path), eager):
         assert torch.equal(got, ref)
 
 
@@ -470,20 +496,8 @@ def test_aoti_din_jagged_shared_history_without_din_fused(tmp_path):
     m = serving.JaggedDIN(trained_model("dice-separate"), shared=True)
     path = serving.aoti_package(m, tmp_path / "din_jagged.pt2", din_jagged_inputs(6, 7, 0, True))
     batches = [din_jagged_inputs(B, T, B + T, True) for B, T in DIN_JAGGED_SHAPES]
-    torch.save(batches, tmp_path / "inputs.pt")
-    out = run_python(f"""
-        import sys
-        sys.modules["din_fused"] = None  # any attempt to import it now fails
-        import torch
-        if torch.__version__.startswith("2.10."):
-            import torch._inductor.codecache  # pytorch#173706: 2.10's loader needs it imported
-        runner = torch._inductor.aoti_load_package({str(path)!r})
-        torch.save([runner(*x) for x in torch.load("inputs.pt")], "outputs.pt")
-        print(sorted(k for k in sys.modules if k.startswith("din_fused")))
-    """, cwd=tmp_path, with_repo=False)
-    assert out.strip() == "['din_fused']"  # only the blocking None entry
     with torch.no_grad():
-        for got, x in zip(torch.load(tmp_path / "outputs.pt"), batches):
+        for got, x in zip(run_without_din_fused(path, batches, tmp_path), batches):
             assert_close_rel(got, m(*x))
 
 
