@@ -145,7 +145,7 @@ def test_serving(benchmark, call, device, rounds):
                 fn()
 
     calls()
-    benchmark.group = "serving small call B=1 T=1 D=8" if group == "small" else \
-        "serving one user T=50 against C=100, D=36"
+    benchmark.group = ("serving small call B=1 T=1 D=8" if group == "small" else
+                       "serving one user T=50 against C=100, D=36") + f", {n} calls a round"
     benchmark.extra_info.update(provider=name, threads=torch.get_num_threads(), calls_per_round=n)
     benchmark.pedantic(calls, rounds=rounds, iterations=1, warmup_rounds=1)
