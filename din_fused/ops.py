@@ -30,7 +30,6 @@ import weakref
 import torch
 import torch._C._functorch as _functorch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _C
 from .params import OPTIONAL_LISTS, USED_LISTS, MLPParams, check_params
@@ -1283,7 +1282,27 @@ class _EagerGrad(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward: refuse double backward
     def backward(ctx, grad_out, grad_scores, grad_stats):
-        g = ctx.backward_fn(ctx, grad_out, grad_scores, grad_stats)
-        return (None, None, g[0], g[1], None, None, *[t for grads in g[4:9] for t in grads])
+        create_graph = torch.is_grad_enabled()  # autograd runs a backward in grad mode only then
+        with torch.no_grad():
+            g = ctx.backward_fn(ctx, grad_out, grad_scores, grad_stats)
+        grads = (None, None, g[0], g[1], None, None, *[t for grads in g[4:9] for t in grads])
+        return _undifferentiable(grads) if create_graph else grads
+
+
+def _undifferentiable(grads: tuple) -> tuple:
+    """The gradients of a backward run with create_graph, behind a node that raises if anything
+    differentiates them: the backward kernels have no backward.  (once_differentiable adds that
+    node only when the incoming gradients require grad, which those of a loss seldom do: a
+    gradient penalty through the op then got no gradient at all, silently.)"""
+    at = [i for i, g in enumerate(grads) if g is not None]
+    if not at:
+        return grads
+    err = torch._C._functions.DelayedError(
+        b"din_fused's fused op has no double backward (its backward kernels have no backward): "
+        b"differentiate din_attention_ref instead, e.g. for a gradient penalty", len(at))
+    marked = err(*[grads[i].detach().requires_grad_() for i in at])
+    out = list(grads)
+    for i, g in zip(at, marked if isinstance(marked, tuple) else (marked,)):
+        out[i] = g
+    return tuple(out)

@@ -372,3 +372,36 @@ def test_inference_mode_matches_no_grad_in_train_and_eval(act):
         assert torch.equal(got, want)
         for x, y in zip(a.buffers(), b.buffers()):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged", "module"])
+def test_double_backward_is_refused_not_silently_zero(layout):
+    """The backward kernels have no backward. Under create_graph the first-order gradients come
+    back right, and differentiating them again (a gradient penalty) raises: it used to give the
+    penalty no gradient at all whenever the incoming gradients did not require grad."""
+    q, k, lengths, _, p, _, _ = make_problem(4, 6, 5, (4, 3), "prelu", "lengths", torch.float64, "cpu", 9)
+    q.requires_grad_()
+    if layout == "padded":
+        def f(q):
+            return din_fused.din_attention(q, k, lengths, **p)
+    elif layout == "jagged":
+        values = torch.cat([k[b, :n] for b, n in enumerate(lengths.tolist())])
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+        def f(q):
+            return din_fused.din_attention_jagged(q, values, offsets, **p)
+    else:
+        mod = din_fused.FusedDINAttention(5, att_hidden_units=(4, 3), att_activation="prelu").double()
+
+        def f(q):
+            return mod(q, k, lengths)
+    ref = None if layout == "module" else din_attention_ref(q, k, lengths, **p)
+    out = f(q)
+    g, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    g_plain, = torch.autograd.grad(f(q).sum(), q)
+    assert torch.equal(g.detach(), g_plain)
+    if ref is not None:
+        g_ref, = torch.autograd.grad(ref.sum(), q)
+        assert max_rel_err(g_plain, g_ref) <= TOL64
+    with pytest.raises(RuntimeError, match="no double backward"):
+        (out.sum() + g.pow(2).sum()).backward()
