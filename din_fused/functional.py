@@ -34,6 +34,11 @@ def _check_no_forward_ad(*tensors) -> None:
             "use reverse mode (loss.backward(), torch.autograd.grad), or din_attention_ref for forward mode")
 
 
+def _param_tensors(params: MLPParams) -> list:
+    """Every tensor of the bundle the op reads (alphas, BatchNorm affines and statistics too)."""
+    return [t for group in params.op_args() for t in group]
+
+
 def _autocast(query, keys):
     """query and keys inside an autocast region for their device, in one dtype, as autocast
     treats its own ops: on CUDA, whose kernels read float16/bfloat16, cast to the autocast dtype
@@ -127,7 +132,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
     """din_attention with the parameters as one MLPParams bundle."""
     query, keys = _autocast(query, keys)
     check_inputs(query, keys, lengths, mask, params, normalization, scale, query_3d=True)
-    _check_no_forward_ad(query, keys, *params.weights, *params.biases)
+    _check_no_forward_ad(query, keys, *_param_tensors(params))
     B, T, _ = keys.shape
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
@@ -190,7 +195,7 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
     """din_attention_jagged with the parameters as one MLPParams bundle."""
     query, values = _autocast(query, values)
     check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale, query_3d=True)
-    _check_no_forward_ad(query, values, *params.weights, *params.biases)
+    _check_no_forward_ad(query, values, *_param_tensors(params))
     out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)
     if not return_scores:
         return out

@@ -354,6 +354,33 @@ def test_forward_mode_ad_is_refused_not_zero():
     assert f(q).shape == q.shape  # plain calls are untouched
 
 
+@pytest.mark.parametrize("act, name", [("prelu", "alphas"), ("dice", "alphas"), ("dice", "bn_weights"),
+                                       ("dice", "bn_biases"), ("dice", "running_means"),
+                                       ("dice", "running_vars")])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_forward_mode_ad_through_any_parameter_is_refused(act, name, layout):
+    """A tangent on any tensor the op reads, not only the query, keys, weights and biases: the
+    op would treat it as a constant and drop it."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    q, k, lengths, p = problem(act=act)
+    values = torch.cat([k[b, :n] for b, n in enumerate(lengths.tolist())])
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+    def f(t):
+        kw = {**p, name: [t, *p[name][1:]]}
+        if layout == "padded":
+            return din_attention(q, k, lengths, **kw)
+        return din_fused.din_attention_jagged(q, values, offsets, **kw)
+
+    t0 = p[name][0]
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        jvp(f, (t0,), (torch.ones_like(t0),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        f(fwAD.make_dual(t0, torch.ones_like(t0)))
+
+
 def test_scale_tensor_requiring_grad_is_refused_and_constant_tensor_works():
     q, k, lengths, p = problem()
     s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
