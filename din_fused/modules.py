@@ -284,6 +284,9 @@ class FusedDINAttention(nn.Module):
             fast = self._small_inference(query, keys, keys_length, offsets, row_seq)
             if fast is not None:
                 return fast
+        if not isinstance(query, Tensor):
+            raise TypeError(f"query must be a torch.Tensor of shape [B, 1, E] or [B, E], got "
+                            f"{type(query).__name__}")
         squeeze = query.dim() == 3
         if squeeze and query.shape[1] != 1:
             raise ValueError(f"query must have shape [B, 1, E] or [B, E], got {tuple(query.shape)}")
@@ -291,6 +294,14 @@ class FusedDINAttention(nn.Module):
             if offsets is not None:
                 raise ValueError("a torchrec JaggedTensor carries its offsets: do not pass offsets")
             keys, offsets = keys.values(), keys.offsets()
+        elif not isinstance(keys, Tensor):
+            extra = " (a KeyedJaggedTensor holds several features: pass one, kjt[key])" \
+                if type(keys).__name__ == "KeyedJaggedTensor" else ""
+            raise TypeError(f"keys must be a torch.Tensor ([B, T, E], values [N, E] with offsets, or a "
+                            f"jagged nested tensor) or a torchrec JaggedTensor, got {type(keys).__name__}"
+                            f"{extra}")
+        if keys.is_nested and keys.layout != torch.jagged:  # (a strided one has no shape to read)
+            raise ValueError("nested keys must have layout=torch.jagged, got a torch.strided nested tensor")
         if keys.shape[-1] != self.embedding_dim:
             raise ValueError(f"keys have embedding dim {keys.shape[-1]} but the module was built "
                              f"with embedding_dim={self.embedding_dim}")
@@ -382,6 +393,15 @@ class FusedDINAttention(nn.Module):
             if keys.layout != torch.jagged or offsets is not None or row_seq is not None:
                 raise ValueError("nested keys must have layout=torch.jagged, without offsets/row_seq")
             values, offsets = keys.values(), keys.offsets()
+            if keys.lengths() is not None:
+                # A view with holes (torch.nested.narrow): row i is values[offsets[i] + [0, lengths[i])),
+                # not values[offsets[i]:offsets[i+1]].  Its rows are gathered back to back (a gather
+                # rather than keys.contiguous(), whose backward torch cannot take for such a view).
+                lengths = keys.lengths().to(offsets.dtype)
+                packed = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+                shift = torch.repeat_interleave(offsets[:-1] - packed[:-1], lengths)
+                values = values.index_select(0, torch.arange(shift.shape[0], device=shift.device) + shift)
+                offsets = packed
         else:
             values = keys
         p = self._count_batch_and_params()

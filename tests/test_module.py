@@ -204,6 +204,41 @@ def test_nested_jagged_keys_match_padded(act, train):
         assert n1 == n2 and max_rel_err(t1.double(), t2.double()) <= TOL64, n1
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_nested_jagged_view_with_holes_matches_padded(impl):
+    """A jagged view with holes (torch.nested.narrow: row i is offsets[i] + [0, lengths[i])) is read
+    by its lengths, not as if offsets alone bounded the rows; gradients reach the base tensor."""
+    gen = torch.Generator().manual_seed(6)
+    jag, pad = _module_pair("prelu", impl=impl)
+    base = torch.randn(3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 1, 5, generator=gen, dtype=torch.float64)
+    starts, lens = [0, 1, 2], [2, 3, 1]
+    keys = torch.nested.narrow(base, 1, torch.tensor(starts), torch.tensor(lens), layout=torch.jagged)
+    out = jag(q, keys)
+    kp = torch.zeros(3, 5, 5, dtype=torch.float64)
+    for i, (s0, n) in enumerate(zip(starts, lens)):
+        kp[i, :n] = base[i, s0:s0 + n]
+    want = pad(q, kp, torch.tensor(lens))
+    assert max_rel_err(out, want) <= TOL64
+    g, = torch.autograd.grad(out.sum(), base)
+    gp, = torch.autograd.grad(want.sum(), base)
+    assert max_rel_err(g, gp) <= TOL64
+
+
+def test_module_names_keys_and_query_of_the_wrong_kind():
+    mod = FusedDINAttention(embedding_dim=3, att_hidden_units=(4,)).eval()
+    q, k, lengths = torch.randn(2, 1, 3), torch.randn(2, 4, 3), torch.tensor([1, 4])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+                mod(None, k, lengths)
+            with pytest.raises(TypeError, match="keys must be a torch.Tensor"):
+                mod(q, [k], lengths)
+            strided = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+            with pytest.raises(ValueError, match="nested keys must have layout=torch.jagged"):
+                mod(q, strided)
+
+
 def test_nested_jagged_return_score_is_nested():
     jag, pad = _module_pair("sigmoid", return_score=True)
     jag.eval()
