@@ -1009,10 +1009,11 @@ class InferencePlan:
         self.key = (dim, dtype, normalization, scale)
         self.params = params  # Dice reads its eps per call, as the module sets it
         self.dice = bool(variances)
-        # valid() compares every tensor's storage and shape as one list (a per-tensor generator
-        # cost ~0.4 us a tensor; Dice has 17).
+        # valid() compares every tensor's storage, shape and strides as one list (a per-tensor
+        # generator cost ~0.4 us a tensor; Dice has 17).  The strides too: a square weight's .data
+        # swapped for its transpose keeps the pointer and the shape.
         self._tensors = tensors
-        self._storage = [(t.data_ptr(), t.shape) for t in tensors]
+        self._storage = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
         # PReLU's single alpha (one slope shared by the channels): the kernels read a copy per
         # channel, refreshed per call from the alpha's value (_config).  Its version would not do:
         # a write through .data leaves it as it was, and an inference tensor has none.
@@ -1046,7 +1047,7 @@ class InferencePlan:
                 held[2] = value
 
     def valid(self) -> bool:
-        return [(t.data_ptr(), t.shape) for t in self._tensors] == self._storage
+        return [(t.data_ptr(), t.shape, t.stride()) for t in self._tensors] == self._storage
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """query [B, D] or [B, 1, D], keys [B, T, D] (contiguous, CPU, the plan's dtype),

@@ -721,6 +721,18 @@ def test_small_inference_path_leaves_other_dtypes_to_the_general_paths_errors(dt
                 mod(q, k.reshape(15, 6), offsets=torch.tensor([0, 5, 10, 15]))
 
 
+def test_small_inference_path_follows_a_transposed_data_swap():
+    """A square weight's .data swapped for its own transpose keeps the pointer and the shape: the
+    plan must see the strides change (the general path reads the transpose)."""
+    q, k = torch.randn(4, 1, 6, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64)
+    lengths = torch.tensor([[1], [5], [0], [3]])
+    mod, ref, agree = _fused_and_reference(q, k, lengths, (4, 4), act="relu")
+    agree()
+    square = mod.local_att.dnn.linears[1].weight
+    square.data = square.data.t()
+    agree()
+
+
 def test_small_inference_path_follows_dice_statistics_changes(monkeypatch):
     """Eval-mode Dice through the cached plan reads its running statistics on every call: an
     in-place update, a training step, a .data write or swap, and a new BatchNorm eps all show."""
