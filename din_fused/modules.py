@@ -191,23 +191,32 @@ class FusedDINAttention(nn.Module):
         cached = self.__dict__.get("_bundle")
         if torch.compiler.is_compiling():
             # Traced once, so nothing to cache (and torch 2.4's dynamo cannot trace the write).
-            cached = (None, self._build_params(), None, self._first_bn())
+            cached = (None, self._build_params(), None, self._dice_bns())
         elif cached is None or cached[0] != _GENERATION[0] or any(d.get(n) is not t for d, n, t in cached[2]):
             slots = self._param_slots()
-            # (the first BatchNorm too: replacing it registers a module, which bumps _GENERATION)
-            cached = (_GENERATION[0], self._build_params(), slots, self._first_bn())
+            # (the BatchNorms too: replacing one registers a module, which bumps _GENERATION)
+            cached = (_GENERATION[0], self._build_params(), slots, self._dice_bns())
             self.__dict__["_bundle"] = cached
-        p, bn = cached[1], cached[3]
+        p, bns = cached[1], cached[3]
         if p.activation == "dice":
+            bn = bns[0]
+            for layer, other in enumerate(bns[1:], 1):
+                if other.eps != bn.eps or other.momentum != bn.momentum:
+                    raise ValueError(
+                        f"Dice layers must share one BatchNorm eps and momentum (the fused op takes one "
+                        f"of each): layer 0 has eps={bn.eps}, momentum={bn.momentum}, layer {layer} has "
+                        f"eps={other.eps}, momentum={other.momentum}")
             p.eps = bn.eps
             p.momentum = bn.momentum
             if bn.momentum is None:
                 p.momentum = 1.0 / max(int(bn.num_batches_tracked), 1)
         return p
 
-    def _first_bn(self):
-        """Dice: the first layer's BatchNorm, whose eps and momentum the bundle carries."""
-        return self.local_att.dnn.activation_layers[0].bn if self.activation == "dice" else None
+    def _dice_bns(self) -> list:
+        """Dice: every layer's BatchNorm; the bundle carries the eps and momentum they share."""
+        if self.activation != "dice":
+            return []
+        return [a.bn for a in self.local_att.dnn.activation_layers]
 
     def _param_slots(self) -> list:
         """(owner's _parameters or _buffers dict, name, tensor) for every tensor of the bundle."""

@@ -402,3 +402,20 @@ def test_deepctr_din_swap_after_compile_trains():
         # float32 Adam on the same gradients up to rounding (a bias in front of
         # BatchNorm has an analytically zero gradient: Adam's step there is noise).
         assert (got[name] - p).abs().max().item() <= 1e-2 * step, name
+
+
+@pytest.mark.parametrize("what", ["eps", "momentum"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_dice_layers_with_their_own_batchnorm_settings_are_refused(what, impl):
+    """The op takes one eps and one momentum for every Dice layer: a later layer's own (which the
+    bundle would silently have ignored) is refused, naming both; equal ones are fine."""
+    mod = FusedDINAttention(embedding_dim=3, att_hidden_units=(4, 3), att_activation="dice", impl=impl)
+    q, k, lengths = torch.randn(2, 1, 3), torch.randn(2, 4, 3), torch.tensor([1, 4])
+    bns = [a.bn for a in mod.local_att.dnn.activation_layers]
+    setattr(bns[1], what, 0.5)
+    for train in (True, False):
+        mod.train(train)
+        with pytest.raises(ValueError, match=rf"layer 1 has .*{what}=0.5"):
+            mod(q, k, lengths)
+    setattr(bns[0], what, 0.5)
+    assert mod(q, k, lengths).shape == (2, 1, 3)
