@@ -552,6 +552,11 @@ class BaseModel(_EmbeddingMLP):
     def pool(self, queries: list[Tensor], keys: list[Tensor], lengths: Tensor) -> Tensor:
         """Sum or mean over the valid positions: keys[a] [B, T, E] -> [B, A*E] (queries unused)."""
         k = _cat(keys, 2)  # [B, T, A*E]
+        # The lengths as DIN's attention takes them: above T means all T positions, below 0 is an
+        # error (the mean would otherwise divide by the raw length, or pool a negative one to 0).
+        if not torch.compiler.is_compiling() and lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"lengths must be >= 0, got {int(lengths.min())}")
+        lengths = lengths.clamp(max=k.shape[1])
         valid = torch.arange(k.shape[1], device=k.device)[None, :] < lengths[:, None]
         # Mask explicitly rather than trusting the padding rows to be zero: the
         # result must not depend on what a caller puts beyond ``lengths``.

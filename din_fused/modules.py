@@ -327,6 +327,10 @@ class FusedDINAttention(nn.Module):
             if keys_length is None:
                 raise ValueError("keys_length [B] or [B, 1] is required unless supports_masking=True")
             lengths = self._lengths(keys_length, keys.shape[1] if keys.dim() == 3 else 0)
+            if self.impl != "fused" and keys.dim() == 3 and not torch.compiler.is_compiling():
+                # The fused op refuses negative lengths (in its kernel); so does its twin here, which
+                # would otherwise pool them to zero.
+                ops._check_lengths_values(lengths, keys.shape[1])
         if mask is not None and mask.dim() == 3 and mask.shape[1] == 1:
             mask = mask[:, 0]  # DeepCTR passes masks as [B, 1, T] in places
         p = self._count_batch_and_params()

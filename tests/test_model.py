@@ -123,6 +123,24 @@ def test_base_pooling_values():
     torch.testing.assert_close(m.pool(q, k, lengths)[i], expected * 7)
 
 
+@pytest.mark.parametrize("att_impl", ["fused", "reference"])
+@pytest.mark.parametrize("name", ["din-separate", "base-sum", "base-mean"])
+def test_lengths_above_T_mean_all_positions_and_negative_ones_are_refused(name, att_impl):
+    """As DIN's attention takes them (and DeepCTR-Torch's masks): a length above T pools all T
+    positions, so the mean divides by T, not by the length; a negative length is an error (the
+    reference attention pooled it to zero)."""
+    m = models(att_impl)[name].eval()
+    target, history, lengths, context = make_batch()
+    T = history.shape[1]
+    big = lengths.clone()
+    big[1] = T + 5  # row 1 is full-length
+    torch.testing.assert_close(m(target, history, big, context), m(target, history, lengths, context))
+    neg = lengths.clone()
+    neg[2] = -1
+    with pytest.raises(ValueError, match="lengths must"):
+        m(target, history, neg, context)
+
+
 @pytest.mark.parametrize("attention", ["separate", "concat"])
 @pytest.mark.parametrize("activation", ["prelu", "dice"])
 def test_fused_matches_reference(attention, activation):
