@@ -264,6 +264,9 @@ class FusedDINAttention(nn.Module):
                         raise ValueError(f"keys_length must be >= 0, got {v}")
                     raise TypeError(f"keys_length is a float tensor with a value that is not a whole "
                                     f"number ({v}); lengths must be whole numbers")
+            else:  # a traced graph cannot branch on values: it asserts them when it runs
+                torch._assert_async(((keys_length >= 0) & (keys_length == keys_length.round())).all(),
+                                    "keys_length must hold whole numbers >= 0")
             # Clamped before the cast, which would wrap 1e30 or inf to a negative int64.
             keys_length = keys_length.clamp(max=T).to(torch.int64)
         elif keys_length.dtype not in (torch.int32, torch.int64):

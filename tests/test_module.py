@@ -369,6 +369,19 @@ def test_float_keys_length_and_lengths_above_T_as_deepctr():
         ours(q, k, [1, 2, 3, 4])
 
 
+def test_float_keys_length_under_torch_compile_fullgraph():
+    """A compiled graph cannot branch on the lengths' values: it asserts them when it runs, so a
+    fractional, NaN or negative float length raises there too instead of being truncated."""
+    mod = FusedDINAttention(embedding_dim=3, att_hidden_units=(4,)).eval()
+    compiled = torch.compile(mod, fullgraph=True)
+    q, k = torch.randn(2, 1, 3), torch.randn(2, 4, 3)
+    for kl in (torch.tensor([2.0, 1.0]), torch.tensor([float("inf"), 1.0])):
+        torch.testing.assert_close(compiled(q, k, kl), mod(q, k, kl))
+    for bad in (2.5, float("nan"), -1.0):
+        with pytest.raises(RuntimeError, match="keys_length must hold whole numbers >= 0"):
+            compiled(q, k, torch.tensor([bad, 1.0]))
+
+
 def test_deepctr_din_swap_after_compile_trains():
     # DeepCTR's usual order: build, compile (the optimizer now holds the layer's
     # Parameters), then swap the attention layer.  The fused layer must train those.
