@@ -133,6 +133,8 @@ class FusedDINAttention(nn.Module):
         if impl not in ("fused", "reference"):
             raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
         self.embedding_dim = int(embedding_dim)
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self.att_hidden_units = hidden
         self.activation = att_activation.lower()
         self.weight_normalization = self.normalization == "softmax"

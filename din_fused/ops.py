@@ -22,6 +22,7 @@ Op signatures (all tensors are on one device; the parameter lists are MLPParams.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import threading
 import typing
@@ -52,9 +53,13 @@ def _check_float_inputs(query: Tensor, keys: Tensor, keys_name: str, keys_shape:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if keys.dim() != len(keys_shape.split(",")):
         raise ValueError(f"{keys_name} must have shape [{keys_shape}], got {tuple(keys.shape)}")
     D = keys.shape[-1]
+    if D == 0:
+        raise ValueError(f"{keys_name} must have shape [{keys_shape}] with D >= 1, got {tuple(keys.shape)}")
     if query.dim() != 2 and not (query_3d and query.dim() == 3 and query.shape[1] == 1):
         raise ValueError(f"query must have shape [R, D]{' or [R, 1, D]' if query_3d else ''} with D = {D}, "
                          f"got {tuple(query.shape)}")
@@ -94,6 +99,8 @@ def _check_options(normalization, scale) -> None:
             raise TypeError("scale is a tensor that requires grad, but the fused op takes scale as a "
                             "constant and has no gradient for it; pass a float (or scale.detach()), or "
                             "use din_attention_ref to learn the temperature")
+    elif not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or a one-element tensor, got {type(scale).__name__}")
 
 
 def check_inputs(query, keys, lengths, mask, params: MLPParams, normalization, scale=1.0, *,
@@ -1107,7 +1114,8 @@ def call_forward(op, *args):
 
 
 def _direct(tensors) -> bool:
-    return plain_eager() and all(type(t) in _PLAIN for t in tensors)
+    # (meta tensors go through the dispatcher to the fake implementation: the kernels need data)
+    return plain_eager() and all(type(t) in _PLAIN for t in tensors) and not tensors[0].is_meta
 
 
 def _call(op, tensors, args, direct: bool):

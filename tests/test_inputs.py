@@ -60,6 +60,9 @@ def _bad_cases():
         "normalization": (dict(normalization="l1"), ValueError, "normalization"),
         "prelu without alphas": (dict(activation="prelu"), ValueError, "alphas"),
         "query not tensor": (dict(query=[[1.0]]), TypeError, "query"),
+        "D = 0": (dict(query=rnd(B, 0), keys=rnd(B, T, 0)), ValueError, "with D >= 1"),
+        "sparse query": (dict(query=q.to_sparse()), TypeError, "query must be a dense"),
+        "scale None": (dict(scale=None), TypeError, "scale must be a real number"),
     }
     return q, k, lengths, p, cases
 
@@ -84,7 +87,8 @@ def _op_args(kw: dict) -> tuple:
             kw.get("normalization", "none"), 1.0, False, 1e-8)
 
 
-@pytest.mark.parametrize("name", [n for n in BAD if n != "query not tensor"])  # (the schema refuses a list)
+# (the schema refuses a list for the query, and _op_args passes scale 1.0)
+@pytest.mark.parametrize("name", [n for n in BAD if n not in ("query not tensor", "scale None")])
 def test_op_called_directly_raises_the_same_clear_error(name):
     """torch.ops.din_fused.din_fwd by hand (as a traced or exported graph calls it) checks
     what din_attention checks, instead of reading by the wrong shapes."""
@@ -899,3 +903,17 @@ def test_small_inference_path_refuses_forward_ad_like_the_general_path(layout):
             mod(qd, torch.randn(3, 5, 6), torch.tensor([1, 5, 0]))
         else:
             mod(qd, torch.randn(5, 6), offsets=torch.tensor([0, 2, 4, 5]))
+
+
+def test_meta_tensors_get_the_fake_implementations_shapes():
+    """Meta inputs (shape inference, e.g. a model built on the meta device) go through the
+    dispatcher to the op's fake implementation: the kernels would need data."""
+    q, k, lengths, p = problem(act="prelu")
+    meta = {key: [t.to("meta") for t in v] if isinstance(v, list) else v for key, v in p.items()}
+    out, w = din_attention(q.to("meta"), k.to("meta"), lengths.to("meta"), **meta, return_scores=True)
+    assert out.is_meta and out.shape == q.shape and w.shape == lengths.shape + (k.shape[1],)
+
+
+def test_module_embedding_dim_must_be_positive():
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1, got 0"):
+        FusedDINAttention(embedding_dim=0)
