@@ -36,9 +36,13 @@ __all__ = ["GroupAUC", "auc", "gauc", "group_auc", "log_loss", "relaimpr", "form
 
 
 def _as_1d(name: str, x, dtype) -> np.ndarray:
-    """Any array-like (including a CPU or CUDA tensor) -> contiguous 1-D NumPy array."""
+    """Any array-like (including a CPU or CUDA tensor) -> contiguous 1-D NumPy array (dtype None:
+    as it is)."""
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            x = x.float()
+        x = x.numpy()
     arr = np.asarray(x, dtype=dtype)
     if arr.ndim == 2 and arr.shape[1] == 1:  # model outputs are often [N, 1]
         arr = arr[:, 0]
@@ -58,7 +62,14 @@ def _check(labels, scores, users=None):
         raise ValueError("scores contain NaN or Inf")
     if users is None:
         return y, s
-    u = _as_1d("users", users, np.int64)
+    u = _as_1d("users", users, None)
+    if u.dtype.kind == "f":  # whole numbers only: 1.2 and 1.7 are not one user
+        if not np.all(u == np.round(u)):
+            bad = u[u != np.round(u)][0]
+            raise ValueError(f"users must be integer ids, got {bad}")
+        u = u.astype(np.int64)
+    elif u.dtype.kind not in "iubUS":
+        raise ValueError(f"users must be integer (or string) ids, got dtype {u.dtype}")
     if u.shape != y.shape:
         raise ValueError(f"users must have the same length as labels, got {u.shape[0]} and {y.shape[0]}")
     return y, s, u
@@ -132,7 +143,8 @@ def group_auc(labels, scores, users) -> GroupAUC:
 def gauc(labels, scores, users, weighted: bool = True) -> float:
     """The paper's GAUC (``weighted=True``) or the plain per-user mean AUC.
 
-    labels [N] in {0, 1}, scores [N] any real, users [N] integer ids.
+    labels [N] in {0, 1}, scores [N] any real, users [N] integer ids (or strings, or floats
+    holding whole numbers).
     """
     g = group_auc(labels, scores, users)
     return g.weighted if weighted else g.unweighted

@@ -137,3 +137,15 @@ def test_table_cli(tmp_path, capsys):
     assert "| DIN+Dice | 0.7348 | +2.09% | 0.7100 | +5.00% |" in out
     with pytest.raises(SystemExit):
         M._main([str(tmp_path / "missing.json")])
+
+
+def test_gauc_user_ids_are_never_merged_by_a_cast():
+    """Float ids that are not whole numbers are refused (a cast to int merged 1.2 and 1.7 into one
+    user); whole floats, strings and tensors group like the integers they stand for."""
+    y, s = [0, 1, 0, 1], [0.1, 0.9, 0.8, 0.2]
+    with pytest.raises(ValueError, match="users must be integer ids, got 1.2"):
+        M.gauc(y, s, [1.2, 1.7, 2.2, 2.7])
+    want = M.gauc(y, s, [1, 1, 2, 2])
+    for users in ([1.0, 1.0, 2.0, 2.0], ["a", "a", "b", "b"], torch.tensor([1, 1, 2, 2])):
+        assert M.gauc(y, s, users) == want
+    assert M.auc(torch.tensor(y), torch.tensor(s, dtype=torch.bfloat16)) == M.auc(y, s)
