@@ -13,25 +13,32 @@ from .ops import _to, call_forward, check_inputs, check_jagged_inputs, din_fwd, 
 from .params import MLPParams
 
 
-def _check_no_forward_ad(*tensors) -> None:
+def _check_transforms(*tensors) -> None:
     # The custom ops register a backward only.  Under forward-mode AD (forward_ad
     # dual tensors or torch.func.jvp) torch would treat them as constants and hand
-    # back zero tangents (issue 14): refuse instead of answering wrongly.  The
-    # common case (no dual level, no functorch transform) costs two lookups.
+    # back zero tangents (issue 14): refuse instead of answering wrongly.  torch.func.grad
+    # and vmap fail inside torch on the op (no setup_context, no batching rule): refuse
+    # them by name.  The common case (no dual level, no functorch transform) costs two lookups.
     if torch.compiler.is_compiling():
         return
     dual = _fwAD._current_level >= 0 and any(
         isinstance(t, Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in tensors)
-    jvp = False
-    if _functorch.peek_interpreter_stack() is not None:
+    kinds = set()
+    if _functorch.peek_interpreter_stack() is not None \
+            and any(isinstance(t, Tensor) and _functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-        jvp = any(i.key() == _functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()) \
-            and any(isinstance(t, Tensor) and _functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-    if dual or jvp:
+        kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if dual or _functorch.TransformType.Jvp in kinds:
         raise NotImplementedError(
             "din_fused's fused op has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): "
             "use reverse mode (loss.backward(), torch.autograd.grad), or din_attention_ref for forward mode")
+    for kind, name in ((_functorch.TransformType.Grad, "torch.func.grad / vjp"),
+                       (_functorch.TransformType.Vmap, "torch.func.vmap")):
+        if kind in kinds:
+            raise NotImplementedError(
+                f"din_fused's fused op does not run under {name}: use torch.autograd (loss.backward(), "
+                f"torch.autograd.grad) and batch by hand, or din_attention_ref under torch.func")
 
 
 def _param_tensors(params: MLPParams) -> list:
@@ -132,7 +139,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
     """din_attention with the parameters as one MLPParams bundle."""
     query, keys = _autocast(query, keys)
     check_inputs(query, keys, lengths, mask, params, normalization, scale, query_3d=True)
-    _check_no_forward_ad(query, keys, *_param_tensors(params))
+    _check_transforms(query, keys, *_param_tensors(params))
     B, T, _ = keys.shape
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
@@ -195,7 +202,7 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
     """din_attention_jagged with the parameters as one MLPParams bundle."""
     query, values = _autocast(query, values)
     check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale, query_3d=True)
-    _check_no_forward_ad(query, values, *_param_tensors(params))
+    _check_transforms(query, values, *_param_tensors(params))
     out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)
     if not return_scores:
         return out

@@ -385,6 +385,27 @@ def test_forward_mode_ad_through_any_parameter_is_refused(act, name, layout):
         f(fwAD.make_dual(t0, torch.ones_like(t0)))
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "vmap"])
+def test_torch_func_transforms_are_refused_by_name(transform):
+    """torch.func.grad/vjp and vmap fail inside torch on the op (no setup_context, no batching
+    rule): the call says so in words, and points at torch.autograd and the reference."""
+    from torch import func
+
+    q, k, lengths, p = problem()
+
+    def f(x):
+        return din_attention(x, k, lengths, **p)
+
+    words = "torch.func.vmap" if transform == "vmap" else "torch.func.grad / vjp"
+    with pytest.raises(NotImplementedError, match=f"does not run under {words}"):
+        if transform == "grad":
+            func.grad(lambda x: f(x).sum())(q)
+        elif transform == "vjp":
+            func.vjp(f, q)
+        else:
+            func.vmap(f)(q[None].expand(2, *q.shape))
+
+
 def test_scale_tensor_requiring_grad_is_refused_and_constant_tensor_works():
     q, k, lengths, p = problem()
     s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
