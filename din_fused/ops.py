@@ -1295,7 +1295,7 @@ class _EagerGrad(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()  # autograd runs a backward in grad mode only then
         with torch.no_grad():
             g = ctx.backward_fn(ctx, grad_out, grad_scores, grad_stats)
-        grads = (None, None, g[0], g[1], None, None, *[t for grads in g[4:9] for t in grads])
+        grads = (None, None, g[0], g[1], None, None, *[t for group in g[4:9] for t in group])
         return _undifferentiable(grads) if create_graph else grads
 
 
