@@ -268,6 +268,10 @@ def test_gather_jagged_windows():
     values, offsets = gather_jagged(seq, torch.tensor([3, 0, 9, 5]), torch.tensor([2, 0, 1, 4]))
     assert offsets.tolist() == [0, 2, 2, 3, 7]
     assert values.tolist() == [[6, 7], [8, 9], [18, 19], [10, 11], [12, 13], [14, 15], [16, 17]]
+    # A negative length or a window past the store: a ValueError, not an abort in repeat_interleave
+    for start, lengths in (([0, 1], [-1, 2]), ([9, 0], [2, 1]), ([-1, 0], [1, 1])):
+        with pytest.raises(ValueError, match="lengths must be >= 0 and every window"):
+            gather_jagged(seq, torch.tensor(start), torch.tensor(lengths))
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -90,7 +90,14 @@ def gather_jagged(
     seq: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows ``seq[start[i] : start[i] + lengths[i]]`` of a store [M, A] -> (values [sum(lengths), A],
-    offsets [b+1] int64), no padding."""
+    offsets [b+1] int64), no padding.  Raises ValueError on a negative length or a window outside
+    the store (repeat_interleave with output_size checks neither, and reads out of bounds)."""
+    if lengths.numel():
+        end = start + lengths
+        if int(lengths.min()) < 0 or int(start.min()) < 0 or int(end.max()) > seq.shape[0]:
+            raise ValueError(f"lengths must be >= 0 and every window seq[start : start + lengths] inside "
+                             f"the store of {seq.shape[0]} rows; got lengths in [{int(lengths.min())}, "
+                             f"{int(lengths.max())}], windows in [{int(start.min())}, {int(end.max())})")
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=seq.device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     n = int(offsets[-1])
