@@ -504,12 +504,18 @@ def _bn_stats(prep: _Prepared, running_means, running_vars, training: bool, eps:
             stats[l, 2, :h] = v.detach().reshape(-1).to(prep.acc)
         prep.set_stats(stats)
         return stats
-    prep.cfg["batch_stats"] = 1  # DinParams::batch_stats
     n = prep.valid_count()
     nf = n.to(torch.float64)
-    if not (n.is_cuda and torch.cuda.is_current_stream_capturing()) and int(n) < 2:
-        raise ValueError(f"dice in training mode needs at least 2 valid positions in the batch for "
-                         f"BatchNorm statistics, got {int(n)}")
+    if not (n.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if int(n) == 0:
+            # No valid position (every history empty): nothing to normalise and every output zero,
+            # as nn.BatchNorm1d on no rows.  The running statistics stand in for the batch's, so
+            # the momentum update keeps them (to rounding) where BatchNorm leaves them.
+            return _bn_stats(prep, running_means, running_vars, False, eps)
+        if int(n) == 1:
+            raise ValueError("dice in training mode needs at least 2 valid positions in the batch for "
+                             "BatchNorm statistics, got 1")
+    prep.cfg["batch_stats"] = 1  # DinParams::batch_stats
     prep.set_stats(stats)
     prep.workspace("stats")
     prep.zcache()
@@ -598,7 +604,7 @@ def _backward(prep: _Prepared, grad_out, grad_scores, stats, scores, activation,
                 h = prep.hidden[l]
                 sums = torch.empty(2, h, dtype=torch.float64, device=dev)
                 _C.backward({**prep.cfg, "reduce_layer": l, "reduce_out": sums.data_ptr()})
-                corr[l, :, :h] = (sums / nf).to(acc)
+                corr[l, :, :h] = (sums / nf.clamp_min(1)).to(acc)  # (no valid position: sums 0, not 0/0)
                 if l == L - 1:
                     prep.zcache_holds(L)
                     prep.zcache_filled(stats)

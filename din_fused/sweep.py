@@ -215,11 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid = {}
         else:
             grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
-        # Fail on a bad train flag now, not after the first hours of training.
-        T.build_parser().parse_args([*train_args, *(a for k, v in grid.items() for a in (f"--{k}", v[0]))])
+        # Fail on a bad train flag or grid value now, not after the first hours of training.
+        parsed = T.build_parser().parse_args(train_args)
+        for k, values in grid.items():
+            for v in values:
+                T.build_parser().parse_args([*train_args, f"--{k}", v])
     except ValueError as e:
         p.error(str(e))
+    if parsed.engine != "native":
+        p.error(f"--engine {parsed.engine}: the sweep trains with the default engine only")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:

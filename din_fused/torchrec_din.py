@@ -389,6 +389,7 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
         _gather,
         _resolve_device,
         load_dataset,
+        train_steps,
         write_json_atomic,
     )
 
@@ -396,6 +397,9 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
         raise ConfigError("--engine torchrec trains --model din only")
     if args.mba_lambda > 0:
         raise ConfigError("--engine torchrec: --mba-lambda is not supported (the tables use Adagrad)")
+    if args.save:
+        raise ConfigError("--engine torchrec: --save is not supported (the tables are sharded; train "
+                          "with the default engine to write a checkpoint)")
     try:
         check_shardable(args.embedding_dim)
     except ValueError as e:
@@ -428,11 +432,7 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
         opt = torch.optim.Adam(dense, lr=args.lr)
         names = (full.attr_names, full.context_names)
 
-        steps = data_mod.num_train_steps(len(train_ds), args.batch_size, world_size)
-        if steps == 0:
-            raise ConfigError(
-                f"the training split has {len(train_ds)} samples, fewer than the {world_size} processes"
-            )
+        train_steps(len(train_ds), args.batch_size, world_size)  # ConfigError when there is no batch
         epoch_losses: list[float] = []
         train_seconds, samples_seen = 0.0, 0
         for epoch in range(args.epochs):

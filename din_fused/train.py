@@ -83,10 +83,20 @@ def _float_in(lo: float, lo_open: bool):
     return parse
 
 
-def _fraction(s: str) -> float:
-    v = _float_in(0.0, True)(s)
+def _fraction(s: str, lo_open: bool = True) -> float:
+    v = _float_in(0.0, lo_open)(s)
     if v >= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in {'(' if lo_open else '['}0, 1), got {s!r}")
+    return v
+
+
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
     return v
 
 
@@ -158,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="mini-batch aware L2 strength (0 = off)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="data, split, init and shuffle seed")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="S",
+                   help="data, split, init and shuffle seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if available)")
     p.add_argument("--metrics-out", metavar="FILE.json", default=None, help="write metrics JSON here")
     # Knobs beyond the issue's list, with defaults that keep its behaviour.
@@ -166,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=("sum", "mean"), default="sum", help="BaseModel pooling")
     p.add_argument(
         "--val-frac",
-        type=_float_in(0.0, False),
+        type=lambda v: _fraction(v, lo_open=False),
         default=0.1,
         metavar="F",
         help="fraction of users for validation (early stopping, model choice); 0: none, train all --epochs",
@@ -220,6 +231,15 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {spec!r}")
     return dev
+
+
+def train_steps(n: int, batch_size: int, world_size: int) -> int:
+    """Training batches per epoch and rank (data.num_train_steps); ConfigError when there are none."""
+    steps = data_mod.num_train_steps(n, batch_size, world_size)
+    if steps == 0:
+        raise ConfigError(f"the training split has {n} samples: too few for one batch of "
+                          f"{min(2, batch_size)} per process ({world_size} processes)")
+    return steps
 
 
 def _check_writable(flag: str, path: str | None) -> Path | None:
@@ -412,11 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     opt = adam(model.parameters(), args.lr)
 
-    steps = data_mod.num_train_steps(len(train_ds), args.batch_size, world_size)
-    if steps == 0:
-        raise ConfigError(
-            f"the training split has {len(train_ds)} samples, fewer than the {world_size} processes"
-        )
+    steps = train_steps(len(train_ds), args.batch_size, world_size)
     epoch_losses: list[float] = []
     val_auc_per_epoch: list[float] = []
     stopper = EarlyStopping(args.patience)
@@ -596,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
     done = False
     try:
+        if args.activation == "dice" and args.batch_size < 2:
+            raise ConfigError("--batch-size 1 with --activation dice: Dice's BatchNorm needs at least 2 "
+                              "samples a batch (or use --activation prelu)")
         if args.engine == "torchrec":
             try:
                 from .torchrec_din import run_torchrec  # torchrec is an optional extra
@@ -646,4 +665,9 @@ def _reexec_with_passive_openmp() -> None:
 
 if __name__ == "__main__":
     _reexec_with_passive_openmp()
-    sys.exit(main())
+    # main() of the module the package's other modules import (torchrec_din raises its
+    # ConfigError): under -m this file is also __main__, whose ConfigError is another class, and
+    # theirs escaped as a traceback instead of exiting 2.
+    from din_fused import train as _train
+
+    sys.exit(_train.main())

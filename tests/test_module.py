@@ -432,3 +432,32 @@ def test_dice_layers_with_their_own_batchnorm_settings_are_refused(what, impl):
             mod(q, k, lengths)
     setattr(bns[0], what, 0.5)
     assert mod(q, k, lengths).shape == (2, 1, 3)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_dice_training_on_a_batch_of_empty_histories_matches_the_reference(layout):
+    """Every history empty: nothing to normalise, as nn.BatchNorm1d on no rows: zero outputs and
+    gradients, running statistics kept. (The fused op raised 'needs at least 2 valid positions'.)
+    One valid position stays an error in both."""
+    torch.manual_seed(0)
+    fused = FusedDINAttention(5, att_hidden_units=(4, 3), att_activation="dice").double().train()
+    randomise_(fused, torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(fused)
+    ref.impl = "reference"
+    q = torch.randn(3, 1, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 4, 5, dtype=torch.float64)
+    if layout == "padded":
+        args, kw = (k, torch.tensor([0, 0, 0])), {}
+    else:
+        args, kw = (k.new_zeros(0, 5),), {"offsets": torch.zeros(4, dtype=torch.int64)}
+    outs = [m(q, *args, **kw) for m in (fused, ref)]
+    assert torch.equal(outs[0], torch.zeros_like(outs[0])) and torch.equal(outs[0], outs[1])
+    for a, b in zip(*(torch.autograd.grad(o.sum(), [q, *m.parameters()], allow_unused=True)
+                      for o, m in zip(outs, (fused, ref)))):
+        assert (a is None or not a.any()) and (b is None or not b.any())
+    for (n1, t1), (_, t2) in zip(fused.state_dict().items(), ref.state_dict().items()):
+        assert max_rel_err(t1.double(), t2.double()) <= TOL64, n1
+    if layout == "padded":
+        for m in (fused, ref):
+            with pytest.raises(ValueError, match=r"(at least 2 valid positions|more than 1 value)"):
+                m(q, k, torch.tensor([0, 1, 0]))

@@ -13,6 +13,7 @@ import torch
 from common import movielens_dir
 
 import din_fused
+from din_fused import data as data_mod
 from din_fused import train as T
 
 MOVIES = """movieId,title,genres
@@ -38,6 +39,7 @@ REQUIRED_KEYS = {
     "world_size",
 }
 # Small and fast: ~8k synthetic training samples, one attention unit per attribute.
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--synthetic-users", "250", "--embedding-dim", "8", "--no-progress"]
 
 
@@ -97,6 +99,8 @@ def test_help_shows_every_default_once(capsys):
         (["--lr", "-1"], "expected a number > 0.0"),
         (["--mba-lambda", "nan"], "expected a number >= 0.0"),
         (["--frobnicate"], "unrecognized arguments"),
+        (["--val-frac", "1.5"], "expected a fraction in [0, 1)"),
+        (["--seed", "-1"], "expected an integer >= 0"),
     ],
 )
 def test_bad_flags(argv, match, capsys):
@@ -223,6 +227,42 @@ def test_bad_data_gives_a_clear_error_and_writes_nothing(tmp_path, capsys, setup
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out.json"] + (["data"] if d.exists() else [])
     )
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--val-frac", "0.95"], "val_frac + test_frac < 1"),
+    (["--synthetic-users", "1"], "num_users >= 2"),
+    (["--batch-size", "1"], "Dice's BatchNorm needs at least 2 samples a batch"),
+])
+def test_impossible_settings_exit_2_with_one_line(argv, match, capsys):
+    code, _, err = run_main([*SMALL, *argv], capsys)
+    assert code == 2 and err.startswith("python -m din_fused.train: error:") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_a_last_batch_of_one_sample_is_dropped_so_dice_trains():
+    """BatchNorm cannot train on one sample: a training epoch whose last batch would hold one per
+    rank drops it (num_train_steps agrees), and a batch size of 1 keeps every batch."""
+    ds = data_mod.make_synthetic(num_users=5, seed=0, max_len=4)
+    n = len(ds)
+    for bs, world in ((n - 1, 1), (3, 1), (1, 1), ((n - 2) // 2, 2)):
+        sizes = [b.target.shape[0] for b in data_mod.iterate_batches(ds, bs, shuffle=True, world_size=world)]
+        assert len(sizes) == data_mod.num_train_steps(n, bs, world) > 0
+        assert min(sizes) >= min(2, bs)
+    assert data_mod.num_train_steps(n, n - 1, 1) == 1  # the one-sample remainder is dropped
+    assert data_mod.num_train_steps(n, n - 2, 1) == 2  # a two-sample one is kept
+
+
+def test_torchrec_engine_flag_errors_exit_2_under_python_m():
+    """Run as python -m din_fused.train, the file is also __main__: errors raised in the modules it
+    imports (torchrec_din's ConfigError) must still exit 2 with one line, not a traceback."""
+    pytest.importorskip("torchrec")  # (without it, the import error is the one line)
+    argv = [sys.executable, "-m", "din_fused.train", "--engine", "torchrec", "--model", "base"]
+    res = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == \
+        "python -m din_fused.train: error: --engine torchrec trains --model din only"
 
 
 def test_unwritable_metrics_out_fails_before_training(tmp_path, capsys):

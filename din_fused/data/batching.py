@@ -126,7 +126,8 @@ def iterate_batches(
     DDP's gradient average over ranks then equals the gradient of that whole
     global batch, and every rank runs the same number of steps (DDP requires
     it).  The last global batch is cut to a multiple of W, dropping at most W-1
-    samples per epoch (none when W=1).
+    samples per epoch (none when W=1), and dropped when that leaves each rank a
+    single sample while batches hold more (BatchNorm, in Dice, cannot train on one).
 
     Evaluation (``shuffle=False``): rank r takes samples r, r+W, ... in order, so
     the shards cover every sample exactly once; ranks may differ by one batch.
@@ -141,7 +142,7 @@ def iterate_batches(
         for lo in range(0, n, step):
             glob = perm[lo : lo + step]
             usable = glob.numel() - glob.numel() % world_size
-            if usable == 0:
+            if usable // world_size < min(2, batch_size):
                 break
             yield ds.batch(glob[:usable][rank::world_size], layout)
     else:
@@ -154,6 +155,6 @@ def num_train_steps(n: int, batch_size: int, world_size: int) -> int:
     """Number of batches :func:`iterate_batches` yields per rank with ``shuffle=True``."""
     step = batch_size * world_size
     full, rem = divmod(n, step)
-    return full + (1 if rem >= world_size else 0)
+    return full + (1 if rem // world_size >= min(2, batch_size) else 0)
 
 

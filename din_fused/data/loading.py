@@ -283,7 +283,7 @@ def synthetic_events(
     Context: ``slot`` 1..num_slots.
     """
     if num_users < 2 or num_items < 1 or num_categories < 1:
-        raise ValueError("synthetic data needs num_users >= 2, num_items >= 1, num_categories >= 1")
+        raise DataError("synthetic data needs num_users >= 2, num_items >= 1, num_categories >= 1")
     lo_k, hi_k = interests_per_user
     if not 1 <= lo_k <= hi_k <= num_categories:
         raise ValueError(

@@ -170,9 +170,9 @@ def split_by_user(
     ``seed`` and the user ids.
     """
     if not 0.0 < test_frac < 1.0:
-        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+        raise DataError(f"test_frac must be in (0, 1), got {test_frac}")
     if not 0.0 <= val_frac < 1.0 or val_frac + test_frac >= 1.0:
-        raise ValueError(
+        raise DataError(
             f"val_frac must be in [0, 1) with val_frac + test_frac < 1, got {val_frac}, {test_frac}"
         )
     users = torch.unique(ds.user)  # sorted
