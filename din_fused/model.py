@@ -276,9 +276,19 @@ class _EmbeddingMLP(nn.Module):
             raise ValueError(f"history must be [{b}, T, {self.num_attrs}], got {tuple(history.shape)}")
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be [{b}], got {tuple(lengths.shape)}")
-        if self.num_context and (context is None or context.shape != (b, self.num_context)):
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"lengths must be an int32/int64 tensor [{b}], got {lengths.dtype}")
+        self._check_context(context, b)
+
+    def _check_context(self, context: Tensor | None, rows: int) -> None:
+        if self.num_context and (context is None or context.shape != (rows, self.num_context)):
             got = None if context is None else tuple(context.shape)
-            raise ValueError(f"context must be [{b}, {self.num_context}], got {got}")
+            raise ValueError(f"context must be [{rows}, {self.num_context}], got {got}")
+        if not self.num_context and context is not None and (
+                not isinstance(context, Tensor) or context.dim() != 2 or context.shape[1] != 0):
+            got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"the model was built without context features (context_vocab empty), so "
+                             f"context must be None or [{rows}, 0], got {got}")
 
     def forward(
         self,
@@ -380,12 +390,12 @@ class _EmbeddingMLP(nn.Module):
         if row_seq is None:
             if s != r:
                 raise ValueError(f"without row_seq, offsets must be [R+1] = [{r + 1}], got [{s + 1}]")
+        elif row_seq.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"row_seq must be an int32/int64 tensor [{r}], got {row_seq.dtype}")
         elif row_seq.shape != (r,) or (check_data and r and (int(row_seq.min()) < 0
                                                             or int(row_seq.max()) >= s)):
             raise ValueError(f"row_seq must be [{r}] with values in [0, {s}), got {tuple(row_seq.shape)}")
-        if self.num_context and (context is None or context.shape != (r, self.num_context)):
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(f"context must be [{r}, {self.num_context}], got {got}")
+        self._check_context(context, r)
 
 
     # -- for the regulariser ---------------------------------------------- #

@@ -618,3 +618,23 @@ def test_index_add_lookup_only_where_it_applies():
         assert M._lookup(emb, idx).grad_fn is None
     emb.weight.requires_grad_(False)
     assert M._lookup(emb, idx).grad_fn is None
+
+
+@pytest.mark.parametrize("name", ["din-separate", "base-mean"])
+def test_model_inputs_of_the_wrong_kind_are_named(name):
+    """Lengths and row_seq must be integers (BaseModel pooled float lengths, and took a bool
+    row_seq as a mask), and context given to a model without context features is refused rather
+    than ignored; an empty [B, 0] context stays fine."""
+    m = models()[name].eval()
+    bare = DIN(VOCAB, (), 4) if name.startswith("din") else BaseModel(VOCAB, (), 4)
+    target, history, lengths, context = make_batch()
+    for bad in (lengths.double() + 0.5, lengths.bool()):
+        with pytest.raises(TypeError, match="lengths must be an int32/int64 tensor"):
+            m(target, history, bad, context)
+    with pytest.raises(ValueError, match="built without context features"):
+        bare.eval()(target, history, lengths, context)
+    assert bare(target, history, lengths, context[:, :0]).shape == (8,)
+    values = history[torch.arange(7)[None, :] < lengths[:, None]]
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    with pytest.raises(TypeError, match="row_seq must be an int32/int64 tensor"):
+        m.forward_jagged(target, values, offsets, context, torch.ones(8, dtype=torch.bool))
