@@ -586,13 +586,19 @@ class BaseModel(_EmbeddingMLP):
         the rows of ``row_seq``.
         """
         off = offsets.to(torch.int64)
+        # Summed with the tables' padding_idx, as the padded path's lookups: an id 0 among the
+        # values adds the zero row and trains nothing, yet counts in the mean's length (so the
+        # mean divides by the history's length here, where embedding_bag would not count it).
         pooled = torch.cat(
             [
-                F.embedding_bag(values[:, a], emb.weight, off, mode=self.pooling, include_last_offset=True)
+                F.embedding_bag(values[:, a], emb.weight, off, mode="sum", include_last_offset=True,
+                                padding_idx=emb.padding_idx)
                 for a, emb in enumerate(self.attr_embeddings)
             ],
             dim=1,
         )  # [S, A*E]
+        if self.pooling == "mean":
+            pooled = pooled / (off[1:] - off[:-1]).clamp(min=1).to(pooled.dtype).unsqueeze(1)
         return pooled if row_seq is None else pooled[row_seq]
 
 

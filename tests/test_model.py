@@ -638,3 +638,23 @@ def test_model_inputs_of_the_wrong_kind_are_named(name):
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     with pytest.raises(TypeError, match="row_seq must be an int32/int64 tensor"):
         m.forward_jagged(target, values, offsets, context, torch.ones(8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_base_jagged_pooling_treats_id_0_as_the_padded_path_does(pooling):
+    """An id 0 inside a history (the tables' padding_idx): the padded lookups add its zero row,
+    train nothing and count it in the mean's length; the jagged path (embedding_bag) must too."""
+    torch.manual_seed(0)
+    m = BaseModel(VOCAB, (), 3, pooling=pooling).double()
+    target = torch.tensor([[1, 1], [2, 3]])
+    hist = torch.tensor([[[0, 0], [5, 2], [0, 0]], [[7, 1], [0, 0], [0, 0]]])
+    lengths = torch.tensor([3, 1])
+    values, offsets = torch.cat([hist[0, :3], hist[1, :1]]), torch.tensor([0, 3, 4])
+    grads = []
+    for out in (m(target, hist, lengths), m.forward_jagged(target, values, offsets)):
+        m.zero_grad()
+        out.sum().backward()
+        grads.append([t.grad.clone() for t in m.attr_embeddings[0].parameters()])
+        assert not grads[-1][0][0].any()  # the padding row trains nothing
+    torch.testing.assert_close(m(target, hist, lengths), m.forward_jagged(target, values, offsets))
+    torch.testing.assert_close(grads[0], grads[1])
