@@ -218,10 +218,15 @@ class TorchRecDIN(nn.Module):
             raise ValueError(f"kjt keys must be {self.keys}, got {list(kjt.keys())}")
         emb = self.ec(kjt)
         queries, keys, offsets = [], [], None
+        check_rows = not torch.compiler.is_compiling()  # (a traced graph cannot branch on lengths)
+        for n in (*self.attr_names, *self.context_names):
+            # One id per row, row by row: lengths [2, 0, 1] have the right total but misalign rows.
+            f = emb[n]
+            misaligned = check_rows and bool((f.lengths() != 1).any())
+            if f.values().shape[0] != f.offsets().numel() - 1 or misaligned:
+                raise ValueError(f"feature {n!r} must hold exactly one id per row")
         for n in self.attr_names:
             q = emb[n]
-            if q.values().shape[0] != q.offsets().numel() - 1:
-                raise ValueError(f"feature {n!r} must hold exactly one id per row")
             h = emb[n + HIST_SUFFIX]
             queries.append(q.values())
             keys.append(h.values())

@@ -107,6 +107,13 @@ def test_bad_kjt_is_rejected():
     bad = type(kjt).from_lengths_sync(kjt.keys(), torch.ones(int(two.sum()), dtype=torch.int64), two)
     with pytest.raises(ValueError, match="exactly one id per row"):
         trd(bad)
+    # The right total, but rows misaligned: lengths [2, 0, 1, ...] for the first feature
+    lengths = torch.ones(len(kjt.keys()) * 8, dtype=torch.int64)
+    lengths[:2] = torch.tensor([2, 0])
+    ids = torch.ones(int(lengths.sum()), dtype=torch.int64)
+    shifted = type(kjt).from_lengths_sync(kjt.keys(), ids, lengths)
+    with pytest.raises(ValueError, match="exactly one id per row"):
+        trd(shifted)
 
 
 def test_initial_rows_do_not_depend_on_the_sharding():
