@@ -279,6 +279,23 @@ class _EmbeddingMLP(nn.Module):
         if lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"lengths must be an int32/int64 tensor [{b}], got {lengths.dtype}")
         self._check_context(context, b)
+        self._check_ids(target=target, history=history, context=context)
+
+    def _check_ids(self, **named: Tensor | None) -> None:
+        """Every id inside its table: [0, vocabulary size) per attribute (target, history, values)
+        or context feature, named in the error (the lookups' own says 'index out of range in
+        self').  Eager calls only: a traced graph cannot branch on data."""
+        if torch.compiler.is_compiling():
+            return
+        for name, ids in named.items():
+            if ids is None or ids.numel() == 0:
+                continue
+            tables = self.context_embeddings if name == "context" else self.attr_embeddings
+            lo, hi = torch.aminmax(ids.reshape(-1, ids.shape[-1]), dim=0)
+            for a, (emb, l, h) in enumerate(zip(tables, lo.tolist(), hi.tolist())):
+                if l < 0 or h >= emb.num_embeddings:
+                    raise ValueError(f"{name}[..., {a}] holds ids in [{l}, {h}], outside table {a}'s "
+                                     f"[0, {emb.num_embeddings})")
 
     def _check_context(self, context: Tensor | None, rows: int) -> None:
         if self.num_context and (context is None or context.shape != (rows, self.num_context)):
@@ -396,6 +413,7 @@ class _EmbeddingMLP(nn.Module):
                                                             or int(row_seq.max()) >= s)):
             raise ValueError(f"row_seq must be [{r}] with values in [0, {s}), got {tuple(row_seq.shape)}")
         self._check_context(context, r)
+        self._check_ids(target=target, values=values, context=context)
 
 
     # -- for the regulariser ---------------------------------------------- #

@@ -658,3 +658,26 @@ def test_base_jagged_pooling_treats_id_0_as_the_padded_path_does(pooling):
         assert not grads[-1][0][0].any()  # the padding row trains nothing
     torch.testing.assert_close(m(target, hist, lengths), m.forward_jagged(target, values, offsets))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_ids_outside_a_table_name_the_input(layout):
+    """An id of the vocabulary's size or a negative one: a ValueError naming the input and the
+    table, where the lookup said only 'index out of range in self'."""
+    m = models("fused")["din-separate"].eval()
+    target, history, lengths, context = make_batch()
+    values = history[torch.arange(7)[None, :] < lengths[:, None]]
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+    def run(t, h, v, c):
+        return m(t, h, lengths, c) if layout == "padded" else m.forward_jagged(t, v, offsets, c)
+
+    for name, idx, bad in (("target", (0, 0), VOCAB[0]), ("target", (2, 1), -1), ("context", (0, 0), CTX[0])):
+        t, c = target.clone(), context.clone()
+        (t if name == "target" else c)[idx] = bad
+        with pytest.raises(ValueError, match=rf"{name}\[\.\.\., {idx[1]}\] holds ids in .*outside table"):
+            run(t, history, values, c)
+    h, v = history.clone(), values.clone()
+    h[1, 0, 1], v[0, 1] = VOCAB[1], VOCAB[1]
+    with pytest.raises(ValueError, match=r"(history|values)\[\.\.\., 1\] holds ids"):
+        run(target, h, v, context)
