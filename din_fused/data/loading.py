@@ -162,7 +162,8 @@ def read_movielens_events(data_dir: str | os.PathLike) -> EventLog:
 
     Raises :class:`DataError` for a missing directory or file, a wrong header, a
     row with the wrong number of fields, a non-numeric value, a rating outside
-    0.5..5, a duplicate movieId, or a rating of a movie absent from movies.csv.
+    0..5 (MovieLens rates 0.5..5 in half stars; 0 is let through), a duplicate
+    movieId, or a rating of a movie absent from movies.csv.
     """
     d = Path(data_dir)
     if not d.is_dir():
