@@ -60,14 +60,21 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_at_least(lo: int, what: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _float_in(lo: float, lo_open: bool):
@@ -87,16 +94,6 @@ def _fraction(s: str, lo_open: bool = True) -> float:
     v = _float_in(0.0, lo_open)(s)
     if v >= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in {'(' if lo_open else '['}0, 1), got {s!r}")
-    return v
-
-
-def _nonnegative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
     return v
 
 
