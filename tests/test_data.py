@@ -291,3 +291,17 @@ def test_jagged_batches_hold_the_padded_batches_without_padding(shuffle):
         assert j.values.shape[0] == int(p.lengths.sum())
         assert torch.equal(j.values, p.history[valid])
     assert any(bool((p.lengths < p.history.shape[1]).any()) for p in padded)  # some rows were padded
+
+
+def test_event_log_refuses_labels_and_ids_it_would_misread():
+    """Labels outside {0, 1} (a 2 or a NaN would train as a click) and float ids (1.5 would
+    become user 1) are refused by name."""
+    ok = dict(user=np.array([1, 2]), attrs=np.array([[1, 1], [2, 1]]), label=np.array([0.0, 1.0], np.float32),
+              time=np.array([0, 1]), attr_names=("item", "cat"), attr_vocab=(3, 2))
+    D.EventLog(**ok)
+    bad = [(dict(label=np.array([0.0, 2.0], np.float32)), "label must hold 0 or 1, got 2"),
+           (dict(label=np.array([np.nan, 1.0], np.float32)), "label must hold 0 or 1, got nan"),
+           (dict(user=np.array([1.5, 2.0])), "user must hold integer ids")]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            D.EventLog(**{**ok, **change})

@@ -118,6 +118,12 @@ class EventLog:
         f = len(self.context_names)
         if self.context.ndim != 2 or self.context.shape[1] != f or len(self.context_vocab) != f:
             raise ValueError("EventLog.context must be [M, F] with one name and one vocab size per column")
+        if m and not np.all((self.label == 0) | (self.label == 1)):
+            bad = self.label[~((self.label == 0) | (self.label == 1))][0]
+            raise ValueError(f"EventLog.label must hold 0 or 1, got {bad}")
+        for name, ids in (("user", self.user), ("attrs", self.attrs), ("context", self.context)):
+            if ids.size and not np.issubdtype(np.asarray(ids).dtype, np.integer):
+                raise ValueError(f"EventLog.{name} must hold integer ids, got dtype {np.asarray(ids).dtype}")
 
 
 # --------------------------------------------------------------------------- #
