@@ -122,3 +122,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from din_fused.train import exit_past_process_group
+
+    exit_past_process_group(0)  # (a torch bug at interpreter exit after gloo: see there)

@@ -388,6 +388,7 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
     """
     from . import metrics as M
     from .train import (
+        PROCESS_GROUP_USED,
         ConfigError,
         TrainError,
         _check_metrics_out,
@@ -414,6 +415,7 @@ def run_torchrec(args, *, sharding: str = SHARDING_TYPE) -> dict:
     if own_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        PROCESS_GROUP_USED[0] = True
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         metrics_path = _check_metrics_out(args.metrics_out)

@@ -607,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if distributed and not dist.is_initialized():
         want_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        PROCESS_GROUP_USED[0] = True
     done = False
     try:
         if args.activation == "dice" and args.batch_size < 2:
@@ -660,6 +661,26 @@ def _reexec_with_passive_openmp() -> None:
     os.execv(sys.executable, argv)  # sys.orig_argv (Python >= 3.10) keeps interpreter flags
 
 
+# A process group (gloo or nccl) was made in this process: see exit_past_process_group.
+PROCESS_GROUP_USED = [False]
+
+
+def exit_past_process_group(code: int):
+    """Exit with ``code`` without Python's finalization, once a process group has been used.
+
+    Why: a torch bug.  Gloo's runloop threads release a finished collective's work, and with it
+    tensors that Python has seen (all_gather_object's), after the caller has returned; releasing
+    them takes the GIL.  When the interpreter is finalizing by then, the thread is ended inside
+    take_gil, and the forced unwind through a noexcept destructor calls std::terminate: SIGABRT,
+    "terminate called without an active exception", after all the work is done (a gdb backtrace:
+    ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
+    pthread_exit).  destroy_process_group does not join those threads.  It hit 1 run in ~55 of
+    bench/torchrec_scale.py, and CI several times.  Output is flushed first; nothing else is left."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     _reexec_with_passive_openmp()
     # main() of the module the package's other modules import (torchrec_din raises its
@@ -667,4 +688,7 @@ if __name__ == "__main__":
     # theirs escaped as a traceback instead of exiting 2.
     from din_fused import train as _train
 
-    sys.exit(_train.main())
+    code = _train.main()
+    if _train.PROCESS_GROUP_USED[0]:
+        _train.exit_past_process_group(code)
+    sys.exit(code)
