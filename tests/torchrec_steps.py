@@ -42,9 +42,9 @@ def main() -> None:
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(losses, fh)
-    # Every rank past its last collective before any tears gloo down: one CI run lost rank 0 to
-    # SIGABRT ("terminate called without an active exception") right after the steps, a teardown
-    # race of gloo's worker threads that 12 reruns did not reproduce.
+    # Every rank past its last collective before any tears the group down.  (The SIGABRT at exit
+    # that CI once saw here is a torch bug at interpreter finalization: see
+    # din_fused.train.exit_past_process_group, which the script ends with.)
     dist.barrier()
     dist.destroy_process_group()
 
