@@ -93,7 +93,7 @@ def _run(out: Path, row, point, seed, train_args, log) -> dict:
     t0 = time.perf_counter()
     r = T.run(args)
     log(
-        f"{name} {_point_name(point)} seed {seed}: validation AUC {r['val_auc']:.4f} "
+        f"{name} {_point_name(point)} seed {seed}: validation AUC {_val_key(r):.4f} "
         f"(best epoch {r['best_epoch']}/{r['epochs_run']}), {time.perf_counter() - t0:.0f} s"
     )
     return r
@@ -125,12 +125,12 @@ def summarize(results: dict[str, list[dict]], chosen: dict[str, dict]) -> dict:
     """Per row: mean/std of test AUC and GAUC over seeds, RelaImpr, and the paired comparison with row 0."""
     names = list(results)
     base = names[0]
-    b_auc = np.array([r["test_auc"] for r in results[base]])
-    b_gauc = np.array([r["test_gauc"] for r in results[base]])
+    b_auc = np.array([r["test_auc"] for r in results[base]], dtype=float)
+    b_gauc = np.array([r["test_gauc"] for r in results[base]], dtype=float)
     out = {}
     for name in names:
-        auc = np.array([r["test_auc"] for r in results[name]])
-        gauc = np.array([r["test_gauc"] for r in results[name]])
+        auc = np.array([r["test_auc"] for r in results[name]], dtype=float)
+        gauc = np.array([r["test_gauc"] for r in results[name]], dtype=float)
         row = {
             "chosen": chosen[name],
             "seeds": [r["config"]["seed"] for r in results[name]],
@@ -217,13 +217,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
         # Fail on a bad train flag or grid value now, not after the first hours of training.
         parsed = T.build_parser().parse_args(train_args)
-        for k, values in grid.items():
-            for v in values:
-                T.build_parser().parse_args([*train_args, f"--{k}", v])
+        runs = [parsed] + [T.build_parser().parse_args([*train_args, f"--{k}", v])
+                           for k, values in grid.items() for v in values]
     except ValueError as e:
         p.error(str(e))
     if parsed.engine != "native":
         p.error(f"--engine {parsed.engine}: the sweep trains with the default engine only")
+    if any(r.val_frac == 0 for r in runs):
+        p.error("--val-frac 0: the sweep chooses each row's settings on validation AUC, so it needs a "
+                "validation set")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out}: exists and is not a directory")
@@ -267,9 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _val_key(r: dict) -> float:
-    """Selection key: validation AUC, NaN ranked last."""
+    """Selection key: validation AUC, NaN (null once written) ranked last."""
     v = r["val_auc"]
-    return -math.inf if math.isnan(v) else v
+    return -math.inf if v is None or math.isnan(v) else v
 
 
 if __name__ == "__main__":

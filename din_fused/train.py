@@ -258,10 +258,23 @@ def _check_metrics_out(path: str | None) -> Path | None:
     return _check_writable("--metrics-out", path)
 
 
+def _json_value(x):
+    """x with every NaN or infinite float (an AUC of a one-class set, a std of one seed) as None:
+    JSON has no NaN, and json.dump would write a token that strict readers refuse."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_value(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_value(v) for v in x]
+    return x
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    """Write ``obj`` to ``path`` so readers see the old file or the whole new one, never a part.
+    Non-finite floats are written as null."""
     with atomic_write(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
+        json.dump(_json_value(obj), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
 
 
@@ -519,8 +532,10 @@ def run(args: argparse.Namespace) -> dict:
         predict(model, test_ds, eval_bs, device, rank, world_size, args.layout), world_size
     )
     g = M.group_auc(labels, probs, users)
-    val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size)
-    gv = M.group_auc(val[1], val[0], val[2])
+    val_auc = val_gauc = None  # no validation set (--val-frac 0): null in the metrics, not NaN
+    if len(val_ds):
+        val = _gather(predict(model, val_ds, eval_bs, device, rank, world_size, args.layout), world_size)
+        val_auc, val_gauc = M.auc(val[1], val[0]), M.group_auc(val[1], val[0], val[2]).weighted
     result = {
         "name": _model_name(args),
         "dataset": args.dataset,
@@ -530,8 +545,8 @@ def run(args: argparse.Namespace) -> dict:
         "attention_impl": args.attention_impl if args.model == "din" else None,
         "best_epoch": best_epoch,
         "epochs_run": len(epoch_losses),
-        "val_auc": M.auc(val[1], val[0]),
-        "val_gauc": gv.weighted,
+        "val_auc": val_auc,
+        "val_gauc": val_gauc,
         "val_auc_per_epoch": val_auc_per_epoch,
         "test_auc": M.auc(labels, probs),
         "test_gauc": g.weighted,
@@ -573,8 +588,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_results(r: dict) -> str:
-    """The end-of-run table printed by the CLI (the TorchRec engine has no validation part)."""
-    val = "val_auc" in r
+    """The end-of-run table printed by the CLI (the TorchRec engine and --val-frac 0 have no
+    validation part)."""
+    val = r.get("val_auc") is not None
     title = (
         f"{r['name']} on {r['dataset']}"
         + (f", {r['attention']} attention, {r['attention_impl']} op" if r["model"] == "din" else "")

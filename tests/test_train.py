@@ -280,6 +280,50 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def _strict_json(text):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_atomic_writes_non_finite_floats_as_null(tmp_path):
+    f = tmp_path / "m.json"
+    T.write_json_atomic(f, {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+    assert _strict_json(f.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None, "e": 2}}
+
+
+def test_no_validation_set_writes_null_validation_metrics(tmp_path, capsys):
+    f = tmp_path / "m.json"
+    code, out, err = run_main([*SMALL, "--synthetic-users", "60", "--epochs", "2", "--val-frac", "0",
+                               "--metrics-out", str(f)], capsys)
+    assert code == 0, err
+    m = _strict_json(f.read_text())
+    assert m["n_val"] == 0 and m["val_auc"] is None and m["val_gauc"] is None and m["val_auc_per_epoch"] == []
+    assert m["best_epoch"] == m["epochs_run"] == 2  # no early stopping without validation: the last epoch
+    assert 0.0 < m["test_auc"] < 1.0
+    assert "validation AUC" not in out and "test AUC" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--engine", "torchrec"], "default engine only"),
+    (["--val-frac", "0"], "needs a validation set"),
+    (["--grid", "val-frac=0.1,0"], "needs a validation set"),
+    (["--grid", "embedding-dim=4,x"], "embedding-dim"),
+])
+def test_sweep_refuses_bad_settings_before_training(tmp_path, capsys, argv, match):
+    from din_fused import sweep as S
+
+    with pytest.raises(SystemExit) as e:
+        S.main([*argv, "--out", str(tmp_path / "sw"), *SMALL])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        S.main(["--out", str(tmp_path / "file"), *SMALL])
+    assert "is not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(movielens_dir() is None, reason="ml-latest-small not found (set DIN_FUSED_DATA)")
 def test_real_movielens_base_one_epoch(tmp_path, capsys):
     f = tmp_path / "ml.json"
