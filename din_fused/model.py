@@ -33,6 +33,7 @@ table, so "this movie" means the same vector on both sides of the attention.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -672,9 +673,12 @@ class MiniBatchAwareL2:
     """
 
     def __init__(self, counts: Sequence[Tensor], lam: float):
-        if lam < 0:
-            raise ValueError(f"mba lambda must be >= 0, got {lam}")
-        self.lam = float(lam)
+        try:
+            self.lam = float(lam)
+        except (TypeError, ValueError):
+            raise TypeError(f"lam (the mba lambda) must be a number, got {type(lam).__name__}") from None
+        if not (math.isfinite(self.lam) and self.lam >= 0):  # NaN would turn every step's loss to NaN
+            raise ValueError(f"lam (the mba lambda) must be a finite number >= 0, got {lam!r}")
         self.inv_counts = [1.0 / c.to(torch.float32).clamp(min=1.0) for c in counts]
 
     def to(self, device) -> MiniBatchAwareL2:

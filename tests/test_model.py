@@ -248,8 +248,11 @@ def test_mba_regulariser_hand_computed():
     torch.testing.assert_close(g[3], 0.1 * torch.tensor([0.0, 4]) / 1)
     assert torch.all(g[[0, 2, 4]] == 0)
     assert MiniBatchAwareL2([counts], 0.0)([table], [ids]).item() == 0.0
-    with pytest.raises(ValueError, match=">= 0"):
-        MiniBatchAwareL2([counts], -1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam .*finite number >= 0"):
+            MiniBatchAwareL2([counts], bad)
+    with pytest.raises(TypeError, match="lam"):
+        MiniBatchAwareL2([counts], None)
     with pytest.raises(ValueError, match="tables"):
         reg([table, table], [ids, ids])
 
