@@ -795,20 +795,23 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         raise ValueError(
             f"{path}: not a din_fused checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})"
         )
-    config = dict(blob["config"])
-    name = config.pop("model")
-    model = (DIN if name == "din" else BaseModel)(**config)
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
-    vocab = None if blob["vocab"] is None else Vocab.from_state_dict(blob["vocab"])
-    return Checkpoint(
-        model,
-        vocab,
-        int(blob["max_len"]),
-        blob["metrics"],
-        tuple(blob["attr_names"]),
-        tuple(blob["context_names"]),
-    )
+    try:
+        config = dict(blob["config"])
+        name = config.pop("model")
+        model = (DIN if name == "din" else BaseModel)(**config)
+        model.load_state_dict(blob["state_dict"])
+        model.eval()
+        vocab = None if blob["vocab"] is None else Vocab.from_state_dict(blob["vocab"])
+        return Checkpoint(
+            model,
+            vocab,
+            int(blob["max_len"]),
+            blob["metrics"],
+            tuple(blob["attr_names"]),
+            tuple(blob["context_names"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing entry, a wrong tensor
+        raise ValueError(f"{path}: a damaged din_fused checkpoint ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> _EmbeddingMLP:

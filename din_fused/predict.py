@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from ._atomic import atomic_write
 from .model import Checkpoint, load_checkpoint
+from .train import ConfigError, _resolve_device
 
 __all__ = ["RequestError", "Scorer", "main"]
 
@@ -181,7 +182,9 @@ def run(
     skipped = 0
     total_bytes = input_path.stat().st_size if input_path.is_file() else None
 
-    with open(input_path, encoding="utf-8") as fin:
+    # Read as bytes and decode line by line, so that text that is not UTF-8 is a malformed line
+    # with its number (skipped under skip_malformed), not an error about the whole file.
+    with open(input_path, "rb") as fin:
         bar = tqdm(
             total=total_bytes,
             unit="B",
@@ -193,11 +196,15 @@ def run(
 
         def requests() -> Iterator[tuple[int, dict]]:
             nonlocal skipped
-            for line_no, text in enumerate(fin, start=1):
-                bar.update(len(text.encode("utf-8")))
-                if not text.strip():
-                    continue
+            for line_no, raw in enumerate(fin, start=1):
+                bar.update(len(raw))
                 try:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise RequestError(f"line {line_no}: not UTF-8 text (byte {e.start + 1})") from None
+                    if not text.strip():
+                        continue
                     yield line_no, scorer.parse(text, line_no)
                 except RequestError:
                     if not skip_malformed:
@@ -237,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--skip-malformed", action="store_true", help="skip malformed lines (counted) instead of failing"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -251,13 +258,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        scorer = Scorer(load_checkpoint(args.model), args.device)
+        device = _resolve_device(args.device, 0)
+    except ConfigError as e:
+        p.error(str(e))
+    try:
+        scorer = Scorer(load_checkpoint(args.model), device)
+    except (ValueError, FileNotFoundError) as e:  # the messages name the file
+        print(f"{PROG}: error: --model: {e}", file=sys.stderr)
+        return 2
+    try:
         counts = run(
             scorer, inp, out, batch_size=args.batch_size, skip_malformed=args.skip_malformed,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as e:  # RequestError is a ValueError
-        print(f"{PROG}: error: {inp if isinstance(e, RequestError) else args.model}: {e}", file=sys.stderr)
+    except RequestError as e:
+        print(f"{PROG}: error: {inp}: {e}", file=sys.stderr)
         return 2
     u = counts["unknown_ids"]
     print(

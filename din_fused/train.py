@@ -221,6 +221,8 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
         if dev.index is None:
             # Under torchrun each process takes its own GPU.
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -159,3 +159,44 @@ def test_progress_and_bad_paths(ml_model, tmp_path, capsys):
     assert P.main(["--model", str(ckpt), "--input", str(tmp_path / "x"), "--output", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert P.main(["--model", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "a" / "b")]) == 2
+
+
+def test_a_line_that_is_not_utf8_is_a_malformed_line(ml_model, tmp_path, capsys):
+    ckpt, _ = ml_model
+    good = json.dumps({"history": [10], "candidates": [20]}).encode()
+    inp = tmp_path / "req.jsonl"
+    inp.write_bytes(good + b"\n" + b'{"history": [10], "candidates": [20], "note": "caf\xe9"}\n' + good + b"\n")
+    out = tmp_path / "o.jsonl"
+    argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress"]
+    assert P.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}: line 2: not UTF-8 text (byte 51)" in err and str(ckpt) not in err
+    assert not out.exists()
+    assert P.main([*argv, "--skip-malformed"]) == 0
+    assert "skipped 1 malformed line(s)" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_damaged_checkpoints_and_bad_devices_exit_2_with_one_line(ml_model, tmp_path, capsys):
+    ckpt, _ = ml_model
+    inp = write_lines(tmp_path / "req.jsonl", [{"history": [10], "candidates": [20]}])
+    out = tmp_path / "o.jsonl"
+    blob = torch.load(ckpt, weights_only=True)
+    damaged = {
+        "no_config": {k: v for k, v in blob.items() if k != "config"},
+        "short_state": {**blob, "state_dict": dict(list(blob["state_dict"].items())[:-1])},
+        "bad_config": {**blob, "config": {**blob["config"], "embedding_dim": "four"}},
+    }
+    for name, b in damaged.items():
+        torch.save(b, tmp_path / f"{name}.pt")
+        code = P.main(["--model", str(tmp_path / f"{name}.pt"), "--input", str(inp), "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--model: {tmp_path / name}.pt: a damaged din_fused checkpoint" in err, err
+        assert "Traceback" not in err
+    argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress"]
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"]) + [f"cuda:{torch.cuda.device_count()}"]
+    for dev in bad:
+        with pytest.raises(SystemExit) as e:
+            P.main([*argv, "--device", dev])
+        assert e.value.code == 2 and "--device" in capsys.readouterr().err
+    assert not out.exists()
