@@ -288,12 +288,18 @@ class _EmbeddingMLP(nn.Module):
         self').  Eager calls only: a traced graph cannot branch on data."""
         if torch.compiler.is_compiling():
             return
-        for name, ids in named.items():
-            if ids is None or ids.numel() == 0:
-                continue
+        named = {k: v for k, v in named.items() if v is not None and v.numel()}
+        if not named:
+            return
+        # Every column's min and max in one tensor, read back once: on CUDA one sync a call.
+        bounds = torch.cat([torch.stack(torch.aminmax(v.reshape(-1, v.shape[-1]), dim=0)).long()
+                            for v in named.values()], dim=1).tolist()
+        col = 0
+        for name in named:
             tables = self.context_embeddings if name == "context" else self.attr_embeddings
-            lo, hi = torch.aminmax(ids.reshape(-1, ids.shape[-1]), dim=0)
-            for a, (emb, l, h) in enumerate(zip(tables, lo.tolist(), hi.tolist())):
+            for a, emb in enumerate(tables):
+                l, h = bounds[0][col], bounds[1][col]
+                col += 1
                 if l < 0 or h >= emb.num_embeddings:
                     raise ValueError(f"{name}[..., {a}] holds ids in [{l}, {h}], outside table {a}'s "
                                      f"[0, {emb.num_embeddings})")
