@@ -165,7 +165,8 @@ def test_a_line_that_is_not_utf8_is_a_malformed_line(ml_model, tmp_path, capsys)
     ckpt, _ = ml_model
     good = json.dumps({"history": [10], "candidates": [20]}).encode()
     inp = tmp_path / "req.jsonl"
-    inp.write_bytes(good + b"\n" + b'{"history": [10], "candidates": [20], "note": "caf\xe9"}\n' + good + b"\n")
+    latin1 = b'{"history": [10], "candidates": [20], "note": "caf\xe9"}'
+    inp.write_bytes(b"\n".join([good, latin1, good, b""]))
     out = tmp_path / "o.jsonl"
     argv = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress"]
     assert P.main(argv) == 2

@@ -434,6 +434,27 @@ def test_aoti_jagged_history(shared, tmp_path):
 
 
 @needs_serving_torch
+def test_aoti_package_checks_inputs_under_torchs_switch(tmp_path, monkeypatch):
+    """A package does not check its inputs by default (an int32 offsets is misread as int64,
+    docs/serving.md); with AOTI_RUNTIME_CHECK_INPUTS=1 in the serving process, read at the
+    package's first call, a dtype or a fixed size that differs from the export's is refused."""
+    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    m, ep = jagged_scorer(True)
+    runner = torch._inductor.aoti_load_package(serving.aoti_package(ep, tmp_path / "checked.pt2"))
+    (q, v), kw = jagged_inputs(7, [4, 0, 9], True, 7)
+    with torch.no_grad():
+        assert_close_rel(runner(q, v, **kw), m(q, v, **kw))
+        for args, kwargs, match in (
+            ((q, v), {**kw, "offsets": kw["offsets"].int()}, "unmatched dtype"),
+            ((q, v), {**kw, "row_seq": kw["row_seq"].int()}, "unmatched dtype"),
+            ((q.double(), v), kw, "unmatched dtype"),
+            ((q[:, :5], v[:, :5]), kw, "unmatched dim value at 1, expected: 8"),
+        ):
+            with pytest.raises(RuntimeError, match=match):
+                runner(*args, **kwargs)
+
+
+@needs_serving_torch
 @pytest.mark.parametrize("shared", [False, True])
 def test_onnx_jagged_onnxruntime(shared, tmp_path):
     pytest.importorskip("onnx")
