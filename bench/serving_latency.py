@@ -10,7 +10,9 @@
 2. Inference latency: one user with T=50 behaviours scored against C=100 candidates, D=36,
    H=(80, 40), sigmoid. DeepCTR-Torch and the fused op on the history tiled C times (what a
    padded API makes the caller build, tiling included in the timed call), and the fused shared
-   path (the history stored once, ``row_seq``). Median of interleaved rounds.
+   path (the history stored once, ``row_seq``). Median of interleaved rounds. Then the fused
+   shared path and DeepCTR-Torch on the same call with ReLU, PReLU and Dice, and with
+   DeepCTR-Torch's own DIN default for the attention unit (Dice, H=(64, 16)).
 
 DeepCTR-Torch's and the eager reference's multi-MB temporaries go back to the OS when freed
 (glibc's defaults), and each call faults them in again: 220k to 990k minor faults in 500
@@ -130,12 +132,12 @@ def small_call(rounds: int, calls: int) -> dict:
     return _timed_best(fns, rounds, calls)
 
 
-def user_calls() -> dict:
+def user_calls(activation: str = "sigmoid", hidden: tuple = (80, 40)) -> dict:
     """provider -> a call scoring C candidates against one T-long history (eval): the fused
     shared path, and the fused, eager reference and DeepCTR-Torch modules on the history
     tiled C times (tiling in the call, as a padded API makes the caller do)."""
     T, C, D = USER["T"], USER["C"], USER["D"]
-    mods = cases.ProviderSet(cases.Case(B=C, T=T, D=D, lengths="full"))
+    mods = cases.ProviderSet(cases.Case(B=C, T=T, D=D, lengths="full", activation=activation, hidden=hidden))
     g = torch.Generator().manual_seed(3)
     hist = torch.randn(T, D, generator=g)
     cand = torch.randn(C, 1, D, generator=g)
@@ -155,13 +157,21 @@ def user_calls() -> dict:
     return fns
 
 
-def user_latency(rounds: int, calls: int) -> dict:
-    """provider -> seconds per call of user_calls(), one entry per interleaved round."""
-    fns = user_calls()
+# The latency case's other rows: the activations besides sigmoid, and DeepCTR-Torch's DIN default.
+OTHER_USER_CASES = (("relu", (80, 40)), ("prelu", (80, 40)), ("dice", (80, 40)), ("dice", (64, 16)))
+
+
+def user_latency(rounds: int, calls: int, providers: tuple = USER_PROVIDERS, **case) -> dict:
+    """provider -> seconds per call of user_calls(**case), one entry per interleaved round,
+    for those of providers that exist."""
+    every = user_calls(**case)
+    fns = {k: f for k, f in every.items() if k in providers}
     times = {k: [] for k in fns}
     with torch.no_grad():
-        shared, padded = (fns[k]() for k in USER_PROVIDERS[:2])
-        assert torch.allclose(shared, padded, rtol=1e-5, atol=1e-6), "shared and tiled paths disagree"
+        shared = every[USER_PROVIDERS[0]]()
+        for k in USER_PROVIDERS[1:]:  # the same weights (and Dice statistics) everywhere
+            if k in every:
+                assert torch.allclose(every[k](), shared, rtol=1e-4, atol=1e-5), f"{k} disagrees"
         for _ in range(rounds):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
@@ -216,6 +226,18 @@ def main() -> int:
                   f"of {len(per_round)} rounds.",
                   "", cases.ratio_bound(cases.Case(B=C, T=T, D=USER["D"]), C * T, 5.0, dc, s,
                                         report.fma_peak_gflops(torch.get_num_threads()))]
+    shared_c, deepctr_c = USER_PROVIDERS[0], USER_PROVIDERS[3]
+    if dc is not None:
+        lines += ["", "#### The same call with the other activations, and with DeepCTR-Torch's own DIN "
+                  f"default (Dice, H=(64, 16)); median of {a.rounds} rounds of 20 calls", "",
+                  "| activation, H | fused shared, ms | DeepCTR-Torch, ms | DeepCTR-Torch / fused "
+                  "| rounds >= 5x |", "|---|---:|---:|---:|---:|"]
+        for act, hidden in OTHER_USER_CASES:
+            r = user_latency(a.rounds, 20, (shared_c, deepctr_c), activation=act, hidden=hidden)
+            ms, md = statistics.median(r[shared_c]), statistics.median(r[deepctr_c])
+            hits = sum(d / u >= 5 for d, u in zip(r[deepctr_c], r[shared_c]))
+            lines.append(f"| {act}, {hidden} | {ms * 1e3:.3f} | {md * 1e3:.3f} | {md / ms:.1f}x | "
+                         f"{hits} of {a.rounds} |")
     text = "\n".join(lines) + "\n"
     print(text)
     cases.write_markdown(text, a.out, "serving")
