@@ -757,6 +757,7 @@ def save(
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"save: expected a DIN or BaseModel, got {type(model).__name__}")
+    _check_names(model, vocab, attr_names, context_names)
     if metrics is not None:
         metrics = _plain(metrics)
     blob = {
@@ -771,6 +772,22 @@ def save(
     }
     with atomic_write(path, "wb") as fh:
         torch.save(blob, fh)
+
+
+def _check_names(model: _EmbeddingMLP, vocab: Vocab | None, attr_names: Sequence[str],
+                 context_names: Sequence[str]) -> None:
+    """The names and the vocabulary describe the model's columns: predict maps a request's context
+    by these names, and the vocabulary's item attributes and context tables by position."""
+    a, f = model.num_attrs, model.num_context
+    if len(context_names) != f:
+        raise ValueError(f"context_names must name the model's {f} context feature(s), "
+                         f"got {list(context_names)}")
+    if attr_names and len(attr_names) != a:
+        raise ValueError(f"attr_names must name the model's {a} attribute(s) (or be empty), "
+                         f"got {list(attr_names)}")
+    if vocab is not None and (vocab.item_attrs.shape[1] != a or len(vocab.context_raw) != f):
+        raise ValueError(f"vocab has {vocab.item_attrs.shape[1]} item attribute(s) and "
+                         f"{len(vocab.context_raw)} context table(s); the model has {a} and {f}")
 
 
 def _plain(obj):
@@ -808,7 +825,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         model.load_state_dict(blob["state_dict"])
         model.eval()
         vocab = None if blob["vocab"] is None else Vocab.from_state_dict(blob["vocab"])
-        return Checkpoint(
+        ckpt = Checkpoint(
             model,
             vocab,
             int(blob["max_len"]),
@@ -816,6 +833,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
             tuple(blob["attr_names"]),
             tuple(blob["context_names"]),
         )
+        _check_names(model, vocab, ckpt.attr_names, ckpt.context_names)
+        return ckpt
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing entry, a wrong tensor
         raise ValueError(f"{path}: a damaged din_fused checkpoint ({type(e).__name__}: {e})") from None
 

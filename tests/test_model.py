@@ -327,6 +327,20 @@ def test_save_load_predicts_bitwise_the_same(tmp_path, activation):
         load(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load(tmp_path / "missing.pt")
+    # Names and vocabulary that do not describe the model's columns: refused on save, and on load
+    # (a file written without the check: predict maps request context by these names).
+    no_context = Vocab(vocab.item_raw, vocab.item_attrs)
+    for kw, match in (({"context_names": ()}, "context_names must name the model's 1"),
+                      ({"attr_names": ("item",)}, "attr_names must name the model's 2"),
+                      ({"vocab": no_context}, "vocab has 2 item attribute.*0 context")):
+        args = {"vocab": vocab, "max_len": 7, "attr_names": ("item", "category"), "context_names": ("slot",)}
+        with pytest.raises(ValueError, match=match):
+            save(m, tmp_path / "bad.pt", **{**args, **kw})
+        assert not (tmp_path / "bad.pt").exists()
+    blob = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    torch.save({**blob, "context_names": []}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="damaged din_fused checkpoint.*context_names must name"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 @pytest.mark.parametrize("name", ["din-separate", "din-concat", "base-sum"])
