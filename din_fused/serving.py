@@ -309,8 +309,28 @@ def export(model: torch.nn.Module, args: tuple, dynamic_shapes=None, kwargs: dic
         context = len(args) > 4 and args[4] is not None
         dynamic_shapes = din_jagged_dynamic_shapes(model.shared, context)[:len(args)]
     elif dynamic_shapes is None and _is_din_like(model, args):
-        dynamic_shapes = din_dynamic_shapes(context=len(args) == 4)
+        context = len(args) == 4 and args[3] is not None
+        dynamic_shapes = din_dynamic_shapes(context=context)
+        if len(args) == 4 and not context:
+            dynamic_shapes += (None,)  # context=None: no input, no dims
+        args = _widened(args)
     return torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+
+
+def _widened(args: tuple) -> tuple:
+    """A padded DIN example of at least 2 rows and 2 positions.  torch.export specialises a
+    dynamic dim whose example size is 0 or 1, so a one-row or one-behaviour example would fail
+    with an error about marking dims dynamic.  The example only guides tracing: the rows and
+    positions added are padding (id 0, length 0) and change nothing in the program."""
+    target, history, lengths, *rest = args
+    b, t = history.shape[0], history.shape[1]
+    if t < 2:
+        history = torch.cat([history, history.new_zeros(b, 2 - t, history.shape[2])], dim=1)
+    if b < 2:
+        def pad(x):
+            return None if x is None else torch.cat([x, x.new_zeros(2 - b, *x.shape[1:])])
+        target, history, lengths, *rest = (pad(x) for x in (target, history, lengths, *rest))
+    return (target, history, lengths, *rest)
 
 
 def _is_din_like(model, args) -> bool:
@@ -360,7 +380,8 @@ def onnx_export(model_or_ep, path: str | Path, args: tuple | None = None, dynami
         _needs_newer_torch("serving.onnx_export", "the ONNX exporter of older torch takes no ExportedProgram "
                            "(2.4) or fails on the model's batch norm (2.5, 2.6)")
     if _is_din_like(model_or_ep, args):
-        input_names = input_names or ["target", "history", "lengths", "context"][:len(args)]
+        input_names = input_names or [n for n, a in zip(("target", "history", "lengths", "context"), args)
+                                      if a is not None]
         output_names = output_names or ["logit"]
     elif isinstance(model_or_ep, JaggedDIN):  # its inputs take forward's names already
         output_names = output_names or ["logit"]

@@ -235,6 +235,29 @@ def test_export_fused_module_dynamic_batch_and_length(masking, tmp_path):
         assert torch.equal(got, e)
 
 
+@needs_serving_torch
+def test_export_din_from_one_row_or_one_behaviour_and_without_context():
+    """serving.export's default dims are dynamic whatever the example: one row, one behaviour
+    or none (which torch.export alone would specialise) are widened with padding for tracing;
+    and context=None as a fourth input (a model without context) exports."""
+    model = trained_model("dice-separate")
+    batches = [din_inputs(B, T, B + T) for B, T in SHAPES]
+    with torch.no_grad():
+        eager = [model(*x) for x in batches]
+        for B, T in ((1, 5), (3, 1), (3, 0), (1, 0)):
+            example = din_inputs(B, T, 0)
+            ep = serving.export(model, example)
+            assert example[1].shape == (B, T, 2)  # the caller's tensors are left alone
+            for x, e in zip(batches, eager):
+                assert torch.equal(ep.module()(*x), e), (B, T)
+        torch.manual_seed(0)
+        plain = DIN((30, 8), embedding_dim=8, att_hidden_units=(16, 8)).eval()
+        t, h, lengths, _ = din_inputs(3, 4, 1)
+        ep = serving.export(plain, (t, h, lengths, None))
+        for x in batches:
+            assert torch.equal(ep.module()(*x[:3], None), plain(*x[:3]))
+
+
 def test_export_din_save_load_fresh_process_bitwise(trained_dice, tmp_path):
     model = trained_dice
     ep = serving.export(model, din_inputs(6, 7, 0))
@@ -382,6 +405,26 @@ def jagged_scorer(shared: bool) -> tuple[FusedDINAttention, torch.export.Exporte
             layer.alpha.normal_(0.2, 0.3)
     args, kwargs = jagged_inputs(5, [3, 0, 5, 2], shared, 0)
     return m, serving.export(m, args, serving.jagged_dynamic_shapes(shared), kwargs=kwargs)
+
+
+@needs_serving_torch
+def test_onnx_export_from_a_one_row_example_without_context(tmp_path):
+    """A model without context exported from a one-row, one-behaviour example with context=None:
+    three named inputs, batch and length still dynamic under onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    plain = DIN((30, 8), embedding_dim=8, att_hidden_units=(16, 8)).eval()
+    t, h, lengths, _ = din_inputs(1, 1, 0)
+    serving.onnx_export(plain, tmp_path / "plain.onnx", (t, h, lengths, None))
+    sess = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == ["target", "history", "lengths"]
+    for B, T in SHAPES:
+        x = din_inputs(B, T, seed=B)[:3]
+        (got,) = sess.run(None, {n: v.numpy() for n, v in zip(names, x)})
+        with torch.no_grad():
+            assert_close_rel(torch.from_numpy(got), plain(*x))
 
 
 @pytest.mark.parametrize("shared", [False, True])
