@@ -64,9 +64,10 @@ def _check(labels, scores, users=None):
         return y, s
     u = _as_1d("users", users, None)
     if u.dtype.kind == "f":  # whole numbers only: 1.2 and 1.7 are not one user
-        if not np.all(u == np.round(u)):
-            bad = u[u != np.round(u)][0]
-            raise ValueError(f"users must be integer ids, got {bad}")
+        # Past 2**63 (and at +-inf) the cast to int64 would make every such id the same one.
+        bad = (u != np.round(u)) | ~(np.abs(u) < 2.0**63)
+        if bad.any():
+            raise ValueError(f"users must be integer ids within int64, got {u[bad][0]}")
         u = u.astype(np.int64)
     elif u.dtype.kind not in "iubUS":
         raise ValueError(f"users must be integer (or string) ids, got dtype {u.dtype}")
@@ -151,8 +152,12 @@ def gauc(labels, scores, users, weighted: bool = True) -> float:
 
 
 def log_loss(labels, probs, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy of probabilities ``probs`` [N] (clipped to [eps, 1-eps])."""
+    """Mean binary cross-entropy of probabilities ``probs`` [N] in [0, 1] (clipped to [eps, 1-eps]).
+    Values outside [0, 1] are refused: logits passed by mistake would clip to a near-zero loss."""
     y, p = _check(labels, probs)
+    if y.size and not (p.min() >= 0.0 and p.max() <= 1.0):
+        raise ValueError(f"probs must be probabilities in [0, 1] (pass sigmoid(logits)), got values in "
+                         f"[{p.min()}, {p.max()}]")
     if y.size == 0:
         return float("nan")
     p = np.clip(p, eps, 1.0 - eps)

@@ -109,6 +109,10 @@ def test_log_loss_hand_computed():
     assert M.log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
     # Clipping keeps a confident mistake finite.
     assert math.isfinite(M.log_loss([1], [0.0]))
+    # Logits passed for probabilities would clip to a near-perfect loss: refused.
+    for bad in ([2.0, -1.0], [0.5, 1.0 + 1e-9]):
+        with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\]"):
+            M.log_loss([1, 0], bad)
 
 
 def test_relaimpr_matches_paper_table3():
@@ -143,8 +147,12 @@ def test_gauc_user_ids_are_never_merged_by_a_cast():
     """Float ids that are not whole numbers are refused (a cast to int merged 1.2 and 1.7 into one
     user); whole floats, strings and tensors group like the integers they stand for."""
     y, s = [0, 1, 0, 1], [0.1, 0.9, 0.8, 0.2]
-    with pytest.raises(ValueError, match="users must be integer ids, got 1.2"):
+    with pytest.raises(ValueError, match="users must be integer ids within int64, got 1.2"):
         M.gauc(y, s, [1.2, 1.7, 2.2, 2.7])
+    # Past int64 (and at +-inf) every id would cast to one: refused, not merged.
+    for big in ([1e30, 1e30, 2e30, 2e30], [math.inf, math.inf, -math.inf, -math.inf], [1, 1, math.nan, 2]):
+        with pytest.raises(ValueError, match="within int64"):
+            M.gauc(y, s, big)
     want = M.gauc(y, s, [1, 1, 2, 2])
     for users in ([1.0, 1.0, 2.0, 2.0], ["a", "a", "b", "b"], torch.tensor([1, 1, 2, 2])):
         assert M.gauc(y, s, users) == want
