@@ -239,6 +239,25 @@ def test_iterate_batches_shards():
     assert sum(b.label.numel() for rk in ranks for b in rk) >= n - 1
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"rank": 2, "world_size": 2}, r"rank must be in \[0, world_size\) = \[0, 2\), got 2"),
+    ({"rank": -1, "world_size": 2}, "rank must be an int >= 0"),
+    ({"world_size": 0}, "world_size must be an int >= 1"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"batch_size": -4}, "batch_size must be an int >= 1"),
+    ({"batch_size": 2.0}, "batch_size must be an int"),
+])
+def test_iterate_batches_refuses_bad_arguments_when_called(kw, match):
+    """A rank outside [0, world_size) read another rank's shard (or, negative, wrapped to the end);
+    a batch_size below 1 yielded nothing. Refused at the call, before any batch."""
+    ds = D.make_synthetic(num_users=10, seed=1, max_len=4)
+    args = {"batch_size": 4, **kw}
+    for shuffle in (False, True):
+        with pytest.raises(ValueError, match=match):
+            D.iterate_batches(ds, shuffle=shuffle, **args)
+    assert len(list(D.iterate_batches(ds, np.int64(4), shuffle=False))) == -(-len(ds) // 4)
+
+
 def test_id_counts_count_samples_containing_the_id(tmp_path):
     # One user: movies 10, 20, 10 (again), 30 -> ids 1, 2, 1, 3.  Samples and the ids they contain:
     #   target 1, history []      -> {1}

@@ -12,6 +12,7 @@ Two layouts of the same samples:
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -134,6 +135,18 @@ def iterate_batches(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    # Checked here, not at the first batch: a rank outside [0, world_size) would read another
+    # rank's shard (or, negative, start from the end), and a batch_size < 1 would yield nothing.
+    for name, v, lo in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
+    return _batches(ds, batch_size, shuffle, seed, rank, world_size, layout)
+
+
+def _batches(ds: SequenceDataset, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int,
+             layout: str):
     n = len(ds)
     if shuffle:
         g = torch.Generator().manual_seed(int(seed))
