@@ -320,7 +320,14 @@ def test_event_log_refuses_labels_and_ids_it_would_misread():
     D.EventLog(**ok)
     bad = [(dict(label=np.array([0.0, 2.0], np.float32)), "label must hold 0 or 1, got 2"),
            (dict(label=np.array([np.nan, 1.0], np.float32)), "label must hold 0 or 1, got nan"),
-           (dict(user=np.array([1.5, 2.0])), "user must hold integer ids")]
+           (dict(user=np.array([1.5, 2.0])), "user must hold integer ids"),
+           # A -1 user was split with the largest id's part; ids outside a table read other rows.
+           (dict(user=np.array([-1, 2])), "user must hold ids >= 0, got -1"),
+           (dict(attrs=np.array([[1, 1], [3, 1]])),
+            r"attrs\[:, 0\] \(item\) must hold ids in \[1, 3\), got \[1, 3\]"),
+           (dict(attrs=np.array([[1, 0], [2, 1]])), r"attrs\[:, 1\] \(cat\) must hold ids in \[1, 2\)"),
+           (dict(context=np.array([[1], [5]]), context_names=("slot",), context_vocab=(5,)),
+            r"context\[:, 0\] \(slot\) must hold ids in \[1, 5\)")]
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             D.EventLog(**{**ok, **change})

@@ -124,6 +124,17 @@ class EventLog:
         for name, ids in (("user", self.user), ("attrs", self.attrs), ("context", self.context)):
             if ids.size and not np.issubdtype(np.asarray(ids).dtype, np.integer):
                 raise ValueError(f"EventLog.{name} must hold integer ids, got dtype {np.asarray(ids).dtype}")
+        # Out-of-range ids would index other users' parts in split_by_user (a -1 is the largest id)
+        # or other rows of the tables.
+        if m and self.user.min() < 0:
+            raise ValueError(f"EventLog.user must hold ids >= 0, got {self.user.min()}")
+        for name, ids, sizes, names in (("attrs", self.attrs, self.attr_vocab, self.attr_names),
+                                        ("context", self.context, self.context_vocab, self.context_names)):
+            for c in range(ids.shape[1] if m else 0):
+                lo, hi = ids[:, c].min(), ids[:, c].max()
+                if lo < 1 or hi >= sizes[c]:
+                    raise ValueError(f"EventLog.{name}[:, {c}] ({names[c]}) must hold ids in "
+                                     f"[1, {sizes[c]}), got [{lo}, {hi}]")
 
 
 # --------------------------------------------------------------------------- #
