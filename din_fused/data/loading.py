@@ -140,6 +140,12 @@ class EventLog:
 # --------------------------------------------------------------------------- #
 # MovieLens
 # --------------------------------------------------------------------------- #
+def _check_int64(v: int, name: str, path: Path, line: int) -> None:
+    """The ids and times end in int64 arrays, where a larger int raises a bare OverflowError."""
+    if not -(2**63) <= v < 2**63:
+        raise DataError(f"{path}: line {line}: {name} {v} does not fit in int64")
+
+
 def default_movielens_dir() -> Path | None:
     """Where to find ml-latest-small when no directory is given, or None.
 
@@ -206,6 +212,7 @@ def read_movielens_events(data_dir: str | os.PathLike) -> EventLog:
                 mid = int(row[0])
             except ValueError:
                 raise DataError(f"{movies_path}: line {line}: movieId {row[0]!r} is not an integer") from None
+            _check_int64(mid, "movieId", movies_path, line)
             if mid in movie_index:
                 raise DataError(f"{movies_path}: line {line}: duplicate movieId {mid}")
             genre = row[2].split("|")[0].strip() or "(no genres listed)"
@@ -233,6 +240,8 @@ def read_movielens_events(data_dir: str | os.PathLike) -> EventLog:
                 uid, mid, rating, ts = int(row[0]), int(row[1]), float(row[2]), int(row[3])
             except ValueError:
                 raise DataError(f"{ratings_path}: line {line}: non-numeric value in {row!r}") from None
+            for name, v in (("userId", uid), ("timestamp", ts)):  # a movieId is matched against movies.csv
+                _check_int64(v, name, ratings_path, line)
             if not (math.isfinite(rating) and 0.0 <= rating <= 5.0):
                 raise DataError(f"{ratings_path}: line {line}: rating {row[2]!r} outside 0..5")
             midx = movie_index.get(mid)
