@@ -99,7 +99,8 @@ def test_load_movielens_info(tmp_path):
          r"ratings.csv: line 3: userId 9+ does not fit in int64"),
         ("userId,movieId,rating,timestamp\n1,10,4.0," + "9" * 20 + "\n", MOVIES,
          r"line 2: timestamp 9+ does not fit in int64"),
-        (RATINGS, "movieId,title,genres\n" + "9" * 20 + ",A,Drama\n", r"movies.csv: line 2: movieId 9+ does not fit"),
+        (RATINGS, "movieId,title,genres\n" + "9" * 20 + ",A,Drama\n",
+         r"movies.csv: line 2: movieId 9+ does not fit"),
         (
             RATINGS,
             "movieId,title,genres\n10,A,Drama\n10,B,Drama\n",
