@@ -139,7 +139,7 @@ def din_attention_p(query: Tensor, keys: Tensor, lengths: Tensor | None = None, 
     """din_attention with the parameters as one MLPParams bundle."""
     query, keys = _autocast(query, keys)
     check_inputs(query, keys, lengths, mask, params, normalization, scale, query_3d=True)
-    _check_transforms(query, keys, *_param_tensors(params))
+    _check_transforms(query, keys, lengths, mask, *_param_tensors(params))
     B, T, _ = keys.shape
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
@@ -202,7 +202,7 @@ def din_attention_jagged_p(query: Tensor, values: Tensor, offsets: Tensor, row_s
     """din_attention_jagged with the parameters as one MLPParams bundle."""
     query, values = _autocast(query, values)
     check_jagged_inputs(query, values, offsets, row_seq, params, normalization, scale, query_3d=True)
-    _check_transforms(query, values, *_param_tensors(params))
+    _check_transforms(query, values, offsets, row_seq, *_param_tensors(params))
     out, w = _run(din_jagged_fwd, query, values, offsets, row_seq, params, training, normalization, scale)
     if not return_scores:
         return out

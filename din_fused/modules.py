@@ -387,7 +387,7 @@ class FusedDINAttention(nn.Module):
         dtype = keys.dtype
         if not shapes_ok or dtype not in (torch.float32, torch.float64) or query.dtype != dtype \
                 or any(t.dtype != torch.int64 for t in idx) \
-                or not all(t.is_cpu and t.is_contiguous() for t in (query, keys, *idx)):
+                or not all(t.is_cpu and t.is_contiguous() and not t.is_neg() for t in (query, keys, *idx)):
             return None
         params = self._params()
         plan = self.__dict__.get("_plan")

@@ -184,9 +184,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype, contiguous: t itself when it already is (the common case costs two
     attribute reads, not the views and copies of detach().to().contiguous())."""
-    if t.dtype == dtype and t.is_contiguous():
+    if t.dtype == dtype and t.is_contiguous() and not t.is_neg():
         return t
-    return t.detach().to(dtype).contiguous()
+    # A negative view (torch._neg_view, x.conj().imag) shares x's memory with a flag that says
+    # "negate": the kernels read memory, so it is materialised (contiguous() keeps the flag).
+    return t.detach().to(dtype).resolve_neg().contiguous()
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -627,7 +629,9 @@ def _param_grads(kernel_grads, weights, biases, alphas, bn_weights, bn_biases) -
 
 
 def _fake_param_grads(weights, biases, alphas, bn_weights, bn_biases) -> list[Tensor]:
-    return [torch.empty_like(p) for p in [*weights, *biases, *alphas, *bn_weights, *bn_biases]]
+    # Contiguous, as the kernels write them, whatever the parameter's strides (a transposed
+    # weight's empty_like would promise its strides to the compiler).
+    return [p.new_empty(p.shape) for p in [*weights, *biases, *alphas, *bn_weights, *bn_biases]]
 
 
 def _fake_stats(query, weights) -> Tensor:
@@ -1018,7 +1022,7 @@ class InferencePlan:
         hidden = [w.shape[0] for w in weights[:-1]]
         tensors = [*weights, *biases, *alphas, *gammas, *betas, *means, *variances]
         self.ok = dtype in (torch.float32, torch.float64) \
-            and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
+            and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() and not t.is_neg() for t in tensors)
         self.key = (dim, dtype, normalization, scale)
         self.params = params  # Dice reads its eps per call, as the module sets it
         self.dice = bool(variances)
@@ -1026,7 +1030,7 @@ class InferencePlan:
         # generator cost ~0.4 us a tensor; Dice has 17).  The strides too: a square weight's .data
         # swapped for its transpose keeps the pointer and the shape.
         self._tensors = tensors
-        self._storage = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
+        self._storage = self._identity()
         # PReLU's single alpha (one slope shared by the channels): the kernels read a copy per
         # channel, refreshed per call from the alpha's value (_config).  Its version would not do:
         # a write through .data leaves it as it was, and an inference tensor has none.
@@ -1059,8 +1063,13 @@ class InferencePlan:
                 held[1].fill_(value)
                 held[2] = value
 
+    def _identity(self) -> list:
+        # The dtype and the negative-view flag too: a .data swapped for a reinterpreting view
+        # or a negative view keeps the pointer, the shape and the strides.
+        return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg()) for t in self._tensors]
+
     def valid(self) -> bool:
-        return [(t.data_ptr(), t.shape, t.stride()) for t in self._tensors] == self._storage
+        return self._identity() == self._storage
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """query [B, D] or [B, 1, D], keys [B, T, D] (contiguous, CPU, the plan's dtype),
@@ -1249,6 +1258,11 @@ def _make_backward(bwd_op):
         activation, normalization, scale, training = ctx.attrs
         if grad_out is None:
             grad_out = torch.zeros_like(query)
+        if any(t is not None and _functorch.is_legacy_batchedtensor(t) for t in (grad_out, grad_scores)):
+            raise NotImplementedError(
+                "din_fused's fused op has no batched backward (torch.autograd.grad(is_grads_batched=True), "
+                "torch.autograd.functional.jacobian or hessian with vectorize=True): use vectorize=False, "
+                "or one backward per output")
         # Like the forward, the backward op bypasses the dispatcher in plain eager mode
         # (autograd runs it with grad mode off): ~0.5 ms of a B=128, T=10 step.
         args = (grad_out, grad_scores, query, keys, idx1, idx2, weights, biases, alphas, bn_weights,

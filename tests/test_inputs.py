@@ -404,6 +404,95 @@ def test_torch_func_transforms_are_refused_by_name(transform):
             func.vjp(f, q)
         else:
             func.vmap(f)(q[None].expand(2, *q.shape))
+    if transform == "vmap":  # over an index tensor only: refused the same way
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        values = torch.randn(int(offsets[-1]), k.shape[2], dtype=k.dtype)
+        for g, x in ((lambda L: din_attention(q, k, L, **p), lengths),
+                     (lambda m: din_attention(q, k, mask=m, **p), torch.ones_like(k[..., 0], dtype=torch.bool)),
+                     (lambda o: din_fused.din_attention_jagged(q, values, o, **p), offsets)):
+            with pytest.raises(NotImplementedError, match=f"does not run under {words}"):
+                func.vmap(g)(x[None].expand(2, *x.shape))
+
+
+def test_batched_backward_is_refused_by_name():
+    """torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) hand the backward
+    torch's legacy batched tensors, which have no memory to read: a NotImplementedError that
+    says what to use, where the kernel call failed on a data pointer."""
+    q, k, lengths, p = problem()
+    q.requires_grad_()
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    values = torch.randn(int(offsets[-1]), k.shape[2], dtype=k.dtype)
+    padded = lambda x: din_attention(x, k, lengths, **p)  # noqa: E731
+    for f in (padded, lambda x: din_fused.din_attention_jagged(x, values, offsets, **p)):
+        eye = torch.eye(q.numel(), dtype=q.dtype).reshape(-1, *q.shape)
+        with pytest.raises(NotImplementedError, match="no batched backward.*vectorize=False"):
+            torch.autograd.grad(f(q), q, eye, is_grads_batched=True)
+        with pytest.raises(NotImplementedError, match="no batched backward"):
+            torch.autograd.functional.jacobian(f, q, vectorize=True)
+    ref = torch.autograd.functional.jacobian(lambda x: din_attention_ref(x, k, lengths, **p), q)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(padded, q), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("where", ["query", "keys", "values", "weight", "grad_out", "module"])
+def test_negative_views_are_read_as_their_values(where):
+    """A negative view (torch._neg_view(x), what x.conj().imag gives) shares x's memory with a
+    'negate' flag. The kernels read memory, so it was read as x: silently wrong outputs and
+    gradients. Now equal to the same call on a materialised copy, to float64 rounding."""
+    q, k, lengths, p = problem()
+    neg = torch._neg_view
+
+    def run(q, k, p, gout=None, layout="padded"):
+        q = q.detach().requires_grad_()
+        if layout == "padded":
+            out = din_attention(q, k, lengths, **p)
+        else:
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            out = din_fused.din_attention_jagged(q, k, offsets, **p)
+        (dq,) = torch.autograd.grad(out, q, torch.ones_like(out) if gout is None else gout)
+        return out, dq
+
+    if where == "module":
+        m = FusedDINAttention(k.shape[2], (7, 3), "prelu").double().eval()
+        with torch.no_grad():
+            a, b = m(neg(q)[:, None], k, lengths[:, None]), m(-q[:, None], k, lengths[:, None])
+        assert torch.equal(a, b)
+        return
+    if where == "values":
+        values = torch.randn(int(lengths.sum()), k.shape[2], dtype=k.dtype)
+        got, want = run(q, neg(values), p, layout="jagged"), run(q, -values, p, layout="jagged")
+    elif where == "weight":
+        w = p["weights"][0]
+        got = run(q, k, {**p, "weights": [neg(w), *p["weights"][1:]]})
+        want = run(q, k, {**p, "weights": [-w, *p["weights"][1:]]})
+    elif where == "grad_out":
+        g = torch.randn_like(q)
+        got, want = run(q, k, p, gout=neg(g)), run(q, k, p, gout=-g)
+    else:
+        got = run(neg(q), k, p) if where == "query" else run(q, neg(k), p)
+        want = run(-q, k, p) if where == "query" else run(q, -k, p)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_plan_sees_a_reinterpreting_or_negative_data_swap():
+    """The eval/no_grad plan keys on each parameter's pointer, shape and strides; a .data swap to
+    a negative view or a reinterpreting view keeps all three. Such a swap is now seen: the negative
+    view's values are used, and a complex view is refused as the general path refuses it."""
+    torch.manual_seed(0)
+    m = FusedDINAttention(5, (8, 4), "sigmoid").double().eval()
+    q, k = torch.randn(3, 1, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([[4], [1], [0]])
+    lin = m.local_att.dnn.linears[0]
+    with torch.no_grad():
+        m(q, k, lengths)  # builds the plan
+        w = lin.weight.data
+        lin.weight.data = torch._neg_view(w)
+        got = m(q, k, lengths)
+        lin.weight.data = (-w).contiguous()
+        assert torch.equal(got, m(q, k, lengths))
+        lin.weight.data = w.view(torch.complex64)
+        with pytest.raises(TypeError, match=r"weights\[0\] must be floating point"):
+            m(q, k, lengths)
 
 
 def test_scale_tensor_requiring_grad_is_refused_and_constant_tensor_works():

@@ -142,6 +142,21 @@ def test_opcheck(act):
     torch.library.opcheck(torch.ops.din_fused.din_fwd.default, args)
 
 
+def test_opcheck_backward_with_a_transposed_weight():
+    """The backward returns contiguous parameter gradients; its fake implementation promised a
+    transposed weight's strides (empty_like), which opcheck and inductor's compiled backward
+    refuse. A transposed weight is a valid input (a tied or sliced checkpoint)."""
+    q, k, lengths, _, p, _, _ = make_problem(4, 5, 6, (8, 4), "sigmoid", "lengths", torch.float64, "cpu", 3)
+    w0 = p["weights"][0].detach().t().contiguous().t()  # the same values, stored transposed
+    assert not w0.is_contiguous()
+    weights, biases = [w0, *(w.detach() for w in p["weights"][1:])], [b.detach() for b in p["biases"]]
+    out, scores, stats = torch.ops.din_fused.din_fwd(q, k, lengths, None, weights, biases, [], [], [], [], [],
+                                                     "sigmoid", "none", 1.0, False, 1e-8)
+    args = (torch.randn_like(out), None, q, k, lengths, None, weights, biases, [], [], [], stats, scores,
+            "sigmoid", "none", 1.0, False)
+    torch.library.opcheck(torch.ops.din_fused.din_bwd.default, args)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act", ["sigmoid", "dice-train"])
 def test_thread_count_does_not_change_results(act, device):
