@@ -407,8 +407,9 @@ def test_torch_func_transforms_are_refused_by_name(transform):
     if transform == "vmap":  # over an index tensor only: refused the same way
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         values = torch.randn(int(offsets[-1]), k.shape[2], dtype=k.dtype)
+        mask = torch.ones_like(k[..., 0], dtype=torch.bool)
         for g, x in ((lambda L: din_attention(q, k, L, **p), lengths),
-                     (lambda m: din_attention(q, k, mask=m, **p), torch.ones_like(k[..., 0], dtype=torch.bool)),
+                     (lambda m: din_attention(q, k, mask=m, **p), mask),
                      (lambda o: din_fused.din_attention_jagged(q, values, o, **p), offsets)):
             with pytest.raises(NotImplementedError, match=f"does not run under {words}"):
                 func.vmap(g)(x[None].expand(2, *x.shape))
