@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,12 +248,18 @@ def _check_writable(flag: str, path: str | None) -> Path | None:
         return None
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{flag}: directory {parent} does not exist")
-    if p.is_dir():
-        raise ConfigError(f"{flag}: {p} is a directory")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag}: directory {parent} is not writable")
+    try:
+        if not parent.is_dir():
+            raise ConfigError(f"{flag}: directory {parent} does not exist")
+        if p.is_dir():
+            raise ConfigError(f"{flag}: {p} is a directory")
+        # A file made and removed where the output will go: os.access says yes to root on a
+        # read-only or special file system (/proc), where the write would fail after training.
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name[:64]}.", suffix=".check", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:  # a name too long, a directory not writable, a file system that refuses
+        raise ConfigError(f"{flag}: {path} cannot be written ({e.strerror or e})") from None
     return p
 
 
@@ -321,7 +328,13 @@ def _context_counts(ds: data_mod.SequenceDataset) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict(model, ds, batch_size: int, device, rank: int, world_size: int, layout: str = "jagged"):
-    """This rank's shard of ``ds``: (probabilities [n], labels [n], users [n]) as NumPy arrays."""
+    """This rank's shard of ``ds``: (probabilities [n], labels [n], users [n]) as NumPy arrays.
+    Under DDP, rank 0's buffers are copied to every rank first: each rank's last training forward
+    left its own Dice running statistics, and every shard must be scored by the model rank 0
+    keeps and saves."""
+    if world_size > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     model.eval()
     probs, labels, users = [], [], []
     batches = data_mod.iterate_batches(
@@ -335,6 +348,19 @@ def predict(model, ds, batch_size: int, device, rank: int, world_size: int, layo
         users.append(b.user.cpu())
     cat = lambda xs, dt: torch.cat(xs).numpy() if xs else np.zeros(0, dtype=dt)  # noqa: E731
     return cat(probs, np.float32), cat(labels, np.float32), cat(users, np.int64)
+
+
+def _ids_of_all_ranks(ids: list[torch.Tensor], model) -> list[torch.Tensor]:
+    """Per embedding table, the ids of every rank's batch (one all_reduce of a used-row mask).
+    Each rank then adds the mini-batch aware penalty of the whole global batch, so DDP's average
+    of the gradients is the one-process gradient of that batch; with each rank's own ids, a row
+    used on one rank of W got 1/W of its penalty."""
+    sizes = [t.num_embeddings for t in model.embedding_tables()]
+    used = torch.zeros(sum(sizes), dtype=torch.int32, device=ids[0].device)
+    for idx, start in zip(ids, np.cumsum([0, *sizes[:-1]])):
+        used[int(start) + idx.reshape(-1)] = 1
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    return [part.nonzero().squeeze(1) for part in used.split(sizes)]
 
 
 def _gather(arrays, world_size: int):
@@ -406,6 +432,9 @@ def run(args: argparse.Namespace) -> dict:
     device = _resolve_device(args.device, local_rank)
     metrics_path = _check_metrics_out(args.metrics_out)
     save_path = _check_writable("--save", args.save)
+    if metrics_path is not None and save_path is not None and metrics_path.resolve() == save_path.resolve():
+        raise ConfigError(f"--metrics-out and --save name the same file ({args.save}): the checkpoint "
+                          "would overwrite the metrics")
     if args.model == "din" and args.attention_impl == "fused" and device.type == "cuda":
         import din_fused
 
@@ -479,7 +508,10 @@ def run(args: argparse.Namespace) -> dict:
             loss = F.binary_cross_entropy_with_logits(logits, b.label)
             total = loss
             if reg is not None:
-                total = loss + reg(model.embedding_tables(), model.batch_ids_of(b))
+                ids = model.batch_ids_of(b)
+                if distributed:
+                    ids = _ids_of_all_ranks(ids, model)
+                total = loss + reg(model.embedding_tables(), ids)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
