@@ -75,18 +75,46 @@ def _point_name(point: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "default"
 
 
-def _run(out: Path, row, point, seed, train_args, log) -> dict:
+def _train_args(out: Path, row, point, seed, train_args) -> argparse.Namespace:
+    """The training run of one row, grid point and seed, as train's parser reads it. Its errors are
+    ValueErrors of one line; abbreviations are off, so that no flag reaches a setting the sweep owns
+    (--sav would have been --save)."""
     name, model, act = row
     f = out / f"{name}__{_point_name(point)}__seed{seed}.json".replace("/", "_")
     argv = [*train_args, "--model", model, "--activation", act, "--seed", str(seed), "--no-progress"]
     for k, v in point.items():
         argv += [f"--{k}", v]
     argv += ["--metrics-out", str(f)]
-    args = T.build_parser().parse_args(argv)
+    parser = T.build_parser()
+    parser.allow_abbrev = False
+
+    def error(message: str):
+        raise ValueError(message)
+
+    parser.error = error
+    args = parser.parse_args(argv)
+    T.check_config(args)  # what train's main checks beyond the parser (a ConfigError is a ValueError)
+    if args.engine != "native":
+        raise ValueError(f"--engine {args.engine}: the sweep trains with the default engine only")
+    if args.val_frac == 0:
+        raise ValueError("--val-frac 0: the sweep chooses each row's settings on validation AUC, so it "
+                         "needs a validation set")
+    return args
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """What a run's metrics record of its flags, less those that do not change the run (the
+    metrics file's path follows --out, however it is spelled)."""
+    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "metrics_out")}
+
+
+def _run(out: Path, row, point, seed, train_args, log) -> dict:
+    name = row[0]
+    args = _train_args(out, row, point, seed, train_args)
+    f = Path(args.metrics_out)
     if f.is_file():
         r = json.loads(f.read_text())
-        want = {k: v for k, v in vars(args).items() if k != "no_progress"}
-        if r.get("config") != want:
+        if _config(argparse.Namespace(**r.get("config", {}))) != _config(args):
             raise ValueError(f"{f} was written with other training flags; use another --out")
         log(f"{name} {_point_name(point)} seed {seed}: read back from {f}")
         return r
@@ -194,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="BaseModel, DIN+PReLU and DIN+Dice over seeds; settings chosen on validation, "
         "test reported once. Other flags go to every training run.",
         formatter_class=T.HelpFormatter,
+        allow_abbrev=False,  # --seed (train's, owned here) must not be read as --seeds
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S", help="seeds")
+    p.add_argument("--seeds", type=T.seed_type, nargs="+", default=[0, 1, 2, 3, 4], metavar="S", help="seeds")
     p.add_argument(
         "--grid",
         action="append",
@@ -215,18 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid = {}
         else:
             grid = parse_grid(args.grid) if args.grid else dict(DEFAULT_GRID)
-        # Fail on a bad train flag or grid value now, not after the first hours of training.
-        parsed = T.build_parser().parse_args(train_args)
-        runs = [parsed] + [T.build_parser().parse_args([*train_args, f"--{k}", v])
-                           for k, values in grid.items() for v in values]
+        # Every run the sweep will make, checked now, not after the first hours of training.
+        out = Path(args.out)
+        for row in ROWS:
+            for point in _points(grid):
+                for seed in args.seeds:
+                    _train_args(out, row, point, seed, train_args)
     except ValueError as e:
         p.error(str(e))
-    if parsed.engine != "native":
-        p.error(f"--engine {parsed.engine}: the sweep trains with the default engine only")
-    if any(r.val_frac == 0 for r in runs):
-        p.error("--val-frac 0: the sweep chooses each row's settings on validation AUC, so it needs a "
-                "validation set")
-    out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -61,13 +61,13 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
-def _int_at_least(lo: int, what: str):
+def _int_at_least(lo: int, what: str, below: int | None = None):
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < lo:
+        if v < lo or (below is not None and v >= below):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
 
@@ -75,7 +75,9 @@ def _int_at_least(lo: int, what: str):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
-_nonnegative_int = _int_at_least(0, "an integer >= 0")
+# Seeds are mixed into generator seeds (seed * 100003 + epoch for the shuffle), which must fit
+# in int64: a seed above ~9e13 overflowed there, after the data was built.
+seed_type = _int_at_least(0, "an integer in [0, 2**32)", below=2**32)
 
 
 def _float_in(lo: float, lo_open: bool):
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="mini-batch aware L2 strength (0 = off)",
     )
-    p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="S",
+    p.add_argument("--seed", type=seed_type, default=0, metavar="S",
                    help="data, split, init and shuffle seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if available)")
     p.add_argument("--metrics-out", metavar="FILE.json", default=None, help="write metrics JSON here")
@@ -660,9 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PROCESS_GROUP_USED[0] = True
     done = False
     try:
-        if args.activation == "dice" and args.batch_size < 2:
-            raise ConfigError("--batch-size 1 with --activation dice: Dice's BatchNorm needs at least 2 "
-                              "samples a batch (or use --activation prelu)")
+        check_config(args)
         if args.engine == "torchrec":
             try:
                 from .torchrec_din import run_torchrec  # torchrec is an optional extra
@@ -691,6 +691,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.metrics_out:
             print(f"metrics written to {args.metrics_out}")
     return 0
+
+
+def check_config(args: argparse.Namespace) -> None:
+    """What the parser cannot check flag by flag; ConfigError (the sweep checks its runs with it)."""
+    if args.activation == "dice" and args.batch_size < 2:
+        raise ConfigError("--batch-size 1 with --activation dice: Dice's BatchNorm needs at least 2 "
+                          "samples a batch (or use --activation prelu)")
 
 
 def _reexec_with_passive_openmp() -> None:

@@ -102,7 +102,8 @@ def test_help_shows_every_default_once(capsys):
         (["--mba-lambda", "nan"], "expected a number >= 0.0"),
         (["--frobnicate"], "unrecognized arguments"),
         (["--val-frac", "1.5"], "expected a fraction in [0, 1)"),
-        (["--seed", "-1"], "expected an integer >= 0"),
+        (["--seed", "-1"], "expected an integer in [0, 2**32)"),
+        (["--seed", str(2**32)], "expected an integer in [0, 2**32)"),  # overflowed the shuffle's seed
     ],
 )
 def test_bad_flags(argv, match, capsys):
@@ -325,9 +326,14 @@ def test_no_validation_set_writes_null_validation_metrics(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--engine", "torchrec"], "default engine only"),
+    (["--grid", "engine=native,torchrec"], "default engine only"),
     (["--val-frac", "0"], "needs a validation set"),
     (["--grid", "val-frac=0.1,0"], "needs a validation set"),
     (["--grid", "embedding-dim=4,x"], "embedding-dim"),
+    (["--seeds", "0", "-1"], "--seeds: expected an integer in [0, 2**32)"),
+    (["--seed", "3"], "--seed: set by the sweep itself"),
+    (["--sav", "x.pt"], "unrecognized arguments: --sav"),  # no abbreviation reaches an owned flag
+    (["--batch-size", "1"], "--batch-size 1 with --activation dice"),  # the DIN+Dice row
 ])
 def test_sweep_refuses_bad_settings_before_training(tmp_path, capsys, argv, match):
     from din_fused import sweep as S
@@ -492,9 +498,12 @@ def test_sweep_chooses_on_validation_and_pairs_seeds(tmp_path, capsys):
         assert paired["wins"] == sum(d > 0 for d in diffs)
         assert paired["mean_diff"] == pytest.approx(sum(diffs) / 2)
     assert "DIN+Dice" in text and "±" in text
-    # Resuming reads the runs back; other training flags against the same --out are refused.
+    # Resuming reads the runs back, however --out is spelled; other training flags against the
+    # same --out are refused.
     assert S.main(argv) == 0
     assert "read back" in capsys.readouterr().err
+    assert S.main([*argv[:6], str(out.resolve()) + "/", *argv[7:]]) == 0
+    assert capsys.readouterr().err.count("read back") == len(S.ROWS) * 3
     assert S.main([*argv[:-6], "--synthetic-users", "41", "--epochs", "1", "--max-len", "8"]) == 2
     assert "other training flags" in capsys.readouterr().err
 
