@@ -506,7 +506,19 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for i, b in enumerate(bar):
             b = b.to(device)
-            logits = net(b)
+            try:
+                logits = net(b)
+            except ValueError as e:
+                # Training-mode Dice takes BatchNorm statistics over the batch's behaviours, and one
+                # behaviour has no variance (the op, like nn.BatchNorm1d, refuses it).
+                jagged = isinstance(b, data_mod.JaggedBatch)
+                behaviours = b.values.shape[0] if jagged else int(b.lengths.sum())
+                if args.model == "din" and args.activation == "dice" and behaviours == 1:
+                    raise TrainError(
+                        f"epoch {epoch + 1}, batch {i + 1} holds one behaviour in all, and Dice's batch "
+                        "statistics need 2: use a larger --batch-size or --max-len, or --activation prelu"
+                    ) from e
+                raise
             loss = F.binary_cross_entropy_with_logits(logits, b.label)
             total = loss
             if reg is not None:
@@ -522,7 +534,9 @@ def run(args: argparse.Namespace) -> dict:
             if show and (i % 20 == 0 or i == steps - 1):
                 # .item() synchronises, so it is only done when the bar is redrawn.
                 running = loss_sum.item() / max(n_seen, 1)
-                if not math.isfinite(running):
+                # Under DDP only rank 0 shows the bar: it stops at the epoch's end with the others
+                # (the all-reduced loss below), not here, alone, leaving them in a collective.
+                if not math.isfinite(running) and not distributed:
                     raise TrainError(
                         f"the training loss became {running} in epoch {epoch + 1}; try a lower --lr"
                     )
@@ -677,6 +691,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        # NumPy raises MemoryError; torch a RuntimeError from its CPU allocator, or OutOfMemoryError.
+        oom = isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(e)
+        if not oom:
+            raise
+        print(f"{PROG}: error: out of memory; reduce --synthetic-users, --max-len, --embedding-dim or "
+              f"--batch-size", file=sys.stderr)
         return 1
     finally:
         if distributed and dist.is_initialized():

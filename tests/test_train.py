@@ -417,13 +417,32 @@ def _worker_env() -> dict:
     return env
 
 
-def _torchrun(train_argv: list, cwd: Path) -> subprocess.CompletedProcess:
-    """python -m din_fused.train under torchrun with 2 CPU processes (gloo); asserts success."""
+def _torchrun(train_argv: list, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    """python -m din_fused.train under torchrun with 2 CPU processes (gloo); asserts success if ok."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "din_fused.train", *train_argv]
     p = subprocess.run(cmd, env=_worker_env(), cwd=cwd, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert (p.returncode == 0) == ok, p.stdout + p.stderr
     return p
+
+
+def test_ddp_divergence_stops_every_rank_with_one_line(tmp_path):
+    """With the progress bar (rank 0 only), rank 0 alone raised mid-epoch and rank 1 died in a
+    collective with a gloo traceback. Every rank now stops at the epoch's end, on the all-reduced
+    loss, with the one-line message."""
+    p = _torchrun([*SMALL[:-1], "--synthetic-users", "200", "--epochs", "2", "--lr", "1e30",
+                   "--batch-size", "32"], tmp_path, ok=False)
+    assert p.stderr.count("error: the training loss became") == 2, p.stderr
+    # (torchrun prints its own launcher traceback for failed workers; no worker's frames appear)
+    assert "din_fused/train.py" not in p.stderr and "Connection reset" not in p.stderr
+
+
+def test_dice_batch_with_one_behaviour_and_out_of_memory_are_one_line_errors(capsys):
+    argv = [*SMALL, "--synthetic-users", "100", "--max-len", "1", "--batch-size", "2"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 1 and "holds one behaviour in all, and Dice's batch statistics need 2" in err, err
+    code, _, err = run_main([*SMALL, "--synthetic-users", "100", "--embedding-dim", "100000000"], capsys)
+    assert code == 1 and "error: out of memory" in err, err
 
 
 def test_early_stopping_keeps_the_best_epoch():
