@@ -92,18 +92,18 @@ class SequenceDataset:
         """
         counts = [torch.zeros(v, dtype=torch.float64) for v in self.attr_vocab]
         n = len(self)
-        chunk = max(1, 1 << 20 >> max(1, (self.max_len + 1).bit_length()))  # ~1M ids per chunk
+        chunk = 1 << 16
         for lo in range(0, n, chunk):
-            idx = torch.arange(lo, min(n, lo + chunk))
-            b = self.batch(idx)
-            for a in range(len(self.attr_vocab)):
-                ids = torch.cat([b.target[:, a : a + 1], b.history[:, :, a]], dim=1)  # [c, T+1]
-                ids, _ = torch.sort(ids, dim=1)
-                # After sorting, an id's first copy in its row is where it differs from its left neighbour.
-                first = torch.ones_like(ids, dtype=torch.bool)
-                first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-                ids = ids[first & (ids != 0)]
-                counts[a] += torch.bincount(ids, minlength=self.attr_vocab[a]).to(torch.float64)
+            # Jagged, so that the work follows the behaviours, not max_len (padded batches of a
+            # large --max-len made this 400x slower for the same data).
+            b = self.batch(torch.arange(lo, min(n, lo + chunk)), "jagged")
+            rows = torch.arange(b.target.shape[0])
+            hist_rows = torch.repeat_interleave(rows, b.offsets.diff())
+            for a, v in enumerate(self.attr_vocab):
+                # (sample, id) pairs as one key each, so that unique counts an id once per sample.
+                keys = torch.cat([rows * v + b.target[:, a], hist_rows * v + b.values[:, a]])
+                ids = torch.unique(keys) % v
+                counts[a] += torch.bincount(ids[ids != 0], minlength=v).to(torch.float64)
         return counts
 
 
