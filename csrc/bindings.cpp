@@ -192,6 +192,11 @@ PYBIND11_MODULE(_C, m) {
     for (const RowPart& rp : row_parts_cpu(p)) parts.append(py::make_tuple(rp.row, rp.t0, rp.t1));
     return parts;
   });
+  m.def("lane_rows", [](const py::dict& d) {
+    const DinParams p = from_dict(d);
+    if (p.is_cuda) throw std::invalid_argument("lane_rows: the CPU kernels' plan takes CPU params");
+    return lane_rows_cpu(p);
+  });
   m.def("jagged_layout", [](uint64_t offsets, int64_t S, int64_t N, int64_t D, uint64_t row_seq, int64_t R,
                             uint64_t out) {
     // (An empty row_seq may have address 0: then R = 0 and no row is read.)

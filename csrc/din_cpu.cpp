@@ -361,6 +361,26 @@ class ABuf {
   T* p_ = nullptr;
 };
 
+// Per-thread scratch that outlives calls, grow-only, not zeroed: the lanes forward's buffers
+// (Kernel::lanes_t; ~0.3 MB at D=36, H=(80, 40)), which a fresh allocation would map and fault in
+// on every call, as DeepCTR-Torch's temporaries are (docs/performance.md, round 19).
+inline unsigned char* thread_arena(size_t bytes) {
+  struct Arena {
+    unsigned char* p = nullptr;
+    size_t n = 0;
+    ~Arena() { std::free(p); }
+  };
+  thread_local Arena a;
+  if (a.n < bytes) {
+    std::free(a.p);
+    a.n = 0;
+    a.p = static_cast<unsigned char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+    if (!a.p) throw std::bad_alloc();
+    a.n = bytes;
+  }
+  return a.p;
+}
+
 // ---------------------------------------------------------------------------
 // Parameters packed once per call (generic code, runs before the threads).
 // ---------------------------------------------------------------------------
@@ -704,6 +724,8 @@ struct RowFns {
   // fwd_flush: finish the thread's deferred rows.
   void (*fwd_row)(const Ctx<T>&, Scratch<T>&, int64_t r);
   void (*fwd_flush)(const Ctx<T>&, Scratch<T>&);
+  // fwd_lanes: the forward of W rows sharing one sequence, one row per vector lane.
+  void (*fwd_lanes)(const Ctx<T>&, Scratch<T>&, const int64_t* rows);
   void (*norm)(const Ctx<T>&, const Span&, T mx, T inv);
   void (*stats)(const Ctx<T>&, Scratch<T>&, const Span&);
   WSum (*wdw)(const Ctx<T>&, const Span&);
@@ -885,6 +907,39 @@ inline std::vector<int64_t> longest_first(const DinParams& p) {
   return order;
 }
 
+// The lanes forward (Kernel::lanes_t) keeps every lane's folded layer-1 weights, D x H1
+// vectors; above this it leaves the rows to the row path, whose MT is one row's.
+constexpr size_t kLaneMaxBytes = size_t{512} << 10;
+
+// Rows for the lanes forward: of each sequence longer than kPack positions (shorter ones
+// share packed tiles), as many whole groups of W rows as it serves.  units: those rows, W
+// after W; rest: every other row.  Both empty when no sequence serves W rows.
+struct LanePlan {
+  std::vector<int64_t> units, rest;
+};
+template <typename T>
+LanePlan lane_plan(const DinParams& p, const Ctx<T>& cx, const Model<T>& m, int W) {
+  LanePlan lp;
+  if (!p.row_seq || !cx.pack || p.rows < W ||
+      static_cast<size_t>(m.D) * m.H[0] * W * sizeof(T) > kLaneMaxBytes)
+    return lp;
+  const size_t n = static_cast<size_t>(p.rows);
+  std::vector<std::pair<int64_t, int64_t>> by_seq(n);
+  bool sorted = true;
+  for (size_t r = 0; r < n; ++r) {
+    by_seq[r] = {p.row_seq[r], static_cast<int64_t>(r)};
+    sorted = sorted && (r == 0 || p.row_seq[r - 1] <= p.row_seq[r]);
+  }
+  if (!sorted) std::sort(by_seq.begin(), by_seq.end());
+  for (size_t i = 0, j; i < n; i = j) {
+    for (j = i; j < n && by_seq[j].first == by_seq[i].first;) ++j;
+    const size_t lanes = seq_length(p, by_seq[i].first) > kPack ? (j - i) / W * W : 0;
+    for (size_t k = i; k < j; ++k) (k < i + lanes ? lp.units : lp.rest).push_back(by_seq[k].second);
+  }
+  if (lp.units.empty()) lp.rest.clear();
+  return lp;
+}
+
 template <typename T>
 void forward_impl(const DinParams& p) {
   if (p.rows <= 0) return;
@@ -893,6 +948,25 @@ void forward_impl(const DinParams& p) {
   const Ctx<T> cx(p, m);
   const RowFns<T> fn = row_fns<T>(vb);
   const Plan plan(p);
+  const int W = vb / static_cast<int>(sizeof(T));
+  const LanePlan lp = plan.split ? LanePlan{} : lane_plan(p, cx, m, W);
+  if (!lp.units.empty()) {
+    // Lane groups first, then the other rows one by one, all handed out dynamically: a group
+    // is W rows' work, so the rows left over even out the threads' ends (with 100 candidates
+    // on 2 threads and W = 16, four rows in a block of 4 left one thread ~5% behind).
+    const int64_t units = static_cast<int64_t>(lp.units.size()) / W;
+    const int64_t items = units + static_cast<int64_t>(lp.rest.size());
+    std::atomic<int64_t> next{0};
+    Pool::run(plan.nt, [&](int) {
+      Scratch<T> sc(m, false, cx.pack);
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        if (i < units) fn.fwd_lanes(cx, sc, lp.units.data() + i * W);
+        else fn.fwd_row(cx, sc, lp.rest[i - units]);
+      }
+      fn.fwd_flush(cx, sc);
+    });
+    return;
+  }
   if (!plan.split) {
     // Rows handed out dynamically, 4 at a time: lengths vary, and the forward
     // has no cross-row reduction, so the order does not change any result.  With
@@ -1154,6 +1228,19 @@ std::vector<RowPart> row_parts_cpu(const DinParams& p) {
   std::vector<RowPart> parts;
   for (const Span& sp : plan.spans) parts.push_back({sp.r, sp.t0, sp.t1});
   return parts;
+}
+
+std::vector<int64_t> lane_rows_cpu(const DinParams& p) {
+  std::vector<int64_t> rows;
+  auto get = [&](auto one) {
+    using T = decltype(one);
+    const int vb = isa_bytes();
+    const Model<T> m(p, false, vb);
+    const Ctx<T> cx(p, m);
+    if (!Plan(p).split) rows = lane_plan(p, cx, m, vb / static_cast<int>(sizeof(T))).units;
+  };
+  by_dtype(p, [&](const DinParams&) { get(float{}); }, [&](const DinParams&) { get(double{}); });
+  return rows;
 }
 
 int64_t zcache_bytes_cpu(const DinParams& p) {
@@ -1780,6 +1867,29 @@ struct Kernel {
     }
   }
 
+  // h = act(z) for one vector z of layer l's pre-activations.  par(buf) gives the values of the
+  // per-channel parameter buf (alpha, mean, ...) for z's lanes: a vector load where the lanes are
+  // channels (the row path), one channel broadcast where they are rows (the lanes path), so that
+  // both paths run the same expressions and round alike.  Dice: the gate goes to *gate if given.
+  template <Act A, class Par>
+  static DIN_INLINE v act1(const Model<T>& m, int l, const v& z, Par&& par, v* gate) {
+    if constexpr (A == Act::Sigmoid) {
+      return X::sigmoid(z);
+    } else if constexpr (A == Act::ReLU) {
+      return z < v{} ? v{} : z;  // like torch.relu: NaN stays NaN
+    } else if constexpr (A == Act::PReLU) {
+      return z > v{} ? z : par(m.alpha[l]) * z;
+    } else {  // Dice
+      const v a = par(m.alpha[l]);
+      const v xhat = (z - par(m.mean[l])) * par(m.invstd[l]);
+      const v pr = X::sigmoid(par(m.gamma[l]) * xhat + par(m.beta[l]));
+      if (gate) *gate = pr;
+      // The reference's p z + (1 - p) alpha z, not z (alpha + (1 - alpha) p): at an
+      // infinite z one of the two terms is 0 * inf, so the result is NaN, as in torch.
+      return pr * z + ((X::set1(T(1)) - pr) * a) * z;
+    }
+  }
+
   // z (+ bias when kBias) -> h = act(z) for n rows of layer l; z + bias is
   // written back when keep_z.  Dice: the gate p = sigmoid(gamma * xhat + beta)
   // also goes to P when given, for the backward of the same tile.
@@ -1797,22 +1907,10 @@ struct Kernel {
           z += X::load(bias + j * W);
           if (keep_z) X::store(zr + j * W, z);
         }
-        v h;
-        if constexpr (A == Act::Sigmoid) {
-          h = X::sigmoid(z);
-        } else if constexpr (A == Act::ReLU) {
-          h = z < v{} ? v{} : z;  // like torch.relu: NaN stays NaN
-        } else if constexpr (A == Act::PReLU) {
-          h = z > v{} ? z : X::load(m.alpha[l].data() + j * W) * z;
-        } else {  // Dice
-          const v a = X::load(m.alpha[l].data() + j * W);
-          const v xhat = (z - X::load(m.mean[l].data() + j * W)) * X::load(m.invstd[l].data() + j * W);
-          const v pr = X::sigmoid(X::load(m.gamma[l].data() + j * W) * xhat + X::load(m.beta[l].data() + j * W));
-          if (pr_row) X::store(pr_row + j * W, pr);
-          // The reference's p z + (1 - p) alpha z, not z (alpha + (1 - alpha) p): at an
-          // infinite z one of the two terms is 0 * inf, so the result is NaN, as in torch.
-          h = pr * z + ((X::set1(T(1)) - pr) * a) * z;
-        }
+        v gate;
+        const v h = act1<A>(m, l, z, [&](const ABuf<T>& par) { return X::load(par.data() + j * W); },
+                            pr_row ? &gate : nullptr);
+        if (pr_row) X::store(pr_row + j * W, gate);
         X::store(hr + j * W, h);
       }
     }
@@ -2249,6 +2347,218 @@ struct Kernel {
 
   static DIN_INLINE bool is_short(int64_t len) { return len > 0 && len <= kPack; }
 
+  // ---- Rows in the lanes ----------------------------------------------------
+  // W rows that share one sequence (one user's history scored against many candidates)
+  // run together, one row per vector lane, every layer's channels in loops: layer 2's 40
+  // units do not pad to 48 lanes, the score is FMAs instead of a horizontal sum per key,
+  // and a tile of keys is read once for W rows.  Each lane does the row path's arithmetic
+  // in the row path's order: the same fold (c and MT), every product summed in the same
+  // order by the same GEMM, the same activation code (act1) and the score's lane tree
+  // rebuilt, so a row's results are bitwise the row path's, and the backward, which
+  // recomputes on the row path, sees exactly the forward's activations.  Where the row
+  // path would recompute layer 1 unfolded (a non-finite z1) or its padded lanes would
+  // carry a NaN into the score (a non-finite last layer), the W rows go back to it.
+  static constexpr int kLaneTb = 8;  // keys per pass through the layers
+
+  struct LaneBufs {
+    T *qT, *Cq, *MTc, *Z0, *S, *accT, *mx;  // [D][W], [H1][W], [D][H1][W], [kLaneTb][H1][W], [kTile][W], [D][W], [W]
+    T* Hl[kMaxLayers];                      // [H_l][kLaneTb][W]
+    double *racc, *den;                     // [W][D], [W]
+  };
+  static LaneBufs lane_bufs(const Model<T>& m) {
+    const size_t D = m.D, H1 = m.H[0], vec = sizeof(T) * W;
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+      const size_t o = off;
+      off += (bytes + 63) / 64 * 64;
+      return o;
+    };
+    const size_t oq = take(D * vec), oc = take(H1 * vec), omt = take(D * H1 * vec), oz = take(kLaneTb * H1 * vec),
+                 os = take(kTile * vec), oa = take(D * vec), om = take(vec);
+    size_t oh[kMaxLayers] = {};
+    for (int l = 0; l < m.L; ++l) oh[l] = take(static_cast<size_t>(m.H[l]) * kLaneTb * vec);
+    const size_t or_ = take(W * D * sizeof(double)), od = take(W * sizeof(double));
+    unsigned char* base = thread_arena(off);
+    LaneBufs b;
+    auto at = [&](size_t o) { return reinterpret_cast<T*>(base + o); };
+    b.qT = at(oq), b.Cq = at(oc), b.MTc = at(omt), b.Z0 = at(oz), b.S = at(os), b.accT = at(oa), b.mx = at(om);
+    for (int l = 0; l < m.L; ++l) b.Hl[l] = at(oh[l]);
+    b.racc = reinterpret_cast<double*>(base + or_);
+    b.den = reinterpret_cast<double*>(base + od);
+    return b;
+  }
+
+  // Whether any of rows x nv vectors (row i at Z + i * ld) is Inf or NaN (z * 0 is NaN
+  // exactly then, as in z1_nonfinite_fixup).
+  static DIN_INLINE bool any_nonfinite(const T* Z, int rows, int nv, int64_t ld) {
+    const v zero{};
+    v s0{}, s1{};
+    for (int i = 0; i < rows; ++i) {
+      const T* z = Z + i * ld;
+      int j = 0;
+      for (; j + 2 <= nv; j += 2) {
+        s0 += X::load(z + j * W) * zero;
+        s1 += X::load(z + (j + 1) * W) * zero;
+      }
+      if (j < nv) s0 += X::load(z + j * W) * zero;
+    }
+    const v s = s0 + s1;
+    bool any = false;
+    for (int k = 0; k < W; ++k) any |= s[k] != s[k];
+    return any;
+  }
+
+  // The layers and scores of nb <= kLaneTb keys (key i at keys + i * sk) in every lane:
+  // S[i] gets key i's scores.  True on a non-finite pre-activation (see above).
+  template <Act A>
+  static DIN_INLINE bool lane_block(const Ctx<T>& cx, const LaneBufs& b, const T* keys, int64_t sk, int nb, T* S) {
+    const Model<T>& m = *cx.m;
+    const int D = m.D, L = m.L, H1 = m.H[0];
+    constexpr int64_t ld = kLaneTb * W;  // a channel's keys in Hl
+    Gemm<T>::template run<false>(nb, H1, D, keys, sk, 1, b.MTc, H1 * W, b.Z0, H1 * W);
+    if (any_nonfinite(b.Z0, 1, nb * H1, 0)) return true;
+    for (int j = 0; j < H1; ++j) {
+      const v bias = X::load(b.Cq + j * W);
+      auto par = [&](const ABuf<T>& x) { return X::set1(x[j]); };
+      for (int i = 0; i < nb; ++i)
+        X::store(b.Hl[0] + j * ld + i * W, act1<A>(m, 0, X::load(b.Z0 + (i * H1 + j) * W) + bias, par, nullptr));
+    }
+    for (int l = 1; l < L; ++l) {
+      const int H = m.H[l];
+      T* Z = b.Hl[l];
+      Gemm<T>::template run<false>(H, nb, m.H[l - 1], static_cast<const T*>(cx.p->W[l]), m.H[l - 1], 1,
+                                   b.Hl[l - 1], ld, Z, ld);
+      if (l == L - 1 && any_nonfinite(Z, H, nb, ld)) return true;
+      for (int j = 0; j < H; ++j) {
+        const v bias = X::set1(m.bias[l][j]);
+        auto par = [&](const ABuf<T>& x) { return X::set1(x[j]); };
+        for (int i = 0; i < nb; ++i) {
+          T* zp = Z + j * ld + i * W;
+          X::store(zp, act1<A>(m, l, X::load(zp) + bias, par, nullptr));
+        }
+      }
+    }
+    // The row path's score: lane k of its accumulator sums channels k, k + W, ... in
+    // order, then a tree over the lanes (X::hsum).  Its padded channels add h * 0 = +0
+    // (h = act(0) >= 0 there, the inputs being finite), which only turns a -0 into +0.
+    const int HL = m.H[L - 1], nv = m.Hp[L - 1] / W;
+    const T* h = b.Hl[L - 1];
+    for (int i = 0; i < nb; ++i) {
+      v lane[W];
+      for (int k = 0; k < W; ++k) lane[k] = v{};
+      for (int jv = 0; jv < nv; ++jv)
+        for (int k = 0; k < W; ++k) {
+          const int j = jv * W + k;
+          if (j < HL) lane[k] += X::load(h + j * ld + i * W) * X::set1(m.wout[j]);
+          else lane[k] = lane[k] + v{};
+        }
+      for (int w = W / 2; w >= 2; w /= 2)
+        for (int k = 0; k < w; ++k) lane[k] = lane[k] + lane[k + w];
+      X::store(S + i * W, (lane[0] + lane[1]) + X::set1(m.bout));
+    }
+    return false;
+  }
+
+  // pool_tile for every lane: the tile's n scores S [n][W] become weights, go to the
+  // rows' scores (sr) and are pooled over the tile's keys (sc.A, sc.sa) into b.racc.
+  static DIN_INLINE void lane_pool(const Ctx<T>& cx, const LaneBufs& b, const Scratch<T>& sc, int n,
+                                   T* const* sr) {
+    const int D = cx.m->D;
+    T* S = b.S;
+    const int64_t* pos = sc.pos;
+    if (!cx.softmax) {
+      for (int i = 0; i < n; ++i)
+        for (int c = 0; c < W; ++c) sr[c][pos[i]] = S[i * W + c];
+    } else {
+      const v scale = X::set1(cx.scale);
+      for (int i = 0; i < n; ++i) X::store(S + i * W, X::load(S + i * W) * scale);
+      v mx;
+      for (int c = 0; c < W; ++c) {
+        T tmx = b.mx[c];
+        for (int i = 0; i < n; ++i) {
+          const T s = S[i * W + c];
+          sr[c][pos[i]] = s;
+          tmx = std::max(tmx, s);
+        }
+        if (tmx > b.mx[c]) {
+          const double f = std::exp(static_cast<double>(b.mx[c]) - static_cast<double>(tmx));
+          b.den[c] *= f;
+          for (int d = 0; d < D; ++d) b.racc[c * D + d] *= f;
+          b.mx[c] = tmx;
+        }
+        mx[c] = b.mx[c];
+      }
+      for (int i = 0; i < n; ++i) X::store(S + i * W, X::exp(X::load(S + i * W) - mx) * X::set1(T(1)));
+      for (int c = 0; c < W; ++c) {
+        double tden = 0.0;
+        for (int i = 0; i < n; ++i) tden += static_cast<double>(S[i * W + c]);
+        b.den[c] += tden;
+      }
+    }
+    Gemm<T>::template run<false>(D, 1, n, sc.A, 1, sc.sa, S, W, b.accT, W);
+    for (int c = 0; c < W; ++c)
+      for (int d = 0; d < D; ++d) b.racc[c * D + d] += static_cast<double>(b.accT[d * W + c]);
+  }
+
+  template <Act A>
+  static void lanes_t(const Ctx<T>& cx, Scratch<T>& sc, const int64_t* rows) {
+    const DinParams& p = *cx.p;
+    const Model<T>& m = *cx.m;
+    const int D = m.D, H1 = m.H[0], H1p = m.Hp[0];
+    const Row row = row_of(p, rows[0]);
+    const LaneBufs b = lane_bufs(m);
+    for (int c = 0; c < W; ++c) {
+      const T* q = static_cast<const T*>(p.q) + rows[c] * p.ldq;
+      for (int d = 0; d < D; ++d) b.qT[d * W + c] = q[d];
+    }
+    // fold's c = b1 + (Wq+Wd) q and MT = (Wk-Wd)^T + diag(q) Wm^T, lane by lane.
+    for (int j = 0; j < H1; ++j) X::store(b.Cq + j * W, X::set1(m.bias[0][j]));
+    Gemm<T>::template run<true>(H1, 1, D, m.WqdT.data(), 1, H1p, b.qT, W, b.Cq, W);
+    for (int d = 0; d < D; ++d) {
+      const v qd = X::load(b.qT + d * W);
+      const T* a = m.AT + static_cast<size_t>(d) * H1p;
+      const T* wm = m.WmT + static_cast<size_t>(d) * H1p;
+      T* mt = b.MTc + static_cast<size_t>(d) * H1 * W;
+      for (int j = 0; j < H1; ++j) X::store(mt + j * W, X::set1(a[j]) + qd * X::set1(wm[j]));
+    }
+    T* sr[W];
+    for (int c = 0; c < W; ++c) {
+      sr[c] = static_cast<T*>(p.scores) + score_row(p, rows[c], p.ld_scores);
+      std::fill(sr[c], sr[c] + (p.score_start ? row.len : p.max_len), T(0));
+      b.mx[c] = -INFINITY;
+      b.den[c] = 0.0;
+    }
+    std::fill(b.racc, b.racc + W * D, 0.0);
+    bool bad = false, any = false;
+    for_tiles(p, m, sc, row, 0, row.len, [&](int n) {
+      any = true;
+      for (int t0 = 0; t0 < n && !bad; t0 += kLaneTb)
+        bad = lane_block<A>(cx, b, sc.A + t0 * sc.sa, sc.sa, std::min(kLaneTb, n - t0), b.S + t0 * W);
+      if (!bad) lane_pool(cx, b, sc, n, sr);
+    });
+    if (bad) {
+      for (int c = 0; c < W; ++c) forward_span(cx, sc, Span{rows[c], 0, row.len}, nullptr);
+      return;
+    }
+    for (int c = 0; c < W; ++c) {
+      std::copy(b.racc + c * D, b.racc + (c + 1) * D, sc.racc.data());
+      RowState st;
+      st.mx = b.mx[c];
+      st.den = b.den[c];
+      st.any = any;
+      finish_row(cx, sc, Span{rows[c], 0, row.len}, st);
+    }
+  }
+
+  static void forward_lanes(const Ctx<T>& cx, Scratch<T>& sc, const int64_t* rows) {
+    switch (cx.m->act) {
+      case Act::Sigmoid: return lanes_t<Act::Sigmoid>(cx, sc, rows);
+      case Act::ReLU: return lanes_t<Act::ReLU>(cx, sc, rows);
+      case Act::PReLU: return lanes_t<Act::PReLU>(cx, sc, rows);
+      default: return lanes_t<Act::Dice>(cx, sc, rows);
+    }
+  }
+
   // Pre-activations of layer stats_layer over [t0, t1), merged tile by tile
   // into the thread's (count, mean, M2) with Chan's formula: no E[z^2] - E[z]^2,
   // so nothing cancels however large the mean is against the spread.
@@ -2661,7 +2971,7 @@ struct Kernel {
 template <typename T>
 RowFns<T> row_fns() {
   return {&Kernel<T>::forward_span, &Kernel<T>::forward_row, &Kernel<T>::pack_flush_fwd,
-          &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
+          &Kernel<T>::forward_lanes, &Kernel<T>::normalise, &Kernel<T>::stats_span, &Kernel<T>::wdw_span,
           &Kernel<T>::backward_span, &Kernel<T>::backward_row, &Kernel<T>::pack_flush_bwd};
 }
 

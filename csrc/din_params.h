@@ -197,6 +197,9 @@ struct RowPart {
   int64_t row, t0, t1;
 };
 std::vector<RowPart> row_parts_cpu(const DinParams& p);
+// The rows the CPU forward runs in the vector lanes for these params, this ISA and
+// num_threads (din_cpu.cpp, Kernel::lanes_t): W after W, each W sharing one sequence.
+std::vector<int64_t> lane_rows_cpu(const DinParams& p);
 // The jagged layout (ops._jagged_layout) from offsets [S+1] and row_seq [R] (null: row r
 // uses sequence r, R == S), checked, all int64 on the host: out [2S + 2R] gets seq_start
 // (element offsets), seq_len, the rows' lengths and their weights' starts (the sum of the

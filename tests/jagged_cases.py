@@ -20,6 +20,9 @@ LAYOUTS = {
     # Enough short rows for the CPU's packed tiles (>= 4 rows per thread, <= 8 positions):
     "packed-jagged": ([3, 0, 8, 1, 5, 2, 6, 4, 0, 7, 2, 1], None, 1, (5,)),  # D = 1
     "packed-shared": ([6, 2, 0, 8, 3], [3, 0, 1, 3, 4, 2, 0, 3, 1, 4, 0, 3, 2, 1, 4, 0], 3, (7, 5, 3, 2)),
+    # Enough rows on one sequence for the CPU's lanes forward (whole groups of 16 float or 8 double
+    # rows on a sequence of over 8 positions), mixed with rows left over and short sequences.
+    "shared-lanes": ([40, 12, 3], [(5 * i) % 3 if i % 4 else 0 for i in range(60)], 7, (12, 5)),
 }
 
 

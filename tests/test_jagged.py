@@ -189,6 +189,118 @@ def test_many_rows_sharing_one_sequence_reproducible():
         assert torch.equal(run(), first)
 
 
+# ---------------------------------------------------------------------------------------
+# Rows in the vector lanes (din_cpu.cpp, Kernel::lanes_t): bitwise the row path
+# ---------------------------------------------------------------------------------------
+ISA_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
+
+
+def _isa(isa, monkeypatch) -> int:
+    """Forces the CPU kernels' ISA; the vector width in bytes."""
+    if isa == "avx512" and not _has_avx512():
+        pytest.skip("this CPU has no AVX-512: the AVX-512 kernels cannot run here")
+    monkeypatch.setenv("DIN_FUSED_CPU_ISA", isa)
+    return ISA_BYTES[isa]
+
+
+def _lane_rows(lens, row_seq, D, H1, dtype, threads=2):
+    """The rows the CPU forward runs in the lanes (_C.lane_rows) for sequences of these lengths."""
+    from din_fused import ops
+
+    p = random_params(D, (H1, 3), "sigmoid", dtype=dtype, requires_grad=False)
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    prep = ops._jagged_prepared(torch.zeros(len(row_seq), D, dtype=dtype), torch.zeros(sum(lens), D, dtype=dtype),
+                                offsets, torch.tensor(row_seq), p["weights"], p["biases"], [], [], [],
+                                "sigmoid", "none", 1.0, False, gather=False)
+    prep.cfg["num_threads"] = threads
+    return ops._C.lane_rows(prep.cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("isa", list(ISA_BYTES))
+def test_lanes_take_whole_groups_of_rows_sharing_a_long_sequence(isa, dtype, monkeypatch):
+    """Of each sequence longer than 8 positions, the first floor(n / W) * W of its n rows (in row
+    order) run in the lanes, W a vector's lanes; none when rows are cut over positions, have their
+    own sequences, or the lanes' folded weights would pass 512 KB."""
+    vb = _isa(isa, monkeypatch)
+    W = vb // dtype.itemsize
+    lens = [40, 9, 8, 100]
+    row_seq = [(7 * i) % 4 for i in range(6 * W + 3)]
+    rows = _lane_rows(lens, row_seq, 5, 12, dtype)
+    want = []
+    for s, n in enumerate(lens):
+        mine = [r for r, x in enumerate(row_seq) if x == s]
+        want += mine[:len(mine) // W * W] if n > 8 else []
+    assert sorted(rows) == sorted(want) and len(rows) % W == 0 and len(rows) >= 2 * W
+    for g in range(0, len(rows), W):
+        assert len({row_seq[r] for r in rows[g:g + W]}) == 1
+    assert _lane_rows([40], [0] * (2 * W), 5, 12, dtype, threads=W) == []  # fewer than 4 rows a thread
+    assert _lane_rows([40] * W, list(range(W)), 5, 12, dtype) == []  # no sequence shared
+    over = (512 << 10) // (256 * vb) + 1  # the lanes' weights, D x H1 vectors, just over 512 KB
+    n = max(W, 4)  # (fewer than 4 rows on one thread are cut over positions)
+    assert _lane_rows([40], [0] * n, over, 256, dtype, threads=1) == []
+    assert _lane_rows([40], [0] * n, over - 1, 256, dtype, threads=1) == list(range(n))
+
+
+def _row_path_twin(values, offsets, row_seq):
+    """The same rows with a copy of its sequence each: the row path's layout."""
+    lens = (offsets[1:] - offsets[:-1])[row_seq]
+    vals = torch.cat([values[offsets[s]:offsets[s + 1]] for s in row_seq.tolist()])
+    return vals, torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+
+
+@pytest.mark.parametrize("hidden", [(100, 7, 5), (12,)])  # K over 96 (summed in chunks); one layer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+@pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("isa", list(ISA_BYTES))
+def test_lanes_forward_is_bitwise_the_row_path(isa, act, norm, dtype, hidden, monkeypatch):
+    """Rows run in the lanes give bitwise the outputs and weights of the same rows on the row
+    path (each with its own copy of the sequence), so a row's results do not depend on how many
+    rows share its sequence, and the backward (on the row path) recomputes exactly the forward's
+    activations.  D = 37; sequences of 70 (tiles of 32 + 32 + 6), 33 and 9 positions."""
+    W = _isa(isa, monkeypatch) // dtype.itemsize
+    gen = torch.Generator().manual_seed(5)
+    lens, D = [70, 33, 9], 37
+    row_seq = torch.tensor([(5 * i) % 3 for i in range(3 * W + 7)])
+    values = torch.randn(sum(lens), D, generator=gen, dtype=dtype)
+    offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    query = torch.randn(len(row_seq), D, generator=gen, dtype=dtype)
+    p = random_params(D, hidden, act, dtype=dtype, gen=gen, requires_grad=False)
+    assert len(_lane_rows(lens, row_seq.tolist(), D, hidden[0], dtype)) >= W
+    twin_values, twin_offsets = _row_path_twin(values, offsets, row_seq)
+    kw = dict(**p, normalization=norm, scale=1.7, return_scores=True)
+    with torch.no_grad():
+        out, w, _ = din_attention_jagged(query, values, offsets, row_seq, **kw)
+        out2, w2, _ = din_attention_jagged(query, twin_values, twin_offsets, None, **kw)
+    assert torch.equal(out, out2) and torch.equal(w, w2)
+
+
+@pytest.mark.parametrize("isa", list(ISA_BYTES))
+def test_lanes_with_non_finite_inputs_are_the_row_paths(isa, monkeypatch):
+    """An Inf key or a NaN query (where the row path recomputes layer 1 unfolded, as the
+    reference does) sends its lane group back to the row path: the same NaN and Inf as there."""
+    W = _isa(isa, monkeypatch) // 4
+    gen = torch.Generator().manual_seed(6)
+    lens, D = [40, 20], 6
+    row_seq = torch.tensor([i % 2 for i in range(4 * W)])
+    values = torch.randn(sum(lens), D, generator=gen)
+    values[3, 2] = float("inf")
+    offsets = torch.tensor([0, *lens]).cumsum(0)
+    query = torch.randn(len(row_seq), D, generator=gen)
+    query[5, 1] = float("nan")
+    p = random_params(D, (8, 4), "relu", dtype=torch.float32, gen=gen, requires_grad=False)
+    twin_values, twin_offsets = _row_path_twin(values, offsets, row_seq)
+    for norm in ("none", "softmax"):
+        kw = dict(**p, normalization=norm, return_scores=True)
+        with torch.no_grad():
+            out, w, _ = din_attention_jagged(query, values, offsets, row_seq, **kw)
+            out2, w2, _ = din_attention_jagged(query, twin_values, twin_offsets, None, **kw)
+        assert out.isnan().any() and out[row_seq == 1].isfinite().sum() > 0
+        torch.testing.assert_close(out, out2, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(w, w2, rtol=0, atol=0, equal_nan=True)
+
+
 def _bad_jagged():
     q, v, off, rs, p, _ = make_jagged([3, 0, 2], [0, 2, 1, 0], 4, (5,), "sigmoid", "cpu", seed=0)
     return q, v, off, rs, {k: [t.detach() for t in x] if isinstance(x, list) else x for k, x in p.items()}
