@@ -40,6 +40,10 @@
 //     packed tiles with other rows, layer 1 unfolded ([k, q*k] as a K = 2D
 //     product plus c_r): no M_r per row, and full tiles through every layer.
 //     A row's results do not depend on which rows share its tile.
+//   * Rows sharing one longer sequence (a user against many candidates) run W at
+//     a time, one row per vector lane (lanes_t): the history's tile is read once
+//     for W rows, the score is FMAs, no layer pads its units to W.  Same
+//     arithmetic in the same order as the row path, so bitwise its results.
 //   * Fewer rows than threads (one user, a 100k history): rows are cut into parts
 //     over positions (Plan); the parts' online-softmax partials (max, sum, pooled
 //     sum) merge exactly, per row and in part order, forward and backward.
@@ -1613,15 +1617,15 @@ struct Vec {
     }
   }
 
-  // 1 / d, a true divide (1 / inf = 0, which the AVX2 and baseline float sigmoid rely on).
-  // The AVX-512 float sigmoid has its own rcp14 and Newton step instead (error ~2^-28).  An
-  // estimate with one step elsewhere, the 12-bit AVX one, is ~2 ulp, which the fp32 gradient
-  // tests of the Dice statistics notice.
+  // 1 / d, a true divide (1 / inf = 0, which the float sigmoid relies on).  An estimate
+  // with one Newton step, the 12-bit AVX one, is ~2 ulp, which the fp32 gradient tests of
+  // the Dice statistics notice; AVX-512's rcp14 and a step measured 1.04x slower than the
+  // divide on Zen 5 and alike on a Xeon (docs/performance.md, round 23).
   static DIN_INLINE v recip(const v& d) {
     return set1(T(1)) / d;
   }
-  // sigmoid(x) = 1 / (1 + e^-x), exactly 0 in float below about -88.4 (AVX2 and
-  // baseline; -88.3 with AVX-512), where the true value is a denormal, as torch:
+  // sigmoid(x) = 1 / (1 + e^-x), exactly 0 in float below about -88.4, where the true
+  // value is a denormal, as torch:
   // sigmoid(-inf) must be 0 so that -inf * sigmoid(-inf) (Dice with alpha 0) is
   // NaN, not -inf.  NaN stays NaN.
   static DIN_INLINE v sigmoid(const v& x) {
@@ -1630,34 +1634,15 @@ struct Vec {
       // the clamps are single min/max instructions, -x is folded into the FMAs and
       // the polynomial (exp_poly<true>), and 2^n comes from the rounding sum.
       // (Above 87.34 the exponential stays the smallest normal, so the result is 1.)
-#if DIN_X86 && DIN_VB == 64
-      // AVX-512: rcp14 and a Newton step instead of a divide, as before (a 512-bit
-      // divide is slow on some cores; on an AVX-512 Xeon the two measured alike).  The
-      // Newton step would turn 1 + e^-x = inf into 0 * inf = NaN, so x is clamped at
-      // -88.3, where e^88.3 is finite, and the last multiply zeroes the lanes below
-      // it (a NaN x compares "not less" and stays NaN).  A/B on an AVX-512 Xeon
-      // against the form of exp() above (vroundscale, vscalef, three compares and
-      // selects): headline forward 1.05x.
-      const v xc = clamp(x, -88.3f, 87.33654f);
-#else
-      // x is clamped below at -88.8 rather than at -88, so no final select is
-      // needed: for x <= -88.38, n = 128 and 2^n is +inf, so 1 / (1 + inf) is
-      // exactly 0.
+      // x is clamped below at -88.8 rather than at -88, so no final select is needed:
+      // for x <= -88.38, n = 128 and 2^n is +inf, so 1 / (1 + inf) is exactly 0.
       const v xc = clamp(x, -88.8f, 87.33654f);
-#endif
       const v magic = set1(12582912.0f + 127.0f);
       const v tm = magic - xc * set1(1.44269504088896341f);  // magic + round(-x log2 e)
       const v n = tm - magic;
       v r = xc + n * set1(0.693359375f);  // -(the r of exp(-x)), exact the same way
       r = r + n * set1(-2.12194440e-4f);
-      const v d = set1(1.0f) + exp_poly<true>(r) * pow2n(tm);
-#if DIN_X86 && DIN_VB == 64
-      const v e = (v)_mm512_rcp14_ps((__m512)d);
-      const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)set1(-88.3f), _CMP_NLT_UQ);
-      return (v)_mm512_maskz_mul_ps(keep, (__m512)e, (__m512)(set1(2.0f) - d * e));
-#else
-      return recip(d);
-#endif
+      return recip(set1(1.0f) + exp_poly<true>(r) * pow2n(tm));
     }
     return recip(set1(T(1)) + exp<false>(-x));
   }
